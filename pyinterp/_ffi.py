@@ -1,0 +1,127 @@
+"""cffi declarations of exactly the C API pyinterp uses, and the packaged libraries that provide it.
+
+The libraries (patched llama.cpp, ggml and pyinterp's own ``libpyinterp_native``) are built by
+``pip install .`` into ``pyinterp/lib`` and loaded from there by path, never from the system.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import cffi
+
+ffi = cffi.FFI()
+ffi.cdef(
+    """
+    typedef int32_t llama_token;
+    struct llama_model;
+    struct llama_context;
+    struct llama_vocab;
+    struct llama_memory_i;
+    typedef struct llama_memory_i * llama_memory_t;
+    typedef void (*ggml_log_callback)(int level, const char * text, void * user_data);
+
+    void llama_backend_init(void);
+    void llama_log_set(ggml_log_callback log_callback, void * user_data);
+
+    void llama_model_free(struct llama_model * model);
+    void llama_free(struct llama_context * ctx);
+
+    const struct llama_vocab * llama_model_get_vocab(const struct llama_model * model);
+    int32_t llama_model_n_embd   (const struct llama_model * model);
+    int32_t llama_model_n_layer  (const struct llama_model * model);
+    int32_t llama_model_n_head   (const struct llama_model * model);
+    int32_t llama_model_n_head_kv(const struct llama_model * model);
+    int32_t llama_model_n_swa    (const struct llama_model * model);
+    int32_t llama_model_meta_val_str(const struct llama_model * model, const char * key, char * buf, size_t buf_size);
+    uint32_t llama_n_ctx(const struct llama_context * ctx);
+
+    int32_t     llama_vocab_n_tokens   (const struct llama_vocab * vocab);
+    bool        llama_vocab_get_add_bos(const struct llama_vocab * vocab);
+    bool        llama_vocab_is_eog     (const struct llama_vocab * vocab, llama_token token);
+    int32_t llama_tokenize(const struct llama_vocab * vocab, const char * text, int32_t text_len,
+                           llama_token * tokens, int32_t n_tokens_max, bool add_special, bool parse_special);
+    int32_t llama_token_to_piece(const struct llama_vocab * vocab, llama_token token, char * buf, int32_t length,
+                                 int32_t lstrip, bool special);
+    int32_t llama_detokenize(const struct llama_vocab * vocab, const llama_token * tokens, int32_t n_tokens,
+                             char * text, int32_t text_len_max, bool remove_special, bool unparse_special);
+
+    llama_memory_t llama_get_memory(const struct llama_context * ctx);
+    void llama_memory_clear(llama_memory_t mem, bool data);
+    float * llama_get_logits(struct llama_context * ctx);
+    void llama_set_attn_explicit(struct llama_context * ctx, int32_t il, bool value);
+
+    struct pi_state;
+    struct llama_model   * pi_model_load(const char * path, int32_t n_gpu_layers);
+    struct llama_context * pi_context_new(struct llama_model * model, uint32_t n_ctx, int32_t n_threads, int32_t flash_attn);
+    struct pi_state * pi_state_new(struct llama_context * ctx);
+    void              pi_state_free(struct pi_state * st);
+    const char *      pi_last_error(const struct pi_state * st);
+    void pi_plan_clear   (struct pi_state * st);
+    int  pi_set_head_mask(struct pi_state * st, int32_t il, const float * mask);
+    int  pi_add_capture  (struct pi_state * st, const char * name, int32_t il);
+    int  pi_add_patch    (struct pi_state * st, const char * name, int32_t il, int32_t pos, const float * row, int64_t n);
+    void pi_set_record   (struct pi_state * st, bool record);
+    int32_t pi_decode(struct pi_state * st, const llama_token * tokens, int32_t n_tokens, int32_t pos0, bool all_logits);
+    int32_t      pi_n_seen       (const struct pi_state * st);
+    const char * pi_seen_name    (const struct pi_state * st, int32_t i, int64_t * ne);
+    int32_t      pi_n_captures   (const struct pi_state * st);
+    bool         pi_capture_shape(const struct pi_state * st, int32_t i, int64_t * ne);
+    int          pi_capture_read (struct pi_state * st, int32_t i, float * dst, int64_t n0);
+    """
+)
+
+LIB_DIR = Path(os.environ.get("PYINTERP_LIB_DIR") or Path(__file__).resolve().parent / "lib")
+
+log = logging.getLogger("pyinterp.llama")
+log.addHandler(logging.NullHandler())
+log.propagate = False
+
+# ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
+_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+
+
+def _load():
+    path = LIB_DIR / "libpyinterp_native.so"
+    if not path.is_file():
+        raise ImportError(f"pyinterp's native library is missing ({path}); install pyinterp with `pip install .`")
+    return ffi.dlopen(str(path))
+
+
+lib = _load()
+
+# the last error line llama.cpp logged, to explain a failure in one line
+last_error: list[str] = [""]
+_level = [logging.INFO]
+
+
+@ffi.callback("void(int, const char *, void *)")
+def _on_log(level: int, text, user_data) -> None:
+    message = ffi.string(text).decode("utf-8", "replace").rstrip("\n")
+    if level == 5:  # continuation of the previous line
+        level = _level[0]
+    else:
+        _level[0] = _LEVELS.get(level, logging.INFO)
+    if _level[0] >= logging.ERROR and message:
+        last_error[0] = message
+    if message:
+        log.log(_level[0], message)
+
+
+lib.llama_log_set(_on_log, ffi.NULL)
+lib.llama_backend_init()
+
+
+def set_verbose(verbose: bool) -> None:
+    """Show llama.cpp's own log on stderr (or hide it again)."""
+    for handler in [h for h in log.handlers if getattr(h, "_pyinterp", False)]:
+        log.removeHandler(handler)
+    if verbose:
+        handler = logging.StreamHandler()
+        handler._pyinterp = True
+        log.addHandler(handler)
+        log.setLevel(logging.DEBUG)
+    else:
+        log.setLevel(logging.WARNING)

@@ -1,0 +1,463 @@
+// pyinterp native layer: model/context setup, decoding, and the graph-build hook that runs the
+// interventions (head masks, row patches) and captures inside the ggml graph.
+//
+// The Python side describes a plan (what to capture, which heads to mask, which rows to patch),
+// then decodes. The hook is set on the llama_context only while the plan is not empty, so a run
+// without interventions is stock llama.cpp.
+
+#include "interp.h"
+
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PI_NAME_MAX 64
+
+struct pi_capture {
+    char  name[PI_NAME_MAX];   // base name, e.g. "l_out"
+    int32_t il;                // layer, -1 for tensors outside the layers
+    struct ggml_tensor * t;    // set by the hook during the last graph build
+};
+
+struct pi_patch {
+    char  name[PI_NAME_MAX];
+    int32_t il;
+    int32_t pos;                    // position (token index in the sequence) of the row to replace
+    struct ggml_context * ctx;      // owns vec and idx
+    ggml_backend_buffer_t buf;      // on the device of the layer
+    struct ggml_tensor * vec;       // [width, 1] F32
+    struct ggml_tensor * idx;       // [1] I64: row inside the current ubatch
+    bool active;                    // pos falls inside the current ubatch
+};
+
+struct pi_layer {
+    struct ggml_context * ctx;
+    ggml_backend_buffer_t buf;
+    struct ggml_tensor * head_mask; // [n_head] F32, 1 = keep, 0 = silence
+    bool masked;                    // apply head_mask in this layer
+    bool scores_masked;             // head_mask was applied to attn_scores in the current build
+};
+
+struct pi_seen {
+    char    name[PI_NAME_MAX + 8]; // "l_out-3"
+    int64_t ne[4];
+};
+
+struct pi_state {
+    struct llama_context * ctx;
+    const struct llama_model * model;
+    int32_t n_layer;
+    int32_t n_head;
+
+    struct pi_layer * layers;
+
+    struct pi_capture * captures;
+    int32_t n_captures;
+
+    struct pi_patch * patches;
+    int32_t n_patches;
+
+    // every (name, il) offered to the hook during the last build, when recording
+    bool record;
+    struct pi_seen * seen;
+    int32_t n_seen;
+    int32_t cap_seen;
+
+    bool hook_set;
+    char error[256];
+};
+
+static int pi_fail(struct pi_state * st, const char * msg) {
+    snprintf(st->error, sizeof(st->error), "%s", msg);
+    return -1;
+}
+
+const char * pi_last_error(const struct pi_state * st) {
+    return st->error;
+}
+
+//
+// model and context
+//
+
+struct llama_model * pi_model_load(const char * path, int32_t n_gpu_layers) {
+    struct llama_model_params params = llama_model_default_params();
+    params.n_gpu_layers = n_gpu_layers;
+    return llama_model_load_from_file(path, params);
+}
+
+struct llama_context * pi_context_new(struct llama_model * model, uint32_t n_ctx, int32_t n_threads, int32_t flash_attn) {
+    struct llama_context_params params = llama_context_default_params();
+    params.n_ctx           = n_ctx;
+    params.n_batch         = n_ctx;   // one prompt is one ubatch: patch rows and captures index it directly
+    params.n_ubatch        = n_ctx;
+    params.n_seq_max       = 1;
+    params.n_threads       = n_threads;
+    params.n_threads_batch = n_threads;
+    params.swa_full        = true;    // KV cell i holds position i in every layer
+    params.no_perf         = true;
+    params.flash_attn_type = flash_attn < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO :
+                             flash_attn > 0 ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    return llama_init_from_model(model, params);
+}
+
+//
+// state
+//
+
+static ggml_backend_buffer_type_t pi_layer_buft(const struct pi_state * st, int32_t il) {
+    return ggml_backend_dev_buffer_type(llama_model_layer_dev(st->model, il));
+}
+
+struct pi_state * pi_state_new(struct llama_context * ctx) {
+    struct pi_state * st = calloc(1, sizeof(struct pi_state));
+    st->ctx     = ctx;
+    st->model   = llama_get_model(ctx);
+    st->n_layer = llama_model_n_layer(st->model);
+    st->n_head  = llama_model_n_head(st->model);
+    st->layers  = calloc(st->n_layer, sizeof(struct pi_layer));
+
+    for (int32_t il = 0; il < st->n_layer; ++il) {
+        struct pi_layer * layer = &st->layers[il];
+        struct ggml_init_params params = { ggml_tensor_overhead(), NULL, true };
+        layer->ctx       = ggml_init(params);
+        layer->head_mask = ggml_new_tensor_1d(layer->ctx, GGML_TYPE_F32, st->n_head);
+        ggml_format_name(layer->head_mask, "pi_head_mask-%d", il);
+        layer->buf = ggml_backend_alloc_ctx_tensors_from_buft(layer->ctx, pi_layer_buft(st, il));
+        if (layer->buf == NULL) {
+            pi_state_free(st);
+            return NULL;
+        }
+    }
+    return st;
+}
+
+static void pi_patches_free(struct pi_state * st) {
+    for (int32_t i = 0; i < st->n_patches; ++i) {
+        ggml_backend_buffer_free(st->patches[i].buf);
+        ggml_free(st->patches[i].ctx);
+    }
+    free(st->patches);
+    st->patches   = NULL;
+    st->n_patches = 0;
+}
+
+void pi_state_free(struct pi_state * st) {
+    if (st == NULL) {
+        return;
+    }
+    if (st->hook_set) {
+        llama_set_graph_hook(st->ctx, NULL, NULL);
+    }
+    for (int32_t il = 0; il < st->n_layer; ++il) {
+        if (st->layers[il].buf) {
+            ggml_backend_buffer_free(st->layers[il].buf);
+        }
+        if (st->layers[il].ctx) {
+            ggml_free(st->layers[il].ctx);
+        }
+    }
+    pi_patches_free(st);
+    free(st->layers);
+    free(st->captures);
+    free(st->seen);
+    free(st);
+}
+
+//
+// plan
+//
+
+static bool pi_plan_empty(const struct pi_state * st) {
+    if (st->n_captures > 0 || st->n_patches > 0 || st->record) {
+        return false;
+    }
+    for (int32_t il = 0; il < st->n_layer; ++il) {
+        if (st->layers[il].masked) {
+            return false;
+        }
+    }
+    return true;
+}
+
+static struct ggml_tensor * pi_hook(struct ggml_context * ctx, struct ggml_cgraph * gf, struct ggml_tensor * cur,
+                                    const char * name, int32_t il, void * user_data);
+
+static void pi_update_hook(struct pi_state * st) {
+    const bool want = !pi_plan_empty(st);
+    if (want != st->hook_set) {
+        llama_set_graph_hook(st->ctx, want ? pi_hook : NULL, want ? st : NULL);
+        st->hook_set = want;
+    }
+}
+
+void pi_plan_clear(struct pi_state * st) {
+    for (int32_t il = 0; il < st->n_layer; ++il) {
+        st->layers[il].masked = false;
+    }
+    pi_patches_free(st);
+    free(st->captures);
+    st->captures   = NULL;
+    st->n_captures = 0;
+    st->record     = false;
+    pi_update_hook(st);
+}
+
+int pi_set_head_mask(struct pi_state * st, int32_t il, const float * mask) {
+    if (il < 0 || il >= st->n_layer) {
+        return pi_fail(st, "layer out of range");
+    }
+    struct pi_layer * layer = &st->layers[il];
+    ggml_backend_tensor_set(layer->head_mask, mask, 0, ggml_nbytes(layer->head_mask));
+    layer->masked = true;
+    pi_update_hook(st);
+    return 0;
+}
+
+int pi_add_capture(struct pi_state * st, const char * name, int32_t il) {
+    if (strlen(name) >= PI_NAME_MAX) {
+        return pi_fail(st, "tensor name too long");
+    }
+    st->captures = realloc(st->captures, (st->n_captures + 1) * sizeof(struct pi_capture));
+    struct pi_capture * c = &st->captures[st->n_captures++];
+    snprintf(c->name, sizeof(c->name), "%s", name);
+    c->il = il;
+    c->t  = NULL;
+    pi_update_hook(st);
+    return 0;
+}
+
+int pi_add_patch(struct pi_state * st, const char * name, int32_t il, int32_t pos, const float * row, int64_t n) {
+    if (strlen(name) >= PI_NAME_MAX) {
+        return pi_fail(st, "tensor name too long");
+    }
+    if (il < -1 || il >= st->n_layer) {
+        return pi_fail(st, "layer out of range");
+    }
+    struct pi_patch p = {0};
+    snprintf(p.name, sizeof(p.name), "%s", name);
+    p.il  = il;
+    p.pos = pos;
+
+    struct ggml_init_params params = { 2*ggml_tensor_overhead(), NULL, true };
+    p.ctx = ggml_init(params);
+    p.vec = ggml_new_tensor_2d(p.ctx, GGML_TYPE_F32, n, 1);
+    p.idx = ggml_new_tensor_1d(p.ctx, GGML_TYPE_I64, 1);
+    ggml_format_name(p.vec, "pi_patch_row-%d", st->n_patches);
+    ggml_format_name(p.idx, "pi_patch_idx-%d", st->n_patches);
+    p.buf = ggml_backend_alloc_ctx_tensors_from_buft(p.ctx, pi_layer_buft(st, il));
+    if (p.buf == NULL) {
+        ggml_free(p.ctx);
+        return pi_fail(st, "could not allocate the patch row");
+    }
+    ggml_backend_tensor_set(p.vec, row, 0, ggml_nbytes(p.vec));
+
+    st->patches = realloc(st->patches, (st->n_patches + 1) * sizeof(struct pi_patch));
+    st->patches[st->n_patches++] = p;
+    pi_update_hook(st);
+    return 0;
+}
+
+void pi_set_record(struct pi_state * st, bool record) {
+    st->record = record;
+    st->n_seen = 0;
+    pi_update_hook(st);
+}
+
+//
+// the hook
+//
+
+static void pi_record(struct pi_state * st, const struct ggml_tensor * cur, const char * name, int32_t il) {
+    if (st->n_seen == st->cap_seen) {
+        st->cap_seen = st->cap_seen ? 2*st->cap_seen : 256;
+        st->seen = realloc(st->seen, st->cap_seen * sizeof(*st->seen));
+    }
+    struct pi_seen * seen = &st->seen[st->n_seen++];
+    if (il >= 0) {
+        snprintf(seen->name, sizeof(seen->name), "%s-%d", name, il);
+    } else {
+        snprintf(seen->name, sizeof(seen->name), "%s", name);
+    }
+    for (int d = 0; d < 4; ++d) {
+        seen->ne[d] = cur->ne[d];
+    }
+}
+
+// silence heads by multiplying with the layer's head mask
+//   attn_scores: [n_kv, n_tokens, n_head, n_stream], kqv_heads: [n_embd_head_v, n_head, n_tokens, n_stream]
+static struct ggml_tensor * pi_mask_heads(struct ggml_context * ctx, struct pi_layer * layer, struct ggml_tensor * cur,
+                                          const char * name, int32_t n_head) {
+    if (strcmp(name, "attn_scores") == 0) {
+        layer->scores_masked = true;
+        return ggml_mul(ctx, cur, ggml_reshape_4d(ctx, layer->head_mask, 1, 1, n_head, 1));
+    }
+    // flash attention layers have no scores: silence the head's output instead (the same thing, as
+    // zero weights give a zero output)
+    if (strcmp(name, "kqv_heads") == 0) {
+        const bool done = layer->scores_masked;
+        layer->scores_masked = false; // kqv_heads ends the layer's attention in both paths
+        if (!done) {
+            return ggml_mul(ctx, cur, ggml_reshape_4d(ctx, layer->head_mask, 1, n_head, 1, 1));
+        }
+    }
+    return cur;
+}
+
+static struct ggml_tensor * pi_hook(struct ggml_context * ctx, struct ggml_cgraph * gf, struct ggml_tensor * cur,
+                                    const char * name, int32_t il, void * user_data) {
+    struct pi_state * st = user_data;
+
+    if (st->record) {
+        pi_record(st, cur, name, il);
+    }
+
+    if (il >= 0 && il < st->n_layer) {
+        struct pi_layer * layer = &st->layers[il];
+        if (layer->masked) {
+            cur = pi_mask_heads(ctx, layer, cur, name, st->n_head);
+        }
+    }
+
+    struct ggml_tensor * patched = NULL;
+    for (int32_t i = 0; i < st->n_patches; ++i) {
+        struct pi_patch * p = &st->patches[i];
+        if (!p->active || p->il != il || strcmp(p->name, name) != 0) {
+            continue;
+        }
+        if (p->vec->ne[0] != cur->ne[0] || ggml_nrows(cur) != cur->ne[1]) {
+            continue; // checked by the caller against the tensor's width; never write out of bounds
+        }
+        if (patched == NULL) {
+            patched = ggml_dup(ctx, cur);
+        }
+        patched = ggml_set_rows(ctx, patched, p->vec, p->idx);
+    }
+    if (patched != NULL) {
+        ggml_format_name(patched, "%s (patched)", cur->name);
+        cur = patched;
+    }
+
+    for (int32_t i = 0; i < st->n_captures; ++i) {
+        struct pi_capture * c = &st->captures[i];
+        if (c->il != il || strcmp(c->name, name) != 0) {
+            continue;
+        }
+        struct ggml_tensor * t = cur;
+        if (ggml_is_view(t) || !ggml_is_contiguous(t)) {
+            t = ggml_cont(ctx, t);
+            ggml_format_name(t, "%s (capture)", cur->name);
+        }
+        ggml_set_output(t);
+        ggml_build_forward_expand(gf, t);
+        c->t = t;
+    }
+
+    return cur;
+}
+
+//
+// decoding
+//
+
+int32_t pi_decode(struct pi_state * st, const llama_token * tokens, int32_t n_tokens, int32_t pos0, bool all_logits) {
+    for (int32_t i = 0; i < st->n_captures; ++i) {
+        st->captures[i].t = NULL;
+    }
+    for (int32_t i = 0; i < st->n_patches; ++i) {
+        struct pi_patch * p = &st->patches[i];
+        p->active = p->pos >= pos0 && p->pos < pos0 + n_tokens;
+        if (p->active) {
+            const int64_t row = p->pos - pos0;
+            ggml_backend_tensor_set(p->idx, &row, 0, sizeof(row));
+        }
+    }
+    if (st->record) {
+        st->n_seen = 0;
+    }
+
+    struct llama_batch batch = llama_batch_init(n_tokens, 0, 1);
+    for (int32_t i = 0; i < n_tokens; ++i) {
+        batch.token[i]     = tokens[i];
+        batch.pos[i]       = pos0 + i;
+        batch.n_seq_id[i]  = 1;
+        batch.seq_id[i][0] = 0;
+        batch.logits[i]    = all_logits || i == n_tokens - 1;
+    }
+    batch.n_tokens = n_tokens;
+
+    const int32_t ret = llama_decode(st->ctx, batch);
+    llama_batch_free(batch);
+    if (ret == 0) {
+        llama_synchronize(st->ctx);
+    }
+    return ret;
+}
+
+//
+// results of the last decode
+//
+
+int32_t pi_n_seen(const struct pi_state * st) {
+    return st->n_seen;
+}
+
+const char * pi_seen_name(const struct pi_state * st, int32_t i, int64_t * ne) {
+    for (int d = 0; d < 4; ++d) {
+        ne[d] = st->seen[i].ne[d];
+    }
+    return st->seen[i].name;
+}
+
+int32_t pi_n_captures(const struct pi_state * st) {
+    return st->n_captures;
+}
+
+// shape of capture i in ggml order (ne[0] fastest); returns false when the tensor was not in the graph
+bool pi_capture_shape(const struct pi_state * st, int32_t i, int64_t * ne) {
+    const struct ggml_tensor * t = st->captures[i].t;
+    if (t == NULL) {
+        return false;
+    }
+    for (int d = 0; d < 4; ++d) {
+        ne[d] = t->ne[d];
+    }
+    return true;
+}
+
+// copy capture i to dst as float32, keeping the first n0 of ne[0] elements of every row
+int pi_capture_read(struct pi_state * st, int32_t i, float * dst, int64_t n0) {
+    const struct ggml_tensor * t = st->captures[i].t;
+    if (t == NULL) {
+        return pi_fail(st, "tensor was not captured");
+    }
+    if (n0 <= 0 || n0 > t->ne[0]) {
+        return pi_fail(st, "bad row length");
+    }
+    if (t->type != GGML_TYPE_F32 && t->type != GGML_TYPE_F16) {
+        return pi_fail(st, "captured tensor is neither F32 nor F16");
+    }
+    if (t->type == GGML_TYPE_F32 && n0 == t->ne[0]) {
+        ggml_backend_tensor_get(t, dst, 0, ggml_nbytes(t));
+        return 0;
+    }
+    // one copy from the device, then drop the padding of every row on the host
+    const int64_t nrows    = ggml_nrows(t);
+    const size_t  row_size = ggml_row_size(t->type, t->ne[0]);
+    char * buf = malloc(ggml_nbytes(t));
+    ggml_backend_tensor_get(t, buf, 0, ggml_nbytes(t));
+    for (int64_t r = 0; r < nrows; ++r) {
+        const char * row = buf + r*row_size;
+        float * out = dst + r*n0;
+        if (t->type == GGML_TYPE_F32) {
+            memcpy(out, row, n0*sizeof(float));
+        } else {
+            ggml_fp16_to_fp32_row((const ggml_fp16_t *) row, out, n0);
+        }
+    }
+    free(buf);
+    return 0;
+}

@@ -1,0 +1,150 @@
+"""Interventions and captures: user specs checked against a model's graph, turned into a plan.
+
+A plan is what the native graph-build hook does during one decode:
+- capture: keep named tensors (``"l_out"`` on every layer, ``"l_out-5"`` on one) as graph outputs;
+- head masks: per layer, multiply the attention weights of silenced heads by 0 (MIA's ablation);
+- patches: replace one token's row of a named tensor with a given vector.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import PyinterpError
+
+# tensors the explicit attention path adds; they exist on every layer once asked for
+ATTENTION_TENSORS = ("attn_scores", "attn_logits")
+
+_NAME_LAYER = re.compile(r"^(?P<name>.+)-(?P<layer>\d+)$")
+
+Head = tuple[int, int]
+Patch = tuple[str, int, int, "np.ndarray | Sequence[float]"]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a model's graph names: for each base name, the layers it appears on and its ggml shape."""
+
+    layers: dict[str, frozenset[int]]      # base name -> layers (-1: outside the layers)
+    shapes: dict[str, tuple[int, ...]]     # base name -> ggml ne of a 2-token probe, trailing 1s dropped
+
+    def rank(self, name: str) -> int:
+        return len(self.shapes[name])
+
+
+def split_name(spec: str) -> tuple[str, int | None]:
+    """``"l_out-5"`` -> ``("l_out", 5)``; ``"l_out"`` -> ``("l_out", None)``."""
+    m = _NAME_LAYER.match(spec)
+    if m:
+        return m.group("name"), int(m.group("layer"))
+    return spec, None
+
+
+@dataclass
+class Plan:
+    captures: list[tuple[str, int]] = field(default_factory=list)
+    head_masks: dict[int, np.ndarray] = field(default_factory=dict)
+    patches: list[tuple[str, int, int, np.ndarray]] = field(default_factory=list)
+
+    @property
+    def explicit_layers(self) -> set[int]:
+        """Layers that must run the explicit attention path to expose their weights."""
+        return {il for name, il in self.captures if name in ATTENTION_TENSORS}
+
+
+class Planner:
+    """Checks specs against one model and builds plans."""
+
+    def __init__(self, n_layer: int, n_head: int, info: TensorInfo) -> None:
+        self.n_layer = n_layer
+        self.n_head = n_head
+        self.info = info
+
+    def _known(self, name: str) -> frozenset[int]:
+        layers = self.info.layers.get(name)
+        if layers is None:
+            names = ", ".join(sorted(self.info.layers))
+            raise PyinterpError(f"unknown tensor name {name!r}; this model's graph has: {names}")
+        return layers
+
+    def _layer(self, layer: int, what: str) -> int:
+        if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool):
+            raise PyinterpError(f"{what}: layer must be an integer, got {layer!r}")
+        if not 0 <= layer < self.n_layer:
+            raise PyinterpError(f"{what}: layer {layer} out of range (the model has {self.n_layer} layers: 0..{self.n_layer - 1})")
+        return int(layer)
+
+    def _head(self, head: int, what: str) -> int:
+        if not isinstance(head, (int, np.integer)) or isinstance(head, bool):
+            raise PyinterpError(f"{what}: head must be an integer, got {head!r}")
+        if not 0 <= head < self.n_head:
+            raise PyinterpError(f"{what}: head {head} out of range (layers have {self.n_head} heads: 0..{self.n_head - 1})")
+        return int(head)
+
+    def captures(self, specs: Iterable[str]) -> list[tuple[str, int]]:
+        """``["attn_scores", "l_out-5"]`` -> ``[("attn_scores", 0), ..., ("l_out", 5)]``."""
+        if isinstance(specs, str):
+            specs = [specs]
+        out: list[tuple[str, int]] = []
+        for spec in specs:
+            name, layer = split_name(spec)
+            layers = self._known(name)
+            if layer is None:
+                out.extend((name, il) for il in sorted(layers))
+                continue
+            self._layer(layer, f"capture {spec!r}")
+            if layer not in layers:
+                raise PyinterpError(f"capture {spec!r}: tensor {name!r} is not computed on layer {layer}")
+            out.append((name, layer))
+        return list(dict.fromkeys(out))
+
+    def head_masks(self, ablate: Iterable[Head], isolate: Head | None) -> dict[int, np.ndarray]:
+        """Per-layer multipliers: 0 for ablated heads, and for every head but the isolated one."""
+        masks: dict[int, np.ndarray] = {}
+
+        def mask(layer: int) -> np.ndarray:
+            return masks.setdefault(layer, np.ones(self.n_head, dtype=np.float32))
+
+        for item in ablate:
+            if len(item) != 2:
+                raise PyinterpError(f"ablate: expected (layer, head) pairs, got {item!r}")
+            layer = self._layer(item[0], "ablate")
+            mask(layer)[self._head(item[1], "ablate")] = 0.0
+        if isolate is not None:
+            if len(isolate) != 2:
+                raise PyinterpError(f"isolate: expected (layer, head), got {isolate!r}")
+            layer = self._layer(isolate[0], "isolate")
+            head = self._head(isolate[1], "isolate")
+            m = mask(layer)
+            keep = m[head]
+            m[:] = 0.0
+            m[head] = keep
+        return masks
+
+    def patches(self, patch: Iterable[Patch], n_tokens: int) -> list[tuple[str, int, int, np.ndarray]]:
+        """Check (name, layer, position, vector) items against the graph and the prompt length."""
+        out = []
+        for item in patch:
+            if len(item) != 4:
+                raise PyinterpError(f"patch: expected (name, layer, position, vector), got a {len(item)}-tuple")
+            name, layer, pos, vector = item
+            layers = self._known(name)
+            layer = self._layer(layer, f"patch {name!r}")
+            if layer not in layers:
+                raise PyinterpError(f"patch: tensor {name!r} is not computed on layer {layer}")
+            if self.info.rank(name) != 2:
+                raise PyinterpError(f"patch: {name!r} is not a [n_tokens, width] tensor (ggml shape {self.info.shapes[name]})")
+            if not isinstance(pos, (int, np.integer)) or not -n_tokens <= pos < n_tokens:
+                raise PyinterpError(f"patch {name}-{layer}: position {pos!r} out of range (the prompt has {n_tokens} tokens)")
+            width = self.info.shapes[name][0]
+            row = np.ascontiguousarray(np.asarray(vector, dtype=np.float32).reshape(-1))
+            if row.shape[0] != width:
+                raise PyinterpError(f"patch {name}-{layer}: vector has {row.shape[0]} values, the tensor's rows have {width}")
+            if not np.all(np.isfinite(row)):
+                raise PyinterpError(f"patch {name}-{layer}: vector has NaN or infinite values")
+            out.append((name, layer, int(pos) % n_tokens, row))
+        return out

@@ -1,0 +1,380 @@
+"""A GGUF model on the patched llama.cpp: tokenization, forward passes with captures and
+interventions inside the ggml graph, and generation."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from . import _ffi, zoo
+from ._ffi import ffi, lib
+from .errors import PyinterpError
+from .hooks import ATTENTION_TENSORS, Head, Patch, Plan, Planner, TensorInfo, split_name
+from .trace import Trace
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass
+class Generation:
+    """Tokens and text produced by :meth:`Model.generate` (the prompt not included)."""
+
+    prompt_tokens: list[int]
+    tokens: list[int]
+    text: str
+
+
+def _check_gguf(path: Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != GGUF_MAGIC:
+        raise PyinterpError(f"{path} is not a GGUF file (it starts with {head!r}, not {GGUF_MAGIC!r})")
+
+
+def _llama_error(what: str) -> PyinterpError:
+    detail = _ffi.last_error[0]
+    return PyinterpError(f"{what}: {detail}" if detail else what)
+
+
+class Model:
+    """A GGUF model loaded by the patched llama.cpp.
+
+    ``path`` is a GGUF file or a known name (``"smollm2"``, the default, or ``"gemma3"``).
+    ``flash_attn`` None lets llama.cpp decide; layers whose attention weights are captured always
+    run the explicit attention path. C memory is freed by :meth:`close` (or ``with Model() as m:``).
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, *, n_ctx: int = 2048, n_threads: int | None = None,
+                 n_gpu_layers: int = 0, flash_attn: bool | None = None, verbose: bool = False) -> None:
+        _ffi.set_verbose(verbose)
+        self.path = zoo.resolve(path)
+        _check_gguf(self.path)
+        if n_ctx < 8:
+            raise PyinterpError(f"n_ctx must be at least 8, got {n_ctx}")
+        if n_threads is None:
+            n_threads = len(os.sched_getaffinity(0))
+        if n_threads < 1:
+            raise PyinterpError(f"n_threads must be at least 1, got {n_threads}")
+        self._model = self._ctx = self._state = ffi.NULL
+
+        _ffi.last_error[0] = ""
+        self._model = lib.pi_model_load(str(self.path).encode(), n_gpu_layers)
+        if self._model == ffi.NULL:
+            raise _llama_error(f"cannot load model {self.path}")
+        flash = -1 if flash_attn is None else int(bool(flash_attn))
+        self._ctx = lib.pi_context_new(self._model, n_ctx, n_threads, flash)
+        if self._ctx == ffi.NULL:
+            self.close()
+            raise _llama_error(f"cannot create a context of {n_ctx} tokens for {self.path}")
+        self._state = lib.pi_state_new(self._ctx)
+        if self._state == ffi.NULL:
+            self.close()
+            raise PyinterpError("cannot allocate pyinterp's intervention buffers")
+
+        self._vocab = lib.llama_model_get_vocab(self._model)
+        buf = ffi.new("char[128]")
+        lib.llama_model_meta_val_str(self._model, b"general.architecture", buf, 128)
+        self.arch: str = ffi.string(buf).decode()
+        self.n_layer: int = lib.llama_model_n_layer(self._model)
+        self.n_head: int = lib.llama_model_n_head(self._model)
+        self.n_head_kv: int = lib.llama_model_n_head_kv(self._model)
+        self.n_embd: int = lib.llama_model_n_embd(self._model)
+        self.n_vocab: int = lib.llama_vocab_n_tokens(self._vocab)
+        self.n_ctx: int = lib.llama_n_ctx(self._ctx)
+
+        self._explicit: set[int] = set()
+        self._info: TensorInfo | None = None
+        self._ablated: list[Head] = []
+        self._isolated: list[Head] = []
+        self._patched: list[Patch] = []
+
+    # lifetime
+
+    def close(self) -> None:
+        """Free the context and the model (idempotent)."""
+        if getattr(self, "_state", ffi.NULL) != ffi.NULL:
+            lib.pi_state_free(self._state)
+            self._state = ffi.NULL
+        if getattr(self, "_ctx", ffi.NULL) != ffi.NULL:
+            lib.llama_free(self._ctx)
+            self._ctx = ffi.NULL
+        if getattr(self, "_model", ffi.NULL) != ffi.NULL:
+            lib.llama_model_free(self._model)
+            self._model = ffi.NULL
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def _live(self) -> None:
+        if self._ctx == ffi.NULL:
+            raise PyinterpError("the model is closed")
+
+    def __repr__(self) -> str:
+        return (f"Model({self.path.name!r}, arch={self.arch}, n_layer={self.n_layer}, n_head={self.n_head}, "
+                f"n_head_kv={self.n_head_kv}, n_embd={self.n_embd}, n_vocab={self.n_vocab}, n_ctx={self.n_ctx})")
+
+    # tokens
+
+    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of ``text``; ``add_bos`` None follows the model's metadata. Special tokens are parsed."""
+        self._live()
+        if add_bos is None:
+            add_bos = bool(lib.llama_vocab_get_add_bos(self._vocab))
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        out = ffi.new("llama_token[]", cap)
+        n = lib.llama_tokenize(self._vocab, data, len(data), out, cap, add_bos, True)
+        if n < 0:
+            cap = -n
+            out = ffi.new("llama_token[]", cap)
+            n = lib.llama_tokenize(self._vocab, data, len(data), out, cap, add_bos, True)
+        if n < 0:
+            raise PyinterpError("tokenization failed")
+        return list(out[0:n])
+
+    def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.n_vocab]
+        if bad:
+            raise PyinterpError(f"token id {bad[0]} out of range (vocabulary has {self.n_vocab} tokens)")
+        return ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text of token ids (special tokens rendered)."""
+        self._live()
+        ids = self._check_ids(ids)
+        arr = ffi.new("llama_token[]", ids)
+        cap = 8 * len(ids) + 16
+        buf = ffi.new("char[]", cap)
+        n = lib.llama_detokenize(self._vocab, arr, len(ids), buf, cap, False, True)
+        if n < 0:
+            cap = -n
+            buf = ffi.new("char[]", cap)
+            n = lib.llama_detokenize(self._vocab, arr, len(ids), buf, cap, False, True)
+        return ffi.unpack(buf, n).decode("utf-8", "replace")
+
+    def token_str(self, token: int) -> str:
+        """The text piece of one token (special tokens rendered, invalid UTF-8 replaced)."""
+        self._live()
+        (token,) = self._check_ids([token])
+        buf = ffi.new("char[64]")
+        n = lib.llama_token_to_piece(self._vocab, token, buf, 64, 0, True)
+        if n < 0:
+            buf = ffi.new("char[]", -n)
+            n = lib.llama_token_to_piece(self._vocab, token, buf, -n, 0, True)
+        return ffi.unpack(buf, n).decode("utf-8", "replace")
+
+    def _tokens(self, tokens_or_text: str | Sequence[int]) -> list[int]:
+        ids = self.tokenize(tokens_or_text) if isinstance(tokens_or_text, str) else self._check_ids(tokens_or_text)
+        if not ids:
+            raise PyinterpError("the prompt is empty")
+        if len(ids) > self.n_ctx:
+            raise PyinterpError(f"the prompt has {len(ids)} tokens but the context holds {self.n_ctx}; "
+                                f"load the model with a larger n_ctx")
+        return ids
+
+    # the graph
+
+    def tensor_info(self) -> TensorInfo:
+        """Names (and ggml shapes) of the tensors this model's graph offers to captures and patches."""
+        if self._info is None:
+            self._live()
+            all_layers = set(range(self.n_layer))
+            self._set_explicit(all_layers)
+            lib.pi_set_record(self._state, True)
+            try:
+                ids = self.tokenize("a b", add_bos=False)[:1] * 2
+                self._decode(ids, 0, True)
+                ne = ffi.new("int64_t[4]")
+                layers: dict[str, set[int]] = {}
+                shapes: dict[str, tuple[int, ...]] = {}
+                for i in range(lib.pi_n_seen(self._state)):
+                    full = ffi.string(lib.pi_seen_name(self._state, i, ne)).decode()
+                    name, layer = split_name(full)
+                    layers.setdefault(name, set()).add(-1 if layer is None else layer)
+                    dims = list(ne)
+                    while len(dims) > 1 and dims[-1] == 1:
+                        dims.pop()
+                    shapes.setdefault(name, tuple(dims))
+            finally:
+                lib.pi_set_record(self._state, False)
+                self._set_explicit(set())
+                lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
+            self._info = TensorInfo({k: frozenset(v) for k, v in layers.items()}, shapes)
+        return self._info
+
+    def tensor_names(self) -> list[str]:
+        """Base names of the tensors in this model's graph (``l_out``, ``attn_scores``, ...)."""
+        return sorted(self.tensor_info().layers)
+
+    def _planner(self) -> Planner:
+        return Planner(self.n_layer, self.n_head, self.tensor_info())
+
+    def _set_explicit(self, layers: set[int]) -> None:
+        for il in layers ^ self._explicit:
+            lib.llama_set_attn_explicit(self._ctx, il, il in layers)
+        self._explicit = set(layers)
+
+    def _plan(self, n_tokens: int, capture: Iterable[str], ablate: Iterable[Head], isolate: Head | None,
+              patch: Iterable[Patch]) -> Plan:
+        planner = self._planner()
+        if isolate is not None and self._isolated:
+            raise PyinterpError("isolate: a head is already isolated by model.isolated()")
+        isolate = isolate if isolate is not None else (self._isolated[0] if self._isolated else None)
+        return Plan(
+            captures=planner.captures(capture),
+            head_masks=planner.head_masks([*self._ablated, *ablate], isolate),
+            patches=planner.patches([*self._patched, *patch], n_tokens),
+        )
+
+    def _apply(self, plan: Plan) -> None:
+        st = self._state
+        lib.pi_plan_clear(st)
+        self._set_explicit(plan.explicit_layers)
+        for il, mask in plan.head_masks.items():
+            lib.pi_set_head_mask(st, il, ffi.from_buffer("float[]", mask))
+        for name, il in plan.captures:
+            lib.pi_add_capture(st, name.encode(), il)
+        for name, il, pos, row in plan.patches:
+            if lib.pi_add_patch(st, name.encode(), il, pos, ffi.from_buffer("float[]", row), row.shape[0]) != 0:
+                raise PyinterpError(f"patch {name}-{il}: {ffi.string(lib.pi_last_error(st)).decode()}")
+
+    def _clear(self) -> None:
+        lib.pi_plan_clear(self._state)
+
+    def _decode(self, ids: list[int], pos0: int, all_logits: bool) -> None:
+        arr = ffi.new("llama_token[]", ids)
+        _ffi.last_error[0] = ""
+        ret = lib.pi_decode(self._state, arr, len(ids), pos0, all_logits)
+        if ret != 0:
+            raise _llama_error(f"llama_decode failed with code {ret}")
+
+    def _logits(self, n: int) -> np.ndarray:
+        ptr = lib.llama_get_logits(self._ctx)
+        return np.frombuffer(ffi.buffer(ptr, n * self.n_vocab * 4), dtype=np.float32).reshape(n, self.n_vocab).copy()
+
+    def _read_captures(self, plan: Plan, n_tokens: int) -> dict[tuple[str, int], np.ndarray]:
+        out = {}
+        ne = ffi.new("int64_t[4]")
+        for i, (name, il) in enumerate(plan.captures):
+            if not lib.pi_capture_shape(self._state, i, ne):
+                raise PyinterpError(f"{name}-{il} was not in the graph of this run")
+            dims = list(ne)
+            rank = self.tensor_info().rank(name)
+            # the KV axis of the attention weights is padded; keep the cells of this prompt
+            n0 = n_tokens if name in ATTENTION_TENSORS else dims[0]
+            arr = np.empty([*reversed(dims[1:rank]), n0], dtype=np.float32)
+            if lib.pi_capture_read(self._state, i, ffi.from_buffer("float[]", arr), n0) != 0:
+                raise PyinterpError(f"{name}-{il}: {ffi.string(lib.pi_last_error(self._state)).decode()}")
+            out[name, il] = arr
+        return out
+
+    # forward passes
+
+    def run(self, tokens_or_text: str | Sequence[int], *, capture: Iterable[str] = (), ablate: Iterable[Head] = (),
+            isolate: Head | None = None, patch: Iterable[Patch] = ()) -> Trace:
+        """One forward pass over a prompt (text or token ids) from an empty KV cache.
+
+        capture: tensor names (``"l_out"``, ``"attn_scores"``, ...) for every layer, or ``"name-layer"``.
+        ablate: ``(layer, head)`` pairs whose attention weights are zeroed (so their output is zero).
+        isolate: ``(layer, head)``: ablate every other head of that layer.
+        patch: ``(name, layer, position, vector)``: replace that row of ``name-layer`` with ``vector``.
+        Interventions of the ``ablated``/``isolated``/``patched`` context managers apply too.
+        """
+        self._live()
+        ids = self._tokens(tokens_or_text)
+        plan = self._plan(len(ids), capture, ablate, isolate, patch)
+        self._apply(plan)
+        try:
+            lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
+            self._decode(ids, 0, True)
+            logits = self._logits(len(ids))
+            captured = self._read_captures(plan, len(ids))
+        finally:
+            self._clear()
+        return Trace(ids, logits, captured, [self.token_str(t) for t in ids])
+
+    def generate(self, prompt: str | Sequence[int], n: int, *, temp: float = 0.0, seed: int | None = None,
+                 ablate: Iterable[Head] = (), isolate: Head | None = None, patch: Iterable[Patch] = (),
+                 stop_at_eog: bool = True) -> Generation:
+        """Generate up to ``n`` tokens after ``prompt``; greedy when ``temp`` is 0.
+
+        Interventions (arguments and context managers) stay on for every generated token; patches
+        apply to the prompt positions they name.
+        """
+        self._live()
+        if n < 0:
+            raise PyinterpError(f"n must be >= 0, got {n}")
+        if temp < 0:
+            raise PyinterpError(f"temp must be >= 0, got {temp}")
+        ids = self._tokens(prompt)
+        if len(ids) + n > self.n_ctx:
+            raise PyinterpError(f"prompt ({len(ids)} tokens) plus {n} new tokens exceed the context of {self.n_ctx}")
+        rng = np.random.default_rng(seed)
+        plan = self._plan(len(ids), (), ablate, isolate, patch)
+        self._apply(plan)
+        out: list[int] = []
+        try:
+            lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
+            self._decode(ids, 0, False)
+            for step in range(n):
+                logits = self._logits(1)[0].astype(np.float64)
+                if temp == 0:
+                    token = int(np.argmax(logits))
+                else:
+                    p = np.exp((logits - logits.max()) / temp)
+                    token = int(rng.choice(self.n_vocab, p=p / p.sum()))
+                if stop_at_eog and lib.llama_vocab_is_eog(self._vocab, token):
+                    break
+                out.append(token)
+                if step < n - 1:
+                    self._decode([token], len(ids) + step, False)
+        finally:
+            self._clear()
+        return Generation(ids, out, self.detokenize(out))
+
+    # interventions that stay on
+
+    @contextlib.contextmanager
+    def ablated(self, heads: Iterable[Head]) -> Iterator["Model"]:
+        """Within the block, every run and generation has these ``(layer, head)`` pairs ablated."""
+        heads = list(heads)
+        self._planner().head_masks(heads, None)
+        self._ablated.extend(heads)
+        try:
+            yield self
+        finally:
+            del self._ablated[len(self._ablated) - len(heads):]
+
+    @contextlib.contextmanager
+    def isolated(self, layer: int, head: int) -> Iterator["Model"]:
+        """Within the block, only ``head`` of ``layer`` contributes to that layer's attention output."""
+        if self._isolated:
+            raise PyinterpError("a head is already isolated")
+        self._planner().head_masks([], (layer, head))
+        self._isolated.append((layer, head))
+        try:
+            yield self
+        finally:
+            self._isolated.clear()
+
+    @contextlib.contextmanager
+    def patched(self, patches: Iterable[Patch]) -> Iterator["Model"]:
+        """Within the block, every run and generation has these rows replaced (checked at each run)."""
+        patches = list(patches)
+        self._patched.extend(patches)
+        try:
+            yield self
+        finally:
+            del self._patched[len(self._patched) - len(patches):]

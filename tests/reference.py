@@ -1,0 +1,149 @@
+"""Independent HuggingFace-transformers reference for faithfulness tests.
+
+Loads a GGUF file through ``transformers`` (dequantised to float32, eager
+attention) and runs the same interventions pyinterp offers, so llama.cpp
+results can be compared against a second implementation.  Token ids are
+always supplied by the caller; nothing here tokenises.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+
+@dataclass
+class RefResult:
+    """Outputs of one reference forward pass (float32 numpy arrays)."""
+
+    logits: np.ndarray  # [n_tokens, n_vocab]
+    attentions: list[np.ndarray]  # per layer: [n_head, n_tokens, n_tokens], post-softmax
+    l_out: list[np.ndarray]  # per layer: [n_tokens, n_embd], residual stream after the layer
+
+
+def _hidden(output):
+    """The hidden-state tensor of a decoder layer output (tensor or tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+class Reference:
+    """A GGUF model loaded with transformers, with head ablation and residual patching."""
+
+    def __init__(self, gguf_path: str | os.PathLike) -> None:
+        """Load (and dequantise) the GGUF model once."""
+        path = os.fspath(gguf_path)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(os.path.abspath(path)),
+            gguf_file=os.path.basename(path),
+            dtype=torch.float32,
+            attn_implementation="eager",
+        )
+        self.model.eval()
+        cfg = self.model.config
+        self.layers = self.model.model.layers
+        self.n_layer: int = cfg.num_hidden_layers
+        self.n_head: int = cfg.num_attention_heads
+        self.n_embd: int = cfg.hidden_size
+        self.head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.n_vocab: int = self.model.lm_head.out_features
+
+    def _zero_heads_hook(self, heads: list[int]):
+        """Forward pre-hook for ``o_proj`` that zeroes the given heads' input slices."""
+        d = self.head_dim
+
+        def hook(module, args):
+            x = args[0].clone()
+            for h in heads:
+                x[..., h * d : (h + 1) * d] = 0
+            return (x, *args[1:])
+
+        return hook
+
+    def run(
+        self,
+        ids: list[int],
+        *,
+        ablate: Iterable[tuple[int, int]] = (),
+        isolate: tuple[int, int] | None = None,
+        patch: Iterable[tuple[int, int, np.ndarray]] = (),
+    ) -> RefResult:
+        """Run ``ids`` (BOS already included) through the model with optional interventions.
+
+        ablate:  (layer, head) pairs whose attention output is zeroed before ``o_proj``.
+        isolate: (layer, head) keeps only that head of the layer (all others zeroed).
+        patch:   (layer, position, vector[n_embd]) replaces that row of the layer's output.
+        """
+        zeroed: dict[int, list[int]] = {}
+        for layer, head in ablate:
+            zeroed.setdefault(layer, []).append(head)
+        if isolate is not None:
+            layer, head = isolate
+            zeroed.setdefault(layer, []).extend(h for h in range(self.n_head) if h != head)
+
+        patches: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        for layer, pos, vec in patch:
+            v = torch.as_tensor(np.asarray(vec, dtype=np.float32).reshape(self.n_embd))
+            patches.setdefault(layer, []).append((pos, v))
+
+        l_out: list[torch.Tensor | None] = [None] * self.n_layer
+
+        def patch_hook(rows):
+            def hook(module, args, output):
+                h = _hidden(output).clone()
+                for pos, v in rows:
+                    h[0, pos] = v
+                return (h, *output[1:]) if isinstance(output, tuple) else h
+
+            return hook
+
+        def capture_hook(i):
+            def hook(module, args, output):
+                l_out[i] = _hidden(output)[0].detach().clone()
+
+            return hook
+
+        handles = []
+        try:
+            for layer, heads in zeroed.items():
+                o_proj = self.layers[layer].self_attn.o_proj
+                handles.append(o_proj.register_forward_pre_hook(self._zero_heads_hook(heads)))
+            # Patch hooks are registered first so the captured l_out shows the patched rows.
+            for layer, rows in patches.items():
+                handles.append(self.layers[layer].register_forward_hook(patch_hook(rows)))
+            for i, block in enumerate(self.layers):
+                handles.append(block.register_forward_hook(capture_hook(i)))
+            with torch.no_grad():
+                out = self.model(
+                    input_ids=torch.tensor([list(ids)], dtype=torch.long),
+                    output_attentions=True,
+                    use_cache=False,
+                )
+        finally:
+            for h in handles:
+                h.remove()
+
+        return RefResult(
+            logits=out.logits[0].float().numpy(),
+            attentions=[a[0].float().numpy() for a in out.attentions],
+            l_out=[t.float().numpy() for t in l_out],
+        )
+
+    def unembed(self, resid: np.ndarray, norm: bool = True) -> np.ndarray:
+        """Map residual rows [n, n_embd] to logits [n, n_vocab] (logit lens).
+
+        Applies the final norm (if ``norm``), the (possibly tied) lm_head, and
+        final logit soft-capping when the config defines it.
+        """
+        x = torch.as_tensor(np.asarray(resid, dtype=np.float32)).reshape(-1, self.n_embd)
+        with torch.no_grad():
+            if norm:
+                x = self.model.model.norm(x)
+            logits = self.model.lm_head(x)
+            cap = getattr(self.model.config, "final_logit_softcapping", None)
+            if cap is not None:
+                logits = torch.tanh(logits / cap) * cap
+        return logits.numpy()
