@@ -69,7 +69,7 @@ ffi.cdef(
     const char * pi_seen_name    (const struct pi_state * st, int32_t i, int64_t * ne);
     int32_t      pi_n_captures   (const struct pi_state * st);
     bool         pi_capture_shape(const struct pi_state * st, int32_t i, int64_t * ne);
-    int          pi_capture_read (struct pi_state * st, int32_t i, float * dst, int64_t n0);
+    int          pi_capture_read (struct pi_state * st, int32_t i, float * dst, int64_t n_dst, int64_t n0);
     """
 )
 

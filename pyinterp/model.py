@@ -85,7 +85,8 @@ class Model:
         self.n_head_kv: int = lib.llama_model_n_head_kv(self._model)
         self.n_embd: int = lib.llama_model_n_embd(self._model)
         self.n_vocab: int = lib.llama_vocab_n_tokens(self._vocab)
-        self.n_ctx: int = lib.llama_n_ctx(self._ctx)
+        # llama.cpp may round the context up; one ubatch holds exactly what was asked for
+        self.n_ctx: int = min(n_ctx, lib.llama_n_ctx(self._ctx))
 
         self._explicit: set[int] = set()
         self._info: TensorInfo | None = None
@@ -164,8 +165,8 @@ class Model:
             n = lib.llama_detokenize(self._vocab, arr, len(ids), buf, cap, False, True)
         return ffi.unpack(buf, n).decode("utf-8", "replace")
 
-    def token_str(self, token: int) -> str:
-        """The text piece of one token (special tokens rendered, invalid UTF-8 replaced)."""
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one token's piece (special tokens rendered); may be part of a UTF-8 character."""
         self._live()
         (token,) = self._check_ids([token])
         buf = ffi.new("char[64]")
@@ -173,7 +174,11 @@ class Model:
         if n < 0:
             buf = ffi.new("char[]", -n)
             n = lib.llama_token_to_piece(self._vocab, token, buf, -n, 0, True)
-        return ffi.unpack(buf, n).decode("utf-8", "replace")
+        return ffi.unpack(buf, n)
+
+    def token_str(self, token: int) -> str:
+        """The text piece of one token (special tokens rendered, partial UTF-8 characters replaced)."""
+        return self.token_bytes(token).decode("utf-8", "replace")
 
     def _tokens(self, tokens_or_text: str | Sequence[int]) -> list[int]:
         ids = self.tokenize(tokens_or_text) if isinstance(tokens_or_text, str) else self._check_ids(tokens_or_text)
@@ -206,7 +211,7 @@ class Model:
                     dims = list(ne)
                     while len(dims) > 1 and dims[-1] == 1:
                         dims.pop()
-                    shapes.setdefault(name, tuple(dims))
+                    shapes.setdefault(name, tuple(dims))  # a name given twice in a layer: the first
             finally:
                 lib.pi_set_record(self._state, False)
                 self._set_explicit(set())
@@ -257,6 +262,8 @@ class Model:
         arr = ffi.new("llama_token[]", ids)
         _ffi.last_error[0] = ""
         ret = lib.pi_decode(self._state, arr, len(ids), pos0, all_logits)
+        if ret == -100:
+            raise PyinterpError(f"{len(ids)} tokens at position {pos0} do not fit the context of {self.n_ctx}")
         if ret != 0:
             raise _llama_error(f"llama_decode failed with code {ret}")
 
@@ -275,7 +282,7 @@ class Model:
             # the KV axis of the attention weights is padded; keep the cells of this prompt
             n0 = n_tokens if name in ATTENTION_TENSORS else dims[0]
             arr = np.empty([*reversed(dims[1:rank]), n0], dtype=np.float32)
-            if lib.pi_capture_read(self._state, i, ffi.from_buffer("float[]", arr), n0) != 0:
+            if lib.pi_capture_read(self._state, i, ffi.from_buffer("float[]", arr), arr.size, n0) != 0:
                 raise PyinterpError(f"{name}-{il}: {ffi.string(lib.pi_last_error(self._state)).decode()}")
             out[name, il] = arr
         return out

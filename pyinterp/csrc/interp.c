@@ -26,6 +26,7 @@ struct pi_patch {
     char  name[PI_NAME_MAX];
     int32_t il;
     int32_t pos;                    // position (token index in the sequence) of the row to replace
+    bool done;                      // applied in the current build
     struct ggml_context * ctx;      // owns vec and idx
     ggml_backend_buffer_t buf;      // on the device of the layer
     struct ggml_tensor * vec;       // [width, 1] F32
@@ -65,6 +66,8 @@ struct pi_state {
     struct pi_seen * seen;
     int32_t n_seen;
     int32_t cap_seen;
+
+    int n_nodes;                    // nodes of the graph being built, at the last hook call
 
     bool hook_set;
     char error[256];
@@ -298,18 +301,40 @@ static struct ggml_tensor * pi_mask_heads(struct ggml_context * ctx, struct pi_l
     // flash attention layers have no scores: silence the head's output instead (the same thing, as
     // zero weights give a zero output)
     if (strcmp(name, "kqv_heads") == 0) {
-        const bool done = layer->scores_masked;
-        layer->scores_masked = false; // kqv_heads ends the layer's attention in both paths
-        if (!done) {
+        if (!layer->scores_masked) {
             return ggml_mul(ctx, cur, ggml_reshape_4d(ctx, layer->head_mask, 1, n_head, 1, 1));
         }
     }
     return cur;
 }
 
+// forget what the previous graph build did
+static void pi_build_begin(struct pi_state * st) {
+    for (int32_t i = 0; i < st->n_captures; ++i) {
+        st->captures[i].t = NULL;
+    }
+    for (int32_t i = 0; i < st->n_patches; ++i) {
+        st->patches[i].done = false;
+    }
+    for (int32_t il = 0; il < st->n_layer; ++il) {
+        st->layers[il].scores_masked = false;
+    }
+    st->n_seen = 0;
+}
+
+// Some names are given to several tensors of a layer (llama names both the FFN output and the residual
+// sum after it "ffn_out"; Qcur is named before and after RoPE): captures and patches act on the first.
 static struct ggml_tensor * pi_hook(struct ggml_context * ctx, struct ggml_cgraph * gf, struct ggml_tensor * cur,
                                     const char * name, int32_t il, void * user_data) {
     struct pi_state * st = user_data;
+
+    // a graph only grows while it is built: fewer nodes than last time means a new build
+    // (llama_decode may build a reserve graph before the real one)
+    const int n_nodes = ggml_graph_n_nodes(gf);
+    if (n_nodes < st->n_nodes) {
+        pi_build_begin(st);
+    }
+    st->n_nodes = n_nodes;
 
     if (st->record) {
         pi_record(st, cur, name, il);
@@ -325,9 +350,10 @@ static struct ggml_tensor * pi_hook(struct ggml_context * ctx, struct ggml_cgrap
     struct ggml_tensor * patched = NULL;
     for (int32_t i = 0; i < st->n_patches; ++i) {
         struct pi_patch * p = &st->patches[i];
-        if (!p->active || p->il != il || strcmp(p->name, name) != 0) {
+        if (!p->active || p->done || p->il != il || strcmp(p->name, name) != 0) {
             continue;
         }
+        p->done = true;
         if (p->vec->ne[0] != cur->ne[0] || ggml_nrows(cur) != cur->ne[1]) {
             continue; // checked by the caller against the tensor's width; never write out of bounds
         }
@@ -343,7 +369,7 @@ static struct ggml_tensor * pi_hook(struct ggml_context * ctx, struct ggml_cgrap
 
     for (int32_t i = 0; i < st->n_captures; ++i) {
         struct pi_capture * c = &st->captures[i];
-        if (c->il != il || strcmp(c->name, name) != 0) {
+        if (c->t != NULL || c->il != il || strcmp(c->name, name) != 0) {
             continue;
         }
         struct ggml_tensor * t = cur;
@@ -364,9 +390,14 @@ static struct ggml_tensor * pi_hook(struct ggml_context * ctx, struct ggml_cgrap
 //
 
 int32_t pi_decode(struct pi_state * st, const llama_token * tokens, int32_t n_tokens, int32_t pos0, bool all_logits) {
-    for (int32_t i = 0; i < st->n_captures; ++i) {
-        st->captures[i].t = NULL;
+    // llama_decode asserts on these; answer with an error instead
+    if (n_tokens < 1 || n_tokens > (int32_t) llama_n_batch(st->ctx) || pos0 < 0 ||
+        pos0 + n_tokens > (int32_t) llama_n_ctx(st->ctx)) {
+        pi_fail(st, "batch does not fit the context");
+        return -100;
     }
+    pi_build_begin(st);
+    st->n_nodes = 0;
     for (int32_t i = 0; i < st->n_patches; ++i) {
         struct pi_patch * p = &st->patches[i];
         p->active = p->pos >= pos0 && p->pos < pos0 + n_tokens;
@@ -375,10 +406,6 @@ int32_t pi_decode(struct pi_state * st, const llama_token * tokens, int32_t n_to
             ggml_backend_tensor_set(p->idx, &row, 0, sizeof(row));
         }
     }
-    if (st->record) {
-        st->n_seen = 0;
-    }
-
     struct llama_batch batch = llama_batch_init(n_tokens, 0, 1);
     for (int32_t i = 0; i < n_tokens; ++i) {
         batch.token[i]     = tokens[i];
@@ -428,14 +455,17 @@ bool pi_capture_shape(const struct pi_state * st, int32_t i, int64_t * ne) {
     return true;
 }
 
-// copy capture i to dst as float32, keeping the first n0 of ne[0] elements of every row
-int pi_capture_read(struct pi_state * st, int32_t i, float * dst, int64_t n0) {
+// copy capture i to dst (room for n_dst floats) as float32, keeping the first n0 of ne[0] elements of every row
+int pi_capture_read(struct pi_state * st, int32_t i, float * dst, int64_t n_dst, int64_t n0) {
     const struct ggml_tensor * t = st->captures[i].t;
     if (t == NULL) {
         return pi_fail(st, "tensor was not captured");
     }
     if (n0 <= 0 || n0 > t->ne[0]) {
         return pi_fail(st, "bad row length");
+    }
+    if (ggml_nrows(t)*n0 != n_dst) {
+        return pi_fail(st, "destination size does not match the captured tensor");
     }
     if (t->type != GGML_TYPE_F32 && t->type != GGML_TYPE_F16) {
         return pi_fail(st, "captured tensor is neither F32 nor F16");

@@ -29,4 +29,4 @@ PI_API int32_t      pi_n_seen       (const struct pi_state * st);
 PI_API const char * pi_seen_name    (const struct pi_state * st, int32_t i, int64_t * ne);
 PI_API int32_t      pi_n_captures   (const struct pi_state * st);
 PI_API bool         pi_capture_shape(const struct pi_state * st, int32_t i, int64_t * ne);
-PI_API int          pi_capture_read (struct pi_state * st, int32_t i, float * dst, int64_t n0);
+PI_API int          pi_capture_read (struct pi_state * st, int32_t i, float * dst, int64_t n_dst, int64_t n0);
