@@ -289,6 +289,70 @@ class Model:
 
     # forward passes
 
+    def _lens_check(self, tensor: str, top_k: int) -> None:
+        info = self.tensor_info()
+        if tensor not in info.layers:
+            self._planner().captures([tensor])  # raises the unknown-name error
+        width = info.shapes[tensor][0]
+        if info.rank(tensor) != 2 or width != self.n_embd:
+            raise PyinterpError(f"logit lens: {tensor} is not a residual-width tensor "
+                                f"(ggml shape {info.shapes[tensor]}, the model's n_embd is {self.n_embd})")
+        if not 1 <= top_k <= self.n_vocab:
+            raise PyinterpError(f"logit lens: top_k must be in 1..{self.n_vocab}, got {top_k}")
+
+    def _read_lens(self, n_tokens: int, top_k: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        out = {}
+        for il in range(self.n_layer):
+            ids = np.empty((n_tokens, top_k), dtype=np.int32)
+            probs = np.empty((n_tokens, top_k), dtype=np.float32)
+            ret = lib.pi_lens_read(self._state, il, ffi.from_buffer("int32_t[]", ids),
+                                   ffi.from_buffer("float[]", probs), ids.size)
+            if ret < 0:
+                raise PyinterpError(f"logit lens: {ffi.string(lib.pi_last_error(self._state)).decode()}")
+            if ret == 0:
+                order = np.argsort(-probs, axis=1, kind="stable")
+                out[il] = (np.take_along_axis(ids, order, 1), np.take_along_axis(probs, order, 1))
+        return out
+
+    def logit_lens(self, tokens_or_text: str | Sequence[int], tensor: str = "l_out", top_k: int = 10,
+                   norm: bool = True) -> "LogitLens":
+        """Unembed ``tensor`` of every layer at every token and keep the top-k tokens.
+
+        ``norm=True`` (the norm lens) applies the model's final norm first, as the model does to its last
+        layer; ``norm=False`` (the raw lens) unembeds the tensor as it is. Computed inside the ggml graph
+        with the model's own (quantized, possibly tied) unembedding; interventions of the context
+        managers apply. Returns a :class:`pyinterp.lens.LogitLens`.
+        """
+        from .lens import LogitLens
+
+        self._live()
+        ids = self._tokens(tokens_or_text)
+        self._lens_check(tensor, top_k)
+        plan = self._plan(len(ids), (), (), None, ())
+        _, _, lens = self._forward(ids, plan, (tensor, norm, top_k))
+        layers = sorted(lens)
+        return LogitLens(
+            tensor=tensor, norm=norm, layers=layers, tokens=ids,
+            token_strs=[self.token_str(t) for t in ids],
+            ids=np.stack([lens[il][0] for il in layers]), probs=np.stack([lens[il][1] for il in layers]),
+            vocab=self.token_str,
+        )
+
+    def _forward(self, ids: list[int], plan: Plan, lens: tuple[str, bool, int] | None = None):
+        """Decode ``ids`` from an empty cache under ``plan``; returns logits, captures and lens top-k."""
+        self._apply(plan)
+        try:
+            if lens is not None and lib.pi_set_lens(self._state, lens[0].encode(), lens[1], lens[2]) != 0:
+                raise PyinterpError(f"logit lens: {ffi.string(lib.pi_last_error(self._state)).decode()}")
+            lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
+            self._decode(ids, 0, True)
+            logits = self._logits(len(ids))
+            captured = self._read_captures(plan, len(ids))
+            lens_out = self._read_lens(len(ids), lens[2]) if lens is not None else {}
+        finally:
+            self._clear()
+        return logits, captured, lens_out
+
     def run(self, tokens_or_text: str | Sequence[int], *, capture: Iterable[str] = (), ablate: Iterable[Head] = (),
             isolate: Head | None = None, patch: Iterable[Patch] = ()) -> Trace:
         """One forward pass over a prompt (text or token ids) from an empty KV cache.
@@ -302,14 +366,7 @@ class Model:
         self._live()
         ids = self._tokens(tokens_or_text)
         plan = self._plan(len(ids), capture, ablate, isolate, patch)
-        self._apply(plan)
-        try:
-            lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
-            self._decode(ids, 0, True)
-            logits = self._logits(len(ids))
-            captured = self._read_captures(plan, len(ids))
-        finally:
-            self._clear()
+        logits, captured, _ = self._forward(ids, plan)
         return Trace(ids, logits, captured, [self.token_str(t) for t in ids])
 
     def generate(self, prompt: str | Sequence[int], n: int, *, temp: float = 0.0, seed: int | None = None,

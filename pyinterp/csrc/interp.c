@@ -42,6 +42,19 @@ struct pi_layer {
     bool scores_masked;             // head_mask was applied to attn_scores in the current build
 };
 
+// logit lens: every layer's `name` tensor through the model's final norm (or not) and unembedding,
+// reduced to the top-k probabilities per token inside the graph
+struct pi_lens {
+    char  name[PI_NAME_MAX];
+    bool  norm;
+    int32_t k;
+    struct ggml_tensor ** in;       // [n_layer] the tensor to unembed, per layer
+    struct ggml_tensor *  final_in; // the last layer's l_out: where the model's own unembedding starts
+    struct ggml_tensor ** ids;      // [n_layer] [k, n_tokens] I32, top-k token ids (unordered)
+    struct ggml_tensor ** probs;    // [n_layer] [1, k, n_tokens] F32, their probabilities
+    bool failed;                    // the unembedding uses an op pi_replay does not know
+};
+
 struct pi_seen {
     char    name[PI_NAME_MAX + 8]; // "l_out-3"
     int64_t ne[4];
@@ -66,6 +79,8 @@ struct pi_state {
     struct pi_seen * seen;
     int32_t n_seen;
     int32_t cap_seen;
+
+    struct pi_lens lens;            // active when lens.k > 0
 
     int n_nodes;                    // nodes of the graph being built, at the last hook call
 
@@ -122,6 +137,9 @@ struct pi_state * pi_state_new(struct llama_context * ctx) {
     st->n_layer = llama_model_n_layer(st->model);
     st->n_head  = llama_model_n_head(st->model);
     st->layers  = calloc(st->n_layer, sizeof(struct pi_layer));
+    st->lens.in    = calloc(st->n_layer, sizeof(struct ggml_tensor *));
+    st->lens.ids   = calloc(st->n_layer, sizeof(struct ggml_tensor *));
+    st->lens.probs = calloc(st->n_layer, sizeof(struct ggml_tensor *));
 
     for (int32_t il = 0; il < st->n_layer; ++il) {
         struct pi_layer * layer = &st->layers[il];
@@ -164,6 +182,9 @@ void pi_state_free(struct pi_state * st) {
         }
     }
     pi_patches_free(st);
+    free(st->lens.in);
+    free(st->lens.ids);
+    free(st->lens.probs);
     free(st->layers);
     free(st->captures);
     free(st->seen);
@@ -175,7 +196,7 @@ void pi_state_free(struct pi_state * st) {
 //
 
 static bool pi_plan_empty(const struct pi_state * st) {
-    if (st->n_captures > 0 || st->n_patches > 0 || st->record) {
+    if (st->n_captures > 0 || st->n_patches > 0 || st->record || st->lens.k > 0) {
         return false;
     }
     for (int32_t il = 0; il < st->n_layer; ++il) {
@@ -206,6 +227,7 @@ void pi_plan_clear(struct pi_state * st) {
     st->captures   = NULL;
     st->n_captures = 0;
     st->record     = false;
+    st->lens.k     = 0;
     pi_update_hook(st);
 }
 
@@ -264,6 +286,20 @@ int pi_add_patch(struct pi_state * st, const char * name, int32_t il, int32_t po
     return 0;
 }
 
+int pi_set_lens(struct pi_state * st, const char * name, bool norm, int32_t k) {
+    if (strlen(name) >= PI_NAME_MAX) {
+        return pi_fail(st, "tensor name too long");
+    }
+    if (k < 1 || k > llama_vocab_n_tokens(llama_model_get_vocab(st->model))) {
+        return pi_fail(st, "top-k out of range");
+    }
+    snprintf(st->lens.name, sizeof(st->lens.name), "%s", name);
+    st->lens.norm = norm;
+    st->lens.k    = k;
+    pi_update_hook(st);
+    return 0;
+}
+
 void pi_set_record(struct pi_state * st, bool record) {
     st->record = record;
     st->n_seen = 0;
@@ -318,8 +354,82 @@ static void pi_build_begin(struct pi_state * st) {
     }
     for (int32_t il = 0; il < st->n_layer; ++il) {
         st->layers[il].scores_masked = false;
+        st->lens.in[il]    = NULL;
+        st->lens.ids[il]   = NULL;
+        st->lens.probs[il] = NULL;
     }
+    st->lens.final_in = NULL;
+    st->lens.failed   = false;
     st->n_seen = 0;
+}
+
+// rebuild the ops from `from` up to `node` with `to` in place of `from` (the few ops a model's final
+// norm and unembedding use); NULL for anything else
+static struct ggml_tensor * pi_replay(struct ggml_context * ctx, struct ggml_tensor * node,
+                                      struct ggml_tensor * from, struct ggml_tensor * to) {
+    if (node == from) {
+        return to;
+    }
+    const int follow = node->op == GGML_OP_MUL_MAT ? 1 : 0; // the activation side of the op
+    struct ggml_tensor * x = node->src[follow] ? pi_replay(ctx, node->src[follow], from, to) : NULL;
+    if (x == NULL) {
+        return NULL;
+    }
+    float p0;
+    float p1;
+    memcpy(&p0, (const float *) node->op_params + 0, sizeof(float));
+    memcpy(&p1, (const float *) node->op_params + 1, sizeof(float));
+    switch (node->op) {
+        case GGML_OP_RMS_NORM: return ggml_rms_norm(ctx, x, p0);
+        case GGML_OP_NORM:     return ggml_norm(ctx, x, p0);
+        case GGML_OP_MUL:      return ggml_mul(ctx, x, node->src[1]);
+        case GGML_OP_ADD:      return ggml_add(ctx, x, node->src[1]);
+        case GGML_OP_SCALE:    return ggml_scale_bias(ctx, x, p0, p1);
+        case GGML_OP_MUL_MAT:  return ggml_mul_mat(ctx, node->src[0], x);
+        case GGML_OP_UNARY:    return ggml_get_unary_op(node) == GGML_UNARY_OP_TANH ? ggml_tanh(ctx, x) : NULL;
+        default:               return NULL;
+    }
+}
+
+// at result_output: unembed every recorded layer the way the model unembeds its last layer
+static void pi_build_lens(struct pi_state * st, struct ggml_context * ctx, struct ggml_cgraph * gf,
+                          struct ggml_tensor * out) {
+    struct pi_lens * lens = &st->lens;
+    struct ggml_tensor * from = lens->final_in;
+    if (!lens->norm) {
+        // the raw lens starts at the unembedding matrix product, after the final norm
+        struct ggml_tensor * mm = out;
+        while (mm != NULL && mm->op != GGML_OP_MUL_MAT) {
+            mm = mm->src[0];
+        }
+        from = mm ? mm->src[1] : NULL;
+    }
+    if (from == NULL) {
+        lens->failed = true;
+        return;
+    }
+    for (int32_t il = 0; il < st->n_layer; ++il) {
+        struct ggml_tensor * x = lens->in[il];
+        if (x == NULL || x->ne[0] != from->ne[0]) {
+            continue;
+        }
+        struct ggml_tensor * logits = pi_replay(ctx, out, from, x);
+        if (logits == NULL) {
+            lens->failed = true;
+            return;
+        }
+        struct ggml_tensor * probs = ggml_soft_max(ctx, logits);
+        struct ggml_tensor * ids   = ggml_top_k(ctx, probs, lens->k);
+        struct ggml_tensor * top   = ggml_get_rows(ctx, ggml_reshape_3d(ctx, probs, 1, probs->ne[0], probs->ne[1]), ids);
+        ggml_format_name(ids, "lens_ids-%d", il);
+        ggml_format_name(top, "lens_probs-%d", il);
+        ggml_set_output(ids);
+        ggml_set_output(top);
+        ggml_build_forward_expand(gf, ids);
+        ggml_build_forward_expand(gf, top);
+        lens->ids[il]   = ids;
+        lens->probs[il] = top;
+    }
 }
 
 // Some names are given to several tensors of a layer (llama names both the FFN output and the residual
@@ -365,6 +475,18 @@ static struct ggml_tensor * pi_hook(struct ggml_context * ctx, struct ggml_cgrap
     if (patched != NULL) {
         ggml_format_name(patched, "%s (patched)", cur->name);
         cur = patched;
+    }
+
+    if (st->lens.k > 0) {
+        if (il >= 0 && il < st->n_layer && st->lens.in[il] == NULL && strcmp(name, st->lens.name) == 0) {
+            st->lens.in[il] = cur;
+        }
+        if (il == st->n_layer - 1 && st->lens.final_in == NULL && strcmp(name, "l_out") == 0) {
+            st->lens.final_in = cur;
+        }
+        if (il == -1 && strcmp(name, "result_output") == 0) {
+            pi_build_lens(st, ctx, gf, cur);
+        }
     }
 
     for (int32_t i = 0; i < st->n_captures; ++i) {
@@ -489,5 +611,26 @@ int pi_capture_read(struct pi_state * st, int32_t i, float * dst, int64_t n_dst,
         }
     }
     free(buf);
+    return 0;
+}
+
+// top-k of the logit lens at layer il after the last decode: ids and probs hold n = k*n_tokens values,
+// token-major, unordered within a token; returns 1 when the layer had no such tensor
+int pi_lens_read(struct pi_state * st, int32_t il, int32_t * ids, float * probs, int64_t n) {
+    if (st->lens.failed) {
+        return pi_fail(st, "the model's unembedding uses an op the logit lens cannot replay");
+    }
+    if (il < 0 || il >= st->n_layer) {
+        return pi_fail(st, "layer out of range");
+    }
+    const struct ggml_tensor * t_ids = st->lens.ids[il];
+    if (t_ids == NULL) {
+        return 1;
+    }
+    if (ggml_nelements(t_ids) != n) {
+        return pi_fail(st, "destination size does not match the lens");
+    }
+    ggml_backend_tensor_get(t_ids, ids, 0, ggml_nbytes(t_ids));
+    ggml_backend_tensor_get(st->lens.probs[il], probs, 0, ggml_nbytes(st->lens.probs[il]));
     return 0;
 }

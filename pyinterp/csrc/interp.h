@@ -21,6 +21,7 @@ PI_API void pi_plan_clear   (struct pi_state * st);
 PI_API int  pi_set_head_mask(struct pi_state * st, int32_t il, const float * mask);
 PI_API int  pi_add_capture  (struct pi_state * st, const char * name, int32_t il);
 PI_API int  pi_add_patch    (struct pi_state * st, const char * name, int32_t il, int32_t pos, const float * row, int64_t n);
+PI_API int  pi_set_lens     (struct pi_state * st, const char * name, bool norm, int32_t k);
 PI_API void pi_set_record   (struct pi_state * st, bool record);
 
 PI_API int32_t pi_decode(struct pi_state * st, const llama_token * tokens, int32_t n_tokens, int32_t pos0, bool all_logits);
@@ -30,3 +31,4 @@ PI_API const char * pi_seen_name    (const struct pi_state * st, int32_t i, int6
 PI_API int32_t      pi_n_captures   (const struct pi_state * st);
 PI_API bool         pi_capture_shape(const struct pi_state * st, int32_t i, int64_t * ne);
 PI_API int          pi_capture_read (struct pi_state * st, int32_t i, float * dst, int64_t n_dst, int64_t n0);
+PI_API int          pi_lens_read    (struct pi_state * st, int32_t il, int32_t * ids, float * probs, int64_t n);

@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Cost of in-graph interventions and of the patch series, measured side by side in one run.
+
+1. pyinterp on one prompt (default 128 tokens): plain, 1-head ablation, 1-row patch and capture of
+   every layer's attention, interleaved round by round; medians and ratios to plain.
+   Targets: ablation <= 1.03, patch <= 1.03, full attention capture <= 1.3.
+2. The same llama_decode from a small C program (decode_bench.c, stock llama.h API only) linked
+   once against pyinterp's patched libllama (hook unset) and once against llama.cpp built from the
+   same source without the patches (built into build/stock on first use). Target: <= 1.05.
+
+    python benchmarks/bench_interventions.py [--model smollm2] [--tokens 128] [--runs 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import pyinterp
+from pyinterp import zoo
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+STOCK = REPO / "build" / "stock"
+
+
+def prompt_ids(model: pyinterp.Model, n: int) -> list[int]:
+    text = " ".join(f"The {i}th item on the list is the number {i * 7}." for i in range(n))
+    ids = model.tokenize(text)[:n]
+    assert len(ids) == n
+    return ids
+
+
+def bench_pyinterp(model: pyinterp.Model, ids: list[int], runs: int) -> dict[str, float]:
+    layer = model.n_layer // 2
+    row = np.zeros(model.n_embd, dtype=np.float32)
+    variants = {
+        "plain": {},
+        "ablate 1 head": {"ablate": [(layer, 1)]},
+        "patch 1 row": {"patch": [("l_out", layer, len(ids) // 2, row)]},
+        "capture all attention": {"capture": ["attn_scores"]},
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for name, kwargs in variants.items():  # warm-up
+        model.run(ids, **kwargs)
+    for _ in range(runs):
+        for name, kwargs in variants.items():
+            t0 = time.perf_counter()
+            model.run(ids, **kwargs)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def run(cmd: list[str], **kwargs) -> str:
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    if done.returncode != 0:
+        sys.exit(f"bench: {' '.join(cmd[:3])} ... failed:\n{done.stdout[-2000:]}")
+    return done.stdout
+
+
+def build_stock() -> tuple[Path, Path]:
+    """Unpatched llama.cpp from the same source; returns (include dirs root, lib dir)."""
+    src, lib = STOCK / "src", STOCK / "build" / "bin"
+    if not (lib / "libllama.so").exists():
+        print("bench: building unpatched llama.cpp into build/stock (once, a few minutes)", flush=True)
+        with tempfile.TemporaryDirectory() as no_patches:
+            run([sys.executable, str(REPO / "scripts" / "llama_source.py"), "prepare",
+                 "--patches", no_patches, "--dest", str(src)])
+        run(["cmake", "-S", str(src), "-B", str(STOCK / "build"), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+             "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_COMMON=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+             "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+             "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF"])
+        run(["ninja", "-C", str(STOCK / "build"), "llama"])
+    return src, lib
+
+
+def compile_bench(src: Path, lib_dir: Path, out: Path) -> None:
+    cc = os.environ.get("CC", "cc")
+    run([cc, "-O2", "-o", str(out), str(HERE / "decode_bench.c"), f"-I{src / 'include'}",
+         f"-I{src / 'ggml' / 'include'}", f"-L{lib_dir}", "-lllama", f"-Wl,-rpath,{lib_dir}"])
+
+
+def bench_stock(model_path: Path, n_tokens: int, runs: int, threads: int) -> dict[str, float]:
+    src, stock_lib = build_stock()
+    patched_lib = Path(pyinterp.__file__).resolve().parent / "lib"
+    with tempfile.TemporaryDirectory() as tmp:
+        binaries = {"stock llama.cpp": Path(tmp) / "stock", "pyinterp, hook unset": Path(tmp) / "patched"}
+        compile_bench(src, stock_lib, binaries["stock llama.cpp"])
+        compile_bench(src, patched_lib, binaries["pyinterp, hook unset"])
+        times: dict[str, list[float]] = {name: [] for name in binaries}
+        for _ in range(3):  # alternate the two, several runs each, to share any drift
+            for name, binary in binaries.items():
+                out = run([str(binary), str(model_path), str(n_tokens), str(runs), str(threads)])
+                times[name].extend(float(x) / 1000 for x in out.split()[1:])  # first run is warm-up
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def report(title: str, medians: dict[str, float], base: str, n_tokens: int) -> None:
+    print(f"\n{title}")
+    for name, t in medians.items():
+        print(f"  {name:<24} {t * 1000:8.1f} ms  {n_tokens / t:7.1f} tok/s  ratio {t / medians[base]:.3f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--n-gpu-layers", type=int, default=0)
+    parser.add_argument("--no-stock", action="store_true", help="skip the comparison with unpatched llama.cpp")
+    args = parser.parse_args()
+
+    path = zoo.resolve(args.model)
+    with pyinterp.Model(path, n_ctx=max(512, args.tokens), n_threads=args.threads,
+                        n_gpu_layers=args.n_gpu_layers) as model:
+        ids = prompt_ids(model, args.tokens)
+        print(f"{model}\n{args.tokens}-token prompt, {args.threads} threads, median of {args.runs} interleaved runs")
+        report("pyinterp Model.run (targets: ablate <= 1.03, patch <= 1.03, capture <= 1.3)",
+               bench_pyinterp(model, ids, args.runs), "plain", args.tokens)
+    if not args.no_stock:
+        if shutil.which("ninja") is None or shutil.which("cmake") is None:
+            sys.exit("bench: the stock comparison needs cmake and ninja (pip install cmake ninja)")
+        report("llama_decode, same program, patched vs unpatched library (target <= 1.05)",
+               bench_stock(path, args.tokens, args.runs, args.threads), "stock llama.cpp", args.tokens)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

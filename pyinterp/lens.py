@@ -1,0 +1,45 @@
+"""The logit lens: what each layer's residual stream (or one of its parts) would predict."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass
+class LogitLens:
+    """Top-k tokens of ``tensor`` unembedded at every layer and token (see :meth:`Model.logit_lens`).
+
+    ``ids`` and ``probs`` are ``[n_layer, n_tokens, k]``, most probable first; ``layers`` are the layer
+    indices of the first axis; ``strs[l][t][j]`` is the text of ``ids[l, t, j]``.
+    """
+
+    tensor: str
+    norm: bool
+    layers: list[int]
+    tokens: list[int]
+    token_strs: list[str]
+    ids: np.ndarray
+    probs: np.ndarray
+    vocab: Callable[[int], str]
+
+    @property
+    def strs(self) -> list[list[list[str]]]:
+        return [[[self.vocab(int(i)) for i in row] for row in layer] for layer in self.ids]
+
+    @property
+    def title(self) -> str:
+        return f"{'norm' if self.norm else 'raw'} logit lens of {self.tensor}"
+
+    def to_png(self, path: str | os.PathLike) -> Path:
+        """Write a layers x tokens heatmap of the top-1 probability, each cell labelled with its token."""
+        from .plot import lens_heatmap, save_png
+
+        top_str = [[self.vocab(int(i)) for i in layer[:, 0]] for layer in self.ids]
+        image = lens_heatmap(self.probs[:, :, 0], top_str, self.token_strs, title=self.title,
+                             row_labels=[str(il) for il in self.layers])
+        return save_png(image, path)
