@@ -6,6 +6,7 @@ The libraries (patched llama.cpp, ggml and pyinterp's own ``libpyinterp_native``
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 from pathlib import Path
@@ -72,10 +73,29 @@ ffi.cdef(
     bool         pi_capture_shape(const struct pi_state * st, int32_t i, int64_t * ne);
     int          pi_capture_read (struct pi_state * st, int32_t i, float * dst, int64_t n_dst, int64_t n0);
     int          pi_lens_read    (struct pi_state * st, int32_t il, int32_t * ids, float * probs, int64_t n);
+    int32_t      pi_graph_n_nodes  (const struct pi_state * st);
+    const char * pi_graph_node_line(struct pi_state * st, int32_t i);
     """
 )
 
-LIB_DIR = Path(os.environ.get("PYINTERP_LIB_DIR") or Path(__file__).resolve().parent / "lib")
+NATIVE = "libpyinterp_native.so"
+
+
+def _lib_dir() -> Path:
+    """pyinterp/lib next to this file; from a source checkout (no lib/), the installed package's."""
+    if os.environ.get("PYINTERP_LIB_DIR"):
+        return Path(os.environ["PYINTERP_LIB_DIR"])
+    here = Path(__file__).resolve().parent / "lib"
+    if (here / NATIVE).is_file():
+        return here
+    try:
+        installed = Path(importlib.metadata.distribution("pyinterp").locate_file("pyinterp/lib"))
+    except importlib.metadata.PackageNotFoundError:
+        return here
+    return installed if (installed / NATIVE).is_file() else here
+
+
+LIB_DIR = _lib_dir()
 
 log = logging.getLogger("pyinterp.llama")
 log.addHandler(logging.NullHandler())
@@ -86,7 +106,7 @@ _LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERR
 
 
 def _load():
-    path = LIB_DIR / "libpyinterp_native.so"
+    path = LIB_DIR / NATIVE
     if not path.is_file():
         raise ImportError(f"pyinterp's native library is missing ({path}); install pyinterp with `pip install .`")
     return ffi.dlopen(str(path))
@@ -94,9 +114,18 @@ def _load():
 
 lib = _load()
 
-# the last error line llama.cpp logged, to explain a failure in one line
-last_error: list[str] = [""]
+# error lines llama.cpp logged since clear_errors(), to explain a failure in one line
+_errors: list[str] = []
 _level = [logging.INFO]
+
+
+def clear_errors() -> None:
+    _errors.clear()
+
+
+def first_error() -> str:
+    """The first error llama.cpp logged since clear_errors(): the cause, before the consequences."""
+    return _errors[0] if _errors else ""
 
 
 @ffi.callback("void(int, const char *, void *)")
@@ -107,7 +136,7 @@ def _on_log(level: int, text, user_data) -> None:
     else:
         _level[0] = _LEVELS.get(level, logging.INFO)
     if _level[0] >= logging.ERROR and message:
-        last_error[0] = message
+        _errors.append(message)
     if message:
         log.log(_level[0], message)
 

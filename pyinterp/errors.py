@@ -1,5 +1,9 @@
-"""The one exception type pyinterp raises for problems a user can fix."""
+"""The exceptions pyinterp raises for problems a user can fix; messages are one line."""
 
 
 class PyinterpError(Exception):
-    """A model, input or intervention pyinterp cannot use; the message is one line."""
+    """A model, input or intervention pyinterp cannot use."""
+
+
+class InputError(PyinterpError):
+    """A bad argument: unknown tensor name, index out of range, vector of the wrong size, prompt too long."""

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .errors import PyinterpError
+from .errors import InputError
 
 # tensors the explicit attention path adds; they exist on every layer once asked for
 ATTENTION_TENSORS = ("attn_scores", "attn_logits")
@@ -68,21 +68,21 @@ class Planner:
         layers = self.info.layers.get(name)
         if layers is None:
             names = ", ".join(sorted(self.info.layers))
-            raise PyinterpError(f"unknown tensor name {name!r}; this model's graph has: {names}")
+            raise InputError(f"unknown tensor name {name!r}; this model's graph has: {names}")
         return layers
 
     def _layer(self, layer: int, what: str) -> int:
         if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool):
-            raise PyinterpError(f"{what}: layer must be an integer, got {layer!r}")
+            raise InputError(f"{what}: layer must be an integer, got {layer!r}")
         if not 0 <= layer < self.n_layer:
-            raise PyinterpError(f"{what}: layer {layer} out of range (the model has {self.n_layer} layers: 0..{self.n_layer - 1})")
+            raise InputError(f"{what}: layer {layer} out of range (the model has {self.n_layer} layers: 0..{self.n_layer - 1})")
         return int(layer)
 
     def _head(self, head: int, what: str) -> int:
         if not isinstance(head, (int, np.integer)) or isinstance(head, bool):
-            raise PyinterpError(f"{what}: head must be an integer, got {head!r}")
+            raise InputError(f"{what}: head must be an integer, got {head!r}")
         if not 0 <= head < self.n_head:
-            raise PyinterpError(f"{what}: head {head} out of range (layers have {self.n_head} heads: 0..{self.n_head - 1})")
+            raise InputError(f"{what}: head {head} out of range (layers have {self.n_head} heads: 0..{self.n_head - 1})")
         return int(head)
 
     def captures(self, specs: Iterable[str]) -> list[tuple[str, int]]:
@@ -98,7 +98,7 @@ class Planner:
                 continue
             self._layer(layer, f"capture {spec!r}")
             if layer not in layers:
-                raise PyinterpError(f"capture {spec!r}: tensor {name!r} is not computed on layer {layer}")
+                raise InputError(f"capture {spec!r}: tensor {name!r} is not computed on layer {layer}")
             out.append((name, layer))
         return list(dict.fromkeys(out))
 
@@ -111,12 +111,12 @@ class Planner:
 
         for item in ablate:
             if len(item) != 2:
-                raise PyinterpError(f"ablate: expected (layer, head) pairs, got {item!r}")
+                raise InputError(f"ablate: expected (layer, head) pairs, got {item!r}")
             layer = self._layer(item[0], "ablate")
             mask(layer)[self._head(item[1], "ablate")] = 0.0
         if isolate is not None:
             if len(isolate) != 2:
-                raise PyinterpError(f"isolate: expected (layer, head), got {isolate!r}")
+                raise InputError(f"isolate: expected (layer, head), got {isolate!r}")
             layer = self._layer(isolate[0], "isolate")
             head = self._head(isolate[1], "isolate")
             m = mask(layer)
@@ -130,21 +130,21 @@ class Planner:
         out = []
         for item in patch:
             if len(item) != 4:
-                raise PyinterpError(f"patch: expected (name, layer, position, vector), got a {len(item)}-tuple")
+                raise InputError(f"patch: expected (name, layer, position, vector), got a {len(item)}-tuple")
             name, layer, pos, vector = item
             layers = self._known(name)
             layer = self._layer(layer, f"patch {name!r}")
             if layer not in layers:
-                raise PyinterpError(f"patch: tensor {name!r} is not computed on layer {layer}")
+                raise InputError(f"patch: tensor {name!r} is not computed on layer {layer}")
             if self.info.rank(name) != 2:
-                raise PyinterpError(f"patch: {name!r} is not a [n_tokens, width] tensor (ggml shape {self.info.shapes[name]})")
+                raise InputError(f"patch: {name!r} is not a [n_tokens, width] tensor (ggml shape {self.info.shapes[name]})")
             if not isinstance(pos, (int, np.integer)) or not -n_tokens <= pos < n_tokens:
-                raise PyinterpError(f"patch {name}-{layer}: position {pos!r} out of range (the prompt has {n_tokens} tokens)")
+                raise InputError(f"patch {name}-{layer}: position {pos!r} out of range (the prompt has {n_tokens} tokens)")
             width = self.info.shapes[name][0]
             row = np.ascontiguousarray(np.asarray(vector, dtype=np.float32).reshape(-1))
             if row.shape[0] != width:
-                raise PyinterpError(f"patch {name}-{layer}: vector has {row.shape[0]} values, the tensor's rows have {width}")
+                raise InputError(f"patch {name}-{layer}: vector has {row.shape[0]} values, the tensor's rows have {width}")
             if not np.all(np.isfinite(row)):
-                raise PyinterpError(f"patch {name}-{layer}: vector has NaN or infinite values")
+                raise InputError(f"patch {name}-{layer}: vector has NaN or infinite values")
             out.append((name, layer, int(pos) % n_tokens, row))
         return out

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 
 
@@ -25,11 +23,7 @@ class LogitLens:
     token_strs: list[str]
     ids: np.ndarray
     probs: np.ndarray
-    vocab: Callable[[int], str]
-
-    @property
-    def strs(self) -> list[list[list[str]]]:
-        return [[[self.vocab(int(i)) for i in row] for row in layer] for layer in self.ids]
+    strs: list[list[list[str]]]
 
     @property
     def title(self) -> str:
@@ -39,7 +33,7 @@ class LogitLens:
         """Write a layers x tokens heatmap of the top-1 probability, each cell labelled with its token."""
         from .plot import lens_heatmap, save_png
 
-        top_str = [[self.vocab(int(i)) for i in layer[:, 0]] for layer in self.ids]
+        top_str = [[token[0] for token in layer] for layer in self.strs]
         image = lens_heatmap(self.probs[:, :, 0], top_str, self.token_strs, title=self.title,
                              row_labels=[str(il) for il in self.layers])
         return save_png(image, path)

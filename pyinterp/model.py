@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _ffi, zoo
 from ._ffi import ffi, lib
-from .errors import PyinterpError
+from .errors import InputError, PyinterpError
 from .hooks import ATTENTION_TENSORS, Head, Patch, Plan, Planner, TensorInfo, split_name
 from .trace import Trace
 
@@ -37,7 +37,7 @@ def _check_gguf(path: Path) -> None:
 
 
 def _llama_error(what: str) -> PyinterpError:
-    detail = _ffi.last_error[0]
+    detail = _ffi.first_error()
     return PyinterpError(f"{what}: {detail}" if detail else what)
 
 
@@ -55,14 +55,14 @@ class Model:
         self.path = zoo.resolve(path)
         _check_gguf(self.path)
         if n_ctx < 8:
-            raise PyinterpError(f"n_ctx must be at least 8, got {n_ctx}")
+            raise InputError(f"n_ctx must be at least 8, got {n_ctx}")
         if n_threads is None:
             n_threads = len(os.sched_getaffinity(0))
         if n_threads < 1:
-            raise PyinterpError(f"n_threads must be at least 1, got {n_threads}")
+            raise InputError(f"n_threads must be at least 1, got {n_threads}")
         self._model = self._ctx = self._state = ffi.NULL
 
-        _ffi.last_error[0] = ""
+        _ffi.clear_errors()
         self._model = lib.pi_model_load(str(self.path).encode(), n_gpu_layers)
         if self._model == ffi.NULL:
             raise _llama_error(f"cannot load model {self.path}")
@@ -148,7 +148,7 @@ class Model:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.n_vocab]
         if bad:
-            raise PyinterpError(f"token id {bad[0]} out of range (vocabulary has {self.n_vocab} tokens)")
+            raise InputError(f"token id {bad[0]} out of range (vocabulary has {self.n_vocab} tokens)")
         return ids
 
     def detokenize(self, ids: Sequence[int]) -> str:
@@ -183,9 +183,9 @@ class Model:
     def _tokens(self, tokens_or_text: str | Sequence[int]) -> list[int]:
         ids = self.tokenize(tokens_or_text) if isinstance(tokens_or_text, str) else self._check_ids(tokens_or_text)
         if not ids:
-            raise PyinterpError("the prompt is empty")
+            raise InputError("the prompt is empty")
         if len(ids) > self.n_ctx:
-            raise PyinterpError(f"the prompt has {len(ids)} tokens but the context holds {self.n_ctx}; "
+            raise InputError(f"the prompt has {len(ids)} tokens but the context holds {self.n_ctx}; "
                                 f"load the model with a larger n_ctx")
         return ids
 
@@ -235,7 +235,7 @@ class Model:
               patch: Iterable[Patch]) -> Plan:
         planner = self._planner()
         if isolate is not None and self._isolated:
-            raise PyinterpError("isolate: a head is already isolated by model.isolated()")
+            raise InputError("isolate: a head is already isolated by model.isolated()")
         isolate = isolate if isolate is not None else (self._isolated[0] if self._isolated else None)
         return Plan(
             captures=planner.captures(capture),
@@ -260,7 +260,7 @@ class Model:
 
     def _decode(self, ids: list[int], pos0: int, all_logits: bool) -> None:
         arr = ffi.new("llama_token[]", ids)
-        _ffi.last_error[0] = ""
+        _ffi.clear_errors()
         ret = lib.pi_decode(self._state, arr, len(ids), pos0, all_logits)
         if ret == -100:
             raise PyinterpError(f"{len(ids)} tokens at position {pos0} do not fit the context of {self.n_ctx}")
@@ -295,10 +295,10 @@ class Model:
             self._planner().captures([tensor])  # raises the unknown-name error
         width = info.shapes[tensor][0]
         if info.rank(tensor) != 2 or width != self.n_embd:
-            raise PyinterpError(f"logit lens: {tensor} is not a residual-width tensor "
+            raise InputError(f"logit lens: {tensor} is not a residual-width tensor "
                                 f"(ggml shape {info.shapes[tensor]}, the model's n_embd is {self.n_embd})")
         if not 1 <= top_k <= self.n_vocab:
-            raise PyinterpError(f"logit lens: top_k must be in 1..{self.n_vocab}, got {top_k}")
+            raise InputError(f"logit lens: top_k must be in 1..{self.n_vocab}, got {top_k}")
 
     def _read_lens(self, n_tokens: int, top_k: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         out = {}
@@ -329,29 +329,45 @@ class Model:
         ids = self._tokens(tokens_or_text)
         self._lens_check(tensor, top_k)
         plan = self._plan(len(ids), (), (), None, ())
-        _, _, lens = self._forward(ids, plan, (tensor, norm, top_k))
+        _, _, lens, _ = self._forward(ids, plan, (tensor, norm, top_k))
         layers = sorted(lens)
+        top_ids = np.stack([lens[il][0] for il in layers])
+        names = {int(i): self.token_str(int(i)) for i in np.unique(top_ids)}
         return LogitLens(
             tensor=tensor, norm=norm, layers=layers, tokens=ids,
             token_strs=[self.token_str(t) for t in ids],
-            ids=np.stack([lens[il][0] for il in layers]), probs=np.stack([lens[il][1] for il in layers]),
-            vocab=self.token_str,
+            ids=top_ids, probs=np.stack([lens[il][1] for il in layers]),
+            strs=[[[names[int(i)] for i in row] for row in layer] for layer in top_ids],
         )
 
-    def _forward(self, ids: list[int], plan: Plan, lens: tuple[str, bool, int] | None = None):
-        """Decode ``ids`` from an empty cache under ``plan``; returns logits, captures and lens top-k."""
+    def _forward(self, ids: list[int], plan: Plan, lens: tuple[str, bool, int] | None = None, graph: bool = False):
+        """Decode ``ids`` from an empty cache under ``plan``; returns logits, captures, lens top-k and,
+        when ``graph``, the lines describing every node of the graph."""
         self._apply(plan)
         try:
             if lens is not None and lib.pi_set_lens(self._state, lens[0].encode(), lens[1], lens[2]) != 0:
                 raise PyinterpError(f"logit lens: {ffi.string(lib.pi_last_error(self._state)).decode()}")
+            if graph:
+                lib.pi_set_record(self._state, True)  # keeps the hook set, so the graph is seen
             lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
             self._decode(ids, 0, True)
             logits = self._logits(len(ids))
             captured = self._read_captures(plan, len(ids))
             lens_out = self._read_lens(len(ids), lens[2]) if lens is not None else {}
+            lines = [ffi.string(lib.pi_graph_node_line(self._state, i)).decode()
+                     for i in range(lib.pi_graph_n_nodes(self._state))] if graph else []
         finally:
             self._clear()
-        return logits, captured, lens_out
+        return logits, captured, lens_out, lines
+
+    def graph(self, tokens_or_text: str | Sequence[int], *, capture: Iterable[str] = (), ablate: Iterable[Head] = (),
+              isolate: Head | None = None, patch: Iterable[Patch] = ()) -> list[str]:
+        """One line per node of the graph llama.cpp builds for this prompt (with these interventions):
+        name, op, type, ggml shape and the sources it reads."""
+        self._live()
+        ids = self._tokens(tokens_or_text)
+        plan = self._plan(len(ids), capture, ablate, isolate, patch)
+        return self._forward(ids, plan, graph=True)[3]
 
     def run(self, tokens_or_text: str | Sequence[int], *, capture: Iterable[str] = (), ablate: Iterable[Head] = (),
             isolate: Head | None = None, patch: Iterable[Patch] = ()) -> Trace:
@@ -366,7 +382,7 @@ class Model:
         self._live()
         ids = self._tokens(tokens_or_text)
         plan = self._plan(len(ids), capture, ablate, isolate, patch)
-        logits, captured, _ = self._forward(ids, plan)
+        logits, captured, _, _ = self._forward(ids, plan)
         return Trace(ids, logits, captured, [self.token_str(t) for t in ids])
 
     def generate(self, prompt: str | Sequence[int], n: int, *, temp: float = 0.0, seed: int | None = None,
@@ -379,12 +395,12 @@ class Model:
         """
         self._live()
         if n < 0:
-            raise PyinterpError(f"n must be >= 0, got {n}")
+            raise InputError(f"n must be >= 0, got {n}")
         if temp < 0:
-            raise PyinterpError(f"temp must be >= 0, got {temp}")
+            raise InputError(f"temp must be >= 0, got {temp}")
         ids = self._tokens(prompt)
         if len(ids) + n > self.n_ctx:
-            raise PyinterpError(f"prompt ({len(ids)} tokens) plus {n} new tokens exceed the context of {self.n_ctx}")
+            raise InputError(f"prompt ({len(ids)} tokens) plus {n} new tokens exceed the context of {self.n_ctx}")
         rng = np.random.default_rng(seed)
         plan = self._plan(len(ids), (), ablate, isolate, patch)
         self._apply(plan)
@@ -425,7 +441,7 @@ class Model:
     def isolated(self, layer: int, head: int) -> Iterator["Model"]:
         """Within the block, only ``head`` of ``layer`` contributes to that layer's attention output."""
         if self._isolated:
-            raise PyinterpError("a head is already isolated")
+            raise InputError("a head is already isolated")
         self._planner().head_masks([], (layer, head))
         self._isolated.append((layer, head))
         try:

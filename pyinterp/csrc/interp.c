@@ -82,6 +82,9 @@ struct pi_state {
 
     struct pi_lens lens;            // active when lens.k > 0
 
+    struct ggml_cgraph * gf;        // the graph of the last build (valid until the next one)
+    char line[1024];                // pi_graph_node_line's result
+
     int n_nodes;                    // nodes of the graph being built, at the last hook call
 
     bool hook_set;
@@ -228,6 +231,7 @@ void pi_plan_clear(struct pi_state * st) {
     st->n_captures = 0;
     st->record     = false;
     st->lens.k     = 0;
+    st->gf         = NULL; // removing the hook drops the graph
     pi_update_hook(st);
 }
 
@@ -330,18 +334,21 @@ static void pi_record(struct pi_state * st, const struct ggml_tensor * cur, cons
 //   attn_scores: [n_kv, n_tokens, n_head, n_stream], kqv_heads: [n_embd_head_v, n_head, n_tokens, n_stream]
 static struct ggml_tensor * pi_mask_heads(struct ggml_context * ctx, struct pi_layer * layer, struct ggml_tensor * cur,
                                           const char * name, int32_t n_head) {
+    struct ggml_tensor * masked = NULL;
     if (strcmp(name, "attn_scores") == 0) {
         layer->scores_masked = true;
-        return ggml_mul(ctx, cur, ggml_reshape_4d(ctx, layer->head_mask, 1, 1, n_head, 1));
+        masked = ggml_mul(ctx, cur, ggml_reshape_4d(ctx, layer->head_mask, 1, 1, n_head, 1));
     }
     // flash attention layers have no scores: silence the head's output instead (the same thing, as
     // zero weights give a zero output)
-    if (strcmp(name, "kqv_heads") == 0) {
-        if (!layer->scores_masked) {
-            return ggml_mul(ctx, cur, ggml_reshape_4d(ctx, layer->head_mask, 1, n_head, 1, 1));
-        }
+    if (strcmp(name, "kqv_heads") == 0 && !layer->scores_masked) {
+        masked = ggml_mul(ctx, cur, ggml_reshape_4d(ctx, layer->head_mask, 1, n_head, 1, 1));
     }
-    return cur;
+    if (masked == NULL) {
+        return cur;
+    }
+    ggml_format_name(masked, "%s (head mask)", cur->name);
+    return masked;
 }
 
 // forget what the previous graph build did
@@ -445,6 +452,7 @@ static struct ggml_tensor * pi_hook(struct ggml_context * ctx, struct ggml_cgrap
         pi_build_begin(st);
     }
     st->n_nodes = n_nodes;
+    st->gf      = gf;
 
     if (st->record) {
         pi_record(st, cur, name, il);
@@ -469,6 +477,7 @@ static struct ggml_tensor * pi_hook(struct ggml_context * ctx, struct ggml_cgrap
         }
         if (patched == NULL) {
             patched = ggml_dup(ctx, cur);
+            ggml_format_name(patched, "%s (copy)", cur->name);
         }
         patched = ggml_set_rows(ctx, patched, p->vec, p->idx);
     }
@@ -633,4 +642,21 @@ int pi_lens_read(struct pi_state * st, int32_t il, int32_t * ids, float * probs,
     ggml_backend_tensor_get(t_ids, ids, 0, ggml_nbytes(t_ids));
     ggml_backend_tensor_get(st->lens.probs[il], probs, 0, ggml_nbytes(st->lens.probs[il]));
     return 0;
+}
+
+// the nodes of the graph of the last decode (built while the hook was set): name, op, type, shape, sources
+int32_t pi_graph_n_nodes(const struct pi_state * st) {
+    return st->gf ? ggml_graph_n_nodes(st->gf) : 0;
+}
+
+const char * pi_graph_node_line(struct pi_state * st, int32_t i) {
+    const struct ggml_tensor * t = ggml_graph_node(st->gf, i);
+    int n = snprintf(st->line, sizeof(st->line), "%-28s %-12s %-5s [%5lld, %5lld, %5lld, %5lld]", t->name,
+                     ggml_op_desc(t), ggml_type_name(t->type),
+                     (long long) t->ne[0], (long long) t->ne[1], (long long) t->ne[2], (long long) t->ne[3]);
+    for (int j = 0; j < GGML_MAX_SRC && t->src[j] && n < (int) sizeof(st->line); ++j) {
+        n += snprintf(st->line + n, sizeof(st->line) - n, "%s%s", j == 0 ? " <- " : ", ",
+                      t->src[j]->name[0] ? t->src[j]->name : ggml_op_desc(t->src[j]));
+    }
+    return st->line;
 }

@@ -32,3 +32,5 @@ PI_API int32_t      pi_n_captures   (const struct pi_state * st);
 PI_API bool         pi_capture_shape(const struct pi_state * st, int32_t i, int64_t * ne);
 PI_API int          pi_capture_read (struct pi_state * st, int32_t i, float * dst, int64_t n_dst, int64_t n0);
 PI_API int          pi_lens_read    (struct pi_state * st, int32_t il, int32_t * ids, float * probs, int64_t n);
+PI_API int32_t      pi_graph_n_nodes  (const struct pi_state * st);
+PI_API const char * pi_graph_node_line(struct pi_state * st, int32_t i);

@@ -1,0 +1,264 @@
+"""The ``pyinterp`` command: llama-cli habits plus Llama.MIA's interpretability flags.
+
+A thin layer over the Python API. Exit codes: 0 ok, 1 runtime error, 2 usage error; errors are one
+line on stderr (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .errors import InputError, PyinterpError
+from .hooks import split_name
+from .tensor_io import load_tensor, save_tensor
+
+
+def parse_heads(spec: str, n_layer: int, n_head: int) -> list[tuple[int, int]]:
+    """``-a`` list: MIA's global indices ``layer * n_head + head`` and/or ``L:H`` pairs, comma separated."""
+    heads = []
+    for item in spec.split(","):
+        item = item.strip()
+        try:
+            if ":" in item:
+                layer, head = (int(x) for x in item.split(":"))
+            else:
+                index = int(item)
+                if not 0 <= index < n_layer * n_head:
+                    raise InputError(f"-a: head index {index} out of range ({n_layer} layers x {n_head} heads: "
+                                     f"0..{n_layer * n_head - 1})")
+                layer, head = divmod(index, n_head)
+        except ValueError:
+            raise click.BadParameter(f"{item!r} is neither a head index nor LAYER:HEAD", param_hint="-a") from None
+        heads.append((layer, head))
+    return heads
+
+
+def name_layer(spec: str, option: str) -> tuple[str, int]:
+    name, layer = split_name(spec)
+    if layer is None:
+        raise click.BadParameter(f"expected NAME-LAYER (e.g. l_out-12), got {spec!r}", param_hint=option)
+    return name, layer
+
+
+def print_lens(lens, top_k: int) -> None:
+    click.echo(f"{lens.title}, top {top_k}")
+    strs = lens.strs
+    for li, il in enumerate(lens.layers):
+        click.echo(f"\nlayer {il}:")
+        for t, token in enumerate(lens.token_strs):
+            tops = ", ".join(f"{s!r} {p:.3f}" for s, p in zip(strs[li][t], lens.probs[li, t]))
+            click.echo(f"  [{t}] {token!r}: {tops}")
+
+
+def lens_json(lens) -> dict:
+    strs = lens.strs
+    return {
+        "tensor": lens.tensor, "norm": lens.norm,
+        "layers": [
+            {"layer": il, "tokens": [
+                {"token": tok, "top": [{"id": int(i), "str": s, "p": float(p)}
+                                       for i, s, p in zip(lens.ids[li, t], strs[li][t], lens.probs[li, t])]}
+                for t, tok in enumerate(lens.token_strs)]}
+            for li, il in enumerate(lens.layers)],
+    }
+
+
+class PatchAction:
+    """``--patch``/``--load`` turned into pyinterp patch tuples once the prompt length is known."""
+
+    def __init__(self, spec: str, file: str, rows: list[tuple[int, int]] | None, avg: str | None) -> None:
+        self.name, self.layer = name_layer(spec, "--patch" if rows is not None else "--load")
+        self.file, self.rows, self.avg = file, rows, avg
+
+    def patches(self, width: int, n_tokens: int) -> list[tuple[str, int, int, np.ndarray]]:
+        data = load_tensor(self.file, width, f"{self.name}-{self.layer}")
+        if self.avg is not None:
+            other = load_tensor(self.avg, width, f"{self.name}-{self.layer}")
+            if other.shape != data.shape:
+                raise InputError(f"--patch-avg: {self.avg} has {other.shape[0]} rows, {self.file} has {data.shape[0]}")
+            data = (data + other) / 2
+        rows = self.rows if self.rows is not None else [(i, i) for i in range(n_tokens)]
+        if self.rows is None and data.shape[0] < n_tokens:
+            raise InputError(f"--load: {self.file} has {data.shape[0]} rows, the prompt has {n_tokens} tokens")
+        out = []
+        for src, dst in rows:
+            if not 0 <= src < data.shape[0]:
+                raise InputError(f"--patch: row {src} out of range ({self.file} has {data.shape[0]} rows)")
+            out.append((self.name, self.layer, dst, data[src]))
+        return out
+
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.option("-m", "--model", "model_path", default=None, metavar="PATH",
+              help="GGUF file, or a known name (smollm2, gemma3). Default: the bundled SmolLM2.")
+@click.option("-p", "--prompt", default=None, help="Prompt text.")
+@click.option("-f", "--file", "prompt_file", type=click.Path(dir_okay=False), default=None, help="Read the prompt from a file.")
+@click.option("-n", "--n-predict", default=0, show_default=True, help="Tokens to generate; 0 = only the prompt pass.")
+@click.option("-c", "--ctx-size", default=2048, show_default=True, help="Context size (tokens).")
+@click.option("-t", "--threads", default=None, type=int, help="Threads (default: all cores).")
+@click.option("--n-gpu-layers", "-ngl", default=0, show_default=True, help="Layers to offload to the GPU (-1: all).")
+@click.option("--seed", default=None, type=int, help="Sampling seed.")
+@click.option("--temp", default=0.0, show_default=True, help="Sampling temperature; 0 = greedy.")
+@click.option("--ll", "--logit-lens", "lens_name", default=None, metavar="NAME",
+              help="Logit lens of tensor NAME (l_out, attn_out, ffn_out, kqv_out) at every layer; 'all' = each.")
+@click.option("--ll-topk", default=10, show_default=True, help="Tokens shown per layer and position.")
+@click.option("--norm-lens/--raw-lens", default=True, show_default=True,
+              help="Apply the model's final norm before unembedding (norm lens) or not (raw lens).")
+@click.option("--ll-png", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="Write the logit lens as a layers x tokens heatmap of the top-1 probability.")
+@click.option("--draw", is_flag=True, help="Draw the attention of every layer (a grid of heads per PNG).")
+@click.option("--draw-path", default="attention.png", show_default=True, metavar="PATH",
+              help="Base name of the attention PNGs: PATH-L<layer>.png, one per layer.")
+@click.option("--draw-layers", default=None, metavar="LIST", help="Layers to draw (comma list; default all).")
+@click.option("-a", "--ablate", "ablate_spec", default=None, metavar="LIST",
+              help="Ablate heads: global indices layer*n_head+head and/or LAYER:HEAD pairs, comma separated.")
+@click.option("-s", "--select", "isolate", type=(int, int), default=None, metavar="LAYER INDEX",
+              help="Isolate one head: ablate every other head of LAYER.")
+@click.option("--save", "saves", type=(str, str), multiple=True, metavar="NAME-LAYER FILE",
+              help="Save a tensor of the prompt pass: raw float32 rows (MIA), or .npy/.npz by file name.")
+@click.option("--load", "loads", type=(str, str), multiple=True, metavar="NAME-LAYER FILE",
+              help="Replace every row of a tensor with the rows of a saved one.")
+@click.option("--patch", "patch_specs", type=(str, str, int, int), multiple=True, metavar="NAME-LAYER FILE FROM TO",
+              help="Write row FROM of a saved tensor into row TO of the live one.")
+@click.option("--patch-avg", default=None, metavar="FILE2", help="Average the --patch rows with this second file first.")
+@click.option("--print-cgraph", is_flag=True, help="Print every node of the graph: name, op, type, shape, sources.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output of everything asked for.")
+@click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
+@click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
+def cli(model_path, prompt, prompt_file, n_predict, ctx_size, threads, n_gpu_layers, seed, temp, lens_name, ll_topk,
+        norm_lens, ll_png, draw, draw_path, draw_layers, ablate_spec, isolate, saves, loads, patch_specs, patch_avg,
+        print_cgraph, as_json, verbose, debug):
+    """Run a GGUF model and look inside: logit lens, attention pictures, head ablation, activation patching."""
+    from .attention import draw_attention
+    from .model import Model
+
+    if (prompt is None) == (prompt_file is None):
+        raise click.UsageError("give the prompt with exactly one of -p/--prompt and -f/--file")
+    if prompt_file is not None:
+        try:
+            prompt = Path(prompt_file).read_text()
+        except OSError as e:
+            raise InputError(f"cannot read prompt file {prompt_file}: {e.strerror}") from None
+    if n_predict < 0:
+        raise click.BadParameter("must be >= 0", param_hint="-n")
+    if patch_avg is not None and not patch_specs:
+        raise click.UsageError("--patch-avg goes with --patch")
+    if ll_png is not None and lens_name is None:
+        raise click.UsageError("--ll-png needs --ll NAME")
+    actions = [PatchAction(s, f, None, None) for s, f in loads]
+    by_target: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for spec, file, src, dst in patch_specs:
+        by_target.setdefault((spec, file), []).append((src, dst))
+    actions += [PatchAction(spec, file, rows, patch_avg) for (spec, file), rows in by_target.items()]
+    saves = [(name_layer(spec, "--save"), Path(file)) for spec, file in saves]
+
+    result: dict = {}
+    with Model(model_path, n_ctx=ctx_size, n_threads=threads, n_gpu_layers=n_gpu_layers, verbose=verbose) as model:
+        ids = model._tokens(prompt)
+        ablate = parse_heads(ablate_spec, model.n_layer, model.n_head) if ablate_spec else []
+        patches = []
+        for action in actions:
+            width = model.tensor_info().shapes.get(action.name, (model.n_embd,))[0]
+            patches += action.patches(width, len(ids))
+        layers = list(range(model.n_layer))
+        if draw_layers:
+            try:
+                layers = [int(x) for x in draw_layers.split(",")]
+            except ValueError:
+                raise click.BadParameter(f"{draw_layers!r} is not a comma list of layers", param_hint="--draw-layers") from None
+        capture = [f"{n}-{il}" for (n, il), _ in saves]
+        if draw:
+            capture += [f"attn_scores-{il}" for il in layers]
+
+        result["model"] = {"path": str(model.path), "arch": model.arch, "n_layer": model.n_layer,
+                           "n_head": model.n_head, "n_embd": model.n_embd}
+        result["prompt_tokens"] = [{"id": t, "str": model.token_str(t)} for t in ids]
+        with model.ablated(ablate), model.patched(patches):
+            trace = model.run(ids, capture=capture, isolate=isolate)
+            if print_cgraph:
+                result["cgraph"] = model.graph(ids, capture=capture, isolate=isolate)
+            if lens_name is not None:
+                names = ["l_out", "attn_out", "ffn_out", "kqv_out"] if lens_name == "all" else [lens_name]
+                if lens_name == "all":
+                    info = model.tensor_info()
+                    names = [n for n in names if n in info.layers and info.shapes[n][0] == model.n_embd]
+                lenses = [model.logit_lens(ids, tensor=n, top_k=ll_topk, norm=norm_lens) for n in names]
+                result["logit_lens"] = [lens_json(lens) for lens in lenses]
+            if n_predict > 0:
+                gen = model.generate(ids, n_predict, temp=temp, seed=seed, isolate=isolate)
+                result["generated"] = {"tokens": gen.tokens, "text": gen.text}
+
+        files = []
+        for (name, il), path in saves:
+            files.append(str(save_tensor(path, trace[name, il], f"{name}-{il}")))
+        if lens_name is not None and ll_png is not None:
+            if len(lenses) == 1:
+                files.append(str(lenses[0].to_png(ll_png)))
+            else:
+                base = Path(ll_png)
+                files += [str(lens.to_png(base.with_name(f"{base.stem}-{lens.tensor}{base.suffix or '.png'}")))
+                          for lens in lenses]
+        if draw:
+            files += [str(p) for p in draw_attention(trace, draw_path, layers)]
+        result["files"] = files
+        top = np.argsort(-trace.logits[-1])[:5]
+        probs = np.exp(trace.logits[-1] - trace.logits[-1].max())
+        probs /= probs.sum()
+        result["next_token"] = [{"id": int(i), "str": model.token_str(int(i)), "p": float(probs[i])} for i in top]
+
+    if as_json:
+        click.echo(json.dumps(result, ensure_ascii=False, indent=1))
+        return
+    if print_cgraph:
+        click.echo("\n".join(result["cgraph"]))
+    if lens_name is not None:
+        for lens in lenses:
+            print_lens(lens, ll_topk)
+    if "generated" in result:
+        click.echo(prompt + result["generated"]["text"])
+    else:
+        tops = ", ".join(f"{t['str']!r} {t['p']:.3f}" for t in result["next_token"])
+        click.echo(f"next token: {tops}")
+    for path in files:
+        click.echo(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the command, turning every error into one line on stderr and an exit code."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="pyinterp", standalone_mode=False)
+    except click.UsageError as e:
+        click.echo(f"pyinterp: error: {e.format_message()}", err=True)
+        return 2
+    except InputError as e:
+        if debug:
+            raise
+        click.echo(f"pyinterp: error: {e}", err=True)
+        return 2
+    except (PyinterpError, OSError) as e:
+        if debug:
+            raise
+        click.echo(f"pyinterp: error: {e}", err=True)
+        return 1
+    except click.exceptions.Abort:
+        click.echo("pyinterp: aborted", err=True)
+        return 1
+    except Exception as e:  # a bug: still one line, unless --debug
+        if debug:
+            raise
+        click.echo(f"pyinterp: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

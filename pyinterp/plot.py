@@ -1,0 +1,343 @@
+"""Pictures of attention patterns and logit-lens tables, drawn with OpenCV.
+
+Every function returns a BGR ``uint8`` image on a white background (the OpenCV convention), so the
+result can be shown with ``cv2.imshow``, written with :func:`save_png`, or handed to any other
+image code. Probabilities use one fixed colour scale, 0 to 1 on ``cv2.COLORMAP_VIRIDIS`` (dark
+purple for 0, yellow for 1), so pictures of different heads or layers can be compared by eye.
+
+OpenCV's Hershey fonts draw ASCII only; token text goes through :func:`sanitize_label` first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .errors import PyinterpError
+
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+LABEL_SCALE = 0.4
+TITLE_SCALE = 0.5
+MAX_LABEL_CHARS = 12
+PAD = 6
+TICK = 3
+BLACK = (0, 0, 0)
+WHITE = (255, 255, 255)
+GRAY = (128, 128, 128)
+
+LENS_CELL_W = 64
+LENS_CELL_H = 22
+LENS_MAX_FULL_TOKENS = 60
+LENS_MIN_TEXT_W = 24  # narrower cells get no text: two or three characters is all that would fit
+
+COLORBAR_W = 14
+COLORBAR_MIN_H = 120
+COLORBAR_TICKS = ((1.0, "1"), (0.5, "0.5"), (0.0, "0"))
+
+# The colormap as a [256, 3] BGR lookup table: row i is the colour of probability i / 255.
+COLORS = cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(-1, 1), cv2.COLORMAP_VIRIDIS)[:, 0]
+
+_NICE_STEPS = (1, 2, 5)
+
+
+def sanitize_label(text: str, max_chars: int = MAX_LABEL_CHARS) -> str:
+    """Make token text drawable by ``cv2.putText``, which knows printable ASCII only.
+
+    Newlines, tabs and carriage returns become ``\\n``, ``\\t`` and ``\\r``; a leading space (or the
+    SentencePiece marker ``▁``) becomes ``_``; any other character outside printable ASCII becomes
+    ``?``; the result is cut to ``max_chars`` characters.
+    """
+    text = text.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r").replace("\u2581", " ")
+    if text.startswith(" "):
+        text = "_" + text[1:]
+    text = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return text[:max_chars]
+
+
+def label_step(n_labels: int, cell_px: int, font_px: int) -> int:
+    """Draw every k-th of ``n_labels`` labels spaced ``cell_px`` apart so ``font_px``-high text never overlaps.
+
+    k is the smallest of 1, 2, 5, 10, 20, 50, ... with ``k * cell_px >= font_px`` (round steps make
+    the labelled positions easy to count), and at most ``n_labels``.
+    """
+    cell_px = max(cell_px, 1)
+    scale = 1
+    while True:
+        for nice in _NICE_STEPS:
+            step = nice * scale
+            if step * cell_px >= font_px or step >= n_labels:
+                return max(min(step, n_labels), 1)
+        scale *= 10
+
+
+def default_cell(n_tokens: int) -> int:
+    """Cell size in pixels for an ``n_tokens`` x ``n_tokens`` attention panel: about 480 px wide in all."""
+    return min(max(480 // max(n_tokens, 1), 2), 24)
+
+
+def attention_sheet(
+    attn: np.ndarray,
+    tokens: list[str],
+    *,
+    title: str = "",
+    heads: Sequence[int] | None = None,
+    cell: int | None = None,
+) -> np.ndarray:
+    """Draw the attention patterns of one layer's heads as a grid of heatmaps.
+
+    ``attn`` is ``[n_head, n_token, n_token]`` attention probabilities (query x key) and ``tokens``
+    the ``n_token`` token strings. Each panel shows one head: queries top to bottom, keys left to
+    right, query labels on the left and key labels (vertical, reading upwards) below; when the
+    labels do not fit, only every k-th one is drawn (see :func:`label_step`). Panels are titled
+    ``"{title} head {h}"`` with the real head index ``h``; ``heads`` picks which heads to draw
+    (default all). ``cell`` is the size of one query-key cell in pixels (default
+    :func:`default_cell`). A colour scale for 0..1 is drawn at the right.
+    """
+    attn = np.asarray(attn)
+    n = len(tokens)
+    if attn.ndim != 3 or attn.shape[1:] != (n, n):
+        raise PyinterpError(f"attention must be [n_head, {n}, {n}] for {n} tokens, got shape {attn.shape}")
+    heads = list(range(attn.shape[0])) if heads is None else [int(h) for h in heads]
+    if not heads or any(not 0 <= h < attn.shape[0] for h in heads):
+        raise PyinterpError(f"heads must be a non-empty selection of 0..{attn.shape[0] - 1}, got {heads}")
+    cell = default_cell(n) if cell is None else max(int(cell), 1)
+    prefix = f"{title} " if title else ""
+    panels = [_attention_panel(attn[h], tokens, f"{prefix}head {h}", cell) for h in heads]
+
+    panel_h, panel_w = panels[0].shape[:2]
+    n_cols = math.ceil(math.sqrt(len(panels)))
+    n_rows = math.ceil(len(panels) / n_cols)
+    heat_top = _title_height()
+    bar = _colorbar(max(n * cell, COLORBAR_MIN_H))
+    bar_top = max(heat_top - _colorbar_margin(), 0)
+    sheet_h = max(n_rows * panel_h, bar_top + bar.shape[0])
+    sheet = _canvas(sheet_h, n_cols * panel_w + bar.shape[1] + PAD)
+    for i, panel in enumerate(panels):
+        _paste(sheet, panel, (i % n_cols) * panel_w, (i // n_cols) * panel_h)
+    _paste(sheet, bar, n_cols * panel_w, bar_top)
+    return sheet
+
+
+def lens_heatmap(
+    top_prob: np.ndarray,
+    top_str: list[list[str]],
+    tokens: list[str],
+    *,
+    title: str = "",
+    row_labels: list[str] | None = None,
+) -> np.ndarray:
+    """Draw a logit-lens table: one row per layer, one column per input token.
+
+    ``top_prob[r, t]`` (values in 0..1) colours the cell of row ``r`` and token ``t``, and the text
+    ``top_str[r][t]`` (the top-1 prediction) is written inside it, cut to fit, in black or white,
+    whichever contrasts with the cell. Row 0 is at the BOTTOM, so layers stack upwards to the output.
+    Rows are labelled on the left with ``row_labels`` (default ``"0"``, ``"1"``, ...), columns below
+    with ``tokens`` (vertical, reading upwards). Cells are 64 x 22 px; for more than 60 tokens they
+    get narrower (the table stays about 3840 px wide), the in-cell text shorter (none below 24 px),
+    and the token labels thinned as in :func:`attention_sheet`. A colour scale for 0..1 is drawn at
+    the right.
+    """
+    top_prob = np.asarray(top_prob)
+    n_rows, n_tok = len(top_str), len(tokens)
+    if top_prob.shape != (n_rows, n_tok) or any(len(row) != n_tok for row in top_str):
+        raise PyinterpError(
+            f"top_prob and top_str must both be [{n_rows}, {n_tok}] (rows x tokens), got top_prob {top_prob.shape}"
+        )
+    row_labels = [str(r) for r in range(n_rows)] if row_labels is None else row_labels
+    if len(row_labels) != n_rows:
+        raise PyinterpError(f"need {n_rows} row labels, got {len(row_labels)}")
+    cell_w = LENS_CELL_W if n_tok <= LENS_MAX_FULL_TOKENS else max(LENS_CELL_W * LENS_MAX_FULL_TOKENS // n_tok, 1)
+
+    rows_up = [sanitize_label(s) for s in reversed(row_labels)]  # top to bottom: last row first
+    left = _max_text_width(rows_up) + PAD + TICK
+    top = _title_height() if title else PAD
+    heat = _heat_block(top_prob[::-1], cell_w, LENS_CELL_H)
+    if cell_w >= LENS_MIN_TEXT_W:
+        heat[:, ::cell_w] = 255  # white lines between cells keep neighbouring texts apart
+        heat[::LENS_CELL_H] = 255
+        _write_cells(heat, top_str[::-1], cell_w, LENS_CELL_H, top_prob[::-1])
+
+    step = label_step(n_tok, cell_w, _font_px())
+    col_labels = _step_labels(tokens, step)
+    bottom = TICK + PAD + _max_text_width(col_labels.values()) + PAD
+    bar = _colorbar(max(heat.shape[0], COLORBAR_MIN_H))
+    bar_top = max(top - _colorbar_margin(), 0)
+    width = left + max(heat.shape[1], _text_width(title, TITLE_SCALE)) + PAD
+    image = _canvas(max(top + heat.shape[0] + bottom, bar_top + bar.shape[0]), width + bar.shape[1] + PAD)
+    if title:
+        _put_text(image, title, left, top - PAD, TITLE_SCALE)
+    _paste(image, heat, left, top)
+    _draw_row_labels(image, dict(enumerate(rows_up)), left, top, LENS_CELL_H)
+    _draw_col_labels(image, col_labels, left, top + heat.shape[0], cell_w)
+    _paste(image, bar, width, bar_top)
+    return image
+
+
+def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write ``image`` with ``cv2.imwrite`` (format from the extension) and return the path.
+
+    Raises :class:`PyinterpError` when the directory does not exist, the path is a directory, or
+    OpenCV cannot write the file (unwritable location, unknown extension).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise PyinterpError(f"cannot write PNG to {path}: directory {path.parent} does not exist")
+    if path.is_dir():
+        raise PyinterpError(f"cannot write PNG to {path}: it is a directory")
+    try:
+        ok = cv2.imwrite(str(path), image)
+    except cv2.error as exc:
+        reason = " ".join(str(getattr(exc, "err", exc)).split())
+        raise PyinterpError(f"cannot write PNG to {path}: {reason}") from None
+    if not ok:
+        raise PyinterpError(f"cannot write PNG to {path}: OpenCV could not write the file")
+    return path
+
+
+def _attention_panel(probs: np.ndarray, tokens: list[str], title: str, cell: int) -> np.ndarray:
+    """One head's query x key heatmap with its title and token labels; same size for the same tokens."""
+    n = len(tokens)
+    labels = _step_labels(tokens, label_step(n, cell, _font_px()))
+    label_w = _max_text_width(labels.values())
+    left = label_w + PAD + TICK
+    top = _title_height()
+    heat = n * cell
+    width = left + max(heat, _text_width(title, TITLE_SCALE)) + PAD
+    panel = _canvas(top + heat + TICK + PAD + label_w + PAD, width)
+    _put_text(panel, title, left, top - PAD, TITLE_SCALE)
+    _paste(panel, _heat_block(probs, cell, cell), left, top)
+    _draw_row_labels(panel, labels, left, top, cell)
+    _draw_col_labels(panel, labels, left, top + heat, cell)
+    return panel
+
+
+def _heat_block(values: np.ndarray, cell_w: int, cell_h: int) -> np.ndarray:
+    """Colour ``values`` (clipped to 0..1) and blow each one up to a ``cell_h`` x ``cell_w`` block."""
+    index = np.round(np.clip(np.nan_to_num(values), 0.0, 1.0) * 255).astype(np.uint8)
+    return np.repeat(np.repeat(COLORS[index], cell_h, axis=0), cell_w, axis=1)
+
+
+def _write_cells(heat: np.ndarray, texts: list[list[str]], cell_w: int, cell_h: int, values: np.ndarray) -> None:
+    """Write ``texts[r][c]``, cut to fit, centred in each cell, black on light cells and white on dark."""
+    colors = COLORS[np.round(np.clip(np.nan_to_num(values), 0.0, 1.0) * 255).astype(np.uint8)].astype(float)
+    luma = colors @ np.array([0.114, 0.587, 0.299])  # BGR weights
+    text_h = cv2.getTextSize("A", FONT, LABEL_SCALE, 1)[0][1]
+    for r, row in enumerate(texts):
+        for c, raw in enumerate(row):
+            text = _fit_text(sanitize_label(raw), cell_w - 4)
+            if not text:
+                continue
+            x = c * cell_w + (cell_w - _text_width(text, LABEL_SCALE)) // 2
+            y = r * cell_h + (cell_h + text_h) // 2
+            _put_text(heat, text, x, y, LABEL_SCALE, BLACK if luma[r, c] > 128 else WHITE)
+
+
+def _fit_text(text: str, max_px: int) -> str:
+    """The longest prefix of ``text`` that is at most ``max_px`` wide."""
+    while text and _text_width(text, LABEL_SCALE) > max_px:
+        text = text[:-1]
+    return text
+
+
+def _step_labels(tokens: list[str], step: int) -> dict[int, str]:
+    """Sanitized labels of every ``step``-th token, by position."""
+    return {i: sanitize_label(tokens[i]) for i in range(0, len(tokens), step)}
+
+
+def _draw_row_labels(image: np.ndarray, labels: dict[int, str], left: int, top: int, cell: int) -> None:
+    """Right-aligned labels with ticks left of a heatmap at (left, top), centred on their rows."""
+    text_h = cv2.getTextSize("A", FONT, LABEL_SCALE, 1)[0][1]
+    for i, text in labels.items():
+        y = top + i * cell + cell // 2
+        cv2.line(image, (left - TICK, y), (left - 1, y), GRAY, 1)
+        _put_text(image, text, left - TICK - 2 - _text_width(text, LABEL_SCALE), y + text_h // 2, LABEL_SCALE)
+
+
+def _draw_col_labels(image: np.ndarray, labels: dict[int, str], left: int, bottom: int, cell: int) -> None:
+    """Vertical labels (reading upwards, ending at the axis) with ticks below a heatmap edge at ``bottom``."""
+    for i, text in labels.items():
+        x = left + i * cell + cell // 2
+        cv2.line(image, (x, bottom), (x, bottom + TICK - 1), GRAY, 1)
+        if text:
+            block = _vertical_text(text)
+            _paste_dark(image, block, x - block.shape[1] // 2, bottom + TICK + 2)
+
+
+def _vertical_text(text: str) -> np.ndarray:
+    """``text`` in black on white, turned 90 degrees anticlockwise (OpenCV cannot draw rotated text)."""
+    (w, h), base = cv2.getTextSize(text, FONT, LABEL_SCALE, 1)
+    block = _canvas(h + base + 2, w + 2)
+    _put_text(block, text, 1, h + 1, LABEL_SCALE)
+    return cv2.rotate(block, cv2.ROTATE_90_COUNTERCLOCKWISE)
+
+
+def _colorbar(height: int) -> np.ndarray:
+    """A vertical 0..1 colour scale ``height`` px high (1 at the top) with ticks at 1, 0.5 and 0.
+
+    The bar starts ``_colorbar_margin()`` px below the top of the returned block, leaving room for
+    the end labels.
+    """
+    margin = _colorbar_margin()
+    text_h = cv2.getTextSize("0", FONT, LABEL_SCALE, 1)[0][1]
+    block = _canvas(height + 2 * margin, PAD + COLORBAR_W + TICK + 2 + _text_width("0.5", LABEL_SCALE) + PAD)
+    ramp = np.linspace(1.0, 0.0, height).reshape(-1, 1)
+    _paste(block, _heat_block(ramp, COLORBAR_W, 1), PAD, margin)
+    cv2.rectangle(block, (PAD - 1, margin - 1), (PAD + COLORBAR_W, margin + height), GRAY, 1)
+    for value, text in COLORBAR_TICKS:
+        y = margin + round((1.0 - value) * (height - 1))
+        x = PAD + COLORBAR_W
+        cv2.line(block, (x, y), (x + TICK, y), BLACK, 1)
+        _put_text(block, text, x + TICK + 2, y + text_h // 2, LABEL_SCALE)
+    return block
+
+
+def _colorbar_margin() -> int:
+    """Space above and below the colour bar for its end labels."""
+    return cv2.getTextSize("0", FONT, LABEL_SCALE, 1)[0][1]
+
+
+def _title_height() -> int:
+    """Height of the band above a heatmap that holds its title (baseline ``PAD`` above the heatmap)."""
+    return cv2.getTextSize("Ag", FONT, TITLE_SCALE, 1)[0][1] + 3 * PAD
+
+
+def _font_px() -> int:
+    """Height one label line needs, descenders included, for :func:`label_step`."""
+    (_, h), base = cv2.getTextSize("Ag|", FONT, LABEL_SCALE, 1)
+    return h + base
+
+
+def _text_width(text: str, scale: float) -> int:
+    return cv2.getTextSize(text, FONT, scale, 1)[0][0] if text else 0
+
+
+def _max_text_width(texts: Iterable[str]) -> int:
+    return max((_text_width(t, LABEL_SCALE) for t in texts), default=0)
+
+
+def _put_text(
+    image: np.ndarray, text: str, x: int, y: int, scale: float, color: tuple[int, int, int] = BLACK
+) -> None:
+    """Anti-aliased text with its baseline's left end at (x, y)."""
+    cv2.putText(image, text, (int(x), int(y)), FONT, scale, color, 1, cv2.LINE_AA)
+
+
+def _canvas(height: int, width: int) -> np.ndarray:
+    return np.full((height, width, 3), 255, dtype=np.uint8)
+
+
+def _paste(image: np.ndarray, block: np.ndarray, x: int, y: int) -> None:
+    image[y : y + block.shape[0], x : x + block.shape[1]] = block
+
+
+def _paste_dark(image: np.ndarray, block: np.ndarray, x: int, y: int) -> None:
+    """Paste dark-on-white ``block`` so its white leaves what is underneath; clipped to the image."""
+    x0, y0 = max(x, 0), max(y, 0)
+    region = image[y0 : y + block.shape[0], x0 : x + block.shape[1]]
+    part = block[y0 - y : y0 - y + region.shape[0], x0 - x : x0 - x + region.shape[1]]
+    np.minimum(region, part, out=region)

@@ -1,0 +1,67 @@
+"""Saving and loading captured tensors in the formats the command line uses.
+
+The format follows the file name:
+- ``.npy``: one array (numpy's format);
+- ``.npz``: one array stored under the tensor's name (e.g. ``l_out-12``);
+- anything else: Llama.MIA's raw format, the float32 values of the tensor row by row (one row per
+  token) with no header; reading it needs the row width.
+Every format round-trips float32 values bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError, PyinterpError
+
+
+def _kind(path: Path) -> str:
+    return path.suffix.lower() if path.suffix.lower() in (".npy", ".npz") else "raw"
+
+
+def save_tensor(path: str | os.PathLike, array: np.ndarray, name: str = "tensor") -> Path:
+    """Write ``array`` (converted to float32) to ``path`` in the format its name says."""
+    path = Path(path)
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    try:
+        kind = _kind(path)
+        if kind == ".npy":
+            np.save(path, array)
+        elif kind == ".npz":
+            np.savez(path, **{name: array})
+        else:
+            array.tofile(path)
+    except OSError as e:
+        raise PyinterpError(f"cannot write {path}: {e.strerror or e}") from None
+    return path
+
+
+def load_tensor(path: str | os.PathLike, width: int, name: str | None = None) -> np.ndarray:
+    """Read a tensor written by :func:`save_tensor` (or Llama.MIA) as ``[n_rows, width]`` float32."""
+    path = Path(path)
+    try:
+        kind = _kind(path)
+        if kind == ".npy":
+            array = np.load(path)
+        elif kind == ".npz":
+            with np.load(path) as archive:
+                keys = list(archive.keys())
+                key = name if name in keys else (keys[0] if len(keys) == 1 else None)
+                if key is None:
+                    raise InputError(f"{path} holds {keys}; none is {name!r}")
+                array = archive[key]
+        else:
+            array = np.fromfile(path, dtype=np.float32)
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise InputError(f"{path} is not a valid {kind.lstrip('.')} file: {e}") from None
+    array = np.asarray(array, dtype=np.float32)
+    if array.size == 0 or array.size % width != 0:
+        raise InputError(f"{path} holds {array.size} values, not whole rows of {width}")
+    if array.ndim > 1 and array.shape[-1] != width:
+        raise InputError(f"{path} has rows of {array.shape[-1]} values, the tensor's rows have {width}")
+    return array.reshape(-1, width)
