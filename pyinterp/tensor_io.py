@@ -60,8 +60,8 @@ def load_tensor(path: str | os.PathLike, width: int, name: str | None = None) ->
     except ValueError as e:
         raise InputError(f"{path} is not a valid {kind.lstrip('.')} file: {e}") from None
     array = np.asarray(array, dtype=np.float32)
-    if array.size == 0 or array.size % width != 0:
-        raise InputError(f"{path} holds {array.size} values, not whole rows of {width}")
     if array.ndim > 1 and array.shape[-1] != width:
         raise InputError(f"{path} has rows of {array.shape[-1]} values, the tensor's rows have {width}")
+    if array.size == 0 or array.size % width != 0:
+        raise InputError(f"{path} holds {array.size} values, not whole rows of {width}")
     return array.reshape(-1, width)

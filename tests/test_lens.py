@@ -1,0 +1,78 @@
+"""Logit lens (norm and raw), computed in the ggml graph, against the model's own output and the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pyinterp import InputError
+
+PROMPT = "The Eiffel Tower is located in the city of"
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_last_layer_norm_lens_is_the_output(request, name):
+    model = request.getfixturevalue(name)
+    lens = model.logit_lens(PROMPT, top_k=5)
+    probs = softmax(model.run(PROMPT).logits.astype(np.float64))
+    assert lens.ids.shape == lens.probs.shape == (model.n_layer, len(lens.tokens), 5)
+    assert lens.layers == list(range(model.n_layer))
+    want = np.argsort(-probs, axis=-1)[:, :5]
+    np.testing.assert_array_equal(lens.ids[-1], want)
+    np.testing.assert_allclose(lens.probs[-1], np.take_along_axis(probs, want, -1), atol=1e-5)
+    assert np.all(np.diff(lens.probs, axis=-1) <= 0)  # most probable first
+    assert lens.strs[-1][-1][0] == model.token_str(int(want[-1, 0]))
+
+
+def test_lens_against_reference(pair):
+    """Every layer's lens, norm and raw, against the reference's residual stream through its own norm and head."""
+    model, ref = pair
+    ids = model.tokenize(PROMPT)
+    want = ref.run(ids)
+    for norm in (True, False):
+        lens = model.logit_lens(ids, top_k=1, norm=norm)
+        agree, diffs = [], []
+        for il in range(model.n_layer):
+            p = softmax(ref.unembed(want.l_out[il], norm=norm).astype(np.float64))
+            agree.append(np.mean(lens.ids[il, :, 0] == p.argmax(-1)))
+            diffs.append(np.abs(lens.probs[il, :, 0] - np.take_along_axis(p, lens.ids[il, :, :1].astype(int), -1)[:, 0]).mean())
+        assert np.mean(agree) >= 0.9, f"norm={norm} top-1 agreement per layer {np.round(agree, 2)}"
+        # without the norm, deep residuals are large and the softmax saturates: small differences in
+        # the residual move probabilities further, so the raw lens gets a looser bound on its worst layer
+        assert np.mean(diffs) <= 0.05, f"norm={norm} top-1 probability |diff| per layer {np.round(diffs, 3)}"
+        assert max(diffs) <= (0.05 if norm else 0.2), f"norm={norm} per layer {np.round(diffs, 3)}"
+
+
+def test_raw_lens_differs_from_norm_lens(smollm2):
+    norm = smollm2.logit_lens(PROMPT, top_k=3)
+    raw = smollm2.logit_lens(PROMPT, top_k=3, norm=False)
+    assert raw.title.startswith("raw") and norm.title.startswith("norm")
+    assert not np.array_equal(norm.ids, raw.ids)
+
+
+def test_lens_of_other_tensors(smollm2):
+    for tensor in ["attn_out", "ffn_out", "kqv_out"]:
+        lens = smollm2.logit_lens(PROMPT, tensor=tensor, top_k=2)
+        assert lens.tensor == tensor and lens.ids.shape[0] == smollm2.n_layer
+
+
+def test_lens_follows_interventions(smollm2):
+    plain = smollm2.logit_lens(PROMPT, top_k=1)
+    with smollm2.ablated([(il, h) for il in range(10) for h in range(smollm2.n_head)]):
+        ablated = smollm2.logit_lens(PROMPT, top_k=1)
+    np.testing.assert_array_equal(plain.probs[:0], ablated.probs[:0])
+    assert not np.allclose(plain.probs[10:], ablated.probs[10:])
+
+
+def test_lens_errors(smollm2, gemma3):
+    with pytest.raises(InputError, match="unknown tensor name"):
+        smollm2.logit_lens(PROMPT, tensor="nope")
+    with pytest.raises(InputError, match="not a residual-width tensor"):
+        gemma3.logit_lens(PROMPT, tensor="kqv_out")  # 4 heads x 256 = 1024 wide, n_embd is 640
+    with pytest.raises(InputError, match="top_k"):
+        smollm2.logit_lens(PROMPT, top_k=0)

@@ -1,0 +1,193 @@
+"""Attention sheets, logit-lens tables and PNG saving, on synthetic data (no model needed).
+
+Where a test needs to know where a heatmap lies in the picture, it draws the same layout twice with
+different probabilities: the layout does not depend on the values, so the pixels that differ are
+exactly the heatmap cells.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from pyinterp import PyinterpError
+from pyinterp.plot import attention_sheet, default_cell, label_step, lens_heatmap, sanitize_label, save_png
+
+TOKENS = ["<|im_start|>", "The", " capital", " of", " France", " is", " Paris"]
+
+
+def causal_attention(n_head: int, n: int, seed: int = 0) -> np.ndarray:
+    """Random row-normalised lower-triangular [n_head, n, n] attention probabilities."""
+    rng = np.random.default_rng(seed)
+    attn = (rng.random((n_head, n, n)) + 0.05) * np.tril(np.ones((n, n)))
+    return attn / attn.sum(-1, keepdims=True)
+
+
+def changed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Mask of the pixels where two same-size images differ."""
+    assert a.shape == b.shape
+    return np.any(a != b, axis=-1)
+
+
+def bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) bounds, end-exclusive, of the True pixels."""
+    ys, xs = np.nonzero(mask)
+    return ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+
+
+def luma(pixel: np.ndarray) -> float:
+    b, g, r = pixel.astype(float)
+    return 0.114 * b + 0.587 * g + 0.299 * r
+
+
+def test_sanitize_label():
+    assert sanitize_label(" France") == "_France"
+    assert sanitize_label("\n") == "\\n"
+    assert sanitize_label("a\tb") == "a\\tb"
+    assert sanitize_label("\u2581Paris") == "_Paris"
+    assert sanitize_label("café") == "caf?"
+    assert sanitize_label("日本") == "??"
+    assert sanitize_label("x" * 40) == "x" * 12
+    assert sanitize_label("<|im_start|>") == "<|im_start|>"
+    assert sanitize_label("  two") == "_ two"  # only the leading space is marked
+    assert sanitize_label("") == ""
+
+
+def test_label_step():
+    assert label_step(7, 24, 14) == 1
+    assert label_step(150, 3, 14) == 5
+    assert label_step(150, 1, 14) == 20
+    assert label_step(1000, 1, 14) == 20
+    assert label_step(3, 1, 14) == 3  # never more than the number of labels
+    assert label_step(10, 0, 14) == 10  # a zero cell counts as 1 px
+    for n, cell, font in [(150, 3, 14), (500, 2, 14), (60, 7, 15), (9, 13, 14)]:
+        k = label_step(n, cell, font)
+        assert k * cell >= font or k == n
+
+
+def test_default_cell():
+    assert default_cell(7) == 24
+    assert default_cell(150) == 3
+    assert default_cell(2000) == 2
+    for n in (20, 40, 100, 200):
+        assert 200 <= n * default_cell(n) <= 600
+
+
+def test_attention_sheet_panels():
+    attn = causal_attention(4, len(TOKENS))
+    sheet = attention_sheet(attn, TOKENS, title="layer 3")
+    assert sheet.dtype == np.uint8 and sheet.ndim == 3 and sheet.shape[2] == 3
+    assert sheet.shape[0] > 2 * 7 * 24 and sheet.shape[1] > 2 * 7 * 24  # a 2 x 2 grid of 7 x 7 cells of 24 px
+    assert len(np.unique(sheet.reshape(-1, 3), axis=0)) > 20
+    assert np.all(sheet[0, 0] == 255)  # white background
+
+    # One blob of changed pixels per panel: the lower triangles (with the diagonal) of the four heads.
+    mask = changed(sheet, attention_sheet(np.zeros_like(attn), TOKENS, title="layer 3"))
+    n_blobs, _ = cv2.connectedComponents(mask.astype(np.uint8))
+    assert n_blobs - 1 == 4
+
+
+def test_attention_sheet_first_panel_heatmap_varies():
+    attn = causal_attention(4, len(TOKENS))
+    one = attention_sheet(attn, TOKENS, heads=[0])
+    y0, y1, x0, x1 = bbox(changed(one, attention_sheet(np.zeros_like(attn), TOKENS, heads=[0])))
+    assert y1 - y0 == x1 - x0 == 7 * 24  # the whole diagonal changed, so this is the full heatmap
+    heat = one[y0:y1, x0:x1]
+    assert len(np.unique(heat.reshape(-1, 3), axis=0)) >= 10
+    assert heat.std() > 10
+    assert np.all(heat[0, -1] == heat[0, -2])  # above the diagonal: all zero, one colour
+
+
+def test_attention_sheet_head_selection():
+    attn = causal_attention(4, len(TOKENS))
+    full = attention_sheet(attn, TOKENS)
+    two = attention_sheet(attn, TOKENS, heads=[1, 3])
+    one = attention_sheet(attn, TOKENS, heads=[2])
+    assert two.shape[0] < full.shape[0] and two.shape[1] == full.shape[1]  # 2 x 2 grid -> 1 x 2
+    assert one.shape[1] < two.shape[1]
+    assert not np.array_equal(one, attention_sheet(attn, TOKENS, heads=[0]))  # a different head is drawn
+    with pytest.raises(PyinterpError, match="heads"):
+        attention_sheet(attn, TOKENS, heads=[4])
+    with pytest.raises(PyinterpError, match="attention must be"):
+        attention_sheet(attn, TOKENS[:-1])
+
+
+def test_attention_sheet_long_input():
+    n = 150
+    tokens = [f" tok{i}" for i in range(n)]
+    attn = causal_attention(4, n)
+    sheet = attention_sheet(attn, tokens, title="layer 0")
+    assert 2 * n * default_cell(n) < sheet.shape[0] < 4000
+    assert 2 * n * default_cell(n) < sheet.shape[1] < 4000
+    assert label_step(n, default_cell(n), 14) == 5  # 14 px: a label line at the default font
+    tiny = attention_sheet(attn[:1], tokens, cell=1)
+    assert tiny.shape[0] < sheet.shape[0] / 2 + 100
+
+
+def test_lens_heatmap_colour_follows_probability():
+    tokens = ["The", " capital"]
+    blank = [["", ""]]
+    low_high = lens_heatmap(np.array([[0.05, 0.95]]), blank, tokens)
+    y0, y1, x0, x1 = bbox(changed(low_high, lens_heatmap(np.array([[0.95, 0.05]]), blank, tokens)))
+    width = (x1 - x0 + 1) // 2  # two cells; the first white separator column is not part of the box
+    low = low_high[y0 + 1, x0 + 1]
+    high = low_high[y0 + 1, x0 + width + 1]
+    assert luma(high) > luma(low) + 100
+
+
+def test_lens_heatmap_text_drawn():
+    tokens = ["The", " capital"]
+    probs = np.full((1, 2), 0.5)
+    labelled = lens_heatmap(probs, [[" Paris", ""]], tokens)
+    y0, y1, x0, x1 = bbox(changed(labelled, lens_heatmap(np.zeros((1, 2)), [["", ""]], tokens)))
+    mid = (x0 + x1) // 2
+    gray = cv2.cvtColor(labelled, cv2.COLOR_BGR2GRAY).astype(float)
+    with_text = gray[y0 + 2 : y1 - 2, x0 + 2 : mid - 2]
+    empty = gray[y0 + 2 : y1 - 2, mid + 2 : x1 - 2]
+    assert empty.std() < 1
+    assert with_text.std() > 20
+
+
+def test_lens_heatmap_layer_zero_at_bottom():
+    tokens = ["a", "b", "c"]
+    probs = np.zeros((3, 3))
+    probs[0] = 1.0  # layer 0 bright
+    blank = [[""] * 3 for _ in range(3)]
+    labels = ["emb", "l1", "out"]
+    image = lens_heatmap(probs, blank, tokens, title="lens", row_labels=labels)
+    dark = lens_heatmap(np.zeros((3, 3)), blank, tokens, title="lens", row_labels=labels)
+    y0, y1, _, _ = bbox(changed(image, dark))
+    assert y1 - y0 < 22  # only the layer-0 row changed ...
+    assert y0 > image.shape[0] / 3  # ... and it is drawn below the others
+
+
+def test_lens_heatmap_many_tokens():
+    n = 200
+    tokens = [f" t{i}" for i in range(n)]
+    probs = np.random.default_rng(1).random((12, n))
+    image = lens_heatmap(probs, [[" x"] * n for _ in range(12)], tokens)
+    assert image.shape[1] < 4000 and image.shape[0] < 1000
+    with pytest.raises(PyinterpError, match="rows x tokens"):
+        lens_heatmap(probs[:, :-1], [[" x"] * n for _ in range(12)], tokens)
+    with pytest.raises(PyinterpError, match="row labels"):
+        lens_heatmap(probs, [[" x"] * n for _ in range(12)], tokens, row_labels=["0"])
+
+
+def test_save_png_round_trip(tmp_path):
+    image = attention_sheet(causal_attention(2, 3), ["a", "b", "c"])
+    path = save_png(image, tmp_path / "sheet.png")
+    assert path == tmp_path / "sheet.png"
+    back = cv2.imread(str(path))
+    assert back is not None and back.shape == image.shape
+    np.testing.assert_array_equal(back, image)
+    assert save_png(image, str(tmp_path / "again.png")).exists()
+
+
+@pytest.mark.parametrize("name", ["missing/out.png", "a_directory", "bad.extension_xyz"])
+def test_save_png_errors(tmp_path, name):
+    (tmp_path / "a_directory").mkdir()
+    image = np.zeros((4, 4, 3), np.uint8)
+    with pytest.raises(PyinterpError, match="cannot write PNG to") as info:
+        save_png(image, tmp_path / name)
+    assert "\n" not in str(info.value)
