@@ -209,8 +209,9 @@ def cli(model_path, prompt, prompt_file, n_predict, ctx_size, threads, n_gpu_lay
         if draw:
             files += [str(p) for p in draw_attention(trace, draw_path, layers)]
         result["files"] = files
-        top = np.argsort(-trace.logits[-1])[:5]
-        probs = np.exp(trace.logits[-1] - trace.logits[-1].max())
+        last = trace.logits[-1].astype(np.float64)
+        top = np.argsort(-last)[:5]
+        probs = np.exp(last - last.max())
         probs /= probs.sum()
         result["next_token"] = [{"id": int(i), "str": model.token_str(int(i)), "p": float(probs[i])} for i in top]
 
