@@ -1,4 +1,5 @@
-"""The logit lens: what each layer's residual stream (or one of its parts) would predict."""
+"""The logit lens (what each layer's residual stream, or one of its parts, would predict) and direct
+logit attribution (how much each part adds to one logit)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,23 @@ class LogitLens:
         image = lens_heatmap(self.probs[:, :, 0], top_str, self.token_strs, title=self.title,
                              row_labels=[str(il) for il in self.layers])
         return save_png(image, path)
+
+
+@dataclass
+class Attribution:
+    """Direct logit attribution of one target token at one position (see :meth:`Model.logit_attribution`).
+
+    ``values[i]`` is the contribution of the residual term ``labels[i]`` (the embedding, then each layer's
+    attention and FFN outputs); ``attn``/``ffn`` are the same per layer (``[n_layer]``). They add up to
+    ``logit``, the model's own logit for the target, up to rounding.
+    """
+
+    target: int
+    target_str: str
+    position: int
+    logit: float
+    labels: list[str]
+    values: np.ndarray
+    attn: np.ndarray
+    ffn: np.ndarray
+    embed: float

@@ -329,7 +329,7 @@ class Model:
         ids = self._tokens(tokens_or_text)
         self._lens_check(tensor, top_k)
         plan = self._plan(len(ids), (), (), None, ())
-        _, _, lens, _ = self._forward(ids, plan, (tensor, norm, top_k))
+        lens = self._forward(ids, plan, (tensor, norm, top_k))[2]
         layers = sorted(lens)
         top_ids = np.stack([lens[il][0] for il in layers])
         names = {int(i): self.token_str(int(i)) for i in np.unique(top_ids)}
@@ -340,13 +340,61 @@ class Model:
             strs=[[[names[int(i)] for i in row] for row in layer] for layer in top_ids],
         )
 
-    def _forward(self, ids: list[int], plan: Plan, lens: tuple[str, bool, int] | None = None, graph: bool = False):
-        """Decode ``ids`` from an empty cache under ``plan``; returns logits, captures, lens top-k and,
-        when ``graph``, the lines describing every node of the graph."""
+    def logit_attribution(self, tokens_or_text: str | Sequence[int], target: int | str | None = None,
+                          position: int = -1) -> "Attribution":
+        """Direct logit attribution: how much each term of the residual stream adds to one logit.
+
+        The residual stream at the last layer is the embedding plus every layer's attention and FFN
+        outputs (``attn_out``/``ffn_out``; Gemma's post-norms); each term goes through the final RMS norm
+        with its scale frozen at the final residual's and through the target's unembedding row, inside the
+        graph. The terms add up to the target's logit. ``target``: a token id or single-token text; default
+        the model's top prediction at ``position``. Interventions of the context managers apply.
+        """
+        from .lens import Attribution
+
+        self._live()
+        ids = self._tokens(tokens_or_text)
+        if not -len(ids) <= position < len(ids):
+            raise InputError(f"position {position} out of range (the prompt has {len(ids)} tokens)")
+        position %= len(ids)
+        info = self.tensor_info()
+        pairs = [("attn_out", "ffn_out"), ("attn_post_norm", "ffn_post_norm")]
+        names = next((p for p in pairs if all(n in info.layers for n in p)), None)
+        if names is None:
+            raise InputError(f"logit attribution: no known residual terms in the graph of {self.arch}")
+        embed = "inp_scaled" if "inp_scaled" in info.layers else "embd"  # "inp_embd" is the input for vectors
+        terms = [(embed, -1)] + [(name, il) for il in range(self.n_layer) for name in names]
+        plan = self._plan(len(ids), (), (), None, ())
+        if target is None:
+            target = int(np.argmax(self._forward(ids, plan)[0][position]))
+        elif isinstance(target, str):
+            pieces = self.tokenize(target, add_bos=False)
+            if len(pieces) != 1:
+                raise InputError(f"target {target!r} is {len(pieces)} tokens, not one")
+            target = pieces[0]
+        (target,) = self._check_ids([target])
+        logits, _, _, _, attributed = self._forward(ids, plan, attribution=(terms, [target]))
+        values = np.array([attributed[i][position, 0] for i in range(len(terms))], dtype=np.float32)
+        return Attribution(
+            target=target, target_str=self.token_str(target), position=position, logit=float(logits[position, target]),
+            labels=[name if il < 0 else f"{name}-{il}" for name, il in terms], values=values,
+            attn=values[1::2].copy(), ffn=values[2::2].copy(), embed=float(values[0]),
+        )
+
+    def _forward(self, ids: list[int], plan: Plan, lens: tuple[str, bool, int] | None = None, graph: bool = False,
+                 attribution: tuple[list[tuple[str, int]], list[int]] | None = None):
+        """Decode ``ids`` from an empty cache under ``plan``; returns logits, captures, lens top-k, the lines
+        describing every node of the graph (when ``graph``) and the attribution of each term."""
         self._apply(plan)
         try:
             if lens is not None and lib.pi_set_lens(self._state, lens[0].encode(), lens[1], lens[2]) != 0:
                 raise PyinterpError(f"logit lens: {ffi.string(lib.pi_last_error(self._state)).decode()}")
+            if attribution is not None:
+                terms, targets = attribution
+                keep = [ffi.new("char[]", name.encode()) for name, _ in terms]
+                if lib.pi_set_attribution(self._state, ffi.new("const char *[]", keep), ffi.new("int32_t[]", [il for _, il in terms]),
+                                          len(terms), ffi.new("int32_t[]", targets), len(targets)) != 0:
+                    raise PyinterpError(f"logit attribution: {ffi.string(lib.pi_last_error(self._state)).decode()}")
             if graph:
                 lib.pi_set_record(self._state, True)  # keeps the hook set, so the graph is seen
             lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
@@ -356,9 +404,23 @@ class Model:
             lens_out = self._read_lens(len(ids), lens[2]) if lens is not None else {}
             lines = [ffi.string(lib.pi_graph_node_line(self._state, i)).decode()
                      for i in range(lib.pi_graph_n_nodes(self._state))] if graph else []
+            attributed = self._read_attribution(len(ids), attribution) if attribution is not None else []
         finally:
             self._clear()
-        return logits, captured, lens_out, lines
+        return logits, captured, lens_out, lines, attributed
+
+    def _read_attribution(self, n_tokens: int, attribution) -> list[np.ndarray]:
+        terms, targets = attribution
+        out = []
+        for i, (name, il) in enumerate(terms):
+            values = np.empty((n_tokens, len(targets)), dtype=np.float32)
+            ret = lib.pi_attribution_read(self._state, i, ffi.from_buffer("float[]", values), values.size)
+            if ret < 0:
+                raise PyinterpError(f"logit attribution: {ffi.string(lib.pi_last_error(self._state)).decode()}")
+            if ret == 1:
+                raise PyinterpError(f"logit attribution: {name}-{il} was not in the graph")
+            out.append(values)
+        return out
 
     def graph(self, tokens_or_text: str | Sequence[int], *, capture: Iterable[str] = (), ablate: Iterable[Head] = (),
               isolate: Head | None = None, patch: Iterable[Patch] = ()) -> list[str]:
@@ -382,7 +444,7 @@ class Model:
         self._live()
         ids = self._tokens(tokens_or_text)
         plan = self._plan(len(ids), capture, ablate, isolate, patch)
-        logits, captured, _, _ = self._forward(ids, plan)
+        logits, captured = self._forward(ids, plan)[:2]
         return Trace(ids, logits, captured, [self.token_str(t) for t in ids])
 
     def generate(self, prompt: str | Sequence[int], n: int, *, temp: float = 0.0, seed: int | None = None,

@@ -147,3 +147,37 @@ class Reference:
             if cap is not None:
                 logits = torch.tanh(logits / cap) * cap
         return logits.numpy()
+
+    def attribution(self, ids: list[int], target: int, position: int) -> np.ndarray:
+        """Direct logit attribution of ``target`` at ``position``: the embedding's, then each layer's
+        attention and FFN contributions, through the final RMS norm frozen at the final residual's scale
+        and the target's ``lm_head`` row (Gemma: the post-norm outputs are the residual terms)."""
+        terms: dict[tuple[int, int], torch.Tensor] = {}
+
+        def keep(key):
+            def hook(module, args, output):
+                terms[key] = _hidden(output)[0, position].detach().clone()
+
+            return hook
+
+        handles = [self.model.model.embed_tokens.register_forward_hook(keep((-1, 0)))]
+        for i, block in enumerate(self.layers):
+            gemma = hasattr(block, "post_feedforward_layernorm")
+            attn = block.post_attention_layernorm if gemma else block.self_attn
+            ffn = block.post_feedforward_layernorm if gemma else block.mlp
+            handles += [attn.register_forward_hook(keep((i, 0))), ffn.register_forward_hook(keep((i, 1)))]
+        try:
+            result = self.run(ids)
+        finally:
+            for h in handles:
+                h.remove()
+        norm = self.model.model.norm
+        weight = norm.weight.detach().float()
+        if "Gemma" in type(norm).__name__:
+            weight = 1.0 + weight  # Gemma's RMS norm scales by (1 + w)
+        eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")
+        final = torch.as_tensor(result.l_out[-1][position])
+        scale = torch.rsqrt(final.pow(2).mean() + eps)
+        row = self.model.lm_head.weight[target].detach().float()
+        order = [(-1, 0)] + [(i, j) for i in range(self.n_layer) for j in (0, 1)]
+        return np.array([float((terms[k] * scale * weight) @ row) for k in order], dtype=np.float32)

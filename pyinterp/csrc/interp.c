@@ -49,10 +49,27 @@ struct pi_lens {
     bool  norm;
     int32_t k;
     struct ggml_tensor ** in;       // [n_layer] the tensor to unembed, per layer
-    struct ggml_tensor *  final_in; // the last layer's l_out: where the model's own unembedding starts
     struct ggml_tensor ** ids;      // [n_layer] [k, n_tokens] I32, top-k token ids (unordered)
     struct ggml_tensor ** probs;    // [n_layer] [1, k, n_tokens] F32, their probabilities
     bool failed;                    // the unembedding uses an op pi_replay does not know
+};
+
+// direct logit attribution: chosen tensors (the residual stream's terms) through the final RMS norm,
+// frozen at the scale of the final residual, and the unembedding rows of chosen tokens
+struct pi_attr_term {
+    char    name[PI_NAME_MAX];
+    int32_t il;
+    struct ggml_tensor * in;        // the term, recorded during the build
+    struct ggml_tensor * out;       // [n_targets, n_tokens] F32 its logit contribution to each target
+};
+
+struct pi_attr {
+    struct pi_attr_term * terms;
+    int32_t n_terms;
+    struct ggml_context * ctx;      // owns targets
+    ggml_backend_buffer_t buf;      // on the output device
+    struct ggml_tensor * targets;   // [n_targets] I32 token ids
+    bool failed;                    // the model's final norm is not an RMS norm with a weight
 };
 
 struct pi_seen {
@@ -81,6 +98,8 @@ struct pi_state {
     int32_t cap_seen;
 
     struct pi_lens lens;            // active when lens.k > 0
+    struct pi_attr attr;            // active when attr.n_terms > 0
+    struct ggml_tensor * final_in;  // the last layer's l_out: where the model's own unembedding starts
 
     struct ggml_cgraph * gf;        // the graph of the last build (valid until the next one)
     char line[1024];                // pi_graph_node_line's result
@@ -90,6 +109,8 @@ struct pi_state {
     bool hook_set;
     char error[256];
 };
+
+static void pi_attr_free(struct pi_state * st);
 
 static int pi_fail(struct pi_state * st, const char * msg) {
     snprintf(st->error, sizeof(st->error), "%s", msg);
@@ -185,6 +206,7 @@ void pi_state_free(struct pi_state * st) {
         }
     }
     pi_patches_free(st);
+    pi_attr_free(st);
     free(st->lens.in);
     free(st->lens.ids);
     free(st->lens.probs);
@@ -199,7 +221,7 @@ void pi_state_free(struct pi_state * st) {
 //
 
 static bool pi_plan_empty(const struct pi_state * st) {
-    if (st->n_captures > 0 || st->n_patches > 0 || st->record || st->lens.k > 0) {
+    if (st->n_captures > 0 || st->n_patches > 0 || st->record || st->lens.k > 0 || st->attr.n_terms > 0) {
         return false;
     }
     for (int32_t il = 0; il < st->n_layer; ++il) {
@@ -231,6 +253,7 @@ void pi_plan_clear(struct pi_state * st) {
     st->n_captures = 0;
     st->record     = false;
     st->lens.k     = 0;
+    pi_attr_free(st);
     st->gf         = NULL; // removing the hook drops the graph
     pi_update_hook(st);
 }
@@ -304,6 +327,57 @@ int pi_set_lens(struct pi_state * st, const char * name, bool norm, int32_t k) {
     return 0;
 }
 
+static void pi_attr_free(struct pi_state * st) {
+    if (st->attr.buf) {
+        ggml_backend_buffer_free(st->attr.buf);
+        ggml_free(st->attr.ctx);
+    }
+    free(st->attr.terms);
+    memset(&st->attr, 0, sizeof(st->attr));
+}
+
+// attribute the logits of `targets` to the tensors (names[i], layers[i]) of the residual stream
+int pi_set_attribution(struct pi_state * st, const char ** names, const int32_t * layers, int32_t n_terms,
+                       const int32_t * targets, int32_t n_targets) {
+    pi_attr_free(st);
+    struct ggml_init_params params = { ggml_tensor_overhead(), NULL, true };
+    st->attr.ctx     = ggml_init(params);
+    st->attr.targets = ggml_new_tensor_1d(st->attr.ctx, GGML_TYPE_I32, n_targets);
+    ggml_set_name(st->attr.targets, "pi_attribution_targets");
+    st->attr.buf = ggml_backend_alloc_ctx_tensors_from_buft(st->attr.ctx, pi_layer_buft(st, -1));
+    if (st->attr.buf == NULL) {
+        ggml_free(st->attr.ctx);
+        memset(&st->attr, 0, sizeof(st->attr));
+        return pi_fail(st, "could not allocate the attribution targets");
+    }
+    ggml_backend_tensor_set(st->attr.targets, targets, 0, ggml_nbytes(st->attr.targets));
+    st->attr.terms = calloc(n_terms, sizeof(struct pi_attr_term));
+    for (int32_t i = 0; i < n_terms; ++i) {
+        snprintf(st->attr.terms[i].name, PI_NAME_MAX, "%s", names[i]);
+        st->attr.terms[i].il = layers[i];
+    }
+    st->attr.n_terms = n_terms;
+    pi_update_hook(st);
+    return 0;
+}
+
+// contribution of term i to the targets after the last decode: n = n_tokens*n_targets floats, token-major;
+// returns 1 when the term was not in the graph
+int pi_attribution_read(struct pi_state * st, int32_t i, float * dst, int64_t n) {
+    if (st->attr.failed) {
+        return pi_fail(st, "logit attribution needs a final RMS norm with a weight before the unembedding");
+    }
+    const struct ggml_tensor * t = st->attr.terms[i].out;
+    if (t == NULL) {
+        return 1;
+    }
+    if (ggml_nelements(t) != n) {
+        return pi_fail(st, "destination size does not match the attribution");
+    }
+    ggml_backend_tensor_get(t, dst, 0, ggml_nbytes(t));
+    return 0;
+}
+
 void pi_set_record(struct pi_state * st, bool record) {
     st->record = record;
     st->n_seen = 0;
@@ -365,8 +439,13 @@ static void pi_build_begin(struct pi_state * st) {
         st->lens.ids[il]   = NULL;
         st->lens.probs[il] = NULL;
     }
-    st->lens.final_in = NULL;
+    for (int32_t i = 0; i < st->attr.n_terms; ++i) {
+        st->attr.terms[i].in  = NULL;
+        st->attr.terms[i].out = NULL;
+    }
+    st->final_in      = NULL;
     st->lens.failed   = false;
+    st->attr.failed   = false;
     st->n_seen = 0;
 }
 
@@ -402,7 +481,7 @@ static struct ggml_tensor * pi_replay(struct ggml_context * ctx, struct ggml_ten
 static void pi_build_lens(struct pi_state * st, struct ggml_context * ctx, struct ggml_cgraph * gf,
                           struct ggml_tensor * out) {
     struct pi_lens * lens = &st->lens;
-    struct ggml_tensor * from = lens->final_in;
+    struct ggml_tensor * from = st->final_in;
     if (!lens->norm) {
         // the raw lens starts at the unembedding matrix product, after the final norm
         struct ggml_tensor * mm = out;
@@ -436,6 +515,39 @@ static void pi_build_lens(struct pi_state * st, struct ggml_context * ctx, struc
         ggml_build_forward_expand(gf, top);
         lens->ids[il]   = ids;
         lens->probs[il] = top;
+    }
+}
+
+// at result_output: each term's contribution to the target logits, the final norm's scale frozen
+//   contribution = (term / rms(final residual) * norm weight) . unembedding row of the target
+static void pi_build_attr(struct pi_state * st, struct ggml_context * ctx, struct ggml_cgraph * gf,
+                          struct ggml_tensor * out) {
+    struct pi_attr * attr = &st->attr;
+    struct ggml_tensor * mm = out;
+    while (mm != NULL && mm->op != GGML_OP_MUL_MAT) {
+        mm = mm->src[0];
+    }
+    struct ggml_tensor * normed = mm ? mm->src[1] : NULL;
+    if (st->final_in == NULL || normed == NULL || normed->op != GGML_OP_MUL || normed->src[0]->op != GGML_OP_RMS_NORM ||
+        normed->src[0]->src[0] != st->final_in) {
+        attr->failed = true;
+        return;
+    }
+    float eps;
+    memcpy(&eps, normed->src[0]->op_params, sizeof(float));
+    struct ggml_tensor * weight = normed->src[1];
+    struct ggml_tensor * rows   = ggml_get_rows(ctx, mm->src[0], attr->targets); // [n_embd, n_targets]
+    struct ggml_tensor * rms    = ggml_sqrt(ctx, ggml_scale_bias(ctx, ggml_mean(ctx, ggml_sqr(ctx, st->final_in)), 1.0f, eps));
+    for (int32_t i = 0; i < attr->n_terms; ++i) {
+        struct pi_attr_term * term = &attr->terms[i];
+        if (term->in == NULL || term->in->ne[0] != st->final_in->ne[0]) {
+            continue;
+        }
+        struct ggml_tensor * x = ggml_mul(ctx, ggml_div(ctx, term->in, rms), weight);
+        term->out = ggml_mul_mat(ctx, rows, x);
+        ggml_format_name(term->out, "attribution %s-%d", term->name, term->il);
+        ggml_set_output(term->out);
+        ggml_build_forward_expand(gf, term->out);
     }
 }
 
@@ -486,15 +598,26 @@ static struct ggml_tensor * pi_hook(struct ggml_context * ctx, struct ggml_cgrap
         cur = patched;
     }
 
-    if (st->lens.k > 0) {
-        if (il >= 0 && il < st->n_layer && st->lens.in[il] == NULL && strcmp(name, st->lens.name) == 0) {
+    if (st->lens.k > 0 || st->attr.n_terms > 0) {
+        if (il == st->n_layer - 1 && st->final_in == NULL && strcmp(name, "l_out") == 0) {
+            st->final_in = cur;
+        }
+        if (il >= 0 && il < st->n_layer && st->lens.k > 0 && st->lens.in[il] == NULL && strcmp(name, st->lens.name) == 0) {
             st->lens.in[il] = cur;
         }
-        if (il == st->n_layer - 1 && st->lens.final_in == NULL && strcmp(name, "l_out") == 0) {
-            st->lens.final_in = cur;
+        for (int32_t i = 0; i < st->attr.n_terms; ++i) {
+            struct pi_attr_term * term = &st->attr.terms[i];
+            if (term->in == NULL && term->il == il && strcmp(term->name, name) == 0) {
+                term->in = cur;
+            }
         }
         if (il == -1 && strcmp(name, "result_output") == 0) {
-            pi_build_lens(st, ctx, gf, cur);
+            if (st->lens.k > 0) {
+                pi_build_lens(st, ctx, gf, cur);
+            }
+            if (st->attr.n_terms > 0) {
+                pi_build_attr(st, ctx, gf, cur);
+            }
         }
     }
 
