@@ -36,6 +36,17 @@ def _check_gguf(path: Path) -> None:
         raise PyinterpError(f"{path} is not a GGUF file (it starts with {head!r}, not {GGUF_MAGIC!r})")
 
 
+def _with_buffer(ctype: str, cap: int, call) -> tuple[object, int]:
+    """``call(buf, cap)`` for llama.cpp functions that return minus the size they need when ``buf`` is too
+    small: retried once with that size. Returns the buffer and the call's result."""
+    buf = ffi.new(f"{ctype}[]", cap)
+    n = call(buf, cap)
+    if n < 0:
+        buf = ffi.new(f"{ctype}[]", -n)
+        n = call(buf, -n)
+    return buf, n
+
+
 def _llama_error(what: str) -> PyinterpError:
     detail = _ffi.first_error()
     return PyinterpError(f"{what}: {detail}" if detail else what)
@@ -133,13 +144,8 @@ class Model:
         if add_bos is None:
             add_bos = bool(lib.llama_vocab_get_add_bos(self._vocab))
         data = text.encode("utf-8")
-        cap = len(data) + 8
-        out = ffi.new("llama_token[]", cap)
-        n = lib.llama_tokenize(self._vocab, data, len(data), out, cap, add_bos, True)
-        if n < 0:
-            cap = -n
-            out = ffi.new("llama_token[]", cap)
-            n = lib.llama_tokenize(self._vocab, data, len(data), out, cap, add_bos, True)
+        out, n = _with_buffer("llama_token", len(data) + 8,
+                              lambda buf, cap: lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add_bos, True))
         if n < 0:
             raise PyinterpError("tokenization failed")
         return list(out[0:n])
@@ -156,24 +162,15 @@ class Model:
         self._live()
         ids = self._check_ids(ids)
         arr = ffi.new("llama_token[]", ids)
-        cap = 8 * len(ids) + 16
-        buf = ffi.new("char[]", cap)
-        n = lib.llama_detokenize(self._vocab, arr, len(ids), buf, cap, False, True)
-        if n < 0:
-            cap = -n
-            buf = ffi.new("char[]", cap)
-            n = lib.llama_detokenize(self._vocab, arr, len(ids), buf, cap, False, True)
+        buf, n = _with_buffer("char", 8 * len(ids) + 16,
+                              lambda buf, cap: lib.llama_detokenize(self._vocab, arr, len(ids), buf, cap, False, True))
         return ffi.unpack(buf, n).decode("utf-8", "replace")
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes of one token's piece (special tokens rendered); may be part of a UTF-8 character."""
         self._live()
         (token,) = self._check_ids([token])
-        buf = ffi.new("char[64]")
-        n = lib.llama_token_to_piece(self._vocab, token, buf, 64, 0, True)
-        if n < 0:
-            buf = ffi.new("char[]", -n)
-            n = lib.llama_token_to_piece(self._vocab, token, buf, -n, 0, True)
+        buf, n = _with_buffer("char", 64, lambda buf, cap: lib.llama_token_to_piece(self._vocab, token, buf, cap, 0, True))
         return ffi.unpack(buf, n)
 
     def token_str(self, token: int) -> str:
