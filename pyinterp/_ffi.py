@@ -31,6 +31,7 @@ ffi.cdef(
     void llama_free(struct llama_context * ctx);
 
     const struct llama_vocab * llama_model_get_vocab(const struct llama_model * model);
+    int32_t llama_model_n_ctx_train(const struct llama_model * model);
     int32_t llama_model_n_embd   (const struct llama_model * model);
     int32_t llama_model_n_layer  (const struct llama_model * model);
     int32_t llama_model_n_head   (const struct llama_model * model);

@@ -77,6 +77,10 @@ class Model:
         self._model = lib.pi_model_load(str(self.path).encode(), n_gpu_layers)
         if self._model == ffi.NULL:
             raise _llama_error(f"cannot load model {self.path}")
+        n_ctx_train = lib.llama_model_n_ctx_train(self._model)
+        if n_ctx > n_ctx_train:
+            self.close()
+            raise InputError(f"n_ctx {n_ctx} exceeds the {n_ctx_train} tokens {self.path.name} was trained on")
         flash = -1 if flash_attn is None else int(bool(flash_attn))
         self._ctx = lib.pi_context_new(self._model, n_ctx, n_threads, flash)
         if self._ctx == ffi.NULL:

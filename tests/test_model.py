@@ -85,6 +85,16 @@ def test_prompt_longer_than_context():
             m.run("word " * 40)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_ctx=3_000_000_000), "exceeds the 8192 tokens"),
+    (dict(n_ctx=4), "n_ctx must be at least 8"),
+    (dict(n_threads=0), "n_threads must be at least 1"),
+])
+def test_bad_model_arguments(kwargs, message):
+    with pytest.raises(PyinterpError, match=message):
+        pyinterp.Model("smollm2", **kwargs)
+
+
 def test_bad_token_ids(smollm2):
     with pytest.raises(PyinterpError, match="out of range"):
         smollm2.run([1, 2, 10**9])
