@@ -1,9 +1,10 @@
 // pyinterp native layer: model/context setup, decoding, and the graph-build hook that runs the
-// interventions (head masks, row patches) and captures inside the ggml graph.
+// interventions (head masks, row patches), captures, the logit lens and logit attribution inside the
+// ggml graph.
 //
-// The Python side describes a plan (what to capture, which heads to mask, which rows to patch),
-// then decodes. The hook is set on the llama_context only while the plan is not empty, so a run
-// without interventions is stock llama.cpp.
+// The Python side describes a plan (what to capture, which heads to mask, which rows to patch, what to
+// unembed), then decodes. The hook is set on the llama_context only while the plan is not empty, so a
+// run without interventions is stock llama.cpp.
 
 #include "interp.h"
 
