@@ -131,3 +131,16 @@ def test_generate_sampling_seeded(smollm2):
     a = smollm2.generate("Once upon a time", 8, temp=1.0, seed=7, stop_at_eog=False)
     b = smollm2.generate("Once upon a time", 8, temp=1.0, seed=7, stop_at_eog=False)
     assert a.tokens == b.tokens
+
+
+def test_llama_log_is_silent_unless_verbose(capfd):
+    with pyinterp.Model("smollm2", n_ctx=64) as m:
+        m.run("Hi")
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    with pyinterp.Model("smollm2", n_ctx=64, verbose=True):
+        pass
+    _, err = capfd.readouterr()
+    assert "llama_model_loader" in err
+    pyinterp.Model("smollm2", n_ctx=64).close()  # verbose is per load: quiet again
+    assert capfd.readouterr() == ("", "")
