@@ -84,3 +84,23 @@ def test_activation_patching(pair):
         assert corr(got, want) >= 0.995, (layer, pos)
         assert np.abs(got - base).max() > 1e-2
         assert corr(got - base, want - want_base) >= 0.75, (layer, pos)  # measured 0.84-0.99
+
+
+def test_gemma_sliding_window(ref_gemma3):
+    """A prompt longer than Gemma 3's 512-token window: sliding layers must not see keys past it."""
+    import pyinterp
+
+    with pyinterp.Model("gemma3", n_ctx=1024) as model:
+        text = " ".join(f"Item {i} is {['red', 'green', 'blue'][i % 3]}." for i in range(120))
+        ids = model.tokenize(text)[:600]
+        trace = model.run(ids, capture=["attn_scores-0", "attn_scores-5"])
+        want = ref_gemma3.run(ids)
+        q = len(ids) - 1
+        sliding, full = trace.attention(0), trace.attention(5)  # layer 5 is a full-attention layer
+        assert np.all(sliding[:, q, : q - 511] == 0) and np.all(sliding[:, q, q - 511:].sum(-1) > 0.99)
+        assert np.all(want.attentions[0][:, q, : q - 511] == 0)
+        assert full[:, q, : q - 511].sum() > 0.01
+        for il, att in [(0, sliding), (5, full)]:
+            assert np.abs(att - want.attentions[il]).mean() <= 0.004
+        assert np.argmax(trace.logits[-1]) == np.argmax(want.logits[-1])
+        assert corr(trace.logits[-1], want.logits[-1]) >= 0.995
