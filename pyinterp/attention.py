@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .errors import InputError
 from .trace import Trace
@@ -18,12 +18,12 @@ def layer_paths(path: str | os.PathLike, layers: Sequence[int]) -> dict[int, Pat
 
 
 def draw_attention(trace: Trace, path: str | os.PathLike, layers: Sequence[int] | None = None,
-                   heads: Sequence[int] | None = None) -> list[Path]:
+                   heads: Sequence[int] | None = None, on_layer: Callable[[int], None] | None = None) -> list[Path]:
     """Write the attention of ``layers`` (default: every captured one) as ``path-L<layer>.png`` files.
 
     The trace must hold ``attn_scores`` (``model.run(..., capture=["attn_scores"])``). Each file is a grid
     of ``heads`` (default all), query tokens down, key tokens across, probabilities on a fixed 0..1 colour
-    scale. Returns the paths written.
+    scale. ``on_layer`` is called after each layer is written (progress). Returns the paths written.
     """
     from .plot import attention_sheet, save_png
 
@@ -35,4 +35,6 @@ def draw_attention(trace: Trace, path: str | os.PathLike, layers: Sequence[int] 
     for il, file in layer_paths(path, layers).items():
         image = attention_sheet(trace.attention(il), trace.token_strs, title=f"layer {il}", heads=heads)
         written.append(save_png(image, file))
+        if on_layer is not None:
+            on_layer(il)
     return written

@@ -6,6 +6,7 @@ line on stderr (``--debug`` shows the traceback).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -43,6 +44,13 @@ def name_layer(spec: str, option: str) -> tuple[str, int]:
     if layer is None:
         raise click.BadParameter(f"expected NAME-LAYER (e.g. l_out-12), got {spec!r}", param_hint=option)
     return name, layer
+
+
+def progress(length: int, label: str):
+    """A progress bar on stderr when it is a terminal; nothing otherwise (pipes and --json stay clean)."""
+    if sys.stderr.isatty() and length > 1:
+        return click.progressbar(length=length, label=label, file=sys.stderr)
+    return contextlib.nullcontext(None)
 
 
 def print_lens(lens, top_k: int) -> None:
@@ -193,7 +201,9 @@ def cli(model_path, prompt, prompt_file, n_predict, ctx_size, threads, n_gpu_lay
                 lenses = [model.logit_lens(ids, tensor=n, top_k=ll_topk, norm=norm_lens) for n in names]
                 result["logit_lens"] = [lens_json(lens) for lens in lenses]
             if n_predict > 0:
-                gen = model.generate(ids, n_predict, temp=temp, seed=seed, isolate=isolate)
+                with progress(n_predict, "generating") as bar:
+                    gen = model.generate(ids, n_predict, temp=temp, seed=seed, isolate=isolate,
+                                         on_token=bar and (lambda _: bar.update(1)))
                 result["generated"] = {"tokens": gen.tokens, "text": gen.text}
 
         files = []
@@ -207,7 +217,8 @@ def cli(model_path, prompt, prompt_file, n_predict, ctx_size, threads, n_gpu_lay
                 files += [str(lens.to_png(base.with_name(f"{base.stem}-{lens.tensor}{base.suffix or '.png'}")))
                           for lens in lenses]
         if draw:
-            files += [str(p) for p in draw_attention(trace, draw_path, layers)]
+            with progress(len(layers), "drawing attention") as bar:
+                files += [str(p) for p in draw_attention(trace, draw_path, layers, on_layer=bar and (lambda _: bar.update(1)))]
         result["files"] = files
         last = trace.logits[-1].astype(np.float64)
         top = np.argsort(-last)[:5]

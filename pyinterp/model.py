@@ -7,7 +7,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -450,11 +450,11 @@ class Model:
 
     def generate(self, prompt: str | Sequence[int], n: int, *, temp: float = 0.0, seed: int | None = None,
                  ablate: Iterable[Head] = (), isolate: Head | None = None, patch: Iterable[Patch] = (),
-                 stop_at_eog: bool = True) -> Generation:
+                 stop_at_eog: bool = True, on_token: Callable[[int], None] | None = None) -> Generation:
         """Generate up to ``n`` tokens after ``prompt``; greedy when ``temp`` is 0.
 
         Interventions (arguments and context managers) stay on for every generated token; patches
-        apply to the prompt positions they name.
+        apply to the prompt positions they name. ``on_token`` is called with each new token (progress).
         """
         self._live()
         if n < 0:
@@ -481,6 +481,8 @@ class Model:
                 if stop_at_eog and lib.llama_vocab_is_eog(self._vocab, token):
                     break
                 out.append(token)
+                if on_token is not None:
+                    on_token(token)
                 if step < n - 1:
                     self._decode([token], len(ids) + step, False)
         finally:
