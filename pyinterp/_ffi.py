@@ -7,6 +7,7 @@ The libraries (patched llama.cpp, ggml and pyinterp's own ``libpyinterp_native``
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
 from pathlib import Path
@@ -147,6 +148,11 @@ def _on_log(level: int, text, user_data) -> None:
 
 lib.llama_log_set(_on_log, ffi.NULL)
 lib.llama_backend_init()
+
+
+def build_info() -> dict:
+    """Where the packaged llama.cpp came from, the patches applied to it and the ggml backends built."""
+    return json.loads((LIB_DIR / "build_info.json").read_text())
 
 
 def set_verbose(verbose: bool) -> None:

