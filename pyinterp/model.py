@@ -254,7 +254,10 @@ class Model:
             lib.pi_add_capture(st, name.encode(), il)
         for name, il, pos, row in plan.patches:
             if lib.pi_add_patch(st, name.encode(), il, pos, ffi.from_buffer("float[]", row), row.shape[0]) != 0:
-                raise PyinterpError(f"patch {name}-{il}: {ffi.string(lib.pi_last_error(st)).decode()}")
+                raise self._native_error(f"patch {name}-{il}")
+
+    def _native_error(self, what: str) -> PyinterpError:
+        return PyinterpError(f"{what}: {ffi.string(lib.pi_last_error(self._state)).decode()}")
 
     def _clear(self) -> None:
         lib.pi_plan_clear(self._state)
@@ -284,7 +287,7 @@ class Model:
             n0 = n_tokens if name in ATTENTION_TENSORS else dims[0]
             arr = np.empty([*reversed(dims[1:rank]), n0], dtype=np.float32)
             if lib.pi_capture_read(self._state, i, ffi.from_buffer("float[]", arr), arr.size, n0) != 0:
-                raise PyinterpError(f"{name}-{il}: {ffi.string(lib.pi_last_error(self._state)).decode()}")
+                raise self._native_error(f"{name}-{il}")
             out[name, il] = arr
         return out
 
@@ -309,7 +312,7 @@ class Model:
             ret = lib.pi_lens_read(self._state, il, ffi.from_buffer("int32_t[]", ids),
                                    ffi.from_buffer("float[]", probs), ids.size)
             if ret < 0:
-                raise PyinterpError(f"logit lens: {ffi.string(lib.pi_last_error(self._state)).decode()}")
+                raise self._native_error("logit lens")
             if ret == 0:
                 order = np.argsort(-probs, axis=1, kind="stable")
                 out[il] = (np.take_along_axis(ids, order, 1), np.take_along_axis(probs, order, 1))
@@ -389,13 +392,13 @@ class Model:
         self._apply(plan)
         try:
             if lens is not None and lib.pi_set_lens(self._state, lens[0].encode(), lens[1], lens[2]) != 0:
-                raise PyinterpError(f"logit lens: {ffi.string(lib.pi_last_error(self._state)).decode()}")
+                raise self._native_error("logit lens")
             if attribution is not None:
                 terms, targets = attribution
                 keep = [ffi.new("char[]", name.encode()) for name, _ in terms]
                 if lib.pi_set_attribution(self._state, ffi.new("const char *[]", keep), ffi.new("int32_t[]", [il for _, il in terms]),
                                           len(terms), ffi.new("int32_t[]", targets), len(targets)) != 0:
-                    raise PyinterpError(f"logit attribution: {ffi.string(lib.pi_last_error(self._state)).decode()}")
+                    raise self._native_error("logit attribution")
             if graph:
                 lib.pi_set_record(self._state, True)  # keeps the hook set, so the graph is seen
             lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
@@ -417,7 +420,7 @@ class Model:
             values = np.empty((n_tokens, len(targets)), dtype=np.float32)
             ret = lib.pi_attribution_read(self._state, i, ffi.from_buffer("float[]", values), values.size)
             if ret < 0:
-                raise PyinterpError(f"logit attribution: {ffi.string(lib.pi_last_error(self._state)).decode()}")
+                raise self._native_error("logit attribution")
             if ret == 1:
                 raise PyinterpError(f"logit attribution: {name}-{il} was not in the graph")
             out.append(values)
