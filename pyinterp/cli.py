@@ -59,7 +59,7 @@ def print_lens(lens, top_k: int) -> None:
     for li, il in enumerate(lens.layers):
         click.echo(f"\nlayer {il}:")
         for t, token in enumerate(lens.token_strs):
-            tops = ", ".join(f"{s!r} {p:.3f}" for s, p in zip(strs[li][t], lens.probs[li, t]))
+            tops = ", ".join(f"{s!r} {p:.3f}" for s, p in zip(strs[li][t], lens.probs[li, t], strict=True))
             click.echo(f"  [{t}] {token!r}: {tops}")
 
 
@@ -70,7 +70,7 @@ def lens_json(lens) -> dict:
         "layers": [
             {"layer": il, "tokens": [
                 {"token": tok, "top": [{"id": int(i), "str": s, "p": float(p)}
-                                       for i, s, p in zip(lens.ids[li, t], strs[li][t], lens.probs[li, t])]}
+                                       for i, s, p in zip(lens.ids[li, t], strs[li][t], lens.probs[li, t], strict=True)]}
                 for t, tok in enumerate(lens.token_strs)]}
             for li, il in enumerate(lens.layers)],
     }

@@ -15,6 +15,7 @@ from . import _ffi, zoo
 from ._ffi import ffi, lib
 from .errors import InputError, PyinterpError
 from .hooks import ATTENTION_TENSORS, Head, Patch, Plan, Planner, TensorInfo, split_name
+from .lens import Attribution, LogitLens
 from .trace import Trace
 
 GGUF_MAGIC = b"GGUF"
@@ -319,7 +320,7 @@ class Model:
         return out
 
     def logit_lens(self, tokens_or_text: str | Sequence[int], tensor: str = "l_out", top_k: int = 10,
-                   norm: bool = True) -> "LogitLens":
+                   norm: bool = True) -> LogitLens:
         """Unembed ``tensor`` of every layer at every token and keep the top-k tokens.
 
         ``norm=True`` (the norm lens) applies the model's final norm first, as the model does to its last
@@ -327,8 +328,6 @@ class Model:
         with the model's own (quantized, possibly tied) unembedding; interventions of the context
         managers apply. Returns a :class:`pyinterp.lens.LogitLens`.
         """
-        from .lens import LogitLens
-
         self._live()
         ids = self._tokens(tokens_or_text)
         self._lens_check(tensor, top_k)
@@ -345,7 +344,7 @@ class Model:
         )
 
     def logit_attribution(self, tokens_or_text: str | Sequence[int], target: int | str | None = None,
-                          position: int = -1) -> "Attribution":
+                          position: int = -1) -> Attribution:
         """Direct logit attribution: how much each term of the residual stream adds to one logit.
 
         The residual stream at the last layer is the embedding plus every layer's attention and FFN
@@ -354,8 +353,6 @@ class Model:
         graph. The terms add up to the target's logit. ``target``: a token id or single-token text; default
         the model's top prediction at ``position``. Interventions of the context managers apply.
         """
-        from .lens import Attribution
-
         self._live()
         ids = self._tokens(tokens_or_text)
         if not -len(ids) <= position < len(ids):

@@ -175,7 +175,7 @@ class Reference:
         weight = norm.weight.detach().float()
         if "Gemma" in type(norm).__name__:
             weight = 1.0 + weight  # Gemma's RMS norm scales by (1 + w)
-        eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")
+        eps = getattr(norm, "variance_epsilon", None) or norm.eps
         final = torch.as_tensor(result.l_out[-1][position])
         scale = torch.rsqrt(final.pow(2).mean() + eps)
         row = self.model.lm_head.weight[target].detach().float()
