@@ -3,7 +3,8 @@
 
 1. pyinterp on one prompt (default 128 tokens): plain, 1-head ablation, 1-row patch and capture of
    every layer's attention, interleaved round by round; medians and ratios to plain.
-   Targets: ablation <= 1.03, patch <= 1.03, full attention capture <= 1.3.
+   Targets: ablation <= 1.03, patch <= 1.03, full attention capture <= 1.3. Then generation, plain
+   and with one head ablated (no target: a hooked graph is rebuilt for every token).
 2. The same llama_decode from a small C program (decode_bench.c, stock llama.h API only) linked
    once against pyinterp's patched libllama (hook unset) and once against llama.cpp built from the
    same source without the patches (built into build/stock on first use). Target: <= 1.05.
@@ -57,6 +58,18 @@ def bench_pyinterp(model: pyinterp.Model, ids: list[int], runs: int) -> dict[str
             t0 = time.perf_counter()
             model.run(ids, **kwargs)
             times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_generation(model: pyinterp.Model, n: int, rounds: int) -> dict[str, float]:
+    """Seconds per generated token, plain and with one head ablated (a hooked graph is rebuilt every token)."""
+    variants = {"plain": {}, "ablate 1 head": {"ablate": [(model.n_layer // 2, 1)]}}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, kwargs in variants.items():
+            t0 = time.perf_counter()
+            model.generate("Once upon a time", n, stop_at_eog=False, **kwargs)
+            times[name].append((time.perf_counter() - t0) / n)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -127,6 +140,7 @@ def main() -> int:
         print(f"{model}\n{args.tokens}-token prompt, {args.threads} threads, median of {args.runs} interleaved runs")
         report("pyinterp Model.run (targets: ablate <= 1.03, patch <= 1.03, capture <= 1.3)",
                bench_pyinterp(model, ids, args.runs), "plain", args.tokens)
+        report("pyinterp Model.generate, 64 tokens (time per token)", bench_generation(model, 64, 5), "plain", 1)
     if not args.no_stock:
         if shutil.which("ninja") is None or shutil.which("cmake") is None:
             sys.exit("bench: the stock comparison needs cmake and ninja (pip install cmake ninja)")
