@@ -183,7 +183,7 @@ def cli(model_path, prompt, prompt_file, n_predict, ctx_size, threads, n_gpu_lay
 
     result: dict = {}
     with Model(model_path, n_ctx=ctx_size, n_threads=threads, n_gpu_layers=n_gpu_layers, verbose=verbose) as model:
-        ids = model._tokens(prompt)
+        ids = model.prompt_ids(prompt)
         ablate = parse_heads(ablate_spec, model.n_layer, model.n_head) if ablate_spec else []
         patches = []
         for action in actions:

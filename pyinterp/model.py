@@ -182,7 +182,9 @@ class Model:
         """The text piece of one token (special tokens rendered, partial UTF-8 characters replaced)."""
         return self.token_bytes(token).decode("utf-8", "replace")
 
-    def _tokens(self, tokens_or_text: str | Sequence[int]) -> list[int]:
+    def prompt_ids(self, tokens_or_text: str | Sequence[int]) -> list[int]:
+        """The token ids a run would use: text tokenized (BOS as the model wants), or ids checked against
+        the vocabulary; either way non-empty and no longer than the context."""
         ids = self.tokenize(tokens_or_text) if isinstance(tokens_or_text, str) else self._check_ids(tokens_or_text)
         if not ids:
             raise InputError("the prompt is empty")
@@ -329,7 +331,7 @@ class Model:
         managers apply. Returns a :class:`pyinterp.lens.LogitLens`.
         """
         self._live()
-        ids = self._tokens(tokens_or_text)
+        ids = self.prompt_ids(tokens_or_text)
         self._lens_check(tensor, top_k)
         plan = self._plan(len(ids), (), (), None, ())
         lens = self._forward(ids, plan, (tensor, norm, top_k))[2]
@@ -354,7 +356,7 @@ class Model:
         the model's top prediction at ``position``. Interventions of the context managers apply.
         """
         self._live()
-        ids = self._tokens(tokens_or_text)
+        ids = self.prompt_ids(tokens_or_text)
         if not -len(ids) <= position < len(ids):
             raise InputError(f"position {position} out of range (the prompt has {len(ids)} tokens)")
         position %= len(ids)
@@ -428,7 +430,7 @@ class Model:
         """One line per node of the graph llama.cpp builds for this prompt (with these interventions):
         name, op, type, ggml shape and the sources it reads."""
         self._live()
-        ids = self._tokens(tokens_or_text)
+        ids = self.prompt_ids(tokens_or_text)
         plan = self._plan(len(ids), capture, ablate, isolate, patch)
         return self._forward(ids, plan, graph=True)[3]
 
@@ -443,7 +445,7 @@ class Model:
         Interventions of the ``ablated``/``isolated``/``patched`` context managers apply too.
         """
         self._live()
-        ids = self._tokens(tokens_or_text)
+        ids = self.prompt_ids(tokens_or_text)
         plan = self._plan(len(ids), capture, ablate, isolate, patch)
         logits, captured = self._forward(ids, plan)[:2]
         return Trace(ids, logits, captured, [self.token_str(t) for t in ids])
@@ -461,7 +463,7 @@ class Model:
             raise InputError(f"n must be >= 0, got {n}")
         if temp < 0:
             raise InputError(f"temp must be >= 0, got {temp}")
-        ids = self._tokens(prompt)
+        ids = self.prompt_ids(prompt)
         if len(ids) + n > self.n_ctx:
             raise InputError(f"prompt ({len(ids)} tokens) plus {n} new tokens exceed the context of {self.n_ctx}")
         rng = np.random.default_rng(seed)
