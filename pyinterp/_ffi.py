@@ -51,13 +51,19 @@ ffi.cdef(
     int32_t llama_detokenize(const struct llama_vocab * vocab, const llama_token * tokens, int32_t n_tokens,
                              char * text, int32_t text_len_max, bool remove_special, bool unparse_special);
 
+    typedef struct ggml_backend_device * ggml_backend_dev_t;
+    ggml_backend_dev_t llama_model_layer_dev(const struct llama_model * model, int32_t il);
+    const char * ggml_backend_dev_name(ggml_backend_dev_t device);
+
     llama_memory_t llama_get_memory(const struct llama_context * ctx);
     void llama_memory_clear(llama_memory_t mem, bool data);
     float * llama_get_logits(struct llama_context * ctx);
     void llama_set_attn_explicit(struct llama_context * ctx, int32_t il, bool value);
 
     struct pi_state;
-    struct llama_model   * pi_model_load(const char * path, int32_t n_gpu_layers);
+    struct llama_model   * pi_model_load(const char * path, int32_t n_gpu_layers, const char * rpc_endpoint);
+    bool                   pi_has_rpc(void);
+    void                   pi_rpc_serve(const char * endpoint, int32_t n_threads);
     struct llama_context * pi_context_new(struct llama_model * model, uint32_t n_ctx, int32_t n_threads, int32_t flash_attn);
     struct pi_state * pi_state_new(struct llama_context * ctx);
     void              pi_state_free(struct pi_state * st);

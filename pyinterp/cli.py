@@ -124,6 +124,8 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 @click.option("-c", "--ctx-size", default=2048, show_default=True, help="Context size (tokens).")
 @click.option("-t", "--threads", default=None, type=int, help="Threads (default: all cores).")
 @click.option("--n-gpu-layers", "-ngl", default=0, show_default=True, help="Layers to offload to the GPU (-1: all).")
+@click.option("--rpc", default=None, metavar="HOST:PORT",
+              help="Offload the --n-gpu-layers layers to a ggml RPC server (python -m pyinterp.rpc).")
 @click.option("--seed", default=None, type=int, help="Sampling seed.")
 @click.option("--temp", default=0.0, show_default=True, help="Sampling temperature; 0 = greedy.")
 @click.option("--ll", "--logit-lens", "lens_name", default=None, metavar="NAME",
@@ -154,7 +156,7 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 @click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=show_version,
               help="Show the version, the llama.cpp source, patches and backends, and exit.")
-def cli(model_path, prompt, prompt_file, n_predict, ctx_size, threads, n_gpu_layers, seed, temp, lens_name, ll_topk,
+def cli(model_path, prompt, prompt_file, n_predict, ctx_size, threads, n_gpu_layers, rpc, seed, temp, lens_name, ll_topk,
         norm_lens, ll_png, draw, draw_path, draw_layers, ablate_spec, isolate, saves, loads, patch_specs, patch_avg,
         print_cgraph, as_json, verbose, debug):
     """Run a GGUF model and look inside: logit lens, attention pictures, head ablation, activation patching."""
@@ -182,7 +184,8 @@ def cli(model_path, prompt, prompt_file, n_predict, ctx_size, threads, n_gpu_lay
     saves = [(name_layer(spec, "--save"), Path(file)) for spec, file in saves]
 
     result: dict = {}
-    with Model(model_path, n_ctx=ctx_size, n_threads=threads, n_gpu_layers=n_gpu_layers, verbose=verbose) as model:
+    with Model(model_path, n_ctx=ctx_size, n_threads=threads, n_gpu_layers=n_gpu_layers, rpc=rpc,
+               verbose=verbose) as model:
         ids = model.prompt_ids(prompt)
         ablate = parse_heads(ablate_spec, model.n_layer, model.n_head) if ablate_spec else []
         patches = []

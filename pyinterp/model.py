@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -48,6 +49,19 @@ def _with_buffer(ctype: str, cap: int, call) -> tuple[object, int]:
     return buf, n
 
 
+def _check_rpc(endpoint: str) -> None:
+    """ggml aborts the process when an RPC server cannot be reached: look first."""
+    if not lib.pi_has_rpc():
+        raise InputError("this pyinterp was built without RPC; reinstall with CMAKE_ARGS=-DGGML_RPC=ON pip install .")
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"RPC endpoint must be host:port, got {endpoint!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise PyinterpError(f"cannot reach the RPC server at {endpoint}: {e.strerror or e}") from None
+
+
 def _llama_error(what: str) -> PyinterpError:
     detail = _ffi.first_error()
     return PyinterpError(f"{what}: {detail}" if detail else what)
@@ -58,11 +72,14 @@ class Model:
 
     ``path`` is a GGUF file or a known name (``"smollm2"``, the default, or ``"gemma3"``).
     ``flash_attn`` None lets llama.cpp decide; layers whose attention weights are captured always
-    run the explicit attention path. C memory is freed by :meth:`close` (or ``with Model() as m:``).
+    run the explicit attention path. ``rpc`` ("host:port" of a ggml RPC server, see ``pyinterp.rpc``)
+    offloads ``n_gpu_layers`` layers to that server (builds with ``-DGGML_RPC=ON``). C memory is freed by
+    :meth:`close` (or ``with Model() as m:``).
     """
 
     def __init__(self, path: str | os.PathLike | None = None, *, n_ctx: int = 2048, n_threads: int | None = None,
-                 n_gpu_layers: int = 0, flash_attn: bool | None = None, verbose: bool = False) -> None:
+                 n_gpu_layers: int = 0, flash_attn: bool | None = None, rpc: str | None = None,
+                 verbose: bool = False) -> None:
         _ffi.set_verbose(verbose)
         self.path = zoo.resolve(path)
         _check_gguf(self.path)
@@ -74,8 +91,10 @@ class Model:
             raise InputError(f"n_threads must be at least 1, got {n_threads}")
         self._model = self._ctx = self._state = ffi.NULL
 
+        if rpc is not None:
+            _check_rpc(rpc)
         _ffi.clear_errors()
-        self._model = lib.pi_model_load(str(self.path).encode(), n_gpu_layers)
+        self._model = lib.pi_model_load(str(self.path).encode(), n_gpu_layers, rpc.encode() if rpc else ffi.NULL)
         if self._model == ffi.NULL:
             raise _llama_error(f"cannot load model {self.path}")
         n_ctx_train = lib.llama_model_n_ctx_train(self._model)
@@ -140,6 +159,13 @@ class Model:
     def __repr__(self) -> str:
         return (f"Model({self.path.name!r}, arch={self.arch}, n_layer={self.n_layer}, n_head={self.n_head}, "
                 f"n_head_kv={self.n_head_kv}, n_embd={self.n_embd}, n_vocab={self.n_vocab}, n_ctx={self.n_ctx})")
+
+    def layer_device(self, layer: int) -> str:
+        """The ggml device that computes ``layer`` (-1: the output layer), e.g. ``CPU``, ``CUDA0``, ``RPC0[host:port]``."""
+        self._live()
+        if not -1 <= layer < self.n_layer:
+            raise InputError(f"layer {layer} out of range (the model has {self.n_layer} layers: 0..{self.n_layer - 1}, or -1)")
+        return ffi.string(lib.ggml_backend_dev_name(lib.llama_model_layer_dev(self._model, layer))).decode()
 
     # tokens
 

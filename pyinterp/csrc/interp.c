@@ -10,6 +10,9 @@
 
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
+#ifdef PYINTERP_RPC
+#include "ggml-rpc.h"
+#endif
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -126,10 +129,43 @@ const char * pi_last_error(const struct pi_state * st) {
 // model and context
 //
 
-struct llama_model * pi_model_load(const char * path, int32_t n_gpu_layers) {
+// rpc_endpoint (host:port of a ggml RPC server, or NULL): offload to that server's first device only
+struct llama_model * pi_model_load(const char * path, int32_t n_gpu_layers, const char * rpc_endpoint) {
     struct llama_model_params params = llama_model_default_params();
     params.n_gpu_layers = n_gpu_layers;
+    ggml_backend_dev_t devices[2] = { NULL, NULL };
+    if (rpc_endpoint != NULL) {
+#ifdef PYINTERP_RPC
+        ggml_backend_reg_t reg = ggml_backend_rpc_add_server(rpc_endpoint);
+        if (reg == NULL || ggml_backend_reg_dev_count(reg) == 0) {
+            return NULL;
+        }
+        devices[0] = ggml_backend_reg_dev_get(reg, 0);
+        params.devices = devices;
+#else
+        return NULL;
+#endif
+    }
     return llama_model_load_from_file(path, params);
+}
+
+bool pi_has_rpc(void) {
+#ifdef PYINTERP_RPC
+    return true;
+#else
+    return false;
+#endif
+}
+
+// serve this process's CPU to ggml RPC clients at endpoint (host:port); returns only on failure
+void pi_rpc_serve(const char * endpoint, int32_t n_threads) {
+#ifdef PYINTERP_RPC
+    ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    ggml_backend_rpc_start_server(endpoint, NULL, n_threads, 1, &cpu);
+#else
+    (void) endpoint;
+    (void) n_threads;
+#endif
 }
 
 struct llama_context * pi_context_new(struct llama_model * model, uint32_t n_ctx, int32_t n_threads, int32_t flash_attn) {
