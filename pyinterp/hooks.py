@@ -71,19 +71,19 @@ class Planner:
             raise InputError(f"unknown tensor name {name!r}; this model's graph has: {names}")
         return layers
 
+    @staticmethod
+    def _index(value: int, count: int, what: str, kind: str, owner: str) -> int:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+            raise InputError(f"{what}: {kind} must be an integer, got {value!r}")
+        if not 0 <= value < count:
+            raise InputError(f"{what}: {kind} {value} out of range ({owner} {count} {kind}s: 0..{count - 1})")
+        return int(value)
+
     def _layer(self, layer: int, what: str) -> int:
-        if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool):
-            raise InputError(f"{what}: layer must be an integer, got {layer!r}")
-        if not 0 <= layer < self.n_layer:
-            raise InputError(f"{what}: layer {layer} out of range (the model has {self.n_layer} layers: 0..{self.n_layer - 1})")
-        return int(layer)
+        return self._index(layer, self.n_layer, what, "layer", "the model has")
 
     def _head(self, head: int, what: str) -> int:
-        if not isinstance(head, (int, np.integer)) or isinstance(head, bool):
-            raise InputError(f"{what}: head must be an integer, got {head!r}")
-        if not 0 <= head < self.n_head:
-            raise InputError(f"{what}: head {head} out of range (layers have {self.n_head} heads: 0..{self.n_head - 1})")
-        return int(head)
+        return self._index(head, self.n_head, what, "head", "layers have")
 
     def captures(self, specs: Iterable[str]) -> list[tuple[str, int]]:
         """``["attn_scores", "l_out-5"]`` -> ``[("attn_scores", 0), ..., ("l_out", 5)]``."""
