@@ -86,3 +86,17 @@ def test_unreachable_server():
         pyinterp.Model("smollm2", rpc=f"127.0.0.1:{port}")
     with pytest.raises(pyinterp.InputError, match="host:port"):
         pyinterp.Model("smollm2", rpc="nowhere")
+
+
+def test_cli_rpc(capsys, endpoint):
+    import json
+
+    from pyinterp.cli import main
+
+    args = ["-c", "512", "-p", PROMPT, "-a", "3:4", "--json"]
+    assert main([*args, "--rpc", endpoint, "--n-gpu-layers", "-1"]) == 0
+    remote = json.loads(capsys.readouterr().out)["next_token"]
+    assert main(args) == 0
+    local = json.loads(capsys.readouterr().out)["next_token"]
+    assert [t["id"] for t in remote] == [t["id"] for t in local]
+    assert remote[0]["p"] == pytest.approx(local[0]["p"], abs=2e-3)
