@@ -205,10 +205,14 @@ def cli(model_path, prompt, prompt_file, n_predict, ctx_size, threads, n_gpu_lay
         result["model"] = {"path": str(model.path), "arch": model.arch, "n_layer": model.n_layer,
                            "n_head": model.n_head, "n_embd": model.n_embd}
         result["prompt_tokens"] = [{"id": t, "str": model.token_str(t)} for t in ids]
-        with model.ablated(ablate), model.patched(patches):
-            trace = model.run(ids, capture=capture, isolate=isolate)
+        with contextlib.ExitStack() as interventions:  # on for every pass below
+            interventions.enter_context(model.ablated(ablate))
+            interventions.enter_context(model.patched(patches))
+            if isolate is not None:
+                interventions.enter_context(model.isolated(*isolate))
+            trace = model.run(ids, capture=capture)
             if print_cgraph:
-                result["cgraph"] = model.graph(ids, capture=capture, isolate=isolate)
+                result["cgraph"] = model.graph(ids, capture=capture)
             if lens_name is not None:
                 names = ["l_out", "attn_out", "ffn_out", "kqv_out"] if lens_name == "all" else [lens_name]
                 if lens_name == "all":
@@ -218,7 +222,7 @@ def cli(model_path, prompt, prompt_file, n_predict, ctx_size, threads, n_gpu_lay
                 result["logit_lens"] = [lens_json(lens) for lens in lenses]
             if n_predict > 0:
                 with progress(n_predict, "generating") as bar:
-                    gen = model.generate(ids, n_predict, temp=temp, seed=seed, isolate=isolate,
+                    gen = model.generate(ids, n_predict, temp=temp, seed=seed,
                                          on_token=bar and (lambda _: bar.update(1)))
                 result["generated"] = {"tokens": gen.tokens, "text": gen.text}
 

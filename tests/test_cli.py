@@ -113,6 +113,18 @@ def test_ablate_and_isolate_flags(capsys, smollm2):
         assert gen == smollm2.generate(PROMPT, 4).tokens
 
 
+def test_interventions_apply_to_the_lens(capsys, smollm2):
+    """-a, -s and --patch hold for every pass of a run: the lens and the generation too."""
+    data = run_json(capsys, "-p", PROMPT, "-s", "4", "1", "-a", "9:0", "--ll", "l_out", "--ll-topk", "2", "-n", "3")
+    with smollm2.isolated(4, 1), smollm2.ablated([(9, 0)]):
+        lens = smollm2.logit_lens(PROMPT, top_k=2)
+        gen = smollm2.generate(PROMPT, 3)
+    got = np.array([[[t["id"] for t in tok["top"]] for tok in layer["tokens"]] for layer in data["logit_lens"][0]["layers"]])
+    np.testing.assert_array_equal(got, lens.ids)
+    assert not np.array_equal(got, smollm2.logit_lens(PROMPT, top_k=2).ids)
+    assert data["generated"]["tokens"] == gen.tokens
+
+
 @pytest.mark.parametrize("suffix", [".bin", ".npy", ".npz"])
 def test_save(capsys, tmp_path, smollm2, suffix):
     path = tmp_path / f"l_out-5{suffix}"
