@@ -514,6 +514,14 @@ static struct ggml_tensor * pi_replay(struct ggml_context * ctx, struct ggml_ten
     }
 }
 
+// the unembedding matrix product under result_output (after it may come soft-capping)
+static struct ggml_tensor * pi_unembedding(struct ggml_tensor * out) {
+    while (out != NULL && out->op != GGML_OP_MUL_MAT) {
+        out = out->src[0];
+    }
+    return out;
+}
+
 // at result_output: unembed every recorded layer the way the model unembeds its last layer
 static void pi_build_lens(struct pi_state * st, struct ggml_context * ctx, struct ggml_cgraph * gf,
                           struct ggml_tensor * out) {
@@ -521,10 +529,7 @@ static void pi_build_lens(struct pi_state * st, struct ggml_context * ctx, struc
     struct ggml_tensor * from = st->final_in;
     if (!lens->norm) {
         // the raw lens starts at the unembedding matrix product, after the final norm
-        struct ggml_tensor * mm = out;
-        while (mm != NULL && mm->op != GGML_OP_MUL_MAT) {
-            mm = mm->src[0];
-        }
+        struct ggml_tensor * mm = pi_unembedding(out);
         from = mm ? mm->src[1] : NULL;
     }
     if (from == NULL) {
@@ -560,10 +565,7 @@ static void pi_build_lens(struct pi_state * st, struct ggml_context * ctx, struc
 static void pi_build_attr(struct pi_state * st, struct ggml_context * ctx, struct ggml_cgraph * gf,
                           struct ggml_tensor * out) {
     struct pi_attr * attr = &st->attr;
-    struct ggml_tensor * mm = out;
-    while (mm != NULL && mm->op != GGML_OP_MUL_MAT) {
-        mm = mm->src[0];
-    }
+    struct ggml_tensor * mm = pi_unembedding(out);
     struct ggml_tensor * normed = mm ? mm->src[1] : NULL;
     if (st->final_in == NULL || normed == NULL || normed->op != GGML_OP_MUL || normed->src[0]->op != GGML_OP_RMS_NORM ||
         normed->src[0]->src[0] != st->final_in) {
