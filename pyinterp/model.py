@@ -8,7 +8,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -20,6 +20,16 @@ from .lens import Attribution, LogitLens
 from .trace import Trace
 
 GGUF_MAGIC = b"GGUF"
+
+
+class _Pass(NamedTuple):
+    """What one decode under a plan returns (see Model._forward)."""
+
+    logits: np.ndarray
+    captured: dict[tuple[str, int], np.ndarray]
+    lens: dict[int, tuple[np.ndarray, np.ndarray]]
+    graph: list[str]
+    attribution: list[np.ndarray]
 
 
 @dataclass
@@ -360,7 +370,7 @@ class Model:
         ids = self.prompt_ids(tokens_or_text)
         self._lens_check(tensor, top_k)
         plan = self._plan(len(ids), (), (), None, ())
-        lens = self._forward(ids, plan, (tensor, norm, top_k))[2]
+        lens = self._forward(ids, plan, (tensor, norm, top_k)).lens
         layers = sorted(lens)
         top_ids = np.stack([lens[il][0] for il in layers])
         names = {int(i): self.token_str(int(i)) for i in np.unique(top_ids)}
@@ -395,23 +405,23 @@ class Model:
         terms = [(embed, -1)] + [(name, il) for il in range(self.n_layer) for name in names]
         plan = self._plan(len(ids), (), (), None, ())
         if target is None:
-            target = int(np.argmax(self._forward(ids, plan)[0][position]))
+            target = int(np.argmax(self._forward(ids, plan).logits[position]))
         elif isinstance(target, str):
             pieces = self.tokenize(target, add_bos=False)
             if len(pieces) != 1:
                 raise InputError(f"target {target!r} is {len(pieces)} tokens, not one")
             target = pieces[0]
         (target,) = self._check_ids([target])
-        logits, _, _, _, attributed = self._forward(ids, plan, attribution=(terms, [target]))
-        values = np.array([attributed[i][position, 0] for i in range(len(terms))], dtype=np.float32)
+        done = self._forward(ids, plan, attribution=(terms, [target]))
+        values = np.array([term[position, 0] for term in done.attribution], dtype=np.float32)
         return Attribution(
-            target=target, target_str=self.token_str(target), position=position, logit=float(logits[position, target]),
+            target=target, target_str=self.token_str(target), position=position, logit=float(done.logits[position, target]),
             labels=[name if il < 0 else f"{name}-{il}" for name, il in terms], values=values,
             attn=values[1::2].copy(), ffn=values[2::2].copy(), embed=float(values[0]),
         )
 
     def _forward(self, ids: list[int], plan: Plan, lens: tuple[str, bool, int] | None = None, graph: bool = False,
-                 attribution: tuple[list[tuple[str, int]], list[int]] | None = None):
+                 attribution: tuple[list[tuple[str, int]], list[int]] | None = None) -> _Pass:
         """Decode ``ids`` from an empty cache under ``plan``; returns logits, captures, lens top-k, the lines
         describing every node of the graph (when ``graph``) and the attribution of each term."""
         self._apply(plan)
@@ -436,7 +446,7 @@ class Model:
             attributed = self._read_attribution(len(ids), attribution) if attribution is not None else []
         finally:
             self._clear()
-        return logits, captured, lens_out, lines, attributed
+        return _Pass(logits, captured, lens_out, lines, attributed)
 
     def _read_attribution(self, n_tokens: int, attribution) -> list[np.ndarray]:
         terms, targets = attribution
@@ -458,7 +468,7 @@ class Model:
         self._live()
         ids = self.prompt_ids(tokens_or_text)
         plan = self._plan(len(ids), capture, ablate, isolate, patch)
-        return self._forward(ids, plan, graph=True)[3]
+        return self._forward(ids, plan, graph=True).graph
 
     def run(self, tokens_or_text: str | Sequence[int], *, capture: Iterable[str] = (), ablate: Iterable[Head] = (),
             isolate: Head | None = None, patch: Iterable[Patch] = ()) -> Trace:
@@ -473,8 +483,8 @@ class Model:
         self._live()
         ids = self.prompt_ids(tokens_or_text)
         plan = self._plan(len(ids), capture, ablate, isolate, patch)
-        logits, captured = self._forward(ids, plan)[:2]
-        return Trace(ids, logits, captured, [self.token_str(t) for t in ids])
+        done = self._forward(ids, plan)
+        return Trace(ids, done.logits, done.captured, [self.token_str(t) for t in ids])
 
     def generate(self, prompt: str | Sequence[int], n: int, *, temp: float = 0.0, seed: int | None = None,
                  ablate: Iterable[Head] = (), isolate: Head | None = None, patch: Iterable[Patch] = (),
