@@ -64,7 +64,8 @@ ffi.cdef(
     struct llama_model   * pi_model_load(const char * path, int32_t n_gpu_layers, const char * rpc_endpoint);
     bool                   pi_has_rpc(void);
     void                   pi_rpc_serve(const char * endpoint, int32_t n_threads);
-    struct llama_context * pi_context_new(struct llama_model * model, uint32_t n_ctx, int32_t n_threads, int32_t flash_attn);
+    struct llama_context * pi_context_new(struct llama_model * model, uint32_t n_ctx, int32_t n_threads, int32_t flash_attn,
+                                                   int32_t type_k, int32_t type_v);
     struct pi_state * pi_state_new(struct llama_context * ctx);
     void              pi_state_free(struct pi_state * st);
     const char *      pi_last_error(const struct pi_state * st);

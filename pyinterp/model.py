@@ -21,6 +21,9 @@ from .trace import Trace
 
 GGUF_MAGIC = b"GGUF"
 
+# KV cache types llama.cpp accepts (-ctk/-ctv), as enum ggml_type values
+KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7}
+
 
 class _Pass(NamedTuple):
     """What one decode under a plan returns (see Model._forward)."""
@@ -81,15 +84,20 @@ class Model:
     """A GGUF model loaded by the patched llama.cpp.
 
     ``path`` is a GGUF file or a known name (``"smollm2"``, the default, or ``"gemma3"``).
-    ``flash_attn`` None lets llama.cpp decide; layers whose attention weights are captured always
-    run the explicit attention path. ``rpc`` ("host:port" of a ggml RPC server, see ``pyinterp.rpc``)
+
+    Defaults favour faithfulness over speed: every layer runs the explicit attention path
+    (``flash_attn=False``) over an F32 KV cache (``type_k``/``type_v`` ``"f32"``), so K·Q, the softmax and
+    the weighted sum of V are computed in F32 on every backend, and a run computes the same numbers
+    whether or not it captures attention. ``flash_attn=None`` lets llama.cpp decide and ``True`` forces
+    flash attention (faster, but K and V are rounded to F16 and, on CPU, V is accumulated in F16; layers
+    whose attention weights are captured still run the explicit path); ``"f16"`` halves the KV cache. ``rpc`` ("host:port" of a ggml RPC server, see ``pyinterp.rpc``)
     offloads ``n_gpu_layers`` layers to that server (builds with ``-DGGML_RPC=ON``). C memory is freed by
     :meth:`close` (or ``with Model() as m:``).
     """
 
     def __init__(self, path: str | os.PathLike | None = None, *, n_ctx: int = 2048, n_threads: int | None = None,
-                 n_gpu_layers: int = 0, flash_attn: bool | None = None, rpc: str | None = None,
-                 verbose: bool = False) -> None:
+                 n_gpu_layers: int = 0, flash_attn: bool | None = False, type_k: str = "f32", type_v: str = "f32",
+                 rpc: str | None = None, verbose: bool = False) -> None:
         _ffi.set_verbose(verbose)
         self.path = zoo.resolve(path)
         _check_gguf(self.path)
@@ -99,6 +107,11 @@ class Model:
             n_threads = len(os.sched_getaffinity(0))
         if n_threads < 1:
             raise InputError(f"n_threads must be at least 1, got {n_threads}")
+        for what, kv_type in (("type_k", type_k), ("type_v", type_v)):
+            if kv_type not in KV_TYPES:
+                raise InputError(f"{what} must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
+        if type_v not in ("f32", "f16", "bf16") and flash_attn is False:
+            raise InputError(f"a quantized V cache ({type_v}) needs flash attention (flash_attn=None or True)")
         self._model = self._ctx = self._state = ffi.NULL
 
         if rpc is not None:
@@ -112,7 +125,7 @@ class Model:
             self.close()
             raise InputError(f"n_ctx {n_ctx} exceeds the {n_ctx_train} tokens {self.path.name} was trained on")
         flash = -1 if flash_attn is None else int(bool(flash_attn))
-        self._ctx = lib.pi_context_new(self._model, n_ctx, n_threads, flash)
+        self._ctx = lib.pi_context_new(self._model, n_ctx, n_threads, flash, KV_TYPES[type_k], KV_TYPES[type_v])
         if self._ctx == ffi.NULL:
             self.close()
             raise _llama_error(f"cannot create a context of {n_ctx} tokens for {self.path}")

@@ -168,7 +168,9 @@ void pi_rpc_serve(const char * endpoint, int32_t n_threads) {
 #endif
 }
 
-struct llama_context * pi_context_new(struct llama_model * model, uint32_t n_ctx, int32_t n_threads, int32_t flash_attn) {
+// flash_attn: -1 auto, 0 off (the explicit path on every layer), 1 on; type_k/type_v: enum ggml_type of the KV cache
+struct llama_context * pi_context_new(struct llama_model * model, uint32_t n_ctx, int32_t n_threads, int32_t flash_attn,
+                                      int32_t type_k, int32_t type_v) {
     struct llama_context_params params = llama_context_default_params();
     params.n_ctx           = n_ctx;
     params.n_batch         = n_ctx;   // one prompt is one ubatch: patch rows and captures index it directly
@@ -180,6 +182,8 @@ struct llama_context * pi_context_new(struct llama_model * model, uint32_t n_ctx
     params.no_perf         = true;
     params.flash_attn_type = flash_attn < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO :
                              flash_attn > 0 ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    params.type_k          = (enum ggml_type) type_k;
+    params.type_v          = (enum ggml_type) type_v;
     return llama_init_from_model(model, params);
 }
 

@@ -13,7 +13,8 @@ struct pi_state;
 PI_API struct llama_model   * pi_model_load(const char * path, int32_t n_gpu_layers, const char * rpc_endpoint);
 PI_API bool                   pi_has_rpc(void);
 PI_API void                   pi_rpc_serve(const char * endpoint, int32_t n_threads);
-PI_API struct llama_context * pi_context_new(struct llama_model * model, uint32_t n_ctx, int32_t n_threads, int32_t flash_attn);
+PI_API struct llama_context * pi_context_new(struct llama_model * model, uint32_t n_ctx, int32_t n_threads, int32_t flash_attn,
+                                                   int32_t type_k, int32_t type_v);
 
 PI_API struct pi_state * pi_state_new(struct llama_context * ctx);
 PI_API void              pi_state_free(struct pi_state * st);
