@@ -15,6 +15,7 @@ import numpy as np
 from . import _ffi, zoo
 from ._ffi import ffi, lib
 from .errors import InputError, PyinterpError
+from .arch import arch_of
 from .hooks import ATTENTION_TENSORS, Head, Patch, Plan, Planner, TensorInfo, split_name
 from .lens import Attribution, LogitLens
 from .trace import Trace
@@ -358,7 +359,7 @@ class Model:
 
     def _read_lens(self, n_tokens: int, top_k: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         out = {}
-        for il in range(self.n_layer):
+        for il in range(-1, self.n_layer):  # -1: a tensor outside the layers (the embedding)
             ids = np.empty((n_tokens, top_k), dtype=np.int32)
             probs = np.empty((n_tokens, top_k), dtype=np.float32)
             ret = lib.pi_lens_read(self._state, il, ffi.from_buffer("int32_t[]", ids),
@@ -409,13 +410,12 @@ class Model:
         if not -len(ids) <= position < len(ids):
             raise InputError(f"position {position} out of range (the prompt has {len(ids)} tokens)")
         position %= len(ids)
+        arch = arch_of(self.arch)
         info = self.tensor_info()
-        pairs = [("attn_out", "ffn_out"), ("attn_post_norm", "ffn_post_norm")]
-        names = next((p for p in pairs if all(n in info.layers for n in p)), None)
-        if names is None:
-            raise InputError(f"logit attribution: no known residual terms in the graph of {self.arch}")
-        embed = "inp_scaled" if "inp_scaled" in info.layers else "embd"  # "inp_embd" is the input for vectors
-        terms = [(embed, -1)] + [(name, il) for il in range(self.n_layer) for name in names]
+        missing = [n for n in arch.residual_terms if n not in info.layers]
+        if missing:
+            raise PyinterpError(f"logit attribution: the graph of {self.arch} has no {', '.join(missing)}")
+        terms = [(arch.embedding, -1)] + [(name, il) for il in range(self.n_layer) for name in (arch.attn_term, arch.ffn_term)]
         plan = self._plan(len(ids), (), (), None, ())
         if target is None:
             target = int(np.argmax(self._forward(ids, plan).logits[position]))

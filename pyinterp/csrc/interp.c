@@ -52,9 +52,10 @@ struct pi_lens {
     char  name[PI_NAME_MAX];
     bool  norm;
     int32_t k;
-    struct ggml_tensor ** in;       // [n_layer] the tensor to unembed, per layer
-    struct ggml_tensor ** ids;      // [n_layer] [k, n_tokens] I32, top-k token ids (unordered)
-    struct ggml_tensor ** probs;    // [n_layer] [1, k, n_tokens] F32, their probabilities
+    // per slot il+1: slot 0 is the tensor outside the layers (the embedding), slot il+1 layer il
+    struct ggml_tensor ** in;       // [n_layer+1] the tensor to unembed
+    struct ggml_tensor ** ids;      // [n_layer+1] [k, n_tokens] I32, top-k token ids (unordered)
+    struct ggml_tensor ** probs;    // [n_layer+1] [1, k, n_tokens] F32, their probabilities
     bool failed;                    // the unembedding uses an op pi_replay does not know
 };
 
@@ -202,9 +203,9 @@ struct pi_state * pi_state_new(struct llama_context * ctx) {
     st->n_layer = llama_model_n_layer(st->model);
     st->n_head  = llama_model_n_head(st->model);
     st->layers  = calloc(st->n_layer, sizeof(struct pi_layer));
-    st->lens.in    = calloc(st->n_layer, sizeof(struct ggml_tensor *));
-    st->lens.ids   = calloc(st->n_layer, sizeof(struct ggml_tensor *));
-    st->lens.probs = calloc(st->n_layer, sizeof(struct ggml_tensor *));
+    st->lens.in    = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
+    st->lens.ids   = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
+    st->lens.probs = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
 
     for (int32_t il = 0; il < st->n_layer; ++il) {
         struct pi_layer * layer = &st->layers[il];
@@ -476,9 +477,11 @@ static void pi_build_begin(struct pi_state * st) {
     }
     for (int32_t il = 0; il < st->n_layer; ++il) {
         st->layers[il].scores_masked = false;
-        st->lens.in[il]    = NULL;
-        st->lens.ids[il]   = NULL;
-        st->lens.probs[il] = NULL;
+    }
+    for (int32_t slot = 0; slot <= st->n_layer; ++slot) {
+        st->lens.in[slot]    = NULL;
+        st->lens.ids[slot]   = NULL;
+        st->lens.probs[slot] = NULL;
     }
     for (int32_t i = 0; i < st->attr.n_terms; ++i) {
         st->attr.terms[i].in  = NULL;
@@ -540,8 +543,8 @@ static void pi_build_lens(struct pi_state * st, struct ggml_context * ctx, struc
         lens->failed = true;
         return;
     }
-    for (int32_t il = 0; il < st->n_layer; ++il) {
-        struct ggml_tensor * x = lens->in[il];
+    for (int32_t slot = 0; slot <= st->n_layer; ++slot) {
+        struct ggml_tensor * x = lens->in[slot];
         if (x == NULL || x->ne[0] != from->ne[0]) {
             continue;
         }
@@ -553,14 +556,14 @@ static void pi_build_lens(struct pi_state * st, struct ggml_context * ctx, struc
         struct ggml_tensor * probs = ggml_soft_max(ctx, logits);
         struct ggml_tensor * ids   = ggml_top_k(ctx, probs, lens->k);
         struct ggml_tensor * top   = ggml_get_rows(ctx, ggml_reshape_3d(ctx, probs, 1, probs->ne[0], probs->ne[1]), ids);
-        ggml_format_name(ids, "lens_ids-%d", il);
-        ggml_format_name(top, "lens_probs-%d", il);
+        ggml_format_name(ids, "lens_ids-%d", slot - 1);
+        ggml_format_name(top, "lens_probs-%d", slot - 1);
         ggml_set_output(ids);
         ggml_set_output(top);
         ggml_build_forward_expand(gf, ids);
         ggml_build_forward_expand(gf, top);
-        lens->ids[il]   = ids;
-        lens->probs[il] = top;
+        lens->ids[slot]   = ids;
+        lens->probs[slot] = top;
     }
 }
 
@@ -645,8 +648,8 @@ static struct ggml_tensor * pi_hook(struct ggml_context * ctx, struct ggml_cgrap
         if (il == st->n_layer - 1 && st->final_in == NULL && strcmp(name, "l_out") == 0) {
             st->final_in = cur;
         }
-        if (il >= 0 && il < st->n_layer && st->lens.k > 0 && st->lens.in[il] == NULL && strcmp(name, st->lens.name) == 0) {
-            st->lens.in[il] = cur;
+        if (il >= -1 && il < st->n_layer && st->lens.k > 0 && st->lens.in[il + 1] == NULL && strcmp(name, st->lens.name) == 0) {
+            st->lens.in[il + 1] = cur;
         }
         for (int32_t i = 0; i < st->attr.n_terms; ++i) {
             struct pi_attr_term * term = &st->attr.terms[i];
@@ -789,16 +792,17 @@ int pi_capture_read(struct pi_state * st, int32_t i, float * dst, int64_t n_dst,
     return 0;
 }
 
-// top-k of the logit lens at layer il after the last decode: ids and probs hold n = k*n_tokens values,
-// token-major, unordered within a token; returns 1 when the layer had no such tensor
+// top-k of the logit lens at layer il (-1: the tensor outside the layers, e.g. the embedding) after the last
+// decode: ids and probs hold n = k*n_tokens values, token-major, unordered within a token; returns 1 when the
+// layer had no such tensor
 int pi_lens_read(struct pi_state * st, int32_t il, int32_t * ids, float * probs, int64_t n) {
     if (st->lens.failed) {
         return pi_fail(st, "the model's unembedding uses an op the logit lens cannot replay");
     }
-    if (il < 0 || il >= st->n_layer) {
+    if (il < -1 || il >= st->n_layer) {
         return pi_fail(st, "layer out of range");
     }
-    const struct ggml_tensor * t_ids = st->lens.ids[il];
+    const struct ggml_tensor * t_ids = st->lens.ids[il + 1];
     if (t_ids == NULL) {
         return 1;
     }
@@ -806,7 +810,7 @@ int pi_lens_read(struct pi_state * st, int32_t il, int32_t * ids, float * probs,
         return pi_fail(st, "destination size does not match the lens");
     }
     ggml_backend_tensor_get(t_ids, ids, 0, ggml_nbytes(t_ids));
-    ggml_backend_tensor_get(st->lens.probs[il], probs, 0, ggml_nbytes(st->lens.probs[il]));
+    ggml_backend_tensor_get(st->lens.probs[il + 1], probs, 0, ggml_nbytes(st->lens.probs[il + 1]));
     return 0;
 }
 
