@@ -263,11 +263,21 @@ def cli(model_path, prompt, prompt_file, n_predict, ctx_size, threads, n_gpu_lay
         click.echo(f"wrote {path}")
 
 
+def subcommands() -> dict[str, click.Command]:
+    """Analyses with a command of their own: ``pyinterp NAME ...``; everything else is the main command."""
+    return {}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the command, turning every error into one line on stderr and an exit code."""
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args = list(argv if argv is not None else sys.argv[1:])
+    debug = "--debug" in args
+    command, prog = cli, "pyinterp"
+    if args and args[0] in subcommands():
+        command, prog = subcommands()[args[0]], f"pyinterp {args[0]}"
+        args = args[1:]
     try:
-        cli.main(args=argv, prog_name="pyinterp", standalone_mode=False)
+        command.main(args=args, prog_name=prog, standalone_mode=False)
     except click.UsageError as e:
         click.echo(f"pyinterp: error: {e.format_message()}", err=True)
         return 2
