@@ -4,7 +4,8 @@
 1. pyinterp on one prompt (default 128 tokens): plain, 1-head ablation, 1-row patch and capture of
    every layer's attention, interleaved round by round; medians and ratios to plain.
    Targets: ablation <= 1.03, patch <= 1.03, full attention capture <= 1.3. Then generation, plain
-   and with one head ablated (no target: a hooked graph is rebuilt for every token).
+   and with one head ablated (no target: a hooked graph is rebuilt for every token). Then the cost of
+   pyinterp's faithful defaults (explicit attention, F32 KV cache) against llama.cpp's own defaults.
 2. The same llama_decode from a small C program (decode_bench.c, stock llama.h API only) linked
    once against pyinterp's patched libllama (hook unset) and once against llama.cpp built from the
    same source without the patches (built into build/stock on first use). Target: <= 1.05.
@@ -73,6 +74,33 @@ def bench_generation(model: pyinterp.Model, n: int, rounds: int) -> dict[str, fl
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def bench_defaults(path: Path, ids: list[int], runs: int, threads: int, n_gpu_layers: int | None) -> dict[str, tuple[float, float]]:
+    """pyinterp's faithful defaults (explicit attention, F32 KV cache) against llama.cpp's (flash attention where
+    it is supported, F16 KV cache): seconds of a prompt pass and per generated token, interleaved."""
+    settings = {"pyinterp default": {}, "llama.cpp default": {"flash_attn": None, "type_k": "f16", "type_v": "f16"}}
+    models = {name: pyinterp.Model(path, n_ctx=max(512, len(ids) + 64), n_threads=threads, n_gpu_layers=n_gpu_layers, **kw)
+              for name, kw in settings.items()}
+    prompt: dict[str, list[float]] = {name: [] for name in models}
+    token: dict[str, list[float]] = {name: [] for name in models}
+    try:
+        for model in models.values():  # warm-up
+            model.run(ids)
+        for _ in range(runs):
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                model.run(ids)
+                prompt[name].append(time.perf_counter() - t0)
+        for _ in range(3):
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                model.generate(ids, 64, stop_at_eog=False)
+                token[name].append((time.perf_counter() - t0 - statistics.median(prompt[name])) / 64)
+    finally:
+        for model in models.values():
+            model.close()
+    return {name: (statistics.median(prompt[name]), statistics.median(token[name])) for name in models}
+
+
 def run(cmd: list[str], **kwargs) -> str:
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
     if done.returncode != 0:
@@ -129,7 +157,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--n-gpu-layers", type=int, default=0)
+    parser.add_argument("--n-gpu-layers", type=int, default=None, help="default: $PYINTERP_N_GPU_LAYERS, else 0")
     parser.add_argument("--no-stock", action="store_true", help="skip the comparison with unpatched llama.cpp")
     args = parser.parse_args()
 
@@ -141,6 +169,11 @@ def main() -> int:
         report("pyinterp Model.run (targets: ablate <= 1.03, patch <= 1.03, capture <= 1.3)",
                bench_pyinterp(model, ids, args.runs), "plain", args.tokens)
         report("pyinterp Model.generate, 64 tokens (time per token)", bench_generation(model, 64, 5), "plain", 1)
+    defaults = bench_defaults(path, ids, args.runs, args.threads, args.n_gpu_layers)
+    report(f"faithful defaults vs llama.cpp's: {args.tokens}-token prompt pass",
+           {name: t[0] for name, t in defaults.items()}, "llama.cpp default", args.tokens)
+    report("faithful defaults vs llama.cpp's: generation after that prompt (time per token)",
+           {name: t[1] for name, t in defaults.items()}, "llama.cpp default", 1)
     if not args.no_stock:
         if shutil.which("ninja") is None or shutil.which("cmake") is None:
             sys.exit("bench: the stock comparison needs cmake and ninja (pip install cmake ninja)")

@@ -6,10 +6,12 @@ The libraries (patched llama.cpp, ggml and pyinterp's own ``libpyinterp_native``
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import json
 import logging
 import os
+import struct
 from pathlib import Path
 
 import cffi
@@ -117,10 +119,54 @@ log.propagate = False
 _LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 
 
+def elf_needed(path: Path) -> list[str]:
+    """The DT_NEEDED entries (sonames of the libraries it links) of a 64-bit little-endian ELF shared library."""
+    data = path.read_bytes()
+    if data[:6] != b"\x7fELF\x02\x01":
+        raise ImportError(f"{path} is not a 64-bit little-endian ELF file")
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    needed = []
+    for _, sh_type, _, _, offset, size, link, _, _, _ in sections:
+        if sh_type != 6:  # SHT_DYNAMIC; its sh_link is the section of the names
+            continue
+        strtab = sections[link][4]
+        for tag, value in struct.iter_unpack("<qQ", data[offset:offset + size]):
+            if tag == 1:  # DT_NEEDED
+                needed.append(data[strtab + value:data.index(b"\0", strtab + value)].decode())
+    return needed
+
+
+def _share_cuda_runtime() -> None:
+    """Make the CUDA runtime libraries of a CUDA build global, before pyinterp's own libraries load.
+
+    torch's CUDA wheels bring their own copies of libcudart/libcublas (same sonames as the toolkit's that
+    ggml-cuda links) and preload some of them by path. With pyinterp's dependencies loaded RTLD_LOCAL, a
+    process that imports both ended up with two copies of the CUDA runtime and torch bound some symbols to
+    each: "free(): invalid pointer" or a segfault, whichever was imported first. Opened here by soname with
+    RTLD_GLOBAL, a copy already loaded (by torch) is reused, or the one ggml-cuda would load becomes the one
+    every later library binds to. Only these libraries are made global: pyinterp's own (ggml, llama) stay
+    local, so another llama.cpp in the same process does not bind to them.
+    """
+    cuda = LIB_DIR / "libggml-cuda.so"
+    if not cuda.is_file():
+        return
+    ours = {p.name for p in LIB_DIR.glob("*.so")}
+    for soname in elf_needed(cuda):
+        if soname in ours:
+            continue
+        try:
+            ctypes.CDLL(soname, mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+        except OSError:
+            pass  # loading pyinterp below then fails with the dynamic linker's own message
+
+
 def _load():
     path = LIB_DIR / NATIVE
     if not path.is_file():
         raise ImportError(f"pyinterp's native library is missing ({path}); install pyinterp with `pip install .`")
+    _share_cuda_runtime()
     return ffi.dlopen(str(path))
 
 

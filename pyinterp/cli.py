@@ -123,7 +123,8 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 @click.option("-n", "--n-predict", default=0, show_default=True, help="Tokens to generate; 0 = only the prompt pass.")
 @click.option("-c", "--ctx-size", default=2048, show_default=True, help="Context size (tokens).")
 @click.option("-t", "--threads", default=None, type=int, help="Threads (default: all cores).")
-@click.option("--n-gpu-layers", "-ngl", default=0, show_default=True, help="Layers to offload to the GPU (-1: all).")
+@click.option("--n-gpu-layers", "-ngl", default=None, type=int,
+              help="Layers to offload to the GPU (-1: all). Default: $PYINTERP_N_GPU_LAYERS, else 0.")
 @click.option("--rpc", default=None, metavar="HOST:PORT",
               help="Offload the --n-gpu-layers layers to a ggml RPC server (python -m pyinterp.rpc).")
 @click.option("--seed", default=None, type=int, help="Sampling seed.")

@@ -63,6 +63,15 @@ def _with_buffer(ctype: str, cap: int, call) -> tuple[object, int]:
     return buf, n
 
 
+def default_gpu_layers() -> int:
+    """``n_gpu_layers`` when none is given: ``$PYINTERP_N_GPU_LAYERS`` (``-1``: every layer), else 0 (CPU)."""
+    value = os.environ.get("PYINTERP_N_GPU_LAYERS", "0")
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"PYINTERP_N_GPU_LAYERS must be an integer, got {value!r}") from None
+
+
 def _check_rpc(endpoint: str) -> None:
     """ggml aborts the process when an RPC server cannot be reached: look first."""
     if not lib.pi_has_rpc():
@@ -97,9 +106,11 @@ class Model:
     """
 
     def __init__(self, path: str | os.PathLike | None = None, *, n_ctx: int = 2048, n_threads: int | None = None,
-                 n_gpu_layers: int = 0, flash_attn: bool | None = False, type_k: str = "f32", type_v: str = "f32",
+                 n_gpu_layers: int | None = None, flash_attn: bool | None = False, type_k: str = "f32", type_v: str = "f32",
                  rpc: str | None = None, verbose: bool = False) -> None:
         _ffi.set_verbose(verbose)
+        if n_gpu_layers is None:
+            n_gpu_layers = default_gpu_layers()
         self.path = zoo.resolve(path)
         _check_gguf(self.path)
         if n_ctx < 8:

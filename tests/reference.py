@@ -23,11 +23,21 @@ class RefResult:
     logits: np.ndarray  # [n_tokens, n_vocab]
     attentions: list[np.ndarray]  # per layer: [n_head, n_tokens, n_tokens], post-softmax
     l_out: list[np.ndarray]  # per layer: [n_tokens, n_embd], residual stream after the layer
+    attn_out: list[np.ndarray]  # per layer: [n_tokens, n_embd], what attention adds to the residual stream
+    ffn_out: list[np.ndarray]  # per layer: [n_tokens, n_embd], what the FFN adds
 
 
 def _hidden(output):
     """The hidden-state tensor of a decoder layer output (tensor or tuple)."""
     return output[0] if isinstance(output, tuple) else output
+
+
+def residual_modules(block) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The modules whose outputs a decoder block adds to the residual stream: (attention, FFN).
+    Gemma normalises both before adding them (its post norms)."""
+    if hasattr(block, "post_feedforward_layernorm"):
+        return block.post_attention_layernorm, block.post_feedforward_layernorm
+    return block.self_attn, block.mlp
 
 
 class Reference:
@@ -90,6 +100,7 @@ class Reference:
             patches.setdefault(layer, []).append((pos, v))
 
         l_out: list[torch.Tensor | None] = [None] * self.n_layer
+        terms: dict[tuple[str, int], torch.Tensor] = {}
 
         def patch_hook(rows):
             def hook(module, args, output):
@@ -106,6 +117,12 @@ class Reference:
 
             return hook
 
+        def term_hook(key):
+            def hook(module, args, output):
+                terms[key] = _hidden(output)[0].detach().clone()
+
+            return hook
+
         handles = []
         try:
             for layer, heads in zeroed.items():
@@ -116,6 +133,9 @@ class Reference:
                 handles.append(self.layers[layer].register_forward_hook(patch_hook(rows)))
             for i, block in enumerate(self.layers):
                 handles.append(block.register_forward_hook(capture_hook(i)))
+                attn, ffn = residual_modules(block)
+                handles.append(attn.register_forward_hook(term_hook(("attn", i))))
+                handles.append(ffn.register_forward_hook(term_hook(("ffn", i))))
             with torch.no_grad():
                 out = self.model(
                     input_ids=torch.tensor([list(ids)], dtype=torch.long),
@@ -130,6 +150,8 @@ class Reference:
             logits=out.logits[0].float().numpy(),
             attentions=[a[0].float().numpy() for a in out.attentions],
             l_out=[t.float().numpy() for t in l_out],
+            attn_out=[terms["attn", i].float().numpy() for i in range(self.n_layer)],
+            ffn_out=[terms["ffn", i].float().numpy() for i in range(self.n_layer)],
         )
 
     def unembed(self, resid: np.ndarray, norm: bool = True) -> np.ndarray:
@@ -152,25 +174,19 @@ class Reference:
         """Direct logit attribution of ``target`` at ``position``: the embedding's, then each layer's
         attention and FFN contributions, through the final RMS norm frozen at the final residual's scale
         and the target's ``lm_head`` row (Gemma: the post-norm outputs are the residual terms)."""
-        terms: dict[tuple[int, int], torch.Tensor] = {}
+        embedding: list[torch.Tensor] = []
 
-        def keep(key):
-            def hook(module, args, output):
-                terms[key] = _hidden(output)[0, position].detach().clone()
+        def keep(module, args, output):
+            embedding.append(_hidden(output)[0, position].detach().clone())
 
-            return hook
-
-        handles = [self.model.model.embed_tokens.register_forward_hook(keep((-1, 0)))]
-        for i, block in enumerate(self.layers):
-            gemma = hasattr(block, "post_feedforward_layernorm")
-            attn = block.post_attention_layernorm if gemma else block.self_attn
-            ffn = block.post_feedforward_layernorm if gemma else block.mlp
-            handles += [attn.register_forward_hook(keep((i, 0))), ffn.register_forward_hook(keep((i, 1)))]
+        handle = self.model.model.embed_tokens.register_forward_hook(keep)
         try:
             result = self.run(ids)
         finally:
-            for h in handles:
-                h.remove()
+            handle.remove()
+        terms = [embedding[0]]
+        for i in range(self.n_layer):
+            terms += [torch.as_tensor(result.attn_out[i][position]), torch.as_tensor(result.ffn_out[i][position])]
         norm = self.model.model.norm
         weight = norm.weight.detach().float()
         if "Gemma" in type(norm).__name__:
@@ -179,5 +195,4 @@ class Reference:
         final = torch.as_tensor(result.l_out[-1][position])
         scale = torch.rsqrt(final.pow(2).mean() + eps)
         row = self.model.lm_head.weight[target].detach().float()
-        order = [(-1, 0)] + [(i, j) for i in range(self.n_layer) for j in (0, 1)]
-        return np.array([float((terms[k] * scale * weight) @ row) for k in order], dtype=np.float32)
+        return np.array([float((term * scale * weight) @ row) for term in terms], dtype=np.float32)
