@@ -411,6 +411,9 @@ class Model:
             raise InputError(f"position {position} out of range (the prompt has {len(ids)} tokens)")
         position %= len(ids)
         arch = arch_of(self.arch)
+        if arch.unnamed:
+            raise PyinterpError(f"logit attribution: llama.cpp's {self.arch} graph does not name each layer's "
+                                f"{' and '.join(arch.unnamed)} output, so it cannot be attributed")
         info = self.tensor_info()
         missing = [n for n in arch.residual_terms if n not in info.layers]
         if missing:
