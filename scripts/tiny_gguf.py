@@ -41,7 +41,6 @@ class Spec:
     fused: bool = False         # phi3: one attn_qkv matrix and one ffn_up holding gate and up
     post_norms: bool = False    # gemma2: norms after attention and FFN, sqrt(n_embd)-scaled embedding
     sliding_window: int = 0     # gemma2: every other layer (from the first) sees this many keys
-    name: str = "tiny"          # general.name
 
 
 # transformers reads neither qwen3's head_dim nor gemma2's query_pre_attn_scalar from GGUF: its defaults
@@ -123,7 +122,7 @@ class _Weights:
 
 
 def _metadata(w: gguf.GGUFWriter, spec: Spec, n_vocab: int, f32: bool) -> None:
-    w.add_name(spec.name)
+    w.add_name("tiny")  # not the family: llama.cpp keys vocabulary quirks off it ("phi3" wants <s>, </s>, <unk>)
     w.add_context_length(N_CTX_TRAIN)
     w.add_block_count(spec.n_layer)
     w.add_embedding_length(spec.n_embd)

@@ -29,13 +29,30 @@ def tiny_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny-gguf")
 
 
+@pytest.fixture(scope="session")
+def one_thread():
+    """Tiny graphs on one thread: on a busy 2-core machine, syncing two threads per op cost ~1 s a pass
+    (measured), one thread ~1 ms. Threads split rows, not sums, so the numbers compared do not change."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _open(path: Path) -> pyinterp.Model:
+    """A tiny model with the default settings but one thread."""
+    return pyinterp.Model(path, n_ctx=64, n_threads=1)
+
+
 @pytest.fixture(scope="session", params=ARCHS)
-def tiny(request, tiny_dir):
+def tiny(request, tiny_dir, one_thread):
     """(model, reference) of one tiny architecture."""
     from reference import Reference
 
     path = tiny_gguf.write(request.param, tiny_dir / f"{request.param}.gguf", seed=0)
-    with pyinterp.Model(path, n_ctx=64) as model:
+    with _open(path) as model:
         assert model.arch == tiny_gguf.SPECS[request.param].arch
         yield model, Reference(path)
 
@@ -145,7 +162,7 @@ def test_activation_patching(tiny):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_f32_weights_agree_to_rounding(tiny_dir, arch):
+def test_f32_weights_agree_to_rounding(tiny_dir, one_thread, arch):
     """With F32 weights nothing is quantized on either side: the graphs must agree to float rounding
     (gemma2 to ~1e-4: ggml's CPU GELU reads an F16 table), interventions included. This separates a graph
     discrepancy from the Q8_0 noise the tests above allow for."""
@@ -153,7 +170,7 @@ def test_f32_weights_agree_to_rounding(tiny_dir, arch):
 
     path = tiny_gguf.write(arch, tiny_dir / f"{arch}-f32.gguf", seed=0, f32=True)
     ref = Reference(path)
-    with pyinterp.Model(path, n_ctx=64) as model:
+    with _open(path) as model:
         ids = _prompts(model)[2]
         trace = model.run(ids, capture=["attn_scores", "l_out"])
         want = ref.run(ids)
@@ -204,3 +221,9 @@ def test_attribution(tiny):
     want = ref.attribution(ids, a.target, a.position)
     assert corr(a.values, want) >= 0.99
     np.testing.assert_allclose(a.values, want, atol=0.05 * np.abs(want).max())
+
+
+def test_unknown_architecture_is_one_line():
+    with pytest.raises(pyinterp.InputError, match=r"architecture 'mamba' is not in pyinterp's architecture table") as e:
+        arch_of("mamba")
+    assert "\n" not in str(e.value) and "qwen3" in str(e.value)
