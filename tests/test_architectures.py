@@ -57,11 +57,11 @@ def tiny(request, tiny_dir, one_thread):
         yield model, Reference(path)
 
 
-def _prompts(model, n: int = 3) -> list[list[int]]:
+def _prompts(model) -> list[list[int]]:
     """BOS and random token ids (seeded), 6, 13 and 20 tokens: the longest is past gemma2's 8-key window."""
     rng = np.random.default_rng(1)
     bos = model.tokenize("", add_bos=True)
-    return [bos + rng.integers(0, model.n_vocab - 1, size=length - 1).tolist() for length in (6, 13, 20)[:n]]
+    return [bos + rng.integers(0, model.n_vocab - 1, size=length - 1).tolist() for length in (6, 13, 20)]
 
 
 def _heads(model):
