@@ -1,0 +1,233 @@
+"""Tiny random-weight GGUF models, one per architecture, for checking graphs without trained weights.
+
+Each model is a few layers of the real architecture (GQA, the arch's RoPE, biases, QK norms, fused
+projections, post-norms, sliding windows where the family has them) with Q8_0 matrices and F32 norms,
+and a byte-level BPE vocabulary (gpt2 style) that llama.cpp and transformers both accept. Weights are
+scaled so attention is far from uniform and activations stay finite.
+
+    python scripts/tiny_gguf.py qwen2 /tmp/qwen2.gguf [--seed N] [--f32]
+
+From Python: ``write(arch, path, seed=0, f32=False)``; ``SPECS`` lists the architectures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+Q8_0 = gguf.GGMLQuantizationType.Q8_0
+N_CTX_TRAIN = 512
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The shape and features of one tiny model. Widths are multiples of 32 (the Q8_0 block)."""
+
+    arch: str                   # general.architecture (llama.cpp's name)
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    n_head_kv: int = 2
+    head_dim: int = 32
+    n_ff: int = 256
+    tied: bool = True           # no output.weight: the unembedding is the token embedding
+    qkv_bias: bool = False      # qwen2: biases on q, k and v
+    qk_norm: bool = False       # qwen3: RMS norm of each head's q and k
+    fused: bool = False         # phi3: one attn_qkv matrix and one ffn_up holding gate and up
+    post_norms: bool = False    # gemma2: norms after attention and FFN, sqrt(n_embd)-scaled embedding
+    sliding_window: int = 0     # gemma2: every other layer (from the first) sees this many keys
+
+
+# transformers reads neither qwen3's head_dim nor gemma2's query_pre_attn_scalar from GGUF: its defaults
+# (128 and 256) are what these models must use
+SPECS: dict[str, Spec] = {
+    "llama": Spec("llama", n_head=4, n_head_kv=2, head_dim=32, tied=True),
+    "qwen2": Spec("qwen2", n_head=4, n_head_kv=2, head_dim=32, tied=True, qkv_bias=True),
+    "qwen3": Spec("qwen3", n_head=4, n_head_kv=2, head_dim=128, tied=False, qk_norm=True),
+    "phi3": Spec("phi3", n_embd=96, n_head=3, n_head_kv=3, head_dim=32, tied=False, fused=True),
+    "gemma2": Spec("gemma2", n_head=2, n_head_kv=1, head_dim=256, tied=True, post_norms=True, sliding_window=8),
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: printable bytes map to themselves, the others to code points 256 and up."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_CORPUS = ("When Mary and John went to the store, John gave a drink to Mary. The capital of France is Paris. "
+           "The Eiffel Tower is located in the city of Paris. 1 2 3 4 5 6 7 8 9 10")
+
+
+def vocabulary(n_merges: int = 40) -> tuple[list[str], list[str], list[int]]:
+    """Tokens, BPE merges and token types: 256 byte tokens, ``n_merges`` merges learnt greedily from a fixed
+    sentence (within words, as GPT-2 pre-tokenizes), then ``<|endoftext|>`` (BOS and EOS)."""
+    alphabet = _bytes_to_unicode()
+    words = [[alphabet[b] for b in (w if i == 0 else " " + w).encode()] for i, w in enumerate(_CORPUS.split(" "))]
+    tokens = [alphabet[b] for b in range(256)]
+    merges = []
+    for _ in range(n_merges):
+        counts: dict[tuple[str, str], int] = {}
+        for w in words:
+            for pair in zip(w, w[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = max(counts, key=lambda p: (counts[p], p))
+        merges.append(f"{best[0]} {best[1]}")
+        tokens.append(best[0] + best[1])
+        for w in words:
+            i = 0
+            while i < len(w) - 1:
+                if (w[i], w[i + 1]) == best:
+                    w[i:i + 2] = [best[0] + best[1]]
+                i += 1
+    tokens.append("<|endoftext|>")
+    types = [gguf.TokenType.NORMAL] * (len(tokens) - 1) + [gguf.TokenType.CONTROL]
+    return tokens, merges, [int(t) for t in types]
+
+
+class _Weights:
+    """Random tensors in GGUF layout (numpy [rows, cols] = ggml [cols, rows]), seeded."""
+
+    def __init__(self, writer: gguf.GGUFWriter, seed: int, f32: bool) -> None:
+        self.writer = writer
+        self.rng = np.random.default_rng(seed)
+        self.f32 = f32
+
+    def matrix(self, name: str, rows: int, cols: int, gain: float) -> None:
+        """A Q8_0 (or F32) matrix [rows, cols] with entries of std gain / sqrt(cols): a unit input gives outputs
+        of std gain."""
+        w = (self.rng.standard_normal((rows, cols)) * gain / np.sqrt(cols)).astype(np.float32)
+        if self.f32:
+            self.writer.add_tensor(name, w)
+        else:
+            self.writer.add_tensor(name, gguf.quants.quantize(w, Q8_0), raw_dtype=Q8_0)
+
+    def vector(self, name: str, n: int, mean: float, std: float) -> None:
+        """An F32 vector [n] (norm weights, biases)."""
+        self.writer.add_tensor(name, (mean + std * self.rng.standard_normal(n)).astype(np.float32))
+
+
+def _metadata(w: gguf.GGUFWriter, spec: Spec, n_vocab: int, f32: bool) -> None:
+    w.add_name("tiny")  # not the family: llama.cpp keys vocabulary quirks off it ("phi3" wants <s>, </s>, <unk>)
+    w.add_context_length(N_CTX_TRAIN)
+    w.add_block_count(spec.n_layer)
+    w.add_embedding_length(spec.n_embd)
+    w.add_feed_forward_length(spec.n_ff)
+    w.add_head_count(spec.n_head)
+    w.add_head_count_kv(spec.n_head_kv)
+    w.add_key_length(spec.head_dim)
+    w.add_value_length(spec.head_dim)
+    w.add_rope_dimension_count(spec.head_dim)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_vocab_size(n_vocab)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if f32 else gguf.LlamaFileType.MOSTLY_Q8_0)
+    if spec.sliding_window:
+        w.add_sliding_window(spec.sliding_window)
+    if spec.post_norms:  # transformers' Gemma2 defaults; written so llama.cpp reads the same
+        w.add_attn_logit_softcapping(50.0)
+        w.add_final_logit_softcapping(30.0)
+
+
+def _tokenizer(w: gguf.GGUFWriter) -> int:
+    tokens, merges, types = vocabulary()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types(types)
+    w.add_bos_token_id(len(tokens) - 1)
+    w.add_eos_token_id(len(tokens) - 1)
+    w.add_pad_token_id(len(tokens) - 1)  # transformers' Phi3 default (32000) is outside this vocabulary
+    w.add_add_bos_token(True)
+    return len(tokens)
+
+
+def _layer(t: _Weights, spec: Spec, i: int) -> None:
+    d, q_width, kv_width = spec.n_embd, spec.n_head * spec.head_dim, spec.n_head_kv * spec.head_dim
+    # q and k of std ~1.3: attention logits of std ~1.7 (qwen3: its QK norms of weight ~1.3 do that), peaked
+    # enough to be far from uniform, not so peaked that Q8_0 activation noise flips them
+    qk_gain = 1.0 if spec.qk_norm else 1.3
+    t.vector(f"blk.{i}.attn_norm.weight", d, 1.0, 0.1)
+    if spec.fused:
+        # rows: q, then k, then v; scaled as one matrix, so v gets the q/k gain too
+        t.matrix(f"blk.{i}.attn_qkv.weight", q_width + 2 * kv_width, d, qk_gain)
+    else:
+        t.matrix(f"blk.{i}.attn_q.weight", q_width, d, qk_gain)
+        t.matrix(f"blk.{i}.attn_k.weight", kv_width, d, qk_gain)
+        t.matrix(f"blk.{i}.attn_v.weight", kv_width, d, 1.0)
+    if spec.qkv_bias:
+        for name, n in (("attn_q", q_width), ("attn_k", kv_width), ("attn_v", kv_width)):
+            t.vector(f"blk.{i}.{name}.bias", n, 0.0, 0.5)
+    if spec.qk_norm:
+        t.vector(f"blk.{i}.attn_q_norm.weight", spec.head_dim, 1.3, 0.1)
+        t.vector(f"blk.{i}.attn_k_norm.weight", spec.head_dim, 1.3, 0.1)
+    t.matrix(f"blk.{i}.attn_output.weight", d, q_width, 0.7)
+    if spec.post_norms:
+        t.vector(f"blk.{i}.post_attention_norm.weight", d, 1.0, 0.1)
+    t.vector(f"blk.{i}.ffn_norm.weight", d, 1.0, 0.1)
+    if spec.fused:
+        t.matrix(f"blk.{i}.ffn_up.weight", 2 * spec.n_ff, d, 1.0)  # gate rows first, then up
+    else:
+        t.matrix(f"blk.{i}.ffn_gate.weight", spec.n_ff, d, 1.0)
+        t.matrix(f"blk.{i}.ffn_up.weight", spec.n_ff, d, 1.0)
+    t.matrix(f"blk.{i}.ffn_down.weight", d, spec.n_ff, 0.7)
+    if spec.post_norms:
+        t.vector(f"blk.{i}.post_ffw_norm.weight", d, 1.0, 0.1)
+
+
+def write(arch: str, path: str | Path, seed: int = 0, f32: bool = False) -> Path:
+    """Write the tiny model of ``arch`` (a key of ``SPECS``) to ``path``; the same seed gives the same file.
+
+    ``f32``: F32 matrices instead of Q8_0 (the same weights before rounding). llama.cpp multiplies Q8_0 matrices
+    by activations it rounds to Q8_0 too, so only F32 weights let it agree with an fp32 reference to rounding.
+    """
+    if arch not in SPECS:
+        raise ValueError(f"no tiny model for architecture {arch!r}; known: {', '.join(SPECS)}")
+    spec, path = SPECS[arch], Path(path)
+    w = gguf.GGUFWriter(str(path), spec.arch)
+    n_vocab = _tokenizer(w)
+    _metadata(w, spec, n_vocab, f32)
+    t = _Weights(w, seed, f32)
+    # the embedding's scale sets the logits' when tied (std ~4); Gemma multiplies it by sqrt(n_embd)
+    embd_std = 4.0 / np.sqrt(spec.n_embd)
+    t.matrix("token_embd.weight", n_vocab, spec.n_embd, embd_std * np.sqrt(spec.n_embd))
+    for i in range(spec.n_layer):
+        _layer(t, spec, i)
+    t.vector("output_norm.weight", spec.n_embd, 1.0, 0.1)
+    if not spec.tied:
+        t.matrix("output.weight", n_vocab, spec.n_embd, 4.0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("arch", choices=sorted(SPECS))
+    parser.add_argument("out", type=Path, help="the GGUF file to write")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--f32", action="store_true", help="F32 matrices instead of Q8_0")
+    args = parser.parse_args(argv)
+    print(write(args.arch, args.out, args.seed, args.f32))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

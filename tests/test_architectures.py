@@ -1,0 +1,229 @@
+"""More architectures against the transformers reference, on tiny random-weight models.
+
+``scripts/tiny_gguf.py`` writes a few-layer model of each architecture (fixed seed) once per session;
+pyinterp (default settings) and the reference (transformers, eager fp32, the same GGUF dequantized)
+run the same token ids. The thresholds are those of test_faithfulness.py and test_lens.py for the real
+models; for interventions the *change* each one causes is compared too.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pyinterp
+from conftest import corr, cosine
+from pyinterp.arch import arch_of
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import tiny_gguf  # noqa: E402
+
+ARCHS = sorted(tiny_gguf.SPECS)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny-gguf")
+
+
+@pytest.fixture(scope="session")
+def one_thread():
+    """Tiny graphs on one thread: on a busy 2-core machine, syncing two threads per op cost ~1 s a pass
+    (measured), one thread ~1 ms. Threads split rows, not sums, so the numbers compared do not change."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _open(path: Path) -> pyinterp.Model:
+    """A tiny model with the default settings but one thread."""
+    return pyinterp.Model(path, n_ctx=64, n_threads=1)
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def tiny(request, tiny_dir, one_thread):
+    """(model, reference) of one tiny architecture."""
+    from reference import Reference
+
+    path = tiny_gguf.write(request.param, tiny_dir / f"{request.param}.gguf", seed=0)
+    with _open(path) as model:
+        assert model.arch == tiny_gguf.SPECS[request.param].arch
+        yield model, Reference(path)
+
+
+def _prompts(model) -> list[list[int]]:
+    """BOS and random token ids (seeded), 6, 13 and 20 tokens: the longest is past gemma2's 8-key window."""
+    rng = np.random.default_rng(1)
+    bos = model.tokenize("", add_bos=True)
+    return [bos + rng.integers(0, model.n_vocab - 1, size=length - 1).tolist() for length in (6, 13, 20)]
+
+
+def _heads(model):
+    """A few (layer, head) pairs spread over the model."""
+    return [(0, 0), (model.n_layer // 2, 1), (model.n_layer - 1, model.n_head - 1)]
+
+
+def test_residual_terms_are_in_the_graph(tiny):
+    """The architecture table names tensors this graph has, on every layer (the embedding outside them)."""
+    model, _ = tiny
+    arch = arch_of(model.arch)
+    layers = model.tensor_info().layers
+    assert layers[arch.embedding] == {-1}
+    for name in arch.residual_terms[1:]:
+        assert layers[name] == set(range(model.n_layer)), name
+
+
+@pytest.mark.parametrize("which", range(3))
+def test_logits_attention_residual(tiny, which):
+    model, ref = tiny
+    ids = _prompts(model)[which]
+    trace = model.run(ids, capture=["attn_scores", "l_out"])
+    want = ref.run(ids)
+
+    assert np.argmax(trace.logits[-1]) == np.argmax(want.logits[-1])
+    assert corr(trace.logits[-1], want.logits[-1]) >= 0.995
+
+    diffs = [np.abs(trace.attention(il) - want.attentions[il]).mean() for il in range(model.n_layer)]
+    assert max(diffs) <= 0.004, f"attention mean |diff| per layer: {np.round(diffs, 4)}"
+    for il in range(model.n_layer):
+        att = trace.attention(il)
+        assert att.shape == (model.n_head, len(ids), len(ids))
+        np.testing.assert_allclose(att.sum(-1), 1.0, atol=1e-4)
+        assert np.all(np.triu(att, 1) == 0)  # causal
+        assert att.max(-1).mean() > 0.4  # far from uniform, or agreeing on it would prove little
+
+    cos = [cosine(trace.act("l_out", il), want.l_out[il]).min() for il in range(model.n_layer)]
+    assert min(cos) >= 0.99, f"l_out cosine per layer: {np.round(cos, 4)}"
+
+
+def test_sliding_window(tiny):
+    """Layers with a sliding window see only the last ``window`` keys, in pyinterp and in the reference."""
+    model, ref = tiny
+    window = tiny_gguf.SPECS[model.arch].sliding_window
+    ids = _prompts(model)[2]
+    trace = model.run(ids, capture=["attn_scores"])
+    want = ref.run(ids)
+    q = len(ids) - 1
+    if not window:
+        assert np.all(trace.attention(0)[:, q, 0] > 0)
+        return
+    assert q >= window
+    sliding, full = trace.attention(0), trace.attention(1)  # every other layer slides, from layer 0
+    assert np.all(sliding[:, q, : q - window + 1] == 0) and np.all(want.attentions[0][:, q, : q - window + 1] == 0)
+    assert np.all(full[:, q, 0] > 0)
+
+
+@pytest.mark.parametrize("which", range(2))
+def test_ablation(tiny, which):
+    model, ref = tiny
+    ids = _prompts(model)[which + 1]
+    base, want_base = model.run(ids).logits[-1], ref.run(ids).logits[-1]
+    for head in _heads(model):
+        got = model.run(ids, ablate=[head]).logits[-1]
+        want = ref.run(ids, ablate=[head]).logits[-1]
+        assert corr(got, want) >= 0.995, head
+        assert np.abs(got - base).max() > 1e-3, f"ablating {head} changed nothing"
+        assert corr(got - base, want - want_base) >= 0.5, head
+
+
+@pytest.mark.parametrize("which", range(2))
+def test_isolation(tiny, which):
+    model, ref = tiny
+    ids = _prompts(model)[which + 1]
+    base, want_base = model.run(ids).logits[-1], ref.run(ids).logits[-1]
+    for layer, head in _heads(model):
+        got = model.run(ids, isolate=(layer, head)).logits[-1]
+        want = ref.run(ids, isolate=(layer, head)).logits[-1]
+        assert corr(got, want) >= 0.995, (layer, head)
+        assert corr(got - base, want - want_base) >= 0.9, (layer, head)
+
+
+def test_activation_patching(tiny):
+    """Patch rows of a 'clean' run's residual stream into a 'corrupt' run that differs in a few tokens."""
+    model, ref = tiny
+    clean = _prompts(model)[1]
+    corrupt = list(clean)
+    corrupt[2:5] = [(t + 7) % (model.n_vocab - 1) for t in clean[2:5]]
+    source = model.run(clean, capture=["l_out"])
+    base, want_base = model.run(corrupt).logits[-1], ref.run(corrupt).logits[-1]
+    for layer, pos in [(1, 3), (model.n_layer // 2, len(clean) - 1)]:
+        row = source.act("l_out", layer)[pos]
+        got = model.run(corrupt, patch=[("l_out", layer, pos, row)]).logits[-1]
+        want = ref.run(corrupt, patch=[(layer, pos, row)]).logits[-1]
+        assert corr(got, want) >= 0.995, (layer, pos)
+        assert np.abs(got - base).max() > 1e-2
+        assert corr(got - base, want - want_base) >= 0.75, (layer, pos)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_f32_weights_agree_to_rounding(tiny_dir, one_thread, arch):
+    """With F32 weights nothing is quantized on either side: the graphs must agree to float rounding
+    (gemma2 to ~1e-4: ggml's CPU GELU reads an F16 table), interventions included. This separates a graph
+    discrepancy from the Q8_0 noise the tests above allow for."""
+    from reference import Reference
+
+    path = tiny_gguf.write(arch, tiny_dir / f"{arch}-f32.gguf", seed=0, f32=True)
+    ref = Reference(path)
+    with _open(path) as model:
+        ids = _prompts(model)[2]
+        trace = model.run(ids, capture=["attn_scores", "l_out"])
+        want = ref.run(ids)
+        scale = np.abs(want.logits).max()
+        np.testing.assert_allclose(trace.logits, want.logits, atol=1e-3 * scale)
+        for il in range(model.n_layer):
+            np.testing.assert_allclose(trace.attention(il), want.attentions[il], atol=1e-3)
+            np.testing.assert_allclose(trace.act("l_out", il), want.l_out[il], atol=1e-3 * np.abs(want.l_out[il]).max())
+        layer, head = model.n_layer // 2, 1
+        for kw in ({"ablate": [(layer, head)]}, {"isolate": (layer, head)}):
+            np.testing.assert_allclose(model.run(ids, **kw).logits, ref.run(ids, **kw).logits, atol=1e-3 * scale)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def test_lens(tiny):
+    """Every layer's lens, norm and raw, against the reference's residual stream through its own norm and head."""
+    model, ref = tiny
+    ids = _prompts(model)[2]
+    want = ref.run(ids)
+    for norm in (True, False):
+        lens = model.logit_lens(ids, top_k=1, norm=norm)
+        agree, diffs = [], []
+        for il in range(model.n_layer):
+            p = _softmax(ref.unembed(want.l_out[il], norm=norm).astype(np.float64))
+            agree.append(np.mean(lens.ids[il, :, 0] == p.argmax(-1)))
+            diffs.append(np.abs(lens.probs[il, :, 0] - np.take_along_axis(p, lens.ids[il, :, :1].astype(int), -1)[:, 0]).mean())
+        assert np.mean(agree) >= 0.9, f"norm={norm} top-1 agreement per layer {np.round(agree, 2)}"
+        assert np.mean(diffs) <= 0.05, f"norm={norm} top-1 probability |diff| per layer {np.round(diffs, 3)}"
+        assert max(diffs) <= (0.05 if norm else 0.2), f"norm={norm} per layer {np.round(diffs, 3)}"
+
+
+def test_attribution(tiny):
+    """Direct logit attribution against the reference where llama.cpp names every residual term; where it
+    leaves one unnamed, a one-line error instead of a partial sum."""
+    model, ref = tiny
+    ids = _prompts(model)[1]
+    if arch_of(model.arch).unnamed:
+        with pytest.raises(pyinterp.PyinterpError, match=r"does not name each layer's (attention|FFN) output") as e:
+            model.logit_attribution(ids)
+        assert "\n" not in str(e.value)
+        return
+    a = model.logit_attribution(ids)
+    assert abs(a.values.sum() - a.logit) <= 0.05 * abs(a.logit) + 0.1
+    want = ref.attribution(ids, a.target, a.position)
+    assert corr(a.values, want) >= 0.99
+    np.testing.assert_allclose(a.values, want, atol=0.05 * np.abs(want).max())
+
+
+def test_unknown_architecture_is_one_line():
+    with pytest.raises(pyinterp.InputError, match=r"architecture 'mamba' is not in pyinterp's architecture table") as e:
+        arch_of("mamba")
+    assert "\n" not in str(e.value) and "qwen3" in str(e.value)
