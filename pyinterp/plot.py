@@ -5,7 +5,8 @@ result can be shown with ``cv2.imshow``, written with :func:`save_png`, or hande
 image code. Probabilities use one fixed colour scale, 0 to 1 on ``cv2.COLORMAP_VIRIDIS`` (dark
 purple for 0, yellow for 1), so pictures of different heads or layers can be compared by eye.
 
-OpenCV's Hershey fonts draw ASCII only; token text goes through :func:`sanitize_label` first.
+Text is drawn with :mod:`pyinterp.text` (Noto fonts, any script); token text goes through
+:func:`sanitize_label` first.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import cv2
 import numpy as np
 
 from .errors import PyinterpError
+from .text import cap_height, draw_text, line_extent, text_width
 
-FONT = cv2.FONT_HERSHEY_SIMPLEX
-LABEL_SCALE = 0.4
-TITLE_SCALE = 0.5
+LABEL_PX = 12  # font sizes in pixels
+TITLE_PX = 14
 MAX_LABEL_CHARS = 12
 PAD = 6
 TICK = 3
@@ -46,16 +47,18 @@ _NICE_STEPS = (1, 2, 5)
 
 
 def sanitize_label(text: str, max_chars: int = MAX_LABEL_CHARS) -> str:
-    """Make token text drawable by ``cv2.putText``, which knows printable ASCII only.
+    """Make token text a one-line label that shows what the token holds.
 
     Newlines, tabs and carriage returns become ``\\n``, ``\\t`` and ``\\r``; a leading space (or the
-    SentencePiece marker ``▁``) becomes ``_``; any other character outside printable ASCII becomes
-    ``?``; the result is cut to ``max_chars`` characters.
+    SentencePiece marker ``▁``) becomes ``_``; other characters that print nothing (controls, other
+    spaces, zero-width marks) and U+FFFD (the replacement character of a token that holds part of a
+    UTF-8 sequence) become ``?``; every other character, in any script, stays. The result is cut to
+    ``max_chars`` characters.
     """
     text = text.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r").replace("\u2581", " ")
     if text.startswith(" "):
         text = "_" + text[1:]
-    text = "".join(c if " " <= c <= "~" else "?" for c in text)
+    text = "".join(c if c.isprintable() and c != "\ufffd" else "?" for c in text)
     return text[:max_chars]
 
 
@@ -167,10 +170,10 @@ def lens_heatmap(
     bottom = TICK + PAD + _max_text_width(col_labels.values()) + PAD
     bar = _colorbar(max(heat.shape[0], COLORBAR_MIN_H))
     bar_top = max(top - _colorbar_margin(), 0)
-    width = left + max(heat.shape[1], _text_width(title, TITLE_SCALE)) + PAD
+    width = left + max(heat.shape[1], text_width(title, TITLE_PX)) + PAD
     image = _canvas(max(top + heat.shape[0] + bottom, bar_top + bar.shape[0]), width + bar.shape[1] + PAD)
     if title:
-        _put_text(image, title, left, top - PAD, TITLE_SCALE)
+        draw_text(image, title, left, top - PAD, TITLE_PX)
     _paste(image, heat, left, top)
     _draw_row_labels(image, dict(enumerate(rows_up)), left, top, LENS_CELL_H)
     _draw_col_labels(image, col_labels, left, top + heat.shape[0], cell_w)
@@ -207,9 +210,9 @@ def _attention_panel(probs: np.ndarray, tokens: list[str], title: str, cell: int
     left = label_w + PAD + TICK
     top = _title_height()
     heat = n * cell
-    width = left + max(heat, _text_width(title, TITLE_SCALE)) + PAD
+    width = left + max(heat, text_width(title, TITLE_PX)) + PAD
     panel = _canvas(top + heat + TICK + PAD + label_w + PAD, width)
-    _put_text(panel, title, left, top - PAD, TITLE_SCALE)
+    draw_text(panel, title, left, top - PAD, TITLE_PX)
     _paste(panel, _heat_block(probs, cell, cell), left, top)
     _draw_row_labels(panel, labels, left, top, cell)
     _draw_col_labels(panel, labels, left, top + heat, cell)
@@ -226,20 +229,20 @@ def _write_cells(heat: np.ndarray, texts: list[list[str]], cell_w: int, cell_h: 
     """Write ``texts[r][c]``, cut to fit, centred in each cell, black on light cells and white on dark."""
     colors = COLORS[np.round(np.clip(np.nan_to_num(values), 0.0, 1.0) * 255).astype(np.uint8)].astype(float)
     luma = colors @ np.array([0.114, 0.587, 0.299])  # BGR weights
-    text_h = cv2.getTextSize("A", FONT, LABEL_SCALE, 1)[0][1]
+    text_h = cap_height(LABEL_PX)
     for r, row in enumerate(texts):
         for c, raw in enumerate(row):
             text = _fit_text(sanitize_label(raw), cell_w - 4)
             if not text:
                 continue
-            x = c * cell_w + (cell_w - _text_width(text, LABEL_SCALE)) // 2
+            x = c * cell_w + (cell_w - text_width(text, LABEL_PX)) // 2
             y = r * cell_h + (cell_h + text_h) // 2
-            _put_text(heat, text, x, y, LABEL_SCALE, BLACK if luma[r, c] > 128 else WHITE)
+            draw_text(heat, text, x, y, LABEL_PX, BLACK if luma[r, c] > 128 else WHITE)
 
 
 def _fit_text(text: str, max_px: int) -> str:
     """The longest prefix of ``text`` that is at most ``max_px`` wide."""
-    while text and _text_width(text, LABEL_SCALE) > max_px:
+    while text and text_width(text, LABEL_PX) > max_px:
         text = text[:-1]
     return text
 
@@ -251,11 +254,11 @@ def _step_labels(tokens: list[str], step: int) -> dict[int, str]:
 
 def _draw_row_labels(image: np.ndarray, labels: dict[int, str], left: int, top: int, cell: int) -> None:
     """Right-aligned labels with ticks left of a heatmap at (left, top), centred on their rows."""
-    text_h = cv2.getTextSize("A", FONT, LABEL_SCALE, 1)[0][1]
+    text_h = cap_height(LABEL_PX)
     for i, text in labels.items():
         y = top + i * cell + cell // 2
         cv2.line(image, (left - TICK, y), (left - 1, y), GRAY, 1)
-        _put_text(image, text, left - TICK - 2 - _text_width(text, LABEL_SCALE), y + text_h // 2, LABEL_SCALE)
+        draw_text(image, text, left - TICK - 2 - text_width(text, LABEL_PX), y + text_h // 2, LABEL_PX)
 
 
 def _draw_col_labels(image: np.ndarray, labels: dict[int, str], left: int, bottom: int, cell: int) -> None:
@@ -270,9 +273,9 @@ def _draw_col_labels(image: np.ndarray, labels: dict[int, str], left: int, botto
 
 def _vertical_text(text: str) -> np.ndarray:
     """``text`` in black on white, turned 90 degrees anticlockwise (OpenCV cannot draw rotated text)."""
-    (w, h), base = cv2.getTextSize(text, FONT, LABEL_SCALE, 1)
-    block = _canvas(h + base + 2, w + 2)
-    _put_text(block, text, 1, h + 1, LABEL_SCALE)
+    ascent, descent = line_extent(LABEL_PX)
+    block = _canvas(ascent + descent + 2, text_width(text, LABEL_PX) + 2)
+    draw_text(block, text, 1, ascent + 1, LABEL_PX)
     return cv2.rotate(block, cv2.ROTATE_90_COUNTERCLOCKWISE)
 
 
@@ -283,8 +286,8 @@ def _colorbar(height: int) -> np.ndarray:
     the end labels.
     """
     margin = _colorbar_margin()
-    text_h = cv2.getTextSize("0", FONT, LABEL_SCALE, 1)[0][1]
-    block = _canvas(height + 2 * margin, PAD + COLORBAR_W + TICK + 2 + _text_width("0.5", LABEL_SCALE) + PAD)
+    text_h = cap_height(LABEL_PX)
+    block = _canvas(height + 2 * margin, PAD + COLORBAR_W + TICK + 2 + text_width("0.5", LABEL_PX) + PAD)
     ramp = np.linspace(1.0, 0.0, height).reshape(-1, 1)
     _paste(block, _heat_block(ramp, COLORBAR_W, 1), PAD, margin)
     cv2.rectangle(block, (PAD - 1, margin - 1), (PAD + COLORBAR_W, margin + height), GRAY, 1)
@@ -292,39 +295,27 @@ def _colorbar(height: int) -> np.ndarray:
         y = margin + round((1.0 - value) * (height - 1))
         x = PAD + COLORBAR_W
         cv2.line(block, (x, y), (x + TICK, y), BLACK, 1)
-        _put_text(block, text, x + TICK + 2, y + text_h // 2, LABEL_SCALE)
+        draw_text(block, text, x + TICK + 2, y + text_h // 2, LABEL_PX)
     return block
 
 
 def _colorbar_margin() -> int:
     """Space above and below the colour bar for its end labels."""
-    return cv2.getTextSize("0", FONT, LABEL_SCALE, 1)[0][1]
+    return cap_height(LABEL_PX)
 
 
 def _title_height() -> int:
     """Height of the band above a heatmap that holds its title (baseline ``PAD`` above the heatmap)."""
-    return cv2.getTextSize("Ag", FONT, TITLE_SCALE, 1)[0][1] + 3 * PAD
+    return line_extent(TITLE_PX)[0] + 3 * PAD
 
 
 def _font_px() -> int:
     """Height one label line needs, descenders included, for :func:`label_step`."""
-    (_, h), base = cv2.getTextSize("Ag|", FONT, LABEL_SCALE, 1)
-    return h + base
-
-
-def _text_width(text: str, scale: float) -> int:
-    return cv2.getTextSize(text, FONT, scale, 1)[0][0] if text else 0
+    return sum(line_extent(LABEL_PX))
 
 
 def _max_text_width(texts: Iterable[str]) -> int:
-    return max((_text_width(t, LABEL_SCALE) for t in texts), default=0)
-
-
-def _put_text(
-    image: np.ndarray, text: str, x: int, y: int, scale: float, color: tuple[int, int, int] = BLACK
-) -> None:
-    """Anti-aliased text with its baseline's left end at (x, y)."""
-    cv2.putText(image, text, (int(x), int(y)), FONT, scale, color, 1, cv2.LINE_AA)
+    return max((text_width(t, LABEL_PX) for t in texts), default=0)
 
 
 def _canvas(height: int, width: int) -> np.ndarray:

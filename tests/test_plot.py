@@ -1,4 +1,5 @@
-"""Attention sheets, logit-lens tables and PNG saving, on synthetic data (no model needed).
+"""Attention sheets, logit-lens tables, their text and PNG saving, on synthetic data; at the end, the
+PNGs a real model's run writes (Gemma 3, whose vocabulary holds whole Cyrillic and CJK words).
 
 Where a test needs to know where a heatmap lies in the picture, it draws the same layout twice with
 different probabilities: the layout does not depend on the values, so the pixels that differ are
@@ -11,8 +12,12 @@ import cv2
 import numpy as np
 import pytest
 
+import pyinterp
 from pyinterp import PyinterpError
-from pyinterp.plot import attention_sheet, default_cell, label_step, lens_heatmap, sanitize_label, save_png
+from pyinterp.plot import (
+    LABEL_PX, attention_sheet, default_cell, label_step, lens_heatmap, sanitize_label, save_png,
+)
+from pyinterp.text import draw_text, text_width
 
 TOKENS = ["<|im_start|>", "The", " capital", " of", " France", " is", " Paris"]
 
@@ -46,12 +51,55 @@ def test_sanitize_label():
     assert sanitize_label("\n") == "\\n"
     assert sanitize_label("a\tb") == "a\\tb"
     assert sanitize_label("\u2581Paris") == "_Paris"
-    assert sanitize_label("café") == "caf?"
-    assert sanitize_label("日本") == "??"
+    assert sanitize_label("café") == "café"  # every script stays: pyinterp.text draws it
+    assert sanitize_label(" Москва") == "_Москва"
+    assert sanitize_label("日本") == "日本"
+    assert sanitize_label("\ufffd") == "?"  # part of a UTF-8 sequence (a byte-fallback token)
+    assert sanitize_label("a\x00b\u200bc\u3000") == "a?b?c?"  # control, zero-width and wide spaces
     assert sanitize_label("x" * 40) == "x" * 12
     assert sanitize_label("<|im_start|>") == "<|im_start|>"
     assert sanitize_label("  two") == "_ two"  # only the leading space is marked
     assert sanitize_label("") == ""
+
+
+def ink(text: str, px: int = LABEL_PX) -> np.ndarray:
+    """``text`` drawn in black on white with :func:`draw_text`: a [h, w] mask of the inked pixels."""
+    canvas = np.full((3 * px, 2 * px * (len(text) + 1), 3), 255, np.uint8)
+    draw_text(canvas, text, px, 2 * px, px)
+    return canvas.min(axis=-1) < 128
+
+
+@pytest.mark.parametrize("word", ["Москва", "Київ", "Ωμέγα", "café", "Łódź", "Việt", "日本語", "中文", "한국어"])
+def test_text_draws_every_script(word):
+    drawn = ink(word)
+    assert drawn.sum() > 10 * len(word)
+    assert not np.array_equal(drawn, ink("?" * len(word)))
+    for i, char in enumerate(word):  # each character is its own glyph, not a shared placeholder
+        others = {c for c in word if c != char}
+        assert all(not np.array_equal(ink(char), ink(c)) for c in others), (word, i)
+
+
+def test_text_glyphs_are_the_fonts_letters():
+    # Noto Sans draws Latin A, Cyrillic А and Greek Α alike, and other letters otherwise.
+    assert np.array_equal(ink("A"), ink("\u0410")) and np.array_equal(ink("A"), ink("\u0391"))
+    assert not np.array_equal(ink("\u0411"), ink("\u0412"))  # Б, В
+    assert not np.array_equal(ink("日"), ink("本"))
+    # é is e with an accent above: the same pixels on e's rows, more ink above them.
+    e, e_acute = ink("e"), ink("é")
+    rows = e.any(axis=1)
+    assert np.array_equal(e[rows], e_acute[rows]) and e_acute[~rows].any()
+    # CJK ideographs are one em wide; '?' is about half that.
+    assert text_width("日本語", 12) == 36 and text_width("日本語", 24) == 72
+    assert text_width("?", 12) < 8
+
+
+def test_text_missing_glyph_is_a_box():
+    box = ink("\U0001f600")  # an emoji: in neither font
+    assert np.array_equal(box, ink("\U0001f9ea")) and not np.array_equal(box, ink("?"))
+    y0, y1, x0, x1 = bbox(box)
+    assert y1 - y0 > 5 and x1 - x0 > 3
+    edges = box[y0, x0:x1], box[y1 - 1, x0:x1], box[y0:y1, x0], box[y0:y1, x1 - 1]
+    assert all(edge.all() for edge in edges) and not box[y0 + 1 : y1 - 1, x0 + 1 : x1 - 1].any()
 
 
 def test_label_step():
@@ -191,3 +239,49 @@ def test_save_png_errors(tmp_path, name):
     with pytest.raises(PyinterpError, match="cannot write PNG to") as info:
         save_png(image, tmp_path / name)
     assert "\n" not in str(info.value)
+
+
+NON_ASCII_PROMPT = "Москва — столица России, а 東京 — 日本の首都. Café"
+NON_ASCII_TOKENS = ["Москва", " России", " 東京", " 日本", " Café"]
+
+
+def label_template(token: str, vertical: bool) -> np.ndarray:
+    """The label of ``token`` drawn black on white (turned anticlockwise when ``vertical``), cut to its ink."""
+    text = sanitize_label(token)
+    canvas = np.full((3 * LABEL_PX, text_width(text, LABEL_PX) + 2 * LABEL_PX, 3), 255, np.uint8)
+    draw_text(canvas, text, LABEL_PX, 2 * LABEL_PX, LABEL_PX)
+    if vertical:
+        canvas = cv2.rotate(canvas, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    y0, y1, x0, x1 = bbox(canvas.min(axis=-1) < 255)
+    return canvas[y0:y1, x0:x1]
+
+
+def shows(image: np.ndarray, template: np.ndarray) -> bool:
+    """Whether ``template`` appears in ``image`` pixel for pixel (at the best match OpenCV finds)."""
+    scores = cv2.matchTemplate(image, template, cv2.TM_SQDIFF)
+    y, x = np.unravel_index(scores.argmin(), scores.shape)
+    return np.array_equal(image[y : y + template.shape[0], x : x + template.shape[1]], template)
+
+
+def ascii_only(token: str) -> str:
+    """The token as labels used to be drawn: every non-ASCII character a '?'."""
+    return "".join(c if c < "\x7f" else "?" for c in token)
+
+
+def test_draw_attention_labels_non_ascii_tokens(gemma3, tmp_path):
+    trace = gemma3.run(NON_ASCII_PROMPT, capture=["attn_scores-0"])
+    assert set(NON_ASCII_TOKENS) <= set(trace.token_strs)
+    [path] = pyinterp.draw_attention(trace, tmp_path / "attn.png", heads=[0])
+    image = cv2.imread(str(path))
+    for token in NON_ASCII_TOKENS:  # row labels (queries) and column labels (keys)
+        for vertical in (False, True):
+            assert shows(image, label_template(token, vertical)), (token, vertical)
+            assert not shows(image, label_template(ascii_only(token), vertical)), (token, vertical)
+
+
+def test_lens_png_labels_non_ascii_tokens(gemma3, tmp_path):
+    lens = gemma3.logit_lens(NON_ASCII_PROMPT, tensor="l_out", top_k=1)
+    image = cv2.imread(str(lens.to_png(tmp_path / "lens.png")))
+    for token in NON_ASCII_TOKENS:  # the column labels below the table
+        assert shows(image, label_template(token, vertical=True)), token
+        assert not shows(image, label_template(ascii_only(token), vertical=True)), token
