@@ -98,6 +98,8 @@ def test_prompt_scores(smollm2):
     trace = smollm2.run(prompt, capture=["attn_scores"])
     want = scores_from_attention(np.stack([trace.attention(il) for il in range(smollm2.n_layer)]), scores.tokens)
     np.testing.assert_array_equal(scores.induction, want["induction"])
+    with pytest.raises(InputError, match="unknown score 'copying'"):
+        scores.top("copying", 3)
     with pytest.raises(InputError, match="need a repeat"):
         head_scores(smollm2, prompt="The capital of France is")
     with pytest.raises(InputError, match="seq_len must be in 2.."):
