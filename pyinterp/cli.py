@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from .cli_heads import heads
 from .errors import InputError, PyinterpError
 from .hooks import split_name
 from .tensor_io import load_tensor, save_tensor
@@ -266,7 +267,7 @@ def cli(model_path, prompt, prompt_file, n_predict, ctx_size, threads, n_gpu_lay
 
 def subcommands() -> dict[str, click.Command]:
     """Analyses with a command of their own: ``pyinterp NAME ...``; everything else is the main command."""
-    return {}
+    return {"heads": heads}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,8 @@ GGUF_MAGIC = b"GGUF"
 # KV cache types llama.cpp accepts (-ctk/-ctv), as enum ggml_type values
 KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7}
 
+TOKEN_ATTR_NORMAL = 1 << 2  # enum llama_token_attr's flag of an ordinary token (control, byte, ... have others)
+
 
 class _Pass(NamedTuple):
     """What one decode under a plan returns (see Model._forward)."""
@@ -242,6 +244,13 @@ class Model:
     def token_str(self, token: int) -> str:
         """The text piece of one token (special tokens rendered, partial UTF-8 characters replaced)."""
         return self.token_bytes(token).decode("utf-8", "replace")
+
+    def ordinary_tokens(self) -> np.ndarray:
+        """Ids of the ordinary text tokens, ``[n]`` int32: attribute NORMAL, so no control, byte, user-defined,
+        unused or unknown tokens."""
+        self._live()
+        attrs = np.array([lib.llama_vocab_get_attr(self._vocab, t) for t in range(self.n_vocab)])
+        return np.flatnonzero(attrs & TOKEN_ATTR_NORMAL).astype(np.int32)
 
     def prompt_ids(self, tokens_or_text: str | Sequence[int]) -> list[int]:
         """The token ids a run would use: text tokenized (BOS as the model wants), or ids checked against

@@ -34,6 +34,7 @@ GRAY = (128, 128, 128)
 LENS_CELL_W = 64
 LENS_CELL_H = 22
 LENS_MAX_FULL_TOKENS = 60
+SCORE_CELL_W = 40  # "0.93" and a margin
 LENS_MIN_TEXT_W = 24  # narrower cells get no text: two or three characters is all that would fit
 
 COLORBAR_W = 14
@@ -155,28 +156,83 @@ def lens_heatmap(
     if len(row_labels) != n_rows:
         raise PyinterpError(f"need {n_rows} row labels, got {len(row_labels)}")
     cell_w = LENS_CELL_W if n_tok <= LENS_MAX_FULL_TOKENS else max(LENS_CELL_W * LENS_MAX_FULL_TOKENS // n_tok, 1)
+    table = _table(top_prob, top_str, row_labels, tokens, title, cell_w, LENS_CELL_H)
+    return _with_colorbar([table], _title_height() if title else PAD, n_rows * LENS_CELL_H)
 
+
+def score_grids(
+    grids: Sequence[np.ndarray],
+    names: Sequence[str],
+    *,
+    title: str = "",
+    row_labels: list[str] | None = None,
+    col_labels: list[str] | None = None,
+) -> np.ndarray:
+    """Draw several ``[n_rows, n_cols]`` tables of scores in 0..1 side by side, with one colour scale.
+
+    Each table is drawn as in :func:`lens_heatmap` (row 0 at the BOTTOM, each cell coloured by its
+    score and labelled with it to two decimals), titled with its entry of ``names``; ``title`` goes
+    above them all. ``row_labels``/``col_labels`` default to ``"0"``, ``"1"``, ... Used for head
+    scores: rows are layers, columns heads.
+    """
+    grids = [np.asarray(g, dtype=np.float64) for g in grids]
+    if not grids or len(names) != len(grids) or not all(names) or any(g.ndim != 2 or g.shape != grids[0].shape
+                                                                       for g in grids):
+        raise PyinterpError(f"need grids of one 2-D shape, each with a name; got {[g.shape for g in grids]} "
+                            f"and names {list(names)}")
+    n_rows, n_cols = grids[0].shape
+    row_labels = [str(r) for r in range(n_rows)] if row_labels is None else row_labels
+    col_labels = [str(c) for c in range(n_cols)] if col_labels is None else col_labels
+    if len(row_labels) != n_rows or len(col_labels) != n_cols:
+        raise PyinterpError(f"need {n_rows} row labels and {n_cols} column labels, "
+                            f"got {len(row_labels)} and {len(col_labels)}")
+    tables = [_table(g, [[f"{v:.2f}" for v in row] for row in g], row_labels, col_labels, name, SCORE_CELL_W,
+                     LENS_CELL_H) for g, name in zip(grids, names, strict=True)]
+    return _with_colorbar(tables, _title_height(), n_rows * LENS_CELL_H, title)
+
+
+def _table(values: np.ndarray, texts: list[list[str]], row_labels: list[str], col_labels: list[str], title: str,
+           cell_w: int, cell_h: int) -> np.ndarray:
+    """A titled heatmap of ``values`` (``[n_rows, n_cols]``, 0..1) with row 0 at the bottom, ``texts`` written
+    in the cells (when they are at least ``LENS_MIN_TEXT_W`` wide), rows labelled on the left and columns
+    below (vertical, thinned as in :func:`attention_sheet`). The heatmap starts ``_title_height()`` (or
+    ``PAD`` without a title) from the top."""
     rows_up = [sanitize_label(s) for s in reversed(row_labels)]  # top to bottom: last row first
     left = _max_text_width(rows_up) + PAD + TICK
     top = _title_height() if title else PAD
-    heat = _heat_block(top_prob[::-1], cell_w, LENS_CELL_H)
+    heat = _heat_block(values[::-1], cell_w, cell_h)
     if cell_w >= LENS_MIN_TEXT_W:
         heat[:, ::cell_w] = 255  # white lines between cells keep neighbouring texts apart
-        heat[::LENS_CELL_H] = 255
-        _write_cells(heat, top_str[::-1], cell_w, LENS_CELL_H, top_prob[::-1])
+        heat[::cell_h] = 255
+        _write_cells(heat, texts[::-1], cell_w, cell_h, values[::-1])
 
-    step = label_step(n_tok, cell_w, _font_px())
-    col_labels = _step_labels(tokens, step)
-    bottom = TICK + PAD + _max_text_width(col_labels.values()) + PAD
-    bar = _colorbar(max(heat.shape[0], COLORBAR_MIN_H))
-    bar_top = max(top - _colorbar_margin(), 0)
-    width = left + max(heat.shape[1], text_width(title, TITLE_PX)) + PAD
-    image = _canvas(max(top + heat.shape[0] + bottom, bar_top + bar.shape[0]), width + bar.shape[1] + PAD)
+    labels = _step_labels(col_labels, label_step(len(col_labels), cell_w, _font_px()))
+    bottom = TICK + PAD + _max_text_width(labels.values()) + PAD
+    image = _canvas(top + heat.shape[0] + bottom, left + max(heat.shape[1], text_width(title, TITLE_PX)) + PAD)
     if title:
         draw_text(image, title, left, top - PAD, TITLE_PX)
     _paste(image, heat, left, top)
-    _draw_row_labels(image, dict(enumerate(rows_up)), left, top, LENS_CELL_H)
-    _draw_col_labels(image, col_labels, left, top + heat.shape[0], cell_w)
+    _draw_row_labels(image, dict(enumerate(rows_up)), left, top, cell_h)
+    _draw_col_labels(image, labels, left, top + heat.shape[0], cell_w)
+    return image
+
+
+def _with_colorbar(tables: list[np.ndarray], heat_top: int, heat_h: int, title: str = "") -> np.ndarray:
+    """``tables`` (from :func:`_table`, their heatmaps ``heat_top`` px from their tops and ``heat_h`` px high) side
+    by side, ``title`` above them all, and a 0..1 colour scale at the right beside the heatmaps."""
+    above = _title_height() if title else 0
+    top = above + heat_top
+    bar = _colorbar(max(heat_h, COLORBAR_MIN_H))
+    bar_top = max(top - _colorbar_margin(), 0)
+    width = sum(t.shape[1] for t in tables)
+    height = max(above + max(t.shape[0] for t in tables), bar_top + bar.shape[0])
+    image = _canvas(height, max(width + bar.shape[1] + PAD, text_width(title, TITLE_PX) + 2 * PAD))
+    if above:
+        draw_text(image, title, PAD, above - PAD, TITLE_PX)
+    x = 0
+    for table in tables:
+        _paste(image, table, x, above)
+        x += table.shape[1]
     _paste(image, bar, width, bar_top)
     return image
 

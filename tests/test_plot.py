@@ -15,7 +15,7 @@ import pytest
 import pyinterp
 from pyinterp import PyinterpError
 from pyinterp.plot import (
-    LABEL_PX, attention_sheet, default_cell, label_step, lens_heatmap, sanitize_label, save_png,
+    LABEL_PX, attention_sheet, default_cell, label_step, lens_heatmap, sanitize_label, save_png, score_grids,
 )
 from pyinterp.text import draw_text, text_width
 
@@ -220,6 +220,30 @@ def test_lens_heatmap_many_tokens():
         lens_heatmap(probs[:, :-1], [[" x"] * n for _ in range(12)], tokens)
     with pytest.raises(PyinterpError, match="row labels"):
         lens_heatmap(probs, [[" x"] * n for _ in range(12)], tokens, row_labels=["0"])
+
+
+def test_score_grids_side_by_side():
+    """Three layers x heads grids: each grid's cells sit in its own third, row 0 at the bottom, and a
+    cell's colour follows its score."""
+    names = ["previous token", "duplicate token", "induction"]
+    dark = [np.zeros((3, 2))] * 3
+    base = score_grids(dark, names, title="head scores")
+    boxes = []
+    for i in range(3):
+        grids = list(dark)
+        grids[i] = np.array([[0.95, 0.0], [0.0, 0.0], [0.0, 0.0]])  # layer 0, head 0 bright
+        image = score_grids(grids, names, title="head scores")
+        assert image.shape == base.shape
+        boxes.append(bbox(changed(image, base)))
+        y0, y1, x0, x1 = boxes[-1]
+        assert y1 - y0 <= 22 and x1 - x0 <= 40  # one cell ...
+        assert y0 > base.shape[0] / 3  # ... in the bottom row
+        assert luma(image[y0 + 2, x0 + 2]) > luma(base[y0 + 2, x0 + 2]) + 100
+    assert boxes[0][3] < boxes[1][2] and boxes[1][3] < boxes[2][2]  # left to right in the given order
+    with pytest.raises(PyinterpError, match="one 2-D shape"):
+        score_grids([np.zeros((3, 2)), np.zeros((2, 2))], names[:2])
+    with pytest.raises(PyinterpError, match="each with a name"):
+        score_grids(dark, names[:2])
 
 
 def test_save_png_round_trip(tmp_path):
