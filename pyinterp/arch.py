@@ -17,25 +17,21 @@ from .errors import InputError
 class Arch:
     """The residual stream of one architecture family, in llama.cpp tensor names.
 
-    l_out-L = l_out-(L-1) + attn_term-L + ffn_term-L, with l_out-(-1) = embedding. A term is None where
-    llama.cpp's graph of the family adds it to the residual without naming it per layer.
+    l_out-L = l_out-(L-1) + attn_term-L + ffn_term-L, with l_out-(-1) = embedding. (Patch 0005 names the
+    attention output of qwen2, qwen3 and phi3 and Gemma 2's FFN post-norm on every layer, which llama.cpp's
+    graphs of them left unnamed or named once.)
     """
 
     family: str
-    embedding: str              # [n_tokens, n_embd], outside the layers: the first term of the residual stream
-    attn_term: str | None       # [n_tokens, n_embd], what a layer's attention adds to the residual stream
-    ffn_term: str | None        # [n_tokens, n_embd], what a layer's FFN adds
-    residual: str = "l_out"     # [n_tokens, n_embd], the residual stream after a layer
+    embedding: str          # [n_tokens, n_embd], outside the layers: the first term of the residual stream
+    attn_term: str          # [n_tokens, n_embd], what a layer's attention adds to the residual stream
+    ffn_term: str           # [n_tokens, n_embd], what a layer's FFN adds
+    residual: str = "l_out" # [n_tokens, n_embd], the residual stream after a layer
 
     @property
     def residual_terms(self) -> tuple[str, ...]:
-        """Every named tensor in residual space, in the order the stream adds them."""
-        return tuple(t for t in (self.embedding, self.attn_term, self.ffn_term, self.residual) if t is not None)
-
-    @property
-    def unnamed(self) -> tuple[str, ...]:
-        """The per-layer terms llama.cpp does not name (``"attention"``, ``"FFN"``): none for a full decomposition."""
-        return tuple(what for what, t in (("attention", self.attn_term), ("FFN", self.ffn_term)) if t is None)
+        """Every tensor in residual space, in the order the stream adds them."""
+        return (self.embedding, self.attn_term, self.ffn_term, self.residual)
 
 
 # pre-norm blocks: the attention and FFN outputs are added to the residual as they are
@@ -43,18 +39,12 @@ _PRE_NORM = Arch("pre-norm", embedding="embd", attn_term="attn_out", ffn_term="f
 # Gemma: the embedding is scaled by sqrt(n_embd), and each output goes through a norm before it is added
 _GEMMA = Arch("gemma", embedding="inp_scaled", attn_term="attn_post_norm", ffn_term="ffn_post_norm")
 
-# pre-norm blocks whose graphs (qwen2.cpp, qwen3.cpp, phi3.cpp) add the attention output (after wo) to the
-# residual unnamed: ffn_inp-L = l_out-(L-1) + attention-L
-_PRE_NORM_ATTN_UNNAMED = Arch("pre-norm", embedding="embd", attn_term=None, ffn_term="ffn_out")
-# Gemma 2: Gemma's post-norms, but gemma2.cpp names the FFN post-norm outside the layers (ffn_post_norm, no -L)
-_GEMMA2 = Arch("gemma", embedding="inp_scaled", attn_term="attn_post_norm", ffn_term=None)
-
 ARCHS: dict[str, Arch] = {
     "llama": _PRE_NORM,
-    "qwen2": _PRE_NORM_ATTN_UNNAMED,
-    "qwen3": _PRE_NORM_ATTN_UNNAMED,
-    "phi3": _PRE_NORM_ATTN_UNNAMED,
-    "gemma2": _GEMMA2,
+    "qwen2": _PRE_NORM,
+    "qwen3": _PRE_NORM,
+    "phi3": _PRE_NORM,
+    "gemma2": _GEMMA,
     "gemma3": _GEMMA,
 }
 

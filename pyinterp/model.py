@@ -422,9 +422,8 @@ class Model:
         The residual stream at the last layer is the embedding plus every layer's attention and FFN
         outputs (``attn_out``/``ffn_out``; Gemma's post-norms); each term goes through the final RMS norm
         with its scale frozen at the final residual's and through the target's unembedding row, inside the
-        graph. The terms add up to the target's logit. ``target``: a token id or single-token text; default
-        the model's top prediction at ``position``. Interventions of the context managers apply. Families whose
-        llama.cpp graph leaves a term unnamed (``pyinterp/arch.py``: qwen2, qwen3, phi3, gemma2) raise PyinterpError.
+        graph. The terms add up to the target's logit (before a final soft-capping, as Gemma 2's). ``target``: a token id or single-token text; default
+        the model's top prediction at ``position``. Interventions of the context managers apply.
         """
         self._live()
         ids = self.prompt_ids(tokens_or_text)
@@ -432,9 +431,6 @@ class Model:
             raise InputError(f"position {position} out of range (the prompt has {len(ids)} tokens)")
         position %= len(ids)
         arch = arch_of(self.arch)
-        if arch.unnamed:
-            raise PyinterpError(f"logit attribution: llama.cpp's {self.arch} graph does not name each layer's "
-                                f"{' and '.join(arch.unnamed)} output, so it cannot be attributed")
         info = self.tensor_info()
         missing = [n for n in arch.residual_terms if n not in info.layers]
         if missing:
