@@ -8,16 +8,53 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 from pathlib import Path
 
 import click
 import numpy as np
 
+from .arch import ARCHS, arch_of
 from .cli_heads import heads
 from .errors import InputError, PyinterpError
 from .hooks import split_name
 from .tensor_io import load_tensor, save_tensor
+
+
+# llama-cli's escapes (common.cpp, string_process_escapes): a backslash and one byte, or \x and two hex digits
+_ESCAPE = re.compile(rb"\\(x[0-9a-fA-F]{2}|.)", re.DOTALL)
+_ESCAPES = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"'": b"'", b'"': b'"', b"\\": b"\\"}
+
+
+def process_escapes(text: str) -> str:
+    """Expand escapes as llama-cli does by default (``--escape``): ``\\n \\r \\t \\' \\" \\\\`` and
+    ``\\xHH`` (one byte); a backslash before anything else, or at the end, stays as it is."""
+
+    def expand(m: re.Match) -> bytes:
+        code = m.group(1)
+        if len(code) == 3:  # xHH
+            return bytes([int(code[1:], 16)])
+        return _ESCAPES.get(code, m.group(0))
+
+    data = _ESCAPE.sub(expand, text.encode("utf-8", "surrogateescape"))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"the prompt is not UTF-8 text once its escapes are expanded ({e.reason} at byte {e.start}); "
+                         f"--no-escape keeps them as they are") from None
+
+
+def read_prompt_file(path: str) -> str:
+    """The prompt in a ``-f`` file, as llama-cli reads it: the bytes as they are (no newline translation)
+    less one trailing newline."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise InputError(f"cannot read prompt file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"prompt file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return text[:-1] if text.endswith("\n") else text
 
 
 def parse_heads(spec: str, n_layer: int, n_head: int) -> list[tuple[int, int]]:
@@ -54,26 +91,46 @@ def progress(length: int, label: str):
     return contextlib.nullcontext(None)
 
 
-def print_lens(lens, top_k: int) -> None:
+def lens_targets(spec: str, arch: str) -> list[tuple[str, list[int] | None]]:
+    """``--ll`` as (tensor, layers) pairs to lens (layers None: every layer the tensor is on).
+
+    ``all``: the residual-stream terms of ``arch`` (embedding, attention and FFN terms, residual);
+    ``embd``: its embedding term; ``NAME-L``: layer L of NAME; ``NAME``: every layer of NAME.
+    """
+    if spec == "all":
+        return [(name, None) for name in arch_of(arch).residual_terms]
+    if spec == "embd":
+        return [(arch_of(arch).embedding, None)]
+    name, layer = split_name(spec)
+    return [(name, None if layer is None else [layer])]
+
+
+def layer_labels(lens, arch: str) -> list[int | str]:
+    """The rows of a lens: their layers, ``embd`` for the embedding term of ``arch`` (layer -1)."""
+    embedding = ARCHS[arch].embedding if arch in ARCHS else None
+    return ["embd" if il < 0 and lens.tensor == embedding else il for il in lens.layers]
+
+
+def print_lens(lens, top_k: int, arch: str) -> None:
     click.echo(f"{lens.title}, top {top_k}")
     strs = lens.strs
-    for li, il in enumerate(lens.layers):
-        click.echo(f"\nlayer {il}:")
+    for li, label in enumerate(layer_labels(lens, arch)):
+        click.echo(f"\nlayer {label}:")
         for t, token in enumerate(lens.token_strs):
             tops = ", ".join(f"{s!r} {p:.3f}" for s, p in zip(strs[li][t], lens.probs[li, t], strict=True))
             click.echo(f"  [{t}] {token!r}: {tops}")
 
 
-def lens_json(lens) -> dict:
+def lens_json(lens, arch: str) -> dict:
     strs = lens.strs
     return {
         "tensor": lens.tensor, "norm": lens.norm,
         "layers": [
-            {"layer": il, "tokens": [
+            {"layer": label, "tokens": [
                 {"token": tok, "top": [{"id": int(i), "str": s, "p": float(p)}
                                        for i, s, p in zip(lens.ids[li, t], strs[li][t], lens.probs[li, t], strict=True)]}
                 for t, tok in enumerate(lens.token_strs)]}
-            for li, il in enumerate(lens.layers)],
+            for li, label in enumerate(layer_labels(lens, arch))],
     }
 
 
@@ -114,13 +171,17 @@ def show_version(ctx: click.Context, param: click.Parameter, value: bool) -> Non
 
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+DRAW_PATH = "attention.png"
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
 @click.option("-m", "--model", "model_path", default=None, metavar="PATH",
               help="GGUF file, or a known name (smollm2, gemma3). Default: the bundled SmolLM2.")
 @click.option("-p", "--prompt", default=None, help="Prompt text.")
-@click.option("-f", "--file", "prompt_file", type=click.Path(dir_okay=False), default=None, help="Read the prompt from a file.")
+@click.option("-f", "--file", "prompt_file", type=click.Path(dir_okay=False), default=None,
+              help="Read the prompt from a file (one trailing newline is dropped, as llama-cli does).")
+@click.option("--escape/--no-escape", "-e", default=True, show_default=True,
+              help="Expand \\n \\r \\t \\' \\\" \\\\ and \\xHH in the prompt (-p or -f), as llama-cli does.")
 @click.option("-n", "--n-predict", default=0, show_default=True, help="Tokens to generate; 0 = only the prompt pass.")
 @click.option("-c", "--ctx-size", default=2048, show_default=True, help="Context size (tokens).")
 @click.option("-t", "--threads", default=None, type=int, help="Threads (default: all cores).")
@@ -131,15 +192,17 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 @click.option("--seed", default=None, type=int, help="Sampling seed.")
 @click.option("--temp", default=0.0, show_default=True, help="Sampling temperature; 0 = greedy.")
 @click.option("--ll", "--logit-lens", "lens_name", default=None, metavar="NAME",
-              help="Logit lens of tensor NAME (l_out, attn_out, ffn_out, kqv_out) at every layer; 'all' = each.")
+              help="Logit lens of tensor NAME (l_out, attn_out, ffn_out, ...) at every layer, or NAME-LAYER at one; "
+                   "'embd' = the embedding; 'all' = every residual-stream term (embedding, attention, FFN, l_out).")
 @click.option("--ll-topk", default=10, show_default=True, help="Tokens shown per layer and position.")
 @click.option("--norm-lens/--raw-lens", default=True, show_default=True,
               help="Apply the model's final norm before unembedding (norm lens) or not (raw lens).")
 @click.option("--ll-png", type=click.Path(dir_okay=False), default=None, metavar="PATH",
               help="Write the logit lens as a layers x tokens heatmap of the top-1 probability.")
-@click.option("--draw", is_flag=True, help="Draw the attention of every layer (a grid of heads per PNG).")
-@click.option("--draw-path", default="attention.png", show_default=True, metavar="PATH",
-              help="Base name of the attention PNGs: PATH-L<layer>.png, one per layer.")
+@click.option("--draw", is_flag=False, flag_value="", default=None, metavar="[PATH]",
+              help=f"Draw the attention of every layer (a grid of heads per PNG) to PATH-L<layer>.png "
+                   f"(PATH default {DRAW_PATH}).")
+@click.option("--draw-path", default=None, metavar="PATH", help="Same as --draw PATH.")
 @click.option("--draw-layers", default=None, metavar="LIST", help="Layers to draw (comma list; default all).")
 @click.option("-a", "--ablate", "ablate_spec", default=None, metavar="LIST",
               help="Ablate heads: global indices layer*n_head+head and/or LAYER:HEAD pairs, comma separated.")
@@ -158,9 +221,10 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 @click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=show_version,
               help="Show the version, the llama.cpp source, patches and backends, and exit.")
-def cli(model_path, prompt, prompt_file, n_predict, ctx_size, threads, n_gpu_layers, rpc, seed, temp, lens_name, ll_topk,
-        norm_lens, ll_png, draw, draw_path, draw_layers, ablate_spec, isolate, saves, loads, patch_specs, patch_avg,
-        print_cgraph, as_json, verbose, debug):
+@click.pass_context
+def cli(ctx, model_path, prompt, prompt_file, escape, n_predict, ctx_size, threads, n_gpu_layers, rpc, seed, temp,
+        lens_name, ll_topk, norm_lens, ll_png, draw, draw_path, draw_layers, ablate_spec, isolate, saves, loads,
+        patch_specs, patch_avg, print_cgraph, as_json, verbose, debug):
     """Run a GGUF model and look inside: logit lens, attention pictures, head ablation, activation patching."""
     from .attention import draw_attention
     from .model import Model
@@ -168,16 +232,23 @@ def cli(model_path, prompt, prompt_file, n_predict, ctx_size, threads, n_gpu_lay
     if (prompt is None) == (prompt_file is None):
         raise click.UsageError("give the prompt with exactly one of -p/--prompt and -f/--file")
     if prompt_file is not None:
-        try:
-            prompt = Path(prompt_file).read_text()
-        except OSError as e:
-            raise InputError(f"cannot read prompt file {prompt_file}: {e.strerror}") from None
+        prompt = read_prompt_file(prompt_file)
+    if escape:
+        prompt = process_escapes(prompt)
     if n_predict < 0:
         raise click.BadParameter("must be >= 0", param_hint="-n")
     if patch_avg is not None and not patch_specs:
         raise click.UsageError("--patch-avg goes with --patch")
-    if ll_png is not None and lens_name is None:
-        raise click.UsageError("--ll-png needs --ll NAME")
+    given = {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    for option, name in (("--ll-png", "ll_png"), ("--ll-topk", "ll_topk"), ("--norm-lens/--raw-lens", "norm_lens")):
+        if name in given and lens_name is None:
+            raise click.UsageError(f"{option} needs --ll NAME")
+    if draw and draw_path is not None and draw != draw_path:
+        raise click.UsageError(f"two drawing paths: --draw {draw} and --draw-path {draw_path}")
+    if draw is not None or draw_path is not None:  # --draw alone ("") draws to the default path
+        draw = draw or draw_path or DRAW_PATH
+    if draw_layers is not None and draw is None:
+        raise click.UsageError("--draw-layers goes with --draw")
     actions = [PatchAction(s, f, None, None) for s, f in loads]
     by_target: dict[tuple[str, str], list[tuple[int, int]]] = {}
     for spec, file, src, dst in patch_specs:
@@ -201,7 +272,7 @@ def cli(model_path, prompt, prompt_file, n_predict, ctx_size, threads, n_gpu_lay
             except ValueError:
                 raise click.BadParameter(f"{draw_layers!r} is not a comma list of layers", param_hint="--draw-layers") from None
         capture = [f"{n}-{il}" for (n, il), _ in saves]
-        if draw:
+        if draw is not None:
             capture += [f"attn_scores-{il}" for il in layers]
 
         result["model"] = {"path": str(model.path), "arch": model.arch, "n_layer": model.n_layer,
@@ -216,12 +287,10 @@ def cli(model_path, prompt, prompt_file, n_predict, ctx_size, threads, n_gpu_lay
             if print_cgraph:
                 result["cgraph"] = model.graph(ids, capture=capture)
             if lens_name is not None:
-                names = ["l_out", "attn_out", "ffn_out", "kqv_out"] if lens_name == "all" else [lens_name]
-                if lens_name == "all":
-                    info = model.tensor_info()
-                    names = [n for n in names if n in info.layers and info.shapes[n][0] == model.n_embd]
-                lenses = [model.logit_lens(ids, tensor=n, top_k=ll_topk, norm=norm_lens) for n in names]
-                result["logit_lens"] = [lens_json(lens) for lens in lenses]
+                lenses = [model.logit_lens(ids, tensor=name, layers=only, top_k=ll_topk, norm=norm_lens)
+                          for name, only in lens_targets(lens_name, model.arch)]
+                result["lensed"] = [lens.tensor for lens in lenses]
+                result["logit_lens"] = [lens_json(lens, model.arch) for lens in lenses]
             if n_predict > 0:
                 with progress(n_predict, "generating") as bar:
                     gen = model.generate(ids, n_predict, temp=temp, seed=seed,
@@ -232,15 +301,13 @@ def cli(model_path, prompt, prompt_file, n_predict, ctx_size, threads, n_gpu_lay
         for (name, il), path in saves:
             files.append(str(save_tensor(path, trace[name, il], f"{name}-{il}")))
         if lens_name is not None and ll_png is not None:
-            if len(lenses) == 1:
-                files.append(str(lenses[0].to_png(ll_png)))
-            else:
-                base = Path(ll_png)
-                files += [str(lens.to_png(base.with_name(f"{base.stem}-{lens.tensor}{base.suffix or '.png'}")))
-                          for lens in lenses]
-        if draw:
+            base = Path(ll_png)
+            for lens in lenses:
+                path = base if len(lenses) == 1 else base.with_name(f"{base.stem}-{lens.tensor}{base.suffix or '.png'}")
+                files.append(str(lens.to_png(path, [str(label) for label in layer_labels(lens, model.arch)])))
+        if draw is not None:
             with progress(len(layers), "drawing attention") as bar:
-                files += [str(p) for p in draw_attention(trace, draw_path, layers, on_layer=bar and (lambda _: bar.update(1)))]
+                files += [str(p) for p in draw_attention(trace, draw, layers, on_layer=bar and (lambda _: bar.update(1)))]
         result["files"] = files
         last = trace.logits[-1].astype(np.float64)
         top = np.argsort(-last)[:5]
@@ -254,8 +321,10 @@ def cli(model_path, prompt, prompt_file, n_predict, ctx_size, threads, n_gpu_lay
     if print_cgraph:
         click.echo("\n".join(result["cgraph"]))
     if lens_name is not None:
+        if len(lenses) > 1:
+            click.echo(f"lensed: {', '.join(result['lensed'])}\n")
         for lens in lenses:
-            print_lens(lens, ll_topk)
+            print_lens(lens, ll_topk, model.arch)
     if "generated" in result:
         click.echo(prompt + result["generated"]["text"])
     else:

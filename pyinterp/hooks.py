@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -34,6 +34,26 @@ class TensorInfo:
 
     def rank(self, name: str) -> int:
         return len(self.shapes[name])
+
+
+# what each list-valued argument looks like, for its error message
+EXAMPLES = {"capture": "['l_out', 'attn_scores-3']", "ablate": "[(3, 4)]", "patch": "[('l_out', 12, 5, vector)]",
+            "layers": "[5, 6]"}
+
+
+def as_list(value: object, what: str) -> list:
+    """A list-valued argument (``what``: a key of EXAMPLES) as a list; a string, a number or None
+    is an InputError showing the expected form."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise InputError(f"{what}: expected a list like {EXAMPLES[what]}, got {value!r}")
+    return list(value)
+
+
+def _tuple(item: object, n: int, what: str, form: str) -> tuple:
+    """``item`` (a tuple, list or 1-D array of ``n`` values) as a tuple; anything else is an InputError."""
+    if isinstance(item, (str, bytes)) or not isinstance(item, (Sequence, np.ndarray)) or len(item) != n:
+        raise InputError(f"{what}: expected {form}, got {item!r}")
+    return tuple(item)
 
 
 def split_name(spec: str) -> tuple[str, int | None]:
@@ -87,10 +107,11 @@ class Planner:
 
     def captures(self, specs: Iterable[str]) -> list[tuple[str, int]]:
         """``["attn_scores", "l_out-5"]`` -> ``[("attn_scores", 0), ..., ("l_out", 5)]``."""
-        if isinstance(specs, str):
-            specs = [specs]
+        specs = [specs] if isinstance(specs, str) else as_list(specs, "capture")
         out: list[tuple[str, int]] = []
         for spec in specs:
+            if not isinstance(spec, str):
+                raise InputError(f"capture: expected tensor names like 'l_out' or 'l_out-5', got {spec!r}")
             name, layer = split_name(spec)
             layers = self._known(name)
             if layer is None:
@@ -110,15 +131,12 @@ class Planner:
             return masks.setdefault(layer, np.ones(self.n_head, dtype=np.float32))
 
         for item in ablate:
-            if len(item) != 2:
-                raise InputError(f"ablate: expected (layer, head) pairs, got {item!r}")
-            layer = self._layer(item[0], "ablate")
-            mask(layer)[self._head(item[1], "ablate")] = 0.0
+            layer, head = _tuple(item, 2, "ablate", "(layer, head) pairs like [(3, 4)]")
+            mask(self._layer(layer, "ablate"))[self._head(head, "ablate")] = 0.0
         if isolate is not None:
-            if len(isolate) != 2:
-                raise InputError(f"isolate: expected (layer, head), got {isolate!r}")
-            layer = self._layer(isolate[0], "isolate")
-            head = self._head(isolate[1], "isolate")
+            layer, head = _tuple(isolate, 2, "isolate", "(layer, head) like (3, 4)")
+            layer = self._layer(layer, "isolate")
+            head = self._head(head, "isolate")
             m = mask(layer)
             keep = m[head]
             m[:] = 0.0
@@ -129,19 +147,22 @@ class Planner:
         """Check (name, layer, position, vector) items against the graph and the prompt length."""
         out = []
         for item in patch:
-            if len(item) != 4:
-                raise InputError(f"patch: expected (name, layer, position, vector), got a {len(item)}-tuple")
-            name, layer, pos, vector = item
+            name, layer, pos, vector = _tuple(item, 4, "patch", "(name, layer, position, vector) tuples")
+            if not isinstance(name, str):
+                raise InputError(f"patch: the tensor name must be a string like 'l_out', got {name!r}")
             layers = self._known(name)
             layer = self._layer(layer, f"patch {name!r}")
             if layer not in layers:
                 raise InputError(f"patch: tensor {name!r} is not computed on layer {layer}")
             if self.info.rank(name) != 2:
                 raise InputError(f"patch: {name!r} is not a [n_tokens, width] tensor (ggml shape {self.info.shapes[name]})")
-            if not isinstance(pos, (int, np.integer)) or not -n_tokens <= pos < n_tokens:
+            if not isinstance(pos, (int, np.integer)) or isinstance(pos, bool) or not -n_tokens <= pos < n_tokens:
                 raise InputError(f"patch {name}-{layer}: position {pos!r} out of range (the prompt has {n_tokens} tokens)")
             width = self.info.shapes[name][0]
-            row = np.ascontiguousarray(np.asarray(vector, dtype=np.float32).reshape(-1))
+            try:
+                row = np.ascontiguousarray(np.asarray(vector, dtype=np.float32).reshape(-1))
+            except (TypeError, ValueError):
+                raise InputError(f"patch {name}-{layer}: the vector must be {width} numbers, got {type(vector).__name__}") from None
             if row.shape[0] != width:
                 raise InputError(f"patch {name}-{layer}: vector has {row.shape[0]} values, the tensor's rows have {width}")
             if not np.all(np.isfinite(row)):

@@ -30,13 +30,14 @@ class LogitLens:
     def title(self) -> str:
         return f"{'norm' if self.norm else 'raw'} logit lens of {self.tensor}"
 
-    def to_png(self, path: str | os.PathLike) -> Path:
-        """Write a layers x tokens heatmap of the top-1 probability, each cell labelled with its token."""
+    def to_png(self, path: str | os.PathLike, row_labels: list[str] | None = None) -> Path:
+        """Write a layers x tokens heatmap of the top-1 probability, each cell labelled with its token;
+        rows are labelled with ``row_labels`` (default: the layer indices)."""
         from .plot import lens_heatmap, save_png
 
         top_str = [[token[0] for token in layer] for layer in self.strs]
         image = lens_heatmap(self.probs[:, :, 0], top_str, self.token_strs, title=self.title,
-                             row_labels=[str(il) for il in self.layers])
+                             row_labels=row_labels or [str(il) for il in self.layers])
         return save_png(image, path)
 
 

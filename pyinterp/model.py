@@ -16,7 +16,7 @@ from . import _ffi, zoo
 from ._ffi import ffi, lib
 from .errors import InputError, PyinterpError
 from .arch import arch_of
-from .hooks import ATTENTION_TENSORS, Head, Patch, Plan, Planner, TensorInfo, split_name
+from .hooks import ATTENTION_TENSORS, Head, Patch, Plan, Planner, TensorInfo, as_list, split_name
 from .lens import Attribution, LogitLens
 from .trace import Trace
 
@@ -313,8 +313,8 @@ class Model:
         isolate = isolate if isolate is not None else (self._isolated[0] if self._isolated else None)
         return Plan(
             captures=planner.captures(capture),
-            head_masks=planner.head_masks([*self._ablated, *ablate], isolate),
-            patches=planner.patches([*self._patched, *patch], n_tokens),
+            head_masks=planner.head_masks([*self._ablated, *as_list(ablate, "ablate")], isolate),
+            patches=planner.patches([*self._patched, *as_list(patch, "patch")], n_tokens),
         )
 
     def _apply(self, plan: Plan) -> None:
@@ -366,8 +366,14 @@ class Model:
 
     # forward passes
 
-    def _lens_check(self, tensor: str, top_k: int) -> None:
+    def _lens_check(self, tensor: str, top_k: int, layers: Iterable[int] | None) -> list[int] | None:
+        """Check the lens arguments; returns the layers asked for (sorted, each once), or None for all."""
         info = self.tensor_info()
+        if not isinstance(tensor, str):
+            raise InputError(f"logit lens: tensor must be a name like 'l_out', got {tensor!r}")
+        name, layer = split_name(tensor)
+        if layer is not None:
+            raise InputError(f"logit lens: tensor takes a base name; for one layer: tensor={name!r}, layers=[{layer}]")
         if tensor not in info.layers:
             self._planner().captures([tensor])  # raises the unknown-name error
         width = info.shapes[tensor][0]
@@ -376,6 +382,16 @@ class Model:
                                 f"(ggml shape {info.shapes[tensor]}, the model's n_embd is {self.n_embd})")
         if not 1 <= top_k <= self.n_vocab:
             raise InputError(f"logit lens: top_k must be in 1..{self.n_vocab}, got {top_k}")
+        if layers is None:
+            return None
+        on, layers = info.layers[tensor], as_list(layers, "layers")
+        if not layers:
+            raise InputError("logit lens: layers is empty")
+        for il in layers:
+            if not isinstance(il, (int, np.integer)) or isinstance(il, bool) or il not in on:
+                where = "outside the layers (-1)" if on == {-1} else f"on layers {min(on)}..{max(on)}"
+                raise InputError(f"logit lens: {tensor} is not computed on layer {il!r} (it is {where})")
+        return sorted({int(il) for il in layers})
 
     def _read_lens(self, n_tokens: int, top_k: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         out = {}
@@ -392,20 +408,21 @@ class Model:
         return out
 
     def logit_lens(self, tokens_or_text: str | Sequence[int], tensor: str = "l_out", top_k: int = 10,
-                   norm: bool = True) -> LogitLens:
-        """Unembed ``tensor`` of every layer at every token and keep the top-k tokens.
+                   norm: bool = True, layers: Iterable[int] | None = None) -> LogitLens:
+        """Unembed ``tensor`` of every layer (or of ``layers``) at every token and keep the top-k tokens.
 
         ``norm=True`` (the norm lens) applies the model's final norm first, as the model does to its last
         layer; ``norm=False`` (the raw lens) unembeds the tensor as it is. Computed inside the ggml graph
         with the model's own (quantized, possibly tied) unembedding; interventions of the context
-        managers apply. Returns a :class:`pyinterp.lens.LogitLens`.
+        managers apply. A tensor outside the layers (the embedding) has layer -1. Returns a
+        :class:`pyinterp.lens.LogitLens`.
         """
         self._live()
         ids = self.prompt_ids(tokens_or_text)
-        self._lens_check(tensor, top_k)
+        layers = self._lens_check(tensor, top_k, layers)
         plan = self._plan(len(ids), (), (), None, ())
         lens = self._forward(ids, plan, (tensor, norm, top_k)).lens
-        layers = sorted(lens)
+        layers = sorted(lens) if layers is None else layers
         top_ids = np.stack([lens[il][0] for il in layers])
         names = {int(i): self.token_str(int(i)) for i in np.unique(top_ids)}
         return LogitLens(
@@ -565,7 +582,7 @@ class Model:
     @contextlib.contextmanager
     def ablated(self, heads: Iterable[Head]) -> Iterator["Model"]:
         """Within the block, every run and generation has these ``(layer, head)`` pairs ablated."""
-        heads = list(heads)
+        heads = as_list(heads, "ablate")
         self._planner().head_masks(heads, None)
         self._ablated.extend(heads)
         try:
@@ -588,7 +605,7 @@ class Model:
     @contextlib.contextmanager
     def patched(self, patches: Iterable[Patch]) -> Iterator["Model"]:
         """Within the block, every run and generation has these rows replaced (checked at each run)."""
-        patches = list(patches)
+        patches = as_list(patches, "patch")
         self._patched.extend(patches)
         try:
             yield self

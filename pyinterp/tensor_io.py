@@ -2,7 +2,8 @@
 
 The format follows the file name:
 - ``.npy``: one array (numpy's format);
-- ``.npz``: one array stored under the tensor's name (e.g. ``l_out-12``);
+- ``.npz``: one array stored under the tensor's name (e.g. ``l_out-12``), checked when it is read back
+  for a named target;
 - anything else: Llama.MIA's raw format, the float32 values of the tensor row by row (one row per
   token) with no header; reading it needs the row width.
 Every format round-trips float32 values bit for bit.
@@ -16,6 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, PyinterpError
+
+# .npz keys that name no tensor: save_tensor's default and numpy's for an unnamed array (np.savez(path, a))
+UNNAMED = ("tensor", "arr_0")
 
 
 def _kind(path: Path) -> str:
@@ -40,7 +44,10 @@ def save_tensor(path: str | os.PathLike, array: np.ndarray, name: str = "tensor"
 
 
 def load_tensor(path: str | os.PathLike, width: int, name: str | None = None) -> np.ndarray:
-    """Read a tensor written by :func:`save_tensor` (or Llama.MIA) as ``[n_rows, width]`` float32."""
+    """Read a tensor written by :func:`save_tensor` (or Llama.MIA) as ``[n_rows, width]`` float32.
+
+    ``name`` is the target (e.g. ``l_out-12``): a ``.npz`` that stores another tensor's name is an error.
+    """
     path = Path(path)
     try:
         kind = _kind(path)
@@ -53,6 +60,9 @@ def load_tensor(path: str | os.PathLike, width: int, name: str | None = None) ->
                 if key is None:
                     raise InputError(f"{path} holds {keys}; none is {name!r}")
                 array = archive[key]
+                if name is not None and key != name and key not in UNNAMED:
+                    raise InputError(f"{path} holds {key} (shape {list(array.shape)}), not {name} (rows of {width} "
+                                     f"values); .npy and raw files carry no name")
         else:
             array = np.fromfile(path, dtype=np.float32)
     except OSError as e:

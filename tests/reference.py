@@ -154,6 +154,12 @@ class Reference:
             ffn_out=[terms["ffn", i].float().numpy() for i in range(self.n_layer)],
         )
 
+    def embedding(self, ids: list[int]) -> np.ndarray:
+        """The first term of the residual stream, [n_tokens, n_embd]: the token embeddings as the model
+        adds them (Gemma's embedding module scales them by sqrt(n_embd))."""
+        with torch.no_grad():
+            return self.model.model.embed_tokens(torch.tensor([ids]))[0].float().numpy()
+
     def unembed(self, resid: np.ndarray, norm: bool = True) -> np.ndarray:
         """Map residual rows [n, n_embd] to logits [n, n_vocab] (logit lens).
 

@@ -12,7 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pyinterp.cli import main
+from pyinterp import InputError
+from pyinterp.cli import main, process_escapes
 from pyinterp.tensor_io import load_tensor, save_tensor
 
 PROMPT = "The capital of France is"
@@ -59,9 +60,54 @@ def test_prompt_pass_and_generation(capsys, smollm2):
     assert [t["id"] for t in data["prompt_tokens"]] == smollm2.tokenize(PROMPT)
 
 
-def test_prompt_file(capsys, tmp_path):
-    (tmp_path / "p.txt").write_text(PROMPT)
-    assert run_json(capsys, "-f", str(tmp_path / "p.txt"))["next_token"][0]["str"] == " Paris"
+def prompt_ids(data: dict) -> list[int]:
+    return [t["id"] for t in data["prompt_tokens"]]
+
+
+def test_prompt_file(capsys, tmp_path, smollm2):
+    """-f reads the bytes as they are and drops one trailing newline, as llama-cli does."""
+    path = tmp_path / "p.txt"
+    for text, prompt in [(PROMPT, PROMPT), (PROMPT + "\n", PROMPT), (PROMPT + "\n\n", PROMPT + "\n"),
+                         ("Q?\r\nA:\r\n", "Q?\r\nA:\r")]:
+        path.write_bytes(text.encode())
+        data = run_json(capsys, "-f", str(path))
+        assert prompt_ids(data) == smollm2.tokenize(prompt), repr(text)
+    path.write_bytes((PROMPT + "\n").encode())
+    assert run_json(capsys, "-f", str(path))["next_token"][0]["str"] == " Paris"
+    path.write_bytes(b"caf\xe9")
+    code, _, err = run_cli(capsys, "-f", str(path))
+    assert code == 2 and "is not UTF-8 text" in err and err.count("\n") == 1
+
+
+def test_prompt_escapes(capsys, tmp_path, smollm2):
+    """Escapes are expanded by default (-e/--escape), in -p and -f prompts alike; --no-escape keeps them."""
+    typed = "Question: What is the capital of France?\\nAnswer:"  # what the shell passes for '...?\nAnswer:'
+    meant = "Question: What is the capital of France?\nAnswer:"
+    assert prompt_ids(run_json(capsys, "-p", typed)) == smollm2.tokenize(meant)
+    assert prompt_ids(run_json(capsys, "-e", "-p", typed)) == smollm2.tokenize(meant)
+    assert prompt_ids(run_json(capsys, "--no-escape", "-p", typed)) == smollm2.tokenize(typed)
+    (tmp_path / "p.txt").write_text(typed + "\n")
+    assert prompt_ids(run_json(capsys, "-f", str(tmp_path / "p.txt"))) == smollm2.tokenize(meant)
+
+
+@pytest.mark.parametrize("typed, meant", [
+    # llama.cpp common.cpp string_process_escapes: these six, and \x with exactly two hex digits (one byte)
+    (r"a\nb\rc\td\'e\"f\\g", "a\nb\rc\td'e\"f\\g"),
+    (r"\x41\x4a!", "AJ!"),
+    (r"\xc3\xa9t\xC3\xA9", "été"),  # bytes, so two escapes make one UTF-8 character
+    (r"\x4 \xg1 \x", r"\x4 \xg1 \x"),  # not two hex digits: kept
+    (r"\q \0 \a \u00e9", r"\q \0 \a \u00e9"),  # other escapes: kept
+    (r"\\n", r"\n"),  # an escaped backslash, then a plain n
+    ("end\\", "end\\"),  # a backslash at the end: kept
+    ("é\\tè", "é\tè"),
+])
+def test_process_escapes(typed, meant):
+    assert process_escapes(typed) == meant
+
+
+def test_process_escapes_bad_utf8():
+    with pytest.raises(InputError, match="not UTF-8 text once its escapes are expanded"):
+        process_escapes(r"\xff")
 
 
 def test_logit_lens_text_and_json(capsys, smollm2):
@@ -79,23 +125,73 @@ def test_logit_lens_text_and_json(capsys, smollm2):
     assert [t["id"] for t in lens["layers"][7]["tokens"][2]["top"]] == api.ids[7, 2].tolist()
 
 
-def test_logit_lens_all_and_png(capsys, tmp_path, smollm2):
-    data = run_json(capsys, "-p", PROMPT, "--ll", "all", "--ll-topk", "2", "--ll-png", str(tmp_path / "lens.png"))
-    assert [lens["tensor"] for lens in data["logit_lens"]] == ["l_out", "attn_out", "ffn_out", "kqv_out"]
-    assert len(data["files"]) == 4
+@pytest.mark.parametrize("name, terms", [
+    ("smollm2", ["embd", "attn_out", "ffn_out", "l_out"]),
+    # Gemma adds the scaled embedding and the post-normed attention and FFN outputs to its residual stream
+    ("gemma3", ["inp_scaled", "attn_post_norm", "ffn_post_norm", "l_out"]),
+])
+def test_logit_lens_all_and_png(capsys, tmp_path, request, name, terms):
+    """--ll all lenses exactly the residual-stream terms and says which."""
+    model = request.getfixturevalue(name)
+    data = run_json(capsys, "-m", name, "-p", PROMPT, "--ll", "all", "--ll-topk", "2", "--ll-png", str(tmp_path / "lens.png"))
+    assert data["lensed"] == terms and [lens["tensor"] for lens in data["logit_lens"]] == terms
+    layers = [[layer["layer"] for layer in lens["layers"]] for lens in data["logit_lens"]]
+    assert layers == [["embd"]] + [list(range(model.n_layer))] * 3
+    assert sorted(data["files"]) == sorted(str(tmp_path / f"lens-{t}.png") for t in terms)
     for path in data["files"]:
         image = cv2.imread(path)
-        assert image is not None and image.shape[0] > 200 and image.std() > 10
+        assert image is not None and image.shape[0] > 100 and image.std() > 10
+    # the residual terms add up to the residual (numpy, from captures): these are the stream's terms
+    trace = model.run(PROMPT, capture=terms)
+    total = trace[terms[0], -1] + sum(trace[t, il] for il in range(model.n_layer) for t in terms[1:3])
+    np.testing.assert_allclose(total, trace[terms[3], model.n_layer - 1], atol=2e-3 * np.abs(total).max())
+    code, out, _ = run_cli(capsys, "-m", name, "-p", PROMPT, "--ll", "all", "--ll-topk", "1")
+    assert code == 0 and out.startswith(f"lensed: {', '.join(terms)}\n")
+    assert [line for line in out.splitlines() if "logit lens of" in line] == [f"norm logit lens of {t}, top 1" for t in terms]
 
 
-def test_draw(capsys, tmp_path, smollm2):
-    data = run_json(capsys, "-p", PROMPT, "--draw", "--draw-path", str(tmp_path / "attn.png"), "--draw-layers", "0,12")
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_logit_lens_of_the_embedding(capsys, request, name):
+    """--ll embd: the embedding term of the model's residual stream (Gemma: scaled), shown as layer embd."""
+    model = request.getfixturevalue(name)
+    data = run_json(capsys, "-m", name, "-p", PROMPT, "--ll", "embd", "--ll-topk", "3")
+    (lens,) = data["logit_lens"]
+    assert data["lensed"] == [lens["tensor"]] == [{"smollm2": "embd", "gemma3": "inp_scaled"}[name]]
+    (layer,) = lens["layers"]
+    assert layer["layer"] == "embd"
+    api = model.logit_lens(PROMPT, tensor=lens["tensor"], top_k=3)
+    assert [[t["id"] for t in tok["top"]] for tok in layer["tokens"]] == api.ids[0].tolist()
+    code, out, _ = run_cli(capsys, "-m", name, "-p", PROMPT, "--ll", "embd", "--ll-topk", "1")
+    assert code == 0 and "\nlayer embd:\n" in out and out.count("\nlayer ") == 1
+    # another tensor outside the layers is not the embedding: its row stays layer -1
+    assert [layer["layer"] for layer in run_json(capsys, "-m", name, "-p", PROMPT, "--ll", "result_norm",
+                                                 "--ll-topk", "1")["logit_lens"][0]["layers"]] == [-1]
+
+
+def test_logit_lens_of_one_layer(capsys, smollm2):
+    data = run_json(capsys, "-p", PROMPT, "--ll", "l_out-5", "--ll-topk", "3")
+    (lens,) = data["logit_lens"]
+    assert lens["tensor"] == "l_out" and [layer["layer"] for layer in lens["layers"]] == [5]
+    full = smollm2.logit_lens(PROMPT, top_k=3)
+    assert [[t["id"] for t in tok["top"]] for tok in lens["layers"][0]["tokens"]] == full.ids[5].tolist()
+    code, out, _ = run_cli(capsys, "-p", PROMPT, "--ll", "ffn_out-29", "--ll-topk", "1")
+    assert code == 0 and out.count("\nlayer ") == 1 and "\nlayer 29:\n" in out
+
+
+def test_draw(capsys, tmp_path, monkeypatch, smollm2):
+    data = run_json(capsys, "-p", PROMPT, "--draw", str(tmp_path / "attn.png"), "--draw-layers", "0,12")  # MIA's form
     assert sorted(os.path.basename(p) for p in data["files"]) == ["attn-L00.png", "attn-L12.png"]
     for path in data["files"]:
         image = cv2.imread(path)
         assert image is not None and min(image.shape[:2]) > 300 and len(np.unique(image.reshape(-1, 3), axis=0)) > 50
     data = run_json(capsys, "-p", PROMPT, "--draw", "--draw-path", str(tmp_path / "all.png"))
     assert len(data["files"]) == smollm2.n_layer
+    # --draw-path alone draws too; --draw alone draws to attention-L<layer>.png
+    (path,) = run_json(capsys, "-p", PROMPT, "--draw-path", str(tmp_path / "b.png"), "--draw-layers", "3")["files"]
+    assert os.path.dirname(path) == str(tmp_path) and os.path.basename(path) in ("b-L3.png", "b-L03.png")
+    monkeypatch.chdir(tmp_path)
+    (path,) = run_json(capsys, "-p", PROMPT, "--draw", "--draw-layers", "4")["files"]
+    assert path in ("attention-L4.png", "attention-L04.png") and os.path.exists(path)
 
 
 def test_ablate_and_isolate_flags(capsys, smollm2):
@@ -188,6 +284,14 @@ def test_gemma(capsys, tmp_path):
     (["-p", "x", "-a", "30:0"], 2, "layer 30 out of range"),
     (["-p", "x", "-s", "0", "9"], 2, "head 9 out of range"),
     (["-p", "x", "--draw", "--draw-layers", "31"], 2, "layer 31 out of range"),
+    (["-p", "x", "--draw", "a.png", "--draw-path", "b.png"], 2, "two drawing paths"),
+    (["-p", "x", "--draw-layers", "3"], 2, "--draw-layers goes with --draw"),
+    (["-p", "x", "--ll-topk", "3"], 2, "--ll-topk needs --ll"),
+    (["-p", "x", "--raw-lens"], 2, "--raw-lens needs --ll"),
+    (["-p", "x", "--ll", "l_out-30"], 2, "l_out is not computed on layer 30 (it is on layers 0..29)"),
+    (["-p", "x", "--ll", "embd-3"], 2, "embd is not computed on layer 3"),
+    (["-p", "x", "--ll", "attn_scores"], 2, "not a residual-width tensor"),
+    (["-p", "x", "--ll", "nope-3"], 2, "unknown tensor name 'nope'"),
     (["-p", "x", "--ll-png", "/tmp/x.png"], 2, "--ll-png needs --ll"),
     (["-p", "x", "--patch-avg", "/tmp/x.bin"], 2, "--patch-avg goes with --patch"),
     (["-p", "x", "-n", "-1"], 2, "must be >= 0"),
@@ -198,6 +302,17 @@ def test_errors(capsys, args, code, message):
     got, out, err = run_cli(capsys, *args)
     assert got == code, err
     assert message in err and err.count("\n") == 1 and err.startswith("pyinterp: error: ")
+
+
+def test_patch_checks_the_stored_name(capsys, tmp_path):
+    """A .npz saved from l_out-8 is not patched into l_out-12."""
+    path = tmp_path / "clean.npz"
+    run_json(capsys, "-p", PROMPT, "--save", "l_out-8", str(path))
+    got, _, err = run_cli(capsys, "-p", PROMPT, "--patch", "l_out-12", str(path), "0", "1")
+    assert got == 2 and err.count("\n") == 1
+    assert "holds l_out-8 (shape [5, 576]), not l_out-12 (rows of 576 values)" in err
+    got, _, err = run_cli(capsys, "-p", PROMPT, "--load", "l_out-12", str(path))
+    assert got == 2 and "not l_out-12" in err
 
 
 def test_file_errors(capsys, tmp_path):

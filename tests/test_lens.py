@@ -76,3 +76,34 @@ def test_lens_errors(smollm2, gemma3):
         gemma3.logit_lens(PROMPT, tensor="kqv_out")  # 4 heads x 256 = 1024 wide, n_embd is 640
     with pytest.raises(InputError, match="top_k"):
         smollm2.logit_lens(PROMPT, top_k=0)
+    with pytest.raises(InputError, match="tensor='l_out', layers=\\[5\\]"):
+        smollm2.logit_lens(PROMPT, tensor="l_out-5")
+    with pytest.raises(InputError, match="l_out is not computed on layer 30 \\(it is on layers 0..29\\)"):
+        smollm2.logit_lens(PROMPT, layers=[3, 30])
+    with pytest.raises(InputError, match="embd is not computed on layer 0 \\(it is outside the layers"):
+        smollm2.logit_lens(PROMPT, tensor="embd", layers=[0])
+    with pytest.raises(InputError, match="layers: expected a list"):
+        smollm2.logit_lens(PROMPT, layers=5)
+    with pytest.raises(InputError, match="layers is empty"):
+        smollm2.logit_lens(PROMPT, layers=[])
+
+
+def test_lens_of_the_embedding_against_reference(pair):
+    """The embedding term (Gemma: scaled) through the norm lens: one row, layer -1, as the reference has it."""
+    model, ref = pair
+    ids = model.tokenize(PROMPT)
+    name = {"llama": "embd", "gemma3": "inp_scaled"}[model.arch]
+    lens = model.logit_lens(ids, tensor=name, top_k=1)
+    assert lens.layers == [-1] and lens.ids.shape == (1, len(ids), 1)
+    p = softmax(ref.unembed(ref.embedding(ids)).astype(np.float64))
+    assert np.mean(lens.ids[0, :, 0] == p.argmax(-1)) >= 0.9
+    np.testing.assert_allclose(lens.probs[0, :, 0], np.take_along_axis(p, lens.ids[0].astype(int), -1)[:, 0], atol=0.05)
+
+
+def test_lens_of_some_layers(smollm2):
+    full = smollm2.logit_lens(PROMPT, top_k=3)
+    some = smollm2.logit_lens(PROMPT, top_k=3, layers=[12, 5])
+    assert some.layers == [5, 12]
+    np.testing.assert_array_equal(some.ids, full.ids[[5, 12]])
+    np.testing.assert_array_equal(some.probs, full.probs[[5, 12]])
+    assert some.strs == [full.strs[5], full.strs[12]]

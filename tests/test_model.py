@@ -144,3 +144,46 @@ def test_llama_log_is_silent_unless_verbose(capfd):
     assert "llama_model_loader" in err
     pyinterp.Model("smollm2", n_ctx=64).close()  # verbose is per load: quiet again
     assert capfd.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ablate=[3]), r"ablate: expected \(layer, head\) pairs like \[\(3, 4\)\], got 3"),
+    (dict(ablate=3), r"ablate: expected a list like \[\(3, 4\)\], got 3"),
+    (dict(ablate=(3, 4)), r"expected \(layer, head\) pairs like \[\(3, 4\)\], got 3"),  # one pair, not a list of pairs
+    (dict(ablate=["3:4"]), r"expected \(layer, head\) pairs"),
+    (dict(ablate=[(3.0, 4)]), "layer must be an integer"),
+    (dict(ablate=None), "ablate: expected a list"),
+    (dict(isolate=3), r"isolate: expected \(layer, head\) like \(3, 4\), got 3"),
+    (dict(isolate="34"), r"isolate: expected \(layer, head\)"),
+    (dict(patch=("l_out", 3, 0, np.zeros(576))), r"patch: expected \(name, layer, position, vector\) tuples, got 'l_out'"),
+    (dict(patch=[("l_out", 3, 0)]), r"patch: expected \(name, layer, position, vector\) tuples"),
+    (dict(patch=[(3, "l_out", 0, np.zeros(576))]), "tensor name must be a string"),
+    (dict(patch=[("l_out", 3, True, np.zeros(576))]), "position True out of range"),
+    (dict(patch=[("l_out", 3, 0, "zeros")]), "the vector must be 576 numbers, got str"),
+    (dict(patch=[("l_out", 3, 0, [[1.0], [1.0, 2.0]])]), "the vector must be 576 numbers"),
+    (dict(patch=5), "patch: expected a list"),
+    (dict(capture=[5]), "capture: expected tensor names like 'l_out' or 'l_out-5', got 5"),
+    (dict(capture=[("l_out", 5)]), "capture: expected tensor names"),
+    (dict(capture=5), "capture: expected a list"),
+])
+def test_bad_intervention_arguments(smollm2, kwargs, message):
+    """Wrongly shaped or typed intervention arguments: a one-line InputError, never a raw TypeError."""
+    with pytest.raises(pyinterp.InputError, match=message) as e:
+        smollm2.run("The capital of France is", **kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_context_manager_arguments(smollm2):
+    with pytest.raises(pyinterp.InputError, match="ablate: expected a list"):
+        with smollm2.ablated(3):
+            pass
+    with pytest.raises(pyinterp.InputError, match=r"expected \(layer, head\) pairs"):
+        with smollm2.ablated([3]):
+            pass
+    with pytest.raises(pyinterp.InputError, match="patch: expected a list"):
+        with smollm2.patched(5):
+            pass
+    with pytest.raises(pyinterp.InputError, match=r"isolate: expected \(layer, head\)"):
+        smollm2.generate("Hi", 2, isolate=[1, 2, 3])
+    plain = smollm2.run("Hi").logits  # nothing was left on
+    np.testing.assert_array_equal(plain, smollm2.run("Hi", ablate=[]).logits)

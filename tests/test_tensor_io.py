@@ -40,3 +40,17 @@ def test_bad_files(tmp_path):
         load_tensor(tmp_path / "junk.npy", 576)
     with pytest.raises(PyinterpError, match="cannot write"):
         save_tensor(tmp_path / "no" / "dir" / "t.bin", np.zeros((1, 4)))
+
+
+def test_npz_name_is_checked(tmp_path):
+    """A .npz stores its tensor's name: reading it for another tensor is an error naming both."""
+    a = np.ones((3, 576), dtype=np.float32)
+    path = save_tensor(tmp_path / "t.npz", a, "l_out-8")
+    with pytest.raises(InputError, match=r"holds l_out-8 \(shape \[3, 576\]\), not l_out-12 \(rows of 576 values\)"):
+        load_tensor(path, 576, "l_out-12")
+    assert load_tensor(path, 576, "l_out-8").tobytes() == a.tobytes()
+    assert load_tensor(path, 576).tobytes() == a.tobytes()  # no target: nothing to check
+    np.savez(tmp_path / "unnamed.npz", a)  # numpy's own key, arr_0: no name to check
+    assert load_tensor(tmp_path / "unnamed.npz", 576, "l_out-12").tobytes() == a.tobytes()
+    save_tensor(tmp_path / "x.npz", a)  # save_tensor's default name
+    assert load_tensor(tmp_path / "x.npz", 576, "l_out-12").tobytes() == a.tobytes()
