@@ -163,11 +163,24 @@ def _share_cuda_runtime() -> None:
             pass  # loading pyinterp below then fails with the dynamic linker's own message
 
 
+def _cuda_sums_in_f32() -> None:
+    """Have cuBLAS sum in F32 in a CUDA build, unless the user chose otherwise.
+
+    ggml-cuda multiplies F16 matrices (the F16 KV cache: K·Q and the weighted sum of V on the explicit
+    attention path) with cuBLAS in F16 compute mode on GPUs with fast F16, so attention drifted from the CPU
+    and from an fp32 reference (attention |diff| up to 0.013, 3x the CPU's). ggml reads
+    GGML_CUDA_CUBLAS_COMPUTE_TYPE at every such product; "f32" makes cuBLAS accumulate in F32.
+    """
+    if (LIB_DIR / "libggml-cuda.so").is_file():
+        os.environ.setdefault("GGML_CUDA_CUBLAS_COMPUTE_TYPE", "f32")
+
+
 def _load():
     path = LIB_DIR / NATIVE
     if not path.is_file():
         raise ImportError(f"pyinterp's native library is missing ({path}); install pyinterp with `pip install .`")
     _share_cuda_runtime()
+    _cuda_sums_in_f32()
     return ffi.dlopen(str(path))
 
 

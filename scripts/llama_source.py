@@ -4,7 +4,8 @@
 The source is, in order of preference:
   1. the directory given with --source (or the PYINTERP_LLAMA_SOURCE environment variable),
   2. the llama.cpp git submodule, when it is checked out,
-  3. vendor/llama.cpp of the PyPI sdist llama-cpp-python==0.3.35, downloaded once with pip,
+  3. vendor/llama.cpp of the PyPI sdist llama-cpp-python==0.3.35, downloaded once with pip (a build
+     requirement, so it works inside pip's isolated build environment),
      checked against its sha256 and unpacked into the cache directory
      ($PYINTERP_CACHE, default ~/.cache/pyinterp).
 
@@ -63,8 +64,11 @@ def fetch_sdist(cache: Path) -> Path:
     if not sdist.is_file():
         cache.mkdir(parents=True, exist_ok=True)
         print(f"pyinterp: downloading {SDIST_REQUIREMENT} (sdist) into {cache}", file=sys.stderr)
+        # pip, not urllib: it honours the user's configuration (index URLs, mirrors, proxies, certificates).
+        # It is a build requirement (pyproject.toml), so it is there inside pip's isolated build environment.
+        # --no-cache-dir: an empty PYINTERP_CACHE always means a real download, never one from pip's cache.
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
-               "--no-build-isolation", "--dest", str(cache), SDIST_REQUIREMENT]
+               "--no-build-isolation", "--no-cache-dir", "--dest", str(cache), SDIST_REQUIREMENT]
         done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if done.returncode != 0 or not sdist.is_file():
             raise SourceError(f"could not download {SDIST_REQUIREMENT}:\n{done.stdout.strip()}")

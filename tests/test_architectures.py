@@ -41,9 +41,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _open(path: Path) -> pyinterp.Model:
+def _open(path: Path, **settings) -> pyinterp.Model:
     """A tiny model with the default settings but one thread."""
-    return pyinterp.Model(path, n_ctx=64, n_threads=1)
+    return pyinterp.Model(path, n_ctx=64, n_threads=1, **settings)
 
 
 @pytest.fixture(scope="session", params=ARCHS)
@@ -163,14 +163,14 @@ def test_activation_patching(tiny):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_f32_weights_agree_to_rounding(tiny_dir, one_thread, arch):
-    """With F32 weights nothing is quantized on either side: the graphs must agree to float rounding
-    (gemma2 to ~1e-4: ggml's CPU GELU reads an F16 table), interventions included. This separates a graph
-    discrepancy from the Q8_0 noise the tests above allow for."""
+    """With F32 weights and an F32 KV cache nothing is quantized or rounded to F16 on either side: the graphs
+    must agree to float rounding (gemma2 to ~1e-4: ggml's CPU GELU reads an F16 table), interventions
+    included. This separates a graph discrepancy from the Q8_0 noise the tests above allow for."""
     from reference import Reference
 
     path = tiny_gguf.write(arch, tiny_dir / f"{arch}-f32.gguf", seed=0, f32=True)
     ref = Reference(path)
-    with _open(path) as model:
+    with _open(path, type_k="f32", type_v="f32") as model:
         ids = _prompts(model)[2]
         trace = model.run(ids, capture=["attn_scores", "l_out"])
         want = ref.run(ids)
