@@ -444,6 +444,8 @@ class Model:
         the model's top prediction at ``position``. Interventions of the context managers apply.
         """
         self._live()
+        if self._steering:
+            raise InputError("logit attribution under a control vector: its directions are a residual term the attribution lacks")
         ids = self.prompt_ids(tokens_or_text)
         if not -len(ids) <= position < len(ids):
             raise InputError(f"position {position} out of range (the prompt has {len(ids)} tokens)")
@@ -615,9 +617,8 @@ class Model:
 
     @contextlib.contextmanager
     def _control_vector(self, directions: np.ndarray, start: int, end: int) -> Iterator[None]:
-        """Within the block llama.cpp adds row L of ``directions`` (``[n_layer, n_embd]`` float32) to ``l_out-L`` for
-        L in ``start..end`` (inclusive; never layer 0) in every decode (``llama_set_adapter_cvec``; see
-        ``pyinterp.steering.steered``)."""
+        """Within the block llama.cpp adds row L of ``directions`` (``[n_layer, n_embd]`` float32) to ``l_out-L`` for L in
+        ``start..end`` (never 0) in every decode (``llama_set_adapter_cvec``; see ``pyinterp.steering.steered``)."""
         self._live()
         if self._steering:
             raise InputError("a control vector is already applied: steered blocks do not nest (sum the vectors)")

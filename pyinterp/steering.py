@@ -210,8 +210,9 @@ def steered(model: Model, vectors: VectorSpec | Sequence[VectorSpec], scale: flo
             layers: tuple[int, int] | None = None) -> Iterator[ControlVector]:
     """Within the block, llama.cpp adds ``scale`` times the sum of ``vectors`` (control vectors, GGUF files or
     ``(file, scale)`` pairs) to ``l_out`` of the layers in ``layers`` (inclusive; default all) in every
-    run, lens, attribution and generation, alongside pyinterp's own interventions. Yields the vector
-    applied (unscaled sum times ``scale``, every layer it holds)."""
+    run, lens and generation, alongside pyinterp's own interventions (logit attribution, whose terms
+    would miss the directions, is an error). Yields the vector applied (the sum times ``scale``, every
+    layer it holds)."""
     cv = combine(vectors) * scale
     start, end = layer_range(model, layers)
     with model._control_vector(for_model(cv, model), start, end):

@@ -40,9 +40,9 @@ def tiny_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny-steering")
 
 
-@pytest.fixture(scope="session", params=["llama", "gemma2"])
+@pytest.fixture(scope="session", params=sorted(tiny_gguf.SPECS))
 def tiny(request, tiny_dir):
-    """(model, reference) of a tiny architecture: llama (pre-norm) and gemma2 (post-norms, sliding window)."""
+    """(model, reference) of each tiny architecture (scripts/tiny_gguf.py), on one thread."""
     import torch
     from reference import Reference
 
@@ -342,6 +342,8 @@ def test_steering_errors(tiny, tmp_path):
                 pass
         assert message in str(e.value) and "\n" not in str(e.value)
     with steered(model, cv):
+        with pytest.raises(InputError, match="logit attribution under a control vector"):
+            model.logit_attribution(_ids(model))
         with pytest.raises(InputError, match="steered blocks do not nest"):
             with steered(model, cv):
                 pass
