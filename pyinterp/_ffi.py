@@ -62,6 +62,8 @@ ffi.cdef(
     void llama_memory_clear(llama_memory_t mem, bool data);
     float * llama_get_logits(struct llama_context * ctx);
     void llama_set_attn_explicit(struct llama_context * ctx, int32_t il, bool value);
+    int32_t llama_set_adapter_cvec(struct llama_context * ctx, const float * data, size_t len, int32_t n_embd,
+                                   int32_t il_start, int32_t il_end);
 
     struct pi_state;
     struct llama_model   * pi_model_load(const char * path, int32_t n_gpu_layers, const char * rpc_endpoint);

@@ -7,6 +7,7 @@ line on stderr (``--debug`` shows the traceback).
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import re
 import sys
@@ -16,9 +17,11 @@ import click
 import numpy as np
 
 from .arch import ARCHS, arch_of
+from .cli_cvector import cvector
 from .cli_heads import heads
 from .errors import InputError, PyinterpError
 from .hooks import split_name
+from .steering import ControlVector, combine, steered
 from .tensor_io import load_tensor, save_tensor
 
 
@@ -159,6 +162,28 @@ class PatchAction:
         return out
 
 
+def control_vector_files(plain: tuple[str, ...], scaled: tuple[str, ...]) -> list[tuple[str, float]]:
+    """``--control-vector FNAME,...`` and ``--control-vector-scaled FNAME:SCALE,...`` as llama-cli reads them
+    (comma-separated, CSV quoting): ``(file, scale)`` pairs."""
+    files = [(name, 1.0) for value in plain for name in next(csv.reader([value]))]
+    for value in scaled:
+        for item in next(csv.reader([value])):
+            name, sep, scale = item.rpartition(":")
+            try:
+                files.append((name, float(scale)))
+            except ValueError:
+                sep = ""
+            if not sep or not name:
+                raise click.BadParameter(f"expected FNAME:SCALE, got {item!r}", param_hint="--control-vector-scaled")
+    return files
+
+
+def steering_range(spec: tuple[int, int] | None, n_layer: int) -> tuple[int, int]:
+    """``--control-vector-layer-range START END`` as llama-cli takes it: 0 or less is the default (1, the last layer)."""
+    start, end = spec or (0, 0)
+    return (start if start > 0 else 1, end if end > 0 else n_layer - 1)
+
+
 def show_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
@@ -215,6 +240,12 @@ DRAW_PATH = "attention.png"
 @click.option("--patch", "patch_specs", type=(str, str, int, int), multiple=True, metavar="NAME-LAYER FILE FROM TO",
               help="Write row FROM of a saved tensor into row TO of the live one.")
 @click.option("--patch-avg", default=None, metavar="FILE2", help="Average the --patch rows with this second file first.")
+@click.option("--control-vector", "cvec_files", multiple=True, metavar="FNAME",
+              help="Add a control vector (llama.cpp's GGUF); comma-separated for several. Repeatable.")
+@click.option("--control-vector-scaled", "cvec_scaled", multiple=True, metavar="FNAME:SCALE,...",
+              help="Add a control vector times SCALE; comma-separated for several. Repeatable.")
+@click.option("--control-vector-layer-range", "cvec_range", type=(int, int), default=None, metavar="START END",
+              help="Layers the control vectors apply to, inclusive (0 or less: the default, 1 and the last layer).")
 @click.option("--print-cgraph", is_flag=True, help="Print every node of the graph: name, op, type, shape, sources.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output of everything asked for.")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
@@ -224,7 +255,7 @@ DRAW_PATH = "attention.png"
 @click.pass_context
 def cli(ctx, model_path, prompt, prompt_file, escape, n_predict, ctx_size, threads, n_gpu_layers, rpc, seed, temp,
         lens_name, ll_topk, norm_lens, ll_png, draw, draw_path, draw_layers, ablate_spec, isolate, saves, loads,
-        patch_specs, patch_avg, print_cgraph, as_json, verbose, debug):
+        patch_specs, patch_avg, cvec_files, cvec_scaled, cvec_range, print_cgraph, as_json, verbose, debug):
     """Run a GGUF model and look inside: logit lens, attention pictures, head ablation, activation patching."""
     from .attention import draw_attention
     from .model import Model
@@ -255,6 +286,10 @@ def cli(ctx, model_path, prompt, prompt_file, escape, n_predict, ctx_size, threa
         by_target.setdefault((spec, file), []).append((src, dst))
     actions += [PatchAction(spec, file, rows, patch_avg) for (spec, file), rows in by_target.items()]
     saves = [(name_layer(spec, "--save"), Path(file)) for spec, file in saves]
+    cvec_files = control_vector_files(cvec_files, cvec_scaled)
+    if cvec_range is not None and not cvec_files:
+        raise click.UsageError("--control-vector-layer-range goes with --control-vector or --control-vector-scaled")
+    cvec: ControlVector | None = combine(cvec_files) if cvec_files else None
 
     result: dict = {}
     with Model(model_path, n_ctx=ctx_size, n_threads=threads, n_gpu_layers=n_gpu_layers, rpc=rpc,
@@ -283,6 +318,11 @@ def cli(ctx, model_path, prompt, prompt_file, escape, n_predict, ctx_size, threa
             interventions.enter_context(model.patched(patches))
             if isolate is not None:
                 interventions.enter_context(model.isolated(*isolate))
+            if cvec is not None:
+                start, end = steering_range(cvec_range, model.n_layer)
+                interventions.enter_context(steered(model, cvec, layers=(start, end)))
+                result["control_vector"] = {"files": [{"file": f, "scale": k} for f, k in cvec_files],
+                                            "layers": list(cvec.layers), "layer_range": [start, end]}
             trace = model.run(ids, capture=capture)
             if print_cgraph:
                 result["cgraph"] = model.graph(ids, capture=capture)
@@ -336,7 +376,7 @@ def cli(ctx, model_path, prompt, prompt_file, escape, n_predict, ctx_size, threa
 
 def subcommands() -> dict[str, click.Command]:
     """Analyses with a command of their own: ``pyinterp NAME ...``; everything else is the main command."""
-    return {"heads": heads}
+    return {"heads": heads, "cvector": cvector}
 
 
 def main(argv: list[str] | None = None) -> int:

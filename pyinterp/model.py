@@ -165,6 +165,7 @@ class Model:
         self._ablated: list[Head] = []
         self._isolated: list[Head] = []
         self._patched: list[Patch] = []
+        self._steering = False
 
     # lifetime
 
@@ -443,6 +444,8 @@ class Model:
         the model's top prediction at ``position``. Interventions of the context managers apply.
         """
         self._live()
+        if self._steering:
+            raise InputError("logit attribution under a control vector: its directions are a residual term the attribution lacks")
         ids = self.prompt_ids(tokens_or_text)
         if not -len(ids) <= position < len(ids):
             raise InputError(f"position {position} out of range (the prompt has {len(ids)} tokens)")
@@ -611,3 +614,22 @@ class Model:
             yield self
         finally:
             del self._patched[len(self._patched) - len(patches):]
+
+    @contextlib.contextmanager
+    def _control_vector(self, directions: np.ndarray, start: int, end: int) -> Iterator[None]:
+        """Within the block llama.cpp adds row L of ``directions`` (``[n_layer, n_embd]`` float32) to ``l_out-L`` for L in
+        ``start..end`` (never 0) in every decode (``llama_set_adapter_cvec``; see ``pyinterp.steering.steered``)."""
+        self._live()
+        if self._steering:
+            raise InputError("a control vector is already applied: steered blocks do not nest (sum the vectors)")
+        rows = np.ascontiguousarray(directions[1:], dtype=np.float32)  # llama.cpp's buffer starts at layer 1
+        _ffi.clear_errors()
+        if lib.llama_set_adapter_cvec(self._ctx, ffi.from_buffer("float[]", rows), rows.size, self.n_embd, start, end):
+            raise _llama_error("cannot apply the control vector")
+        self._steering = True
+        try:
+            yield
+        finally:
+            self._steering = False
+            if self._ctx != ffi.NULL:
+                lib.llama_set_adapter_cvec(self._ctx, ffi.NULL, 0, self.n_embd, -1, -1)

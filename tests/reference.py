@@ -80,12 +80,15 @@ class Reference:
         ablate: Iterable[tuple[int, int]] = (),
         isolate: tuple[int, int] | None = None,
         patch: Iterable[tuple[int, int, np.ndarray]] = (),
+        steer: dict[int, np.ndarray] | None = None,
     ) -> RefResult:
         """Run ``ids`` (BOS already included) through the model with optional interventions.
 
         ablate:  (layer, head) pairs whose attention output is zeroed before ``o_proj``.
         isolate: (layer, head) keeps only that head of the layer (all others zeroed).
         patch:   (layer, position, vector[n_embd]) replaces that row of the layer's output.
+        steer:   {layer: vector[n_embd]} added to every row of the layer's output (a control vector),
+                 before the patches, as llama.cpp adds it before naming the output l_out.
         """
         zeroed: dict[int, list[int]] = {}
         for layer, head in ablate:
@@ -111,6 +114,15 @@ class Reference:
 
             return hook
 
+        def steer_hook(vec):
+            v = torch.as_tensor(np.asarray(vec, dtype=np.float32).reshape(self.n_embd))
+
+            def hook(module, args, output):
+                h = _hidden(output) + v
+                return (h, *output[1:]) if isinstance(output, tuple) else h
+
+            return hook
+
         def capture_hook(i):
             def hook(module, args, output):
                 l_out[i] = _hidden(output)[0].detach().clone()
@@ -128,6 +140,8 @@ class Reference:
             for layer, heads in zeroed.items():
                 o_proj = self.layers[layer].self_attn.o_proj
                 handles.append(o_proj.register_forward_pre_hook(self._zero_heads_hook(heads)))
+            for layer, vec in (steer or {}).items():
+                handles.append(self.layers[layer].register_forward_hook(steer_hook(vec)))
             # Patch hooks are registered first so the captured l_out shows the patched rows.
             for layer, rows in patches.items():
                 handles.append(self.layers[layer].register_forward_hook(patch_hook(rows)))
