@@ -212,6 +212,12 @@ DRAW_PATH = "attention.png"
 @click.option("-t", "--threads", default=None, type=int, help="Threads (default: all cores).")
 @click.option("--n-gpu-layers", "-ngl", default=None, type=int,
               help="Layers to offload to the GPU (-1: all). Default: $PYINTERP_N_GPU_LAYERS, else 0.")
+@click.option("-fa", "--flash-attn", type=click.Choice(["on", "off", "auto"]), default="off", show_default=True,
+              help="Flash attention. pyinterp's default runs the explicit attention path on every layer (faithful).")
+@click.option("-ctk", "--cache-type-k", default="f16", show_default=True, metavar="TYPE",
+              help="KV cache type for K (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1).")
+@click.option("-ctv", "--cache-type-v", default="f16", show_default=True, metavar="TYPE",
+              help="KV cache type for V (quantized types need flash attention).")
 @click.option("--rpc", default=None, metavar="HOST:PORT",
               help="Offload the --n-gpu-layers layers to a ggml RPC server (python -m pyinterp.rpc).")
 @click.option("--seed", default=None, type=int, help="Sampling seed.")
@@ -253,7 +259,8 @@ DRAW_PATH = "attention.png"
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=show_version,
               help="Show the version, the llama.cpp source, patches and backends, and exit.")
 @click.pass_context
-def cli(ctx, model_path, prompt, prompt_file, escape, n_predict, ctx_size, threads, n_gpu_layers, rpc, seed, temp,
+def cli(ctx, model_path, prompt, prompt_file, escape, n_predict, ctx_size, threads, n_gpu_layers, flash_attn,
+        cache_type_k, cache_type_v, rpc, seed, temp,
         lens_name, ll_topk, norm_lens, ll_png, draw, draw_path, draw_layers, ablate_spec, isolate, saves, loads,
         patch_specs, patch_avg, cvec_files, cvec_scaled, cvec_range, print_cgraph, as_json, verbose, debug):
     """Run a GGUF model and look inside: logit lens, attention pictures, head ablation, activation patching."""
@@ -292,8 +299,9 @@ def cli(ctx, model_path, prompt, prompt_file, escape, n_predict, ctx_size, threa
     cvec: ControlVector | None = combine(cvec_files) if cvec_files else None
 
     result: dict = {}
-    with Model(model_path, n_ctx=ctx_size, n_threads=threads, n_gpu_layers=n_gpu_layers, rpc=rpc,
-               verbose=verbose) as model:
+    flash = {"on": True, "off": False, "auto": None}[flash_attn]
+    with Model(model_path, n_ctx=ctx_size, n_threads=threads, n_gpu_layers=n_gpu_layers, flash_attn=flash,
+               type_k=cache_type_k, type_v=cache_type_v, rpc=rpc, verbose=verbose) as model:
         ids = model.prompt_ids(prompt)
         ablate = parse_heads(ablate_spec, model.n_layer, model.n_head) if ablate_spec else []
         patches = []

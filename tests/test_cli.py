@@ -272,6 +272,19 @@ def test_gemma(capsys, tmp_path):
     assert os.path.exists(tmp_path / "g-L5.png")
 
 
+def test_flash_and_kv_cache_flags(capsys):
+    """-fa/-ctk/-ctv as llama-cli spells them reach the Model: the same distribution as the Python API with
+    the same settings, and a different one from the default explicit path (flash attention sums differently)."""
+    import pyinterp
+
+    with pyinterp.Model("smollm2", n_ctx=512, flash_attn=True, type_k="q8_0", type_v="q8_0") as model:
+        want = model.run(PROMPT).logits[-1]
+    got = run_json(capsys, "-p", PROMPT, "-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0")["next_token"][0]
+    assert got["str"] == " Paris" and got["p"] == pytest.approx(top_p(want), abs=1e-6)
+    default = run_json(capsys, "-p", PROMPT)["next_token"][0]
+    assert default["p"] != pytest.approx(got["p"], abs=1e-6)
+
+
 @pytest.mark.parametrize("args, code, message", [
     ([], 2, "exactly one of -p/--prompt and -f/--file"),
     (["-p", "x", "-f", "y"], 2, "exactly one of"),
@@ -297,6 +310,9 @@ def test_gemma(capsys, tmp_path):
     (["-p", "x", "-n", "-1"], 2, "must be >= 0"),
     (["-p", "word " * 50, "-c", "16"], 2, "context holds 16"),
     (["-p", "x", "--bogus"], 2, "No such option"),
+    (["-p", "x", "-ctk", "q9"], 2, "type_k must be one of f32, f16"),
+    (["-p", "x", "-ctv", "q8_0"], 2, "quantized V cache (q8_0) needs flash attention"),
+    (["-p", "x", "-fa", "sometimes"], 2, "Invalid value for '-fa'"),
 ])
 def test_errors(capsys, args, code, message):
     got, out, err = run_cli(capsys, *args)
