@@ -70,6 +70,10 @@ class Plan:
     head_masks: dict[int, np.ndarray] = field(default_factory=dict)
     patches: list[tuple[str, int, int, np.ndarray]] = field(default_factory=list)
 
+    def touches_layer(self, layer: int) -> bool:
+        """Whether the plan captures or patches a tensor of ``layer``."""
+        return any(il == layer for _, il in self.captures) or any(il == layer for _, il, _, _ in self.patches)
+
     @property
     def explicit_layers(self) -> set[int]:
         """Layers that must run the explicit attention path to expose their weights."""

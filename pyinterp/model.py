@@ -474,7 +474,7 @@ class Model:
         )
 
     def _forward(self, ids: list[int], plan: Plan, lens: tuple[str, bool, int] | None = None, graph: bool = False,
-                 attribution: tuple[list[tuple[str, int]], list[int]] | None = None) -> _Pass:
+                 attribution: tuple[list[tuple[str, int]], list[int]] | None = None, rows: str = "all") -> _Pass:
         """Decode ``ids`` from an empty cache under ``plan``; returns logits, captures, lens top-k, the lines
         describing every node of the graph (when ``graph``) and the attribution of each term."""
         self._apply(plan)
@@ -490,8 +490,8 @@ class Model:
             if graph:
                 lib.pi_set_record(self._state, True)  # keeps the hook set, so the graph is seen
             lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
-            self._decode(ids, 0, True)
-            logits = self._logits(len(ids))
+            self._decode(ids, 0, rows == "all")
+            logits = self._logits(len(ids) if rows == "all" else 1)
             captured = self._read_captures(plan, len(ids))
             lens_out = self._read_lens(len(ids), lens[2]) if lens is not None else {}
             lines = [ffi.string(lib.pi_graph_node_line(self._state, i)).decode()
@@ -524,20 +524,30 @@ class Model:
         return self._forward(ids, plan, graph=True).graph
 
     def run(self, tokens_or_text: str | Sequence[int], *, capture: Iterable[str] = (), ablate: Iterable[Head] = (),
-            isolate: Head | None = None, patch: Iterable[Patch] = ()) -> Trace:
+            isolate: Head | None = None, patch: Iterable[Patch] = (), logits: str | None = "all") -> Trace:
         """One forward pass over a prompt (text or token ids) from an empty KV cache.
 
         capture: tensor names (``"l_out"``, ``"attn_scores"``, ...) for every layer, or ``"name-layer"``.
         ablate: ``(layer, head)`` pairs whose attention weights are zeroed (so their output is zero).
         isolate: ``(layer, head)``: ablate every other head of that layer.
         patch: ``(name, layer, position, vector)``: replace that row of ``name-layer`` with ``vector``.
+        logits: ``"all"`` (``trace.logits`` ``[n_tokens, n_vocab]``), ``"last"`` (``[1, n_vocab]``: llama.cpp then
+        unembeds and copies only the last row, much less work on long prompts and large vocabularies) or
+        None (``trace.logits`` is None).
         Interventions of the ``ablated``/``isolated``/``patched`` context managers apply too.
         """
         self._live()
+        if logits not in ("all", "last", None):
+            raise InputError(f"logits must be 'all', 'last' or None, got {logits!r}")
         ids = self.prompt_ids(tokens_or_text)
         plan = self._plan(len(ids), capture, ablate, isolate, patch)
-        done = self._forward(ids, plan)
-        return Trace(ids, done.logits, done.captured, [self.token_str(t) for t in ids])
+        # llama.cpp keeps only the output rows of the last layer's tensors: keep them all when the plan reads
+        # or writes that layer
+        last = self.n_layer - 1
+        rows = "all" if logits == "all" or plan.touches_layer(last) else "last"
+        done = self._forward(ids, plan, rows=rows)
+        out = None if logits is None else done.logits[-1:] if logits == "last" else done.logits
+        return Trace(ids, out, done.captured, [self.token_str(t) for t in ids])
 
     def generate(self, prompt: str | Sequence[int], n: int, *, temp: float = 0.0, seed: int | None = None,
                  ablate: Iterable[Head] = (), isolate: Head | None = None, patch: Iterable[Patch] = (),

@@ -13,14 +13,15 @@ from .errors import PyinterpError
 class Trace:
     """Tokens, logits and captured activations of one run.
 
-    ``logits`` is ``[n_tokens, n_vocab]`` float32. Captured tensors are keyed by ``(name, layer)``
+    ``logits`` is ``[n_tokens, n_vocab]`` float32 (``[1, n_vocab]``, the last token's, with ``run(logits="last")``;
+    None with ``logits=None``). Captured tensors are keyed by ``(name, layer)``
     (layer -1 for tensors outside the layers) and laid out as numpy views of the ggml tensors with the
     dimensions reversed: ``l_out`` is ``[n_tokens, n_embd]``, ``Qcur`` ``[n_tokens, n_head, head_dim]``,
     ``attn_scores`` ``[n_head, n_tokens, n_tokens]`` (query x key, KV padding removed).
     """
 
     tokens: list[int]
-    logits: np.ndarray
+    logits: np.ndarray | None
     captured: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     token_strs: list[str] = field(default_factory=list)
 

@@ -187,3 +187,20 @@ def test_bad_context_manager_arguments(smollm2):
         smollm2.generate("Hi", 2, isolate=[1, 2, 3])
     plain = smollm2.run("Hi").logits  # nothing was left on
     np.testing.assert_array_equal(plain, smollm2.run("Hi", ablate=[]).logits)
+
+
+def test_logits_last_and_none(smollm2):
+    """logits="last" unembeds only the last row: the same numbers as that row of a full run; captures before the
+    last layer are untouched, and a capture of the last layer still has every row."""
+    prompt = "The Eiffel Tower is located in the city of"
+    full = smollm2.run(prompt, capture=["l_out-10", "l_out-29"])
+    last = smollm2.run(prompt, capture=["l_out-10"], logits="last")
+    assert last.logits.shape == (1, smollm2.n_vocab)
+    np.testing.assert_allclose(last.logits[0], full.logits[-1], rtol=0, atol=1e-3 * np.abs(full.logits[-1]).max())
+    np.testing.assert_array_equal(last["l_out", 10], full["l_out", 10])
+    at_last_layer = smollm2.run(prompt, capture=["l_out-29"], logits="last")
+    np.testing.assert_array_equal(at_last_layer["l_out", 29], full["l_out", 29])
+    np.testing.assert_array_equal(at_last_layer.logits[0], full.logits[-1])
+    assert smollm2.run(prompt, logits=None).logits is None
+    with pytest.raises(pyinterp.InputError, match="logits must be 'all', 'last' or None"):
+        smollm2.run(prompt, logits="first")
