@@ -3,10 +3,11 @@
 from ._ffi import build_info
 from .attention import draw_attention
 from .errors import InputError, PyinterpError
+from .fidelity import Fidelity  # the function is pyinterp.fidelity.fidelity (the module keeps its name)
 from .heads import HeadScores, head_scores
 from .model import Generation, Model
 from .trace import Trace
 
-__all__ = ["Generation", "HeadScores", "InputError", "Model", "PyinterpError", "Trace", "build_info", "draw_attention",
+__all__ = ["Fidelity", "Generation", "HeadScores", "InputError", "Model", "PyinterpError", "Trace", "build_info", "draw_attention",
            "head_scores"]
 __version__ = "0.1.0"
