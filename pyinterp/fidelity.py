@@ -184,4 +184,4 @@ def fidelity(model_or_path: Model | str | os.PathLike | None, prompt: str | Sequ
     reference = copy.write(None if on_write is None else lambda n: on_write(n, total))
     with Model(reference, n_ctx=n_ctx, n_threads=n_threads, verbose=verbose) as model:
         ref = model.run(ids, capture=CAPTURE)
-    return compare(quant, ref, path.name, type_counts(copy.reader), str(reference))
+    return compare(quant, ref, path.name, type_counts(copy.tensors), str(reference))
