@@ -269,6 +269,9 @@ def test_progress_and_cache(cache, tiny_paths, tmp_path):
     again = fidelity(source, [1, 2, 3], n_ctx=64, n_threads=1, on_write=lambda n, total: calls.append(n))
     assert not calls and again.reference == first.reference  # cached
     np.testing.assert_array_equal(again.cos_mean, first.cos_mean)
+    with pyinterp.Model(source, n_ctx=64, n_threads=1) as model, model.ablated([(0, 0)]):
+        given = fidelity(model, [1, 2, 3], n_threads=1)  # its path and context; its ablation does not apply
+    np.testing.assert_array_equal(given.kl, first.kl)
 
 
 def test_value_axis():
