@@ -1,0 +1,61 @@
+"""``pyinterp fidelity``: how far a quantized model is from its weights in fp32, per layer (see pyinterp.fidelity)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+
+import click
+
+from .fidelity import fidelity as measure
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-m", "--model", "model_path", default=None, metavar="PATH",
+              help="Quantized GGUF file, or a known name (smollm2, gemma3). Default: the bundled SmolLM2.")
+@click.option("-p", "--prompt", default=None, help="Prompt text.")
+@click.option("-f", "--file", "prompt_file", type=click.Path(dir_okay=False), default=None,
+              help="Read the prompt from a file (one trailing newline is dropped, as llama-cli does).")
+@click.option("--escape/--no-escape", "-e", default=True, show_default=True,
+              help="Expand \\n \\r \\t \\' \\\" \\\\ and \\xHH in the prompt, as llama-cli does.")
+@click.option("-c", "--ctx-size", default=2048, show_default=True, help="Context size (tokens).")
+@click.option("-t", "--threads", default=None, type=int, help="Threads (default: all cores).")
+@click.option("--png", default=None, type=click.Path(dir_okay=False), metavar="PATH",
+              help="Write per-layer curves of the errors.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
+@click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
+@click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
+def fidelity(model_path, prompt, prompt_file, escape, ctx_size, threads, png, as_json, verbose, debug):
+    """Compare a quantized model with the same weights dequantized to F32, layer by layer.
+
+    The F32 copy is written once into the cache ($PYINTERP_CACHE, default ~/.cache/pyinterp). Both models run
+    the prompt on the default settings; per layer: l_out cosine (mean and min over positions) and relative L2
+    error, attention mean and max |diff|; then the logits' correlation, KL(fp32 || quant) and top-1 agreement.
+    """
+    from .cli import process_escapes, read_prompt_file
+
+    if (prompt is None) == (prompt_file is None):
+        raise click.UsageError("give the prompt with exactly one of -p/--prompt and -f/--file")
+    if prompt_file is not None:
+        prompt = read_prompt_file(prompt_file)
+    if escape:
+        prompt = process_escapes(prompt)
+    with contextlib.ExitStack() as stack:
+        bar = None
+
+        def on_write(n: int, total: int) -> None:  # a progress bar, opened once the size is known
+            nonlocal bar
+            if bar is None:
+                bar = stack.enter_context(click.progressbar(length=total, label="writing the F32 copy", file=sys.stderr))
+            bar.update(n)
+
+        report = measure(model_path, prompt, n_ctx=ctx_size, n_threads=threads, verbose=verbose,
+                         on_write=on_write if sys.stderr.isatty() else None)
+    files = [str(report.to_png(png))] if png is not None else []
+    if as_json:
+        click.echo(json.dumps({**report.to_dict(), "files": files}, ensure_ascii=False))
+        return
+    click.echo(report.table())
+    for path in files:
+        click.echo(f"wrote {path}")
