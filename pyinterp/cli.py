@@ -388,6 +388,10 @@ def subcommands() -> dict[str, click.Command]:
     return {"cvector": cvector, "fidelity": fidelity, "heads": heads}
 
 
+cli.epilog = ("More commands, each with its own --help: "
+              + ", ".join(f"pyinterp {name}" for name in sorted(subcommands())) + ".")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the command, turning every error into one line on stderr and an exit code."""
     args = list(argv if argv is not None else sys.argv[1:])
