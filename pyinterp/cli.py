@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -20,45 +19,11 @@ from .arch import ARCHS, arch_of
 from .cli_cvector import cvector
 from .cli_fidelity import fidelity
 from .cli_heads import heads
+from .cli_prompt import prompt_options, prompt_text
 from .errors import InputError, PyinterpError
 from .hooks import split_name
 from .steering import ControlVector, combine, steered
 from .tensor_io import load_tensor, save_tensor
-
-
-# llama-cli's escapes (common.cpp, string_process_escapes): a backslash and one byte, or \x and two hex digits
-_ESCAPE = re.compile(rb"\\(x[0-9a-fA-F]{2}|.)", re.DOTALL)
-_ESCAPES = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"'": b"'", b'"': b'"', b"\\": b"\\"}
-
-
-def process_escapes(text: str) -> str:
-    """Expand escapes as llama-cli does by default (``--escape``): ``\\n \\r \\t \\' \\" \\\\`` and
-    ``\\xHH`` (one byte); a backslash before anything else, or at the end, stays as it is."""
-
-    def expand(m: re.Match) -> bytes:
-        code = m.group(1)
-        if len(code) == 3:  # xHH
-            return bytes([int(code[1:], 16)])
-        return _ESCAPES.get(code, m.group(0))
-
-    data = _ESCAPE.sub(expand, text.encode("utf-8", "surrogateescape"))
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"the prompt is not UTF-8 text once its escapes are expanded ({e.reason} at byte {e.start}); "
-                         f"--no-escape keeps them as they are") from None
-
-
-def read_prompt_file(path: str) -> str:
-    """The prompt in a ``-f`` file, as llama-cli reads it: the bytes as they are (no newline translation)
-    less one trailing newline."""
-    try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except OSError as e:
-        raise InputError(f"cannot read prompt file {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"prompt file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    return text[:-1] if text.endswith("\n") else text
 
 
 def parse_heads(spec: str, n_layer: int, n_head: int) -> list[tuple[int, int]]:
@@ -203,11 +168,7 @@ DRAW_PATH = "attention.png"
 @click.command(context_settings=CONTEXT_SETTINGS)
 @click.option("-m", "--model", "model_path", default=None, metavar="PATH",
               help="GGUF file, or a known name (smollm2, gemma3). Default: the bundled SmolLM2.")
-@click.option("-p", "--prompt", default=None, help="Prompt text.")
-@click.option("-f", "--file", "prompt_file", type=click.Path(dir_okay=False), default=None,
-              help="Read the prompt from a file (one trailing newline is dropped, as llama-cli does).")
-@click.option("--escape/--no-escape", "-e", default=True, show_default=True,
-              help="Expand \\n \\r \\t \\' \\\" \\\\ and \\xHH in the prompt (-p or -f), as llama-cli does.")
+@prompt_options
 @click.option("-n", "--n-predict", default=0, show_default=True, help="Tokens to generate; 0 = only the prompt pass.")
 @click.option("-c", "--ctx-size", default=2048, show_default=True, help="Context size (tokens).")
 @click.option("-t", "--threads", default=None, type=int, help="Threads (default: all cores).")
@@ -268,12 +229,7 @@ def cli(ctx, model_path, prompt, prompt_file, escape, n_predict, ctx_size, threa
     from .attention import draw_attention
     from .model import Model
 
-    if (prompt is None) == (prompt_file is None):
-        raise click.UsageError("give the prompt with exactly one of -p/--prompt and -f/--file")
-    if prompt_file is not None:
-        prompt = read_prompt_file(prompt_file)
-    if escape:
-        prompt = process_escapes(prompt)
+    prompt = prompt_text(prompt, prompt_file, escape)
     if n_predict < 0:
         raise click.BadParameter("must be >= 0", param_hint="-n")
     if patch_avg is not None and not patch_specs:

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import click
 
+from .cli_prompt import process_escapes
 from .errors import InputError
 from .steering import METHODS, TOKENS, contrastive
 
 
 def read_prompts(path: str) -> list[str]:
     """One prompt per line, empty lines skipped, escapes (``\\n`` ...) expanded: llama-cvector-generator's files."""
-    from .cli import process_escapes
 
     try:
         lines = Path(path).read_bytes().decode("utf-8").split("\n")

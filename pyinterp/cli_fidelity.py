@@ -8,17 +8,14 @@ import sys
 
 import click
 
+from .cli_prompt import prompt_options, prompt_text
 from .fidelity import fidelity as measure
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-m", "--model", "model_path", default=None, metavar="PATH",
               help="Quantized GGUF file, or a known name (smollm2, gemma3). Default: the bundled SmolLM2.")
-@click.option("-p", "--prompt", default=None, help="Prompt text.")
-@click.option("-f", "--file", "prompt_file", type=click.Path(dir_okay=False), default=None,
-              help="Read the prompt from a file (one trailing newline is dropped, as llama-cli does).")
-@click.option("--escape/--no-escape", "-e", default=True, show_default=True,
-              help="Expand \\n \\r \\t \\' \\\" \\\\ and \\xHH in the prompt, as llama-cli does.")
+@prompt_options
 @click.option("-c", "--ctx-size", default=2048, show_default=True, help="Context size (tokens).")
 @click.option("-t", "--threads", default=None, type=int, help="Threads (default: all cores).")
 @click.option("--png", default=None, type=click.Path(dir_okay=False), metavar="PATH",
@@ -33,14 +30,7 @@ def fidelity(model_path, prompt, prompt_file, escape, ctx_size, threads, png, as
     the prompt on the default settings; per layer: l_out cosine (mean and min over positions) and relative L2
     error, attention mean and max |diff|; then the logits' correlation, KL(fp32 || quant) and top-1 agreement.
     """
-    from .cli import process_escapes, read_prompt_file
-
-    if (prompt is None) == (prompt_file is None):
-        raise click.UsageError("give the prompt with exactly one of -p/--prompt and -f/--file")
-    if prompt_file is not None:
-        prompt = read_prompt_file(prompt_file)
-    if escape:
-        prompt = process_escapes(prompt)
+    prompt = prompt_text(prompt, prompt_file, escape)
     with contextlib.ExitStack() as stack:
         bar = None
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from pyinterp import InputError
-from pyinterp.cli import main, process_escapes
+from pyinterp.cli import main
+from pyinterp.cli_prompt import process_escapes
 from pyinterp.tensor_io import load_tensor, save_tensor
 
 PROMPT = "The capital of France is"
