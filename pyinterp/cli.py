@@ -19,6 +19,7 @@ import numpy as np
 from .arch import ARCHS, arch_of
 from .cli_cvector import cvector
 from .cli_heads import heads
+from .cli_sweep import sweep
 from .errors import InputError, PyinterpError
 from .hooks import split_name
 from .steering import ControlVector, combine, steered
@@ -384,7 +385,7 @@ def cli(ctx, model_path, prompt, prompt_file, escape, n_predict, ctx_size, threa
 
 def subcommands() -> dict[str, click.Command]:
     """Analyses with a command of their own: ``pyinterp NAME ...``; everything else is the main command."""
-    return {"heads": heads, "cvector": cvector}
+    return {"heads": heads, "cvector": cvector, "sweep": sweep}
 
 
 def main(argv: list[str] | None = None) -> int:
