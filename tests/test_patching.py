@@ -124,10 +124,11 @@ def test_against_the_reference_sweep(smollm2, ref_smollm2):
         for pos in range(len(clean)):
             logits = ref_smollm2.run(corrupt, patch=[(il, pos, rows[il][pos])]).logits[-1]
             want[i, pos] = logits[good] - logits[bad]
-    assert corr(got, want) >= 0.95  # measured 0.999
-    assert np.abs(got - want).max() <= 1.0
-    # the Eiffel tokens carry the answer in these layers: the clean answer wins there and nowhere else
-    assert (got[:, 2] > 0).all() and (want[:, 2] > 0).all() and (got[:, [0, 5, 6]] < 0).all()
+    assert corr(got, want) >= 0.95  # measured 0.9993
+    assert np.abs(got - want).max() <= 1.0  # measured 0.36 (the metric spans -9.5..5)
+    # early on the Eiffel tokens carry the answer, late the last token does: the clean answer wins only there
+    for sweep in (got, want):
+        assert (sweep[:2, 2] > 0).all() and sweep[2, -1] > 0 and (sweep[:, [0, 5, 6]] < 0).all()
 
 
 def test_against_the_reference_head_ablation(smollm2, ref_smollm2):
@@ -141,7 +142,7 @@ def test_against_the_reference_head_ablation(smollm2, ref_smollm2):
         for h in range(smollm2.n_head):
             logits = ref_smollm2.run(ids, ablate=[(il, h)]).logits[-1]
             want[i, h] = (logits[good] - logits[bad]) - (base[good] - base[bad])
-    assert corr(got, want) >= 0.9  # measured 0.98
+    assert corr(got, want) >= 0.9  # measured 0.981
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
