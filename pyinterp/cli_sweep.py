@@ -21,7 +21,7 @@ def parse_layers(spec: str, n_layer: int) -> list[int]:
             raise click.BadParameter(f"{spec!r} is not a list of layers like 0,3,10-12", param_hint="--layers")
         span = range(int(first), int(last or first) + 1)
         if not span or span[-1] >= n_layer:
-            raise click.BadParameter(f"{part.strip()!r}: the model has layers 0..{n_layer - 1}", param_hint="--layers")
+            raise click.BadParameter(f"{part.strip()!r} is not a layer range within 0..{n_layer - 1}", param_hint="--layers")
         layers.extend(span)
     return list(dict.fromkeys(layers))
 

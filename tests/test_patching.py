@@ -187,7 +187,8 @@ def test_cli_sweep_outputs(capsys, tmp_path, tiny, tiny_path):
 @pytest.mark.parametrize("args, message", [
     (["--heads", "--corrupt", "x"], "not both"),
     ([], "not both"),
-    (["--corrupt", "abd daf", "--layers", "0-9"], "layers 0..3"),
+    (["--corrupt", "abd daf", "--layers", "0-9"], "within 0..3"),
+    (["--corrupt", "abd daf", "--layers", "2-1"], "within 0..3"),
     (["--corrupt", "abd daf", "--layers", "a"], "not a list of layers"),
     (["--corrupt", "abd daf", "--metric", "prob", "--bad", "a"], "--bad goes with"),
     (["--heads"], "needs --bad TOKEN"),
