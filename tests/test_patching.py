@@ -199,3 +199,14 @@ def test_cli_errors(capsys, tiny_path, args, message):
     code, out, err = run_cli(capsys, "sweep", "-m", str(tiny_path), "-t", "1", "-c", "64", "--clean", "abc def", *args)
     assert code == 2 and out == ""
     assert err.startswith("pyinterp: error:") and message in err and err.count("\n") == 1
+
+
+
+def test_value_grid_errors():
+    from pyinterp.errors import PyinterpError
+    from pyinterp.plot import value_grid
+
+    assert value_grid(np.zeros((1, 1)), title="t", row_labels=["0"], col_labels=["a"]).ndim == 3  # constant: no 0/0
+    for bad, rows in ((np.array([[np.nan]]), ["0"]), (np.zeros((1, 1)), ["0", "1"])):
+        with pytest.raises(PyinterpError, match="finite 2-D table"):
+            value_grid(bad, title="t", row_labels=rows, col_labels=["a"])
