@@ -20,6 +20,7 @@ from .cli_cvector import cvector
 from .cli_fidelity import fidelity
 from .cli_heads import heads
 from .cli_prompt import prompt_options, prompt_text
+from .cli_sweep import sweep
 from .errors import InputError, PyinterpError
 from .hooks import split_name
 from .steering import ControlVector, combine, steered
@@ -341,7 +342,7 @@ def cli(ctx, model_path, prompt, prompt_file, escape, n_predict, ctx_size, threa
 
 def subcommands() -> dict[str, click.Command]:
     """Analyses with a command of their own: ``pyinterp NAME ...``; everything else is the main command."""
-    return {"cvector": cvector, "fidelity": fidelity, "heads": heads}
+    return {"cvector": cvector, "fidelity": fidelity, "heads": heads, "sweep": sweep}
 
 
 cli.epilog = ("More commands, each with its own --help: "

@@ -1,0 +1,144 @@
+"""``pyinterp sweep``: an activation-patching sweep (layers x positions) or a head ablation scan (layers x heads),
+as a table, JSON, CSV and a heatmap (see pyinterp.patching)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import click
+import numpy as np
+
+from .errors import PyinterpError
+from .patching import Metric, bind_metric, head_ablation_scan, logit_diff, patch_sweep, prob, run_metric
+
+
+def parse_layers(spec: str, n_layer: int) -> list[int]:
+    """``"0,3,10-12"`` -> ``[0, 3, 10, 11, 12]``, each in 0..n_layer-1."""
+    layers: list[int] = []
+    for part in spec.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise click.BadParameter(f"{spec!r} is not a list of layers like 0,3,10-12", param_hint="--layers")
+        span = range(int(first), int(last or first) + 1)
+        if not span or span[-1] >= n_layer:
+            raise click.BadParameter(f"{part.strip()!r} is not a layer range within 0..{n_layer - 1}", param_hint="--layers")
+        layers.extend(span)
+    return list(dict.fromkeys(layers))
+
+
+def top_token(model, text: str) -> int:
+    """The model's top prediction after ``text``."""
+    return int(np.argmax(model.run(text, logits="last").logits[-1]))
+
+
+def choose_metric(model, kind: str, good: str | None, bad: str | None, clean: str, corrupt: str | None) -> Metric:
+    """The metric the options name; ``--good`` defaults to the clean prompt's top prediction, ``--bad`` to the
+    corrupted one's."""
+    good_token = good if good is not None else top_token(model, clean)
+    if kind == "prob":
+        if bad is not None:
+            raise click.UsageError("--bad goes with --metric logit-diff")
+        return prob(good_token)
+    if bad is None and corrupt is None:
+        raise click.UsageError("--metric logit-diff needs --bad TOKEN (or --corrupt, whose top prediction it then is)")
+    bad_token = bad if bad is not None else top_token(model, corrupt)
+    return logit_diff(good_token, bad_token)
+
+
+def write_csv(path: str, values: np.ndarray, layers: list[int], columns: list[str]) -> None:
+    """One row per layer: the layer, then one value per column (token or head)."""
+    try:
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["layer", *columns])
+            for label, row in zip(layers, values, strict=True):
+                writer.writerow([label, *(f"{v:.6g}" for v in row)])
+    except OSError as e:
+        raise PyinterpError(f"cannot write CSV to {path}: {e.strerror}") from None
+
+
+def print_table(values: np.ndarray, layers: list[int], columns: list[str]) -> None:
+    """One row per layer, one column per token or head, values to two decimals."""
+    width = max(7, *(len(c) + 1 for c in columns))
+    click.echo(f"{'layer':>5} " + "".join(c.rjust(width) for c in columns))
+    for label, row in zip(layers, values, strict=True):
+        click.echo(f"{label:>5} " + "".join(f"{v:.2f}".rjust(width) for v in row))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-m", "--model", "model_path", default=None, metavar="PATH",
+              help="GGUF file, or a known name (smollm2, gemma3). Default: the bundled SmolLM2.")
+@click.option("--clean", required=True, help="The clean prompt (its activations are patched in).")
+@click.option("--corrupt", default=None, help="The corrupted prompt (patched into); as many tokens as --clean.")
+@click.option("--heads", "heads_scan", is_flag=True,
+              help="Instead of patching: ablate each head alone on --clean and record the metric's change.")
+@click.option("--tensor", default="l_out", show_default=True, help="The [n_tokens, width] tensor patched.")
+@click.option("--metric", "metric_kind", type=click.Choice(["logit-diff", "prob"]), default="logit-diff",
+              show_default=True, help="logit(--good) - logit(--bad), or the probability of --good, at the last token.")
+@click.option("--good", default=None, metavar="TOKEN", help="Single-token text. Default: the clean prompt's top prediction.")
+@click.option("--bad", default=None, metavar="TOKEN",
+              help="Single-token text. Default: the corrupted prompt's top prediction.")
+@click.option("--layers", "layer_spec", default=None, metavar="LIST", help="Layers, e.g. 0,3,10-12 (default all).")
+@click.option("-c", "--ctx-size", default=2048, show_default=True, help="Context size (tokens).")
+@click.option("-t", "--threads", default=None, type=int, help="Threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of the table.")
+@click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False), metavar="PATH",
+              help="Write the table as CSV.")
+@click.option("--png", default=None, type=click.Path(dir_okay=False), metavar="PATH", help="Write the heatmap.")
+@click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
+@click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
+def sweep(model_path, clean, corrupt, heads_scan, tensor, metric_kind, good, bad, layer_spec, ctx_size, threads,
+          as_json, csv_path, png, verbose, debug):
+    """Activation patching: for each layer and token, run --corrupt with that token's row of --tensor taken
+    from the --clean run, and record the metric of the last token's logits (layers x tokens).
+
+    With --heads: ablate each head of --clean alone and record metric(ablated) - metric(plain) (layers x heads).
+    """
+    from .cli import progress
+    from .model import Model
+    from .plot import sanitize_label, save_png, value_grid
+
+    if heads_scan == (corrupt is not None):
+        raise click.UsageError("give --corrupt for a patching sweep, or --heads for a head ablation scan (not both)")
+    if heads_scan and tensor != "l_out":
+        raise click.UsageError("--tensor goes with a patching sweep, not --heads")
+    with Model(model_path, n_ctx=ctx_size, n_threads=threads, verbose=verbose) as model:
+        layers = parse_layers(layer_spec, model.n_layer) if layer_spec is not None else list(range(model.n_layer))
+        metric = choose_metric(model, metric_kind, good, bad, clean, corrupt)
+        fn = bind_metric(model, metric)
+        clean_ids = model.prompt_ids(clean)
+        result = {"model": model.path.name, "clean": clean, "metric": metric.describe(model), "layers": layers,
+                  "clean_value": run_metric(model, clean_ids, fn)}
+        if heads_scan:
+            n_cells, columns = len(layers) * model.n_head, [str(h) for h in range(model.n_head)]
+            kind = "head ablation: metric(ablated) - metric(plain)"
+            with progress(n_cells, "heads") as bar:
+                values = head_ablation_scan(model, clean_ids, metric, layers, on_cell=bar and (lambda: bar.update(1)))
+        else:
+            corrupt_ids = model.prompt_ids(corrupt)
+            result |= {"corrupt": corrupt, "tensor": tensor, "corrupt_value": run_metric(model, corrupt_ids, fn)}
+            columns = [model.token_str(t) for t in clean_ids]
+            kind = f"patching {tensor} clean -> corrupt"
+            with progress(len(layers) * len(clean_ids), "cells") as bar:
+                values = patch_sweep(model, clean_ids, corrupt_ids, metric=metric, tensor=tensor, layers=layers,
+                                     on_cell=bar and (lambda: bar.update(1)))
+    result |= {"kind": kind, "columns": columns, "values": values.round(6).tolist()}
+    files = []
+    if csv_path is not None:
+        write_csv(csv_path, values, layers, columns)
+        files.append(csv_path)
+    if png is not None:
+        pair = repr(clean) if heads_scan else f"{clean!r} -> {corrupt!r}"
+        title = (f"{kind}, {result['metric']}: {pair} (colour: {values.min():.2f} dark .. {values.max():.2f} yellow)")
+        image = value_grid(values, title=title, row_labels=[str(il) for il in layers],
+                           col_labels=[sanitize_label(c) for c in columns])
+        files.append(str(save_png(image, png)))
+    if as_json:
+        click.echo(json.dumps({**result, "files": files}, ensure_ascii=False))
+        return
+    click.echo(f"{kind} on {result['model']}; metric {result['metric']}")
+    click.echo(f"clean: {result['clean_value']:.3f}" + ("" if heads_scan else f"  corrupt: {result['corrupt_value']:.3f}"))
+    print_table(values, layers, [sanitize_label(c) for c in columns])
+    for path in files:
+        click.echo(f"wrote {path}")
+
