@@ -5,7 +5,7 @@
    every layer's attention, interleaved round by round; medians and ratios to plain.
    Targets: ablation <= 1.03, patch <= 1.03, full attention capture <= 1.3. Then generation, plain
    and with one head ablated (no target: a hooked graph is rebuilt for every token). Then the cost of
-   pyinterp's faithful default (the explicit attention path) against llama.cpp's own (flash attention).
+   pyinterp's faithful defaults (explicit attention, F32 KV cache) against llama.cpp's own (flash attention, F16).
 2. The same llama_decode from a small C program (decode_bench.c, stock llama.h API only) linked
    once against pyinterp's patched libllama (hook unset) and once against llama.cpp built from the
    same source without the patches (built into build/stock on first use). Target: <= 1.05.
@@ -75,9 +75,9 @@ def bench_generation(model: pyinterp.Model, n: int, rounds: int) -> dict[str, fl
 
 
 def bench_defaults(path: Path, ids: list[int], runs: int, threads: int, n_gpu_layers: int | None) -> dict[str, tuple[float, float]]:
-    """pyinterp's faithful default (the explicit attention path on every layer) against llama.cpp's (flash
-    attention where it is supported): seconds of a prompt pass and per generated token, interleaved."""
-    settings = {"pyinterp default": {}, "llama.cpp default": {"flash_attn": None}}
+    """pyinterp's faithful defaults (the explicit attention path on every layer, F32 KV cache) against llama.cpp's
+    (flash attention where it is supported, F16 KV cache): seconds of a prompt pass and per generated token."""
+    settings = {"pyinterp default": {}, "llama.cpp default": {"flash_attn": None, "type_k": "f16", "type_v": "f16"}}
     models = {name: pyinterp.Model(path, n_ctx=max(512, len(ids) + 64), n_threads=threads, n_gpu_layers=n_gpu_layers, **kw)
               for name, kw in settings.items()}
     prompt: dict[str, list[float]] = {name: [] for name in models}

@@ -177,9 +177,9 @@ DRAW_PATH = "attention.png"
               help="Layers to offload to the GPU (-1: all). Default: $PYINTERP_N_GPU_LAYERS, else 0.")
 @click.option("-fa", "--flash-attn", type=click.Choice(["on", "off", "auto"]), default="off", show_default=True,
               help="Flash attention. pyinterp's default runs the explicit attention path on every layer (faithful).")
-@click.option("-ctk", "--cache-type-k", default="f16", show_default=True, metavar="TYPE",
+@click.option("-ctk", "--cache-type-k", default="f32", show_default=True, metavar="TYPE",
               help="KV cache type for K (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1).")
-@click.option("-ctv", "--cache-type-v", default="f16", show_default=True, metavar="TYPE",
+@click.option("-ctv", "--cache-type-v", default="f32", show_default=True, metavar="TYPE",
               help="KV cache type for V (quantized types need flash attention).")
 @click.option("--rpc", default=None, metavar="HOST:PORT",
               help="Offload the --n-gpu-layers layers to a ggml RPC server (python -m pyinterp.rpc).")

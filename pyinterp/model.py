@@ -98,17 +98,18 @@ class Model:
     ``path`` is a GGUF file or a known name (``"smollm2"``, the default, or ``"gemma3"``).
 
     Defaults favour faithfulness over speed: every layer runs the explicit attention path
-    (``flash_attn=False``), as stock llama.cpp does with flash attention off, so a run computes the same
-    numbers whether or not it captures attention, and K·Q, the softmax and the weighted sum of V are summed
-    in F32 (on CUDA too: see ``pyinterp._ffi``). ``flash_attn=None`` lets llama.cpp decide and ``True``
-    forces flash attention (faster; on the CPU it sums V in F16; layers whose attention weights are captured
-    still run the explicit path). ``type_k``/``type_v``: the KV cache type, llama.cpp's F16 by default. ``rpc`` ("host:port" of a ggml RPC server, see ``pyinterp.rpc``)
+    (``flash_attn=False``) over an F32 KV cache (``type_k``/``type_v`` ``"f32"``), so K·Q, the softmax and
+    the weighted sum of V are computed and summed in F32 on every backend, and a run computes the same
+    numbers whether or not it captures attention. ``flash_attn=None`` lets llama.cpp decide and ``True``
+    forces flash attention (faster; K and V go in as F16 and, on the CPU, V is summed in F16; layers whose
+    attention weights are captured still run the explicit path). ``"f16"`` is llama.cpp's KV cache type:
+    half the memory, and the explicit path then rounds the attention weights to F16 before multiplying V. ``rpc`` ("host:port" of a ggml RPC server, see ``pyinterp.rpc``)
     offloads ``n_gpu_layers`` layers to that server (builds with ``-DGGML_RPC=ON``). C memory is freed by
     :meth:`close` (or ``with Model() as m:``).
     """
 
     def __init__(self, path: str | os.PathLike | None = None, *, n_ctx: int = 2048, n_threads: int | None = None,
-                 n_gpu_layers: int | None = None, flash_attn: bool | None = False, type_k: str = "f16", type_v: str = "f16",
+                 n_gpu_layers: int | None = None, flash_attn: bool | None = False, type_k: str = "f32", type_v: str = "f32",
                  rpc: str | None = None, verbose: bool = False) -> None:
         _ffi.set_verbose(verbose)
         if n_gpu_layers is None:
