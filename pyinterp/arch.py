@@ -33,6 +33,17 @@ class Arch:
         """Every tensor in residual space, in the order the stream adds them."""
         return (self.embedding, self.attn_term, self.ffn_term, self.residual)
 
+    @property
+    def tl_aliases(self) -> dict[str, str]:
+        """TransformerLens hook names (within a block, or whole for ``hook_embed``) -> llama.cpp tensor names."""
+        return {
+            "hook_embed": self.embedding, "hook_resid_mid": "ffn_inp", "hook_resid_post": self.residual,
+            "hook_attn_out": self.attn_term, "hook_mlp_out": self.ffn_term,
+            "attn.hook_q": "Qcur", "attn.hook_k": "Kcur", "attn.hook_v": "Vcur", "attn.hook_z": "kqv_heads",
+            "attn.hook_attn_scores": "attn_logits", "attn.hook_pattern": "attn_scores",
+            "ln_final.hook_normalized": "result_norm",
+        }
+
 
 # pre-norm blocks: the attention and FFN outputs are added to the residual as they are
 _PRE_NORM = Arch("pre-norm", embedding="embd", attn_term="attn_out", ffn_term="ffn_out")

@@ -20,6 +20,7 @@ from .errors import InputError
 ATTENTION_TENSORS = ("attn_scores", "attn_logits")
 
 _NAME_LAYER = re.compile(r"^(?P<name>.+)-(?P<layer>\d+)$")
+_TL_BLOCK = re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<hook>.+)$")  # TransformerLens: blocks.5.hook_resid_post
 
 Head = tuple[int, int]
 Patch = tuple[str, int, int, "np.ndarray | Sequence[float]"]
@@ -83,10 +84,11 @@ class Plan:
 class Planner:
     """Checks specs against one model and builds plans."""
 
-    def __init__(self, n_layer: int, n_head: int, info: TensorInfo) -> None:
+    def __init__(self, n_layer: int, n_head: int, info: TensorInfo, aliases: dict[str, str] | None = None) -> None:
         self.n_layer = n_layer
         self.n_head = n_head
         self.info = info
+        self.aliases = aliases or {}  # TransformerLens hook name -> llama.cpp tensor name (pyinterp.arch)
 
     def _known(self, name: str) -> frozenset[int]:
         layers = self.info.layers.get(name)
@@ -109,6 +111,14 @@ class Planner:
     def _head(self, head: int, what: str) -> int:
         return self._index(head, self.n_head, what, "head", "layers have")
 
+    def _attention_layer(self, layer: int, what: str) -> int:
+        """A layer that has attention heads: the graph names their output ``kqv_heads`` on that layer (hybrid
+        models have layers without attention, where a head mask would silently do nothing)."""
+        layer = self._layer(layer, what)
+        if layer not in self.info.layers.get("kqv_heads", frozenset()):
+            raise InputError(f"{what}: layer {layer} has no attention heads in this model's graph")
+        return layer
+
     def captures(self, specs: Iterable[str]) -> list[tuple[str, int]]:
         """``["attn_scores", "l_out-5"]`` -> ``[("attn_scores", 0), ..., ("l_out", 5)]``."""
         specs = [specs] if isinstance(specs, str) else as_list(specs, "capture")
@@ -116,7 +126,9 @@ class Planner:
         for spec in specs:
             if not isinstance(spec, str):
                 raise InputError(f"capture: expected tensor names like 'l_out' or 'l_out-5', got {spec!r}")
-            name, layer = split_name(spec)
+            name, layer = split_name(self.aliases.get(spec, spec) if self.aliases else spec)
+            if (m := _TL_BLOCK.match(spec)) and self.aliases and m.group("hook") in self.aliases:
+                name, layer = self.aliases[m.group("hook")], int(m.group("layer"))
             layers = self._known(name)
             if layer is None:
                 out.extend((name, il) for il in sorted(layers))
@@ -136,10 +148,10 @@ class Planner:
 
         for item in ablate:
             layer, head = _tuple(item, 2, "ablate", "(layer, head) pairs like [(3, 4)]")
-            mask(self._layer(layer, "ablate"))[self._head(head, "ablate")] = 0.0
+            mask(self._attention_layer(layer, "ablate"))[self._head(head, "ablate")] = 0.0
         if isolate is not None:
             layer, head = _tuple(isolate, 2, "isolate", "(layer, head) like (3, 4)")
-            layer = self._layer(layer, "isolate")
+            layer = self._attention_layer(layer, "isolate")
             head = self._head(head, "isolate")
             m = mask(layer)
             keep = m[head]

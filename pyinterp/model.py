@@ -15,7 +15,7 @@ import numpy as np
 from . import _ffi, zoo
 from ._ffi import ffi, lib
 from .errors import InputError, PyinterpError
-from .arch import arch_of
+from .arch import ARCHS, arch_of
 from .hooks import ATTENTION_TENSORS, Head, Patch, Plan, Planner, TensorInfo, as_list, split_name
 from .lens import Attribution, LogitLens
 from .trace import Trace
@@ -300,7 +300,8 @@ class Model:
         return sorted(self.tensor_info().layers)
 
     def _planner(self) -> Planner:
-        return Planner(self.n_layer, self.n_head, self.tensor_info())
+        aliases = ARCHS[self.arch].tl_aliases if self.arch in ARCHS else None
+        return Planner(self.n_layer, self.n_head, self.tensor_info(), aliases)
 
     def _set_explicit(self, layers: set[int]) -> None:
         for il in layers ^ self._explicit:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import pyinterp
-from pyinterp import PyinterpError
+import pyinterp.arch
+from pyinterp import InputError, PyinterpError
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 
@@ -180,3 +181,33 @@ def test_flash_off_context_matches_reference_layout():
     with pyinterp.Model("smollm2", n_ctx=128, flash_attn=False) as m:
         t = m.run(PROMPT, capture=["attn_scores-2"], ablate=[(2, 0)])
         assert np.all(t.attention(2)[0] == 0)
+
+
+def test_transformerlens_aliases(pair):
+    """TransformerLens hook names capture the same tensors as the llama.cpp names the architecture table maps
+    them to (Gemma's hook_attn_out is its attention post-norm)."""
+    model, _ = pair
+    prompt = "The capital of France is"
+    by_alias = model.run(prompt, capture=["blocks.3.hook_resid_post", "blocks.3.hook_attn_out", "attn.hook_pattern",
+                                          "hook_embed"])
+    arch = pyinterp.arch.arch_of(model.arch)
+    by_name = model.run(prompt, capture=["l_out-3", f"{arch.attn_term}-3", "attn_scores", arch.embedding])
+    assert by_alias.keys() == by_name.keys()
+    for key in by_name.keys():
+        np.testing.assert_array_equal(by_alias[key], by_name[key])
+    with pytest.raises(InputError, match="unknown tensor name 'blocks.3.hook_nothing'"):
+        model.run(prompt, capture=["blocks.3.hook_nothing"])
+
+
+def test_head_masks_need_an_attention_layer():
+    """A layer without attention (hybrid models): ablating or isolating a head there is an error, not a no-op."""
+    from pyinterp.hooks import Planner, TensorInfo
+
+    info = TensorInfo({"kqv_heads": frozenset({0, 2}), "l_out": frozenset({0, 1, 2})},
+                      {"kqv_heads": (4, 2, 2), "l_out": (8, 2)})
+    planner = Planner(3, 2, info)
+    assert set(planner.head_masks([(0, 1), (2, 0)], None)) == {0, 2}
+    with pytest.raises(InputError, match="ablate: layer 1 has no attention heads"):
+        planner.head_masks([(1, 0)], None)
+    with pytest.raises(InputError, match="isolate: layer 1 has no attention heads"):
+        planner.head_masks([], (1, 0))
