@@ -226,3 +226,38 @@ def test_unknown_architecture_is_one_line():
     with pytest.raises(pyinterp.InputError, match=r"architecture 'mamba' is not in pyinterp's architecture table") as e:
         arch_of("mamba")
     assert "\n" not in str(e.value) and "qwen3" in str(e.value)
+
+
+def _ranks(logits: np.ndarray, targets: list[int]) -> np.ndarray:
+    """1 + how many logits of each row are greater than each target's: [n, n_targets] (numpy)."""
+    return 1 + (logits[:, None, :] > logits[:, targets][:, :, None]).sum(-1)
+
+
+def test_target_lens(tiny):
+    """P(target) and rank per layer against the reference's residual through its own norm and head."""
+    model, ref = tiny
+    ids = _prompts(model)[1]
+    targets = ids[1:4]
+    want = ref.run(ids)
+    lens = model.logit_lens(ids, targets=targets, top_k=1)
+    for il in range(model.n_layer):
+        logits = ref.unembed(want.l_out[il]).astype(np.float64)
+        p = _softmax(logits)[:, targets]
+        np.testing.assert_allclose(lens.target_probs[il], p, atol=0.02, err_msg=f"layer {il}")
+        ranks = _ranks(logits, targets)
+        # ranks of near-equal logits may swap: within 2% of the vocabulary
+        assert np.abs(lens.target_ranks[il] - ranks).max() <= 0.02 * model.n_vocab + 1, f"layer {il}"
+        assert np.mean(lens.target_ranks[il] == ranks) >= 0.5
+
+
+def test_attribution_by_head(tiny):
+    """Each head's share of the attention term against the reference (o_proj's input split by head, times the
+    head's columns of o_proj, frozen norms, lm_head row); a layer's heads add up to its attention term."""
+    model, ref = tiny
+    ids = _prompts(model)[1]
+    a = model.logit_attribution(ids)
+    assert a.heads.shape == (model.n_layer, model.n_head)
+    np.testing.assert_allclose(a.heads.sum(1), a.attn, atol=1e-3 * np.abs(a.attn).max() + 1e-5)
+    want = ref.head_attribution(ids, a.target, a.position)
+    assert corr(a.heads, want) >= 0.99
+    np.testing.assert_allclose(a.heads, want, atol=0.05 * np.abs(want).max())
