@@ -76,12 +76,13 @@ def parse_target(model: Model, spec: str) -> tuple[int, str]:
 def print_targets(lens: LogitLens, labels: list[int | str], decimals: int) -> None:
     """One table per kept position: a row per layer, each target's probability and rank, then the top-1."""
     names = [repr(s) for s in lens.target_strs]
-    width = max(max(len(n) for n in names), decimals + 9)
+    rank_w = len(str(int(lens.target_ranks.max(initial=1)))) + 1
+    width = max(max(len(n) for n in names), decimals + 3 + rank_w)
     for pi, (position, token) in enumerate(zip(lens.positions, lens.position_strs, strict=True)):
         click.echo(f"P(target) by layer, {lens.title} at position {position} ({token!r}); rank 1 = top prediction")
-        click.echo("layer  " + "  ".join(n.rjust(width) for n in names) + "  top-1")
+        click.echo("layer  " + "  ".join(n.ljust(width) for n in names) + "  top-1")
         for li, label in enumerate(labels):
-            cells = [f"{p:.{decimals}f} r{r}".rjust(width)
+            cells = [f"{p:.{decimals}f} {'r' + str(r):>{rank_w}}".ljust(width)
                      for p, r in zip(lens.target_probs[li, pi], lens.target_ranks[li, pi], strict=True)]
             top = f"{lens.strs[li][pi][0]!r} {lens.probs[li, pi, 0]:.{decimals}f}"
             click.echo(f"{str(label):>5}  " + "  ".join(cells) + f"  {top}")

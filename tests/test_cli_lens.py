@@ -30,7 +30,7 @@ def run_json(capsys, *args: str) -> dict:
 
 @pytest.mark.parametrize("spec, want", [
     ("0,1/6,1/3,1/2", [0, 5, 10, 15]),
-    ("-1", [29]), ("last,0.5,1", [15, 29]), ("3, 3,-30", [0, 3]),
+    ("-1", [29]), ("last,0.5,1.0", [15, 29]), ("1,1/1", [1, 29]), ("3, 3,-30", [0, 3]),
 ])
 def test_parse_layers(spec, want):
     assert parse_layers(spec, 30) == want
