@@ -228,9 +228,11 @@ def test_unknown_architecture_is_one_line():
     assert "\n" not in str(e.value) and "qwen3" in str(e.value)
 
 
-def _ranks(logits: np.ndarray, targets: list[int]) -> np.ndarray:
-    """1 + how many logits of each row are greater than each target's: [n, n_targets] (numpy)."""
-    return 1 + (logits[:, None, :] > logits[:, targets][:, :, None]).sum(-1)
+def _ranks(others: np.ndarray, targets: list[int], logits: np.ndarray | None = None) -> np.ndarray:
+    """1 + how many of ``others`` [n, n_vocab] are greater than each target's logit (of ``logits``, default
+    ``others``): [n, n_targets] (numpy)."""
+    logits = others if logits is None else logits
+    return 1 + (others[:, None, :] > logits[:, targets][:, :, None]).sum(-1)
 
 
 def test_target_lens(tiny):
@@ -243,11 +245,16 @@ def test_target_lens(tiny):
     for il in range(model.n_layer):
         logits = ref.unembed(want.l_out[il]).astype(np.float64)
         p = _softmax(logits)[:, targets]
-        np.testing.assert_allclose(lens.target_probs[il], p, atol=0.02, err_msg=f"layer {il}")
-        ranks = _ranks(logits, targets)
-        # ranks of near-equal logits may swap: within 2% of the vocabulary
-        assert np.abs(lens.target_ranks[il] - ranks).max() <= 0.02 * model.n_vocab + 1, f"layer {il}"
-        assert np.mean(lens.target_ranks[il] == ranks) >= 0.5
+        # Q8_0 weights against their dequantization (tests/test_target_lens.py checks F32 weights to rounding)
+        np.testing.assert_allclose(lens.target_probs[il], p, atol=0.05, err_msg=f"layer {il}")
+        # the rank may differ from the reference's only by logits within the weights' rounding of the target's:
+        # between the reference's counts of logits above target + tol and above target - tol, with tol three
+        # times the largest target-logit difference (random tiny models have many near-equal logits)
+        err = np.abs(lens.target_logits[il] - logits[:, targets]).max()
+        assert err <= 0.1 * logits.std(), f"layer {il}: target logits differ by {err}"
+        tol = 3 * err + 1e-5
+        lo, hi = _ranks(logits - tol, targets, logits), _ranks(logits + tol, targets, logits)
+        assert np.all(lo <= lens.target_ranks[il]) and np.all(lens.target_ranks[il] <= hi), f"layer {il}"
 
 
 def test_attribution_by_head(tiny):
