@@ -19,7 +19,15 @@
 #include <string.h>
 
 #define PI_NAME_MAX 64
-#define PI_META_TENSORS 65536   // tensors the hook may add to one graph
+#define PI_META_TENSORS 16384   // tensors the hook may add to one graph
+#define PI_ROOM 64              // graph nodes one layer's lens or attribution term may add, at most
+
+// the graph llama.cpp allocated (for its own nodes) has room for another PI_ROOM
+static bool pi_room(struct ggml_cgraph * gf) {
+    return ggml_graph_size(gf) - ggml_graph_n_nodes(gf) >= PI_ROOM;
+}
+
+static const char * PI_NO_ROOM = "the graph llama.cpp allocated has no room for this on every layer";
 
 struct pi_capture {
     char  name[PI_NAME_MAX];   // base name, e.g. "l_out"
@@ -60,7 +68,7 @@ struct pi_lens {
     struct ggml_tensor ** ids;      // [n_layer+1] [k, n_tokens] I32, top-k token ids (unordered)
     struct ggml_tensor ** probs;    // [n_layer+1] [1, k, n_tokens] F32, their probabilities
     struct ggml_tensor ** stats;    // [n_layer+1] [3, n_targets, n_positions] F32: each target's logit, probability, rank
-    bool failed;                    // the unembedding uses an op pi_replay does not know
+    const char * failed;            // why the lens could not be built (NULL: it was)
     int32_t n_targets;              // 0: no target statistics
     int32_t max_position;           // the last of the positions
     struct ggml_context * ctx;      // owns targets and positions
@@ -86,7 +94,7 @@ struct pi_attr {
     struct ggml_context * ctx;      // owns targets
     ggml_backend_buffer_t buf;      // on the output device
     struct ggml_tensor * targets;   // [n_targets] I32 token ids
-    bool failed;                    // the model's final norm is not an RMS norm with a weight
+    const char * failed;            // why the attribution could not be built (NULL: it was)
 };
 
 struct pi_seen {
@@ -499,7 +507,7 @@ int pi_set_attribution(struct pi_state * st, const char ** names, const int32_t 
 // returns 1 when the term was not in the graph
 int pi_attribution_read(struct pi_state * st, int32_t i, float * dst, int64_t n) {
     if (st->attr.failed) {
-        return pi_fail(st, "logit attribution needs a final RMS norm with a weight before the unembedding");
+        return pi_fail(st, st->attr.failed);
     }
     const struct ggml_tensor * t = st->attr.terms[i].out;
     if (t == NULL) {
@@ -602,8 +610,8 @@ static void pi_build_begin(struct pi_state * st) {
     }
     ggml_reset(st->meta);
     st->final_in      = NULL;
-    st->lens.failed   = false;
-    st->attr.failed   = false;
+    st->lens.failed   = NULL;
+    st->attr.failed   = NULL;
     st->n_seen = 0;
 }
 
@@ -671,7 +679,7 @@ static void pi_build_lens(struct pi_state * st, struct ggml_context * ctx, struc
         from = mm ? mm->src[1] : NULL;
     }
     if (from == NULL) {
-        lens->failed = true;
+        lens->failed = "the model's unembedding uses an op the logit lens cannot replay";
         return;
     }
     for (int32_t slot = 0; slot <= st->n_layer; ++slot) {
@@ -679,9 +687,13 @@ static void pi_build_lens(struct pi_state * st, struct ggml_context * ctx, struc
         if (x == NULL || x->ne[0] != from->ne[0]) {
             continue;
         }
+        if (!pi_room(gf)) {
+            lens->failed = PI_NO_ROOM;
+            return;
+        }
         struct ggml_tensor * logits = pi_replay(ctx, out, from, x);
         if (logits == NULL) {
-            lens->failed = true;
+            lens->failed = "the model's unembedding uses an op the logit lens cannot replay";
             return;
         }
         struct ggml_tensor * probs = ggml_soft_max(ctx, logits);
@@ -779,7 +791,7 @@ static void pi_build_attr(struct pi_state * st, struct ggml_context * ctx, struc
     struct ggml_tensor * normed = mm ? mm->src[1] : NULL;
     if (st->final_in == NULL || normed == NULL || normed->op != GGML_OP_MUL || normed->src[0]->op != GGML_OP_RMS_NORM ||
         normed->src[0]->src[0] != st->final_in) {
-        attr->failed = true;
+        attr->failed = "logit attribution needs a final RMS norm with a weight before the unembedding";
         return;
     }
     float eps;
@@ -791,6 +803,10 @@ static void pi_build_attr(struct pi_state * st, struct ggml_context * ctx, struc
         struct pi_attr_term * term = &attr->terms[i];
         if (term->in == NULL || term->in->ne[0] != st->final_in->ne[0]) {
             continue;
+        }
+        if (!pi_room(gf)) {
+            attr->failed = PI_NO_ROOM;
+            return;
         }
         struct ggml_tensor * x = ggml_mul(ctx, ggml_div(ctx, term->in, rms), weight);
         term->out = ggml_mul_mat(ctx, rows, x);
@@ -1013,7 +1029,7 @@ int pi_capture_read(struct pi_state * st, int32_t i, float * dst, int64_t n_dst,
 // layer had no such tensor
 int pi_lens_read(struct pi_state * st, int32_t il, int32_t * ids, float * probs, int64_t n) {
     if (st->lens.failed) {
-        return pi_fail(st, "the model's unembedding uses an op the logit lens cannot replay");
+        return pi_fail(st, st->lens.failed);
     }
     if (il < -1 || il >= st->n_layer) {
         return pi_fail(st, "layer out of range");
@@ -1035,7 +1051,7 @@ int pi_lens_read(struct pi_state * st, int32_t il, int32_t * ids, float * probs,
 // are greater); returns 1 when the layer had no such tensor
 int pi_lens_targets_read(struct pi_state * st, int32_t il, float * dst, int64_t n) {
     if (st->lens.failed) {
-        return pi_fail(st, "the model's unembedding uses an op the logit lens cannot replay");
+        return pi_fail(st, st->lens.failed);
     }
     if (il < -1 || il >= st->n_layer) {
         return pi_fail(st, "layer out of range");
