@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
-import numpy as np
 
 from .errors import InputError, PyinterpError
 from .lens import resolve_target, single_token_variants
