@@ -79,8 +79,10 @@ ffi.cdef(
     int  pi_add_capture  (struct pi_state * st, const char * name, int32_t il);
     int  pi_add_patch    (struct pi_state * st, const char * name, int32_t il, int32_t pos, const float * row, int64_t n);
     int  pi_set_lens     (struct pi_state * st, const char * name, bool norm, int32_t k);
-    int  pi_set_attribution(struct pi_state * st, const char ** names, const int32_t * layers, int32_t n_terms,
-                            const int32_t * targets, int32_t n_targets);
+    int  pi_set_lens_targets(struct pi_state * st, const int32_t * targets, int32_t n_targets,
+                             const int32_t * positions, int32_t n_positions);
+    int  pi_set_attribution(struct pi_state * st, const char ** names, const int32_t * layers, const bool * by_head,
+                            int32_t n_terms, const int32_t * targets, int32_t n_targets);
     void pi_set_record   (struct pi_state * st, bool record);
     int32_t pi_decode(struct pi_state * st, const llama_token * tokens, int32_t n_tokens, int32_t pos0, bool all_logits);
     int32_t      pi_n_seen       (const struct pi_state * st);
@@ -90,6 +92,8 @@ ffi.cdef(
     int          pi_capture_read (struct pi_state * st, int32_t i, float * dst, int64_t n_dst, int64_t n0);
     int          pi_lens_read    (struct pi_state * st, int32_t il, int32_t * ids, float * probs, int64_t n);
     int          pi_attribution_read(struct pi_state * st, int32_t i, float * dst, int64_t n);
+    int          pi_attribution_heads_read(struct pi_state * st, int32_t i, float * dst, int64_t n);
+    int          pi_lens_targets_read(struct pi_state * st, int32_t il, float * dst, int64_t n);
     int32_t      pi_graph_n_nodes  (const struct pi_state * st);
     const char * pi_graph_node_line(struct pi_state * st, int32_t i);
     """

@@ -19,6 +19,9 @@ from .arch import ARCHS, arch_of
 from .cli_cvector import cvector
 from .cli_fidelity import fidelity
 from .cli_heads import heads
+from .cli_lens import (ATTRIBUTION_HEADER, TARGET_HEADER, attribution_json, attribution_rows, numbered, parse_layers,
+                       parse_positions, parse_target, print_attribution, print_targets, targets_json, targets_rows,
+                       write_csv)
 from .cli_prompt import prompt_options, prompt_text
 from .cli_sweep import sweep
 from .errors import InputError, PyinterpError
@@ -75,20 +78,30 @@ def lens_targets(spec: str, arch: str) -> list[tuple[str, list[int] | None]]:
     return [(name, None if layer is None else [layer])]
 
 
+def lens_layers(model, name: str, only: list[int] | None, spec: str) -> list[int] | None:
+    """The layers ``--ll-layers`` picks for tensor ``name``; a tensor outside the layers (the embedding) keeps
+    its one row."""
+    if only is not None:
+        raise click.UsageError("--ll NAME-LAYER and --ll-layers both choose layers; give one")
+    if model.tensor_info().layers.get(name) == {-1}:
+        return None
+    return parse_layers(spec, model.n_layer)
+
+
 def layer_labels(lens, arch: str) -> list[int | str]:
     """The rows of a lens: their layers, ``embd`` for the embedding term of ``arch`` (layer -1)."""
     embedding = ARCHS[arch].embedding if arch in ARCHS else None
     return ["embd" if il < 0 and lens.tensor == embedding else il for il in lens.layers]
 
 
-def print_lens(lens, top_k: int, arch: str) -> None:
+def print_lens(lens, top_k: int, arch: str, decimals: int) -> None:
     click.echo(f"{lens.title}, top {top_k}")
     strs = lens.strs
     for li, label in enumerate(layer_labels(lens, arch)):
         click.echo(f"\nlayer {label}:")
-        for t, token in enumerate(lens.token_strs):
-            tops = ", ".join(f"{s!r} {p:.3f}" for s, p in zip(strs[li][t], lens.probs[li, t], strict=True))
-            click.echo(f"  [{t}] {token!r}: {tops}")
+        for t, (position, token) in enumerate(zip(lens.positions, lens.position_strs, strict=True)):
+            tops = ", ".join(f"{s!r} {p:.{decimals}f}" for s, p in zip(strs[li][t], lens.probs[li, t], strict=True))
+            click.echo(f"  [{position}] {token!r}: {tops}")
 
 
 def lens_json(lens, arch: str) -> dict:
@@ -97,9 +110,9 @@ def lens_json(lens, arch: str) -> dict:
         "tensor": lens.tensor, "norm": lens.norm,
         "layers": [
             {"layer": label, "tokens": [
-                {"token": tok, "top": [{"id": int(i), "str": s, "p": float(p)}
+                {"position": pos, "token": tok, "top": [{"id": int(i), "str": s, "p": float(p)}
                                        for i, s, p in zip(lens.ids[li, t], strs[li][t], lens.probs[li, t], strict=True)]}
-                for t, tok in enumerate(lens.token_strs)]}
+                for t, (pos, tok) in enumerate(zip(lens.positions, lens.position_strs, strict=True))]}
             for li, label in enumerate(layer_labels(lens, arch))],
     }
 
@@ -193,6 +206,25 @@ DRAW_PATH = "attention.png"
               help="Apply the model's final norm before unembedding (norm lens) or not (raw lens).")
 @click.option("--ll-png", type=click.Path(dir_okay=False), default=None, metavar="PATH",
               help="Write the logit lens as a layers x tokens heatmap of the top-1 probability.")
+@click.option("--target", "target_specs", multiple=True, metavar="TOKEN",
+              help="Probability and rank of TOKEN (text, tokenized as given, or an integer id) at every layer, "
+                   "under the --ll tensor's lens (default l_out); repeatable.")
+@click.option("--ll-layers", default=None, metavar="LIST",
+              help="Layers for --ll/--target: indices (negative from the end), 'last', depth fractions (0,1/6,1/2).")
+@click.option("--ll-pos", default=None, metavar="LIST",
+              help="Token positions (negative from the end) for --ll (default all), --target and --attribute "
+                   "(default the last).")
+@click.option("--target-png", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="Write P(target) as layers x targets heatmaps, one per position.")
+@click.option("--attribute", is_flag=False, flag_value="", default=None, metavar="[TOKEN]",
+              help="Direct logit attribution of TOKEN (default the top prediction) at --ll-pos: each layer's "
+                   "attention and FFN, and each head.")
+@click.option("--attr-png", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="Write the per-head attribution as a layers x heads heatmap.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="Write the --target and --attribute tables as CSV (PATH-lens.csv and PATH-attribution.csv with both).")
+@click.option("--decimals", default=3, show_default=True, type=click.IntRange(0, 12),
+              help="Decimals of the probabilities and logits printed.")
 @click.option("--draw", is_flag=False, flag_value="", default=None, metavar="[PATH]",
               help=f"Draw the attention of every layer (a grid of heads per PNG) to PATH-L<layer>.png "
                    f"(PATH default {DRAW_PATH}).")
@@ -223,9 +255,10 @@ DRAW_PATH = "attention.png"
               help="Show the version, the llama.cpp source, patches and backends, and exit.")
 @click.pass_context
 def cli(ctx, model_path, prompt, prompt_file, escape, n_predict, ctx_size, threads, n_gpu_layers, flash_attn,
-        cache_type_k, cache_type_v, rpc, seed, temp,
-        lens_name, ll_topk, norm_lens, ll_png, draw, draw_path, draw_layers, ablate_spec, isolate, saves, loads,
-        patch_specs, patch_avg, cvec_files, cvec_scaled, cvec_range, print_cgraph, as_json, verbose, debug):
+        cache_type_k, cache_type_v, rpc, seed, temp, lens_name, ll_topk, norm_lens, ll_png, target_specs, ll_layers,
+        ll_pos, target_png, attribute, attr_png, csv_path, decimals, draw, draw_path, draw_layers, ablate_spec, isolate,
+        saves, loads, patch_specs, patch_avg, cvec_files, cvec_scaled, cvec_range, print_cgraph, as_json, verbose,
+        debug):
     """Run a GGUF model and look inside: logit lens, attention pictures, head ablation, activation patching."""
     from .attention import draw_attention
     from .model import Model
@@ -236,9 +269,19 @@ def cli(ctx, model_path, prompt, prompt_file, escape, n_predict, ctx_size, threa
     if patch_avg is not None and not patch_specs:
         raise click.UsageError("--patch-avg goes with --patch")
     given = {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
-    for option, name in (("--ll-png", "ll_png"), ("--ll-topk", "ll_topk"), ("--norm-lens/--raw-lens", "norm_lens")):
+    for option, name in (("--ll-png", "ll_png"), ("--ll-topk", "ll_topk")):
         if name in given and lens_name is None:
             raise click.UsageError(f"{option} needs --ll NAME")
+    lensing, attributing = lens_name is not None or bool(target_specs), attribute is not None
+    for option, name, wanted, needs in (
+            ("--norm-lens/--raw-lens", "norm_lens", lensing, "--ll NAME or --target"),
+            ("--ll-layers", "ll_layers", lensing, "--ll NAME or --target"),
+            ("--ll-pos", "ll_pos", lensing or attributing, "--ll, --target or --attribute"),
+            ("--target-png", "target_png", bool(target_specs), "--target"),
+            ("--attr-png", "attr_png", attributing, "--attribute"),
+            ("--csv", "csv_path", bool(target_specs) or attributing, "--target or --attribute")):
+        if name in given and not wanted:
+            raise click.UsageError(f"{option} needs {needs}")
     if draw and draw_path is not None and draw != draw_path:
         raise click.UsageError(f"two drawing paths: --draw {draw} and --draw-path {draw_path}")
     if draw is not None or draw_path is not None:  # --draw alone ("") draws to the default path
@@ -292,11 +335,26 @@ def cli(ctx, model_path, prompt, prompt_file, escape, n_predict, ctx_size, threa
             trace = model.run(ids, capture=capture)
             if print_cgraph:
                 result["cgraph"] = model.graph(ids, capture=capture)
+            positions = parse_positions(ll_pos) if ll_pos is not None else None
+            lensed = lens_targets(lens_name or "l_out", model.arch)
+            if ll_layers is not None:
+                lensed = [(name, lens_layers(model, name, only, ll_layers)) for name, only in lensed]
             if lens_name is not None:
-                lenses = [model.logit_lens(ids, tensor=name, layers=only, top_k=ll_topk, norm=norm_lens)
-                          for name, only in lens_targets(lens_name, model.arch)]
+                lenses = [model.logit_lens(ids, tensor=name, layers=only, top_k=ll_topk, norm=norm_lens, positions=positions)
+                          for name, only in lensed]
                 result["lensed"] = [lens.tensor for lens in lenses]
                 result["logit_lens"] = [lens_json(lens, model.arch) for lens in lenses]
+            targets = [parse_target(model, spec) for spec in target_specs]
+            if targets:
+                target_lenses = [model.logit_lens(ids, tensor=name, layers=only, top_k=1, norm=norm_lens,
+                                                  targets=[t for t, _ in targets], positions=positions or [-1])
+                                 for name, only in lensed]
+                result["target_lens"] = [targets_json(lens, layer_labels(lens, model.arch)) for lens in target_lenses]
+            attributed = []
+            if attributing:
+                target = parse_target(model, attribute)[0] if attribute else None
+                attributed = [model.logit_attribution(ids, target, position) for position in positions or [-1]]
+                result["attribution"] = [attribution_json(a, model.token_str(ids[a.position])) for a in attributed]
             if n_predict > 0:
                 with progress(n_predict, "generating") as bar:
                     gen = model.generate(ids, n_predict, temp=temp, seed=seed,
@@ -311,6 +369,19 @@ def cli(ctx, model_path, prompt, prompt_file, escape, n_predict, ctx_size, threa
             for lens in lenses:
                 path = base if len(lenses) == 1 else base.with_name(f"{base.stem}-{lens.tensor}{base.suffix or '.png'}")
                 files.append(str(lens.to_png(path, [str(label) for label in layer_labels(lens, model.arch)])))
+        if targets and target_png is not None:
+            for lens in target_lenses:
+                path = numbered(Path(target_png), ".png", len(target_lenses), lens.tensor)
+                files.append(str(lens.targets_to_png(path, [str(label) for label in layer_labels(lens, model.arch)])))
+        for a in attributed if attr_png is not None else []:
+            files.append(str(a.to_png(numbered(Path(attr_png), ".png", len(attributed), f"p{a.position}"))))
+        if csv_path is not None:
+            tables = [("lens", TARGET_HEADER, [row for lens in target_lenses
+                                               for row in targets_rows(lens, layer_labels(lens, model.arch))])] if targets else []
+            if attributed:
+                tables.append(("attribution", ATTRIBUTION_HEADER, [row for a in attributed for row in attribution_rows(a)]))
+            for what, header, rows in tables:
+                files.append(str(write_csv(numbered(Path(csv_path), ".csv", len(tables), what), header, rows)))
         if draw is not None:
             with progress(len(layers), "drawing attention") as bar:
                 files += [str(p) for p in draw_attention(trace, draw, layers, on_layer=bar and (lambda _: bar.update(1)))]
@@ -326,15 +397,23 @@ def cli(ctx, model_path, prompt, prompt_file, escape, n_predict, ctx_size, threa
         return
     if print_cgraph:
         click.echo("\n".join(result["cgraph"]))
+    for _, line in targets:
+        click.echo(line)
     if lens_name is not None:
         if len(lenses) > 1:
             click.echo(f"lensed: {', '.join(result['lensed'])}\n")
         for lens in lenses:
-            print_lens(lens, ll_topk, model.arch)
+            print_lens(lens, ll_topk, model.arch, decimals)
+    if targets:
+        click.echo("")
+        for lens in target_lenses:
+            print_targets(lens, layer_labels(lens, model.arch), decimals)
+    for a in attributed:
+        print_attribution(a, result["prompt_tokens"][a.position]["str"], decimals)
     if "generated" in result:
         click.echo(prompt + result["generated"]["text"])
     else:
-        tops = ", ".join(f"{t['str']!r} {t['p']:.3f}" for t in result["next_token"])
+        tops = ", ".join(f"{t['str']!r} {t['p']:.{decimals}f}" for t in result["next_token"])
         click.echo(f"next token: {tops}")
     for path in files:
         click.echo(f"wrote {path}")

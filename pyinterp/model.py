@@ -15,9 +15,10 @@ import numpy as np
 from . import _ffi, zoo
 from ._ffi import ffi, lib
 from .errors import InputError, PyinterpError
-from .arch import ARCHS, arch_of
+from .arch import ARCHS
+from .attribution import Attribution, logit_attribution
 from .hooks import ATTENTION_TENSORS, Head, Patch, Plan, Planner, TensorInfo, as_list, split_name
-from .lens import Attribution, LogitLens
+from .lens import LogitLens, logit_lens
 from .trace import Trace
 
 GGUF_MAGIC = b"GGUF"
@@ -33,9 +34,8 @@ class _Pass(NamedTuple):
 
     logits: np.ndarray
     captured: dict[tuple[str, int], np.ndarray]
-    lens: dict[int, tuple[np.ndarray, np.ndarray]]
     graph: list[str]
-    attribution: list[np.ndarray]
+    extra: object  # what the analysis read, or None
 
 
 @dataclass
@@ -369,152 +369,42 @@ class Model:
 
     # forward passes
 
-    def _lens_check(self, tensor: str, top_k: int, layers: Iterable[int] | None) -> list[int] | None:
-        """Check the lens arguments; returns the layers asked for (sorted, each once), or None for all."""
-        info = self.tensor_info()
-        if not isinstance(tensor, str):
-            raise InputError(f"logit lens: tensor must be a name like 'l_out', got {tensor!r}")
-        name, layer = split_name(tensor)
-        if layer is not None:
-            raise InputError(f"logit lens: tensor takes a base name; for one layer: tensor={name!r}, layers=[{layer}]")
-        if tensor not in info.layers:
-            self._planner().captures([tensor])  # raises the unknown-name error
-        width = info.shapes[tensor][0]
-        if info.rank(tensor) != 2 or width != self.n_embd:
-            raise InputError(f"logit lens: {tensor} is not a residual-width tensor "
-                                f"(ggml shape {info.shapes[tensor]}, the model's n_embd is {self.n_embd})")
-        if not 1 <= top_k <= self.n_vocab:
-            raise InputError(f"logit lens: top_k must be in 1..{self.n_vocab}, got {top_k}")
-        if layers is None:
-            return None
-        on, layers = info.layers[tensor], as_list(layers, "layers")
-        if not layers:
-            raise InputError("logit lens: layers is empty")
-        for il in layers:
-            if not isinstance(il, (int, np.integer)) or isinstance(il, bool) or il not in on:
-                where = "outside the layers (-1)" if on == {-1} else f"on layers {min(on)}..{max(on)}"
-                raise InputError(f"logit lens: {tensor} is not computed on layer {il!r} (it is {where})")
-        return sorted({int(il) for il in layers})
-
-    def _read_lens(self, n_tokens: int, top_k: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        out = {}
-        for il in range(-1, self.n_layer):  # -1: a tensor outside the layers (the embedding)
-            ids = np.empty((n_tokens, top_k), dtype=np.int32)
-            probs = np.empty((n_tokens, top_k), dtype=np.float32)
-            ret = lib.pi_lens_read(self._state, il, ffi.from_buffer("int32_t[]", ids),
-                                   ffi.from_buffer("float[]", probs), ids.size)
-            if ret < 0:
-                raise self._native_error("logit lens")
-            if ret == 0:
-                order = np.argsort(-probs, axis=1, kind="stable")
-                out[il] = (np.take_along_axis(ids, order, 1), np.take_along_axis(probs, order, 1))
-        return out
-
-    def logit_lens(self, tokens_or_text: str | Sequence[int], tensor: str = "l_out", top_k: int = 10,
-                   norm: bool = True, layers: Iterable[int] | None = None) -> LogitLens:
-        """Unembed ``tensor`` of every layer (or of ``layers``) at every token and keep the top-k tokens.
-
-        ``norm=True`` (the norm lens) applies the model's final norm first, as the model does to its last
-        layer; ``norm=False`` (the raw lens) unembeds the tensor as it is. Computed inside the ggml graph
-        with the model's own (quantized, possibly tied) unembedding; interventions of the context
-        managers apply. A tensor outside the layers (the embedding) has layer -1. Returns a
-        :class:`pyinterp.lens.LogitLens`.
-        """
-        self._live()
-        ids = self.prompt_ids(tokens_or_text)
-        layers = self._lens_check(tensor, top_k, layers)
-        plan = self._plan(len(ids), (), (), None, ())
-        lens = self._forward(ids, plan, (tensor, norm, top_k)).lens
-        layers = sorted(lens) if layers is None else layers
-        top_ids = np.stack([lens[il][0] for il in layers])
-        names = {int(i): self.token_str(int(i)) for i in np.unique(top_ids)}
-        return LogitLens(
-            tensor=tensor, norm=norm, layers=layers, tokens=ids,
-            token_strs=[self.token_str(t) for t in ids],
-            ids=top_ids, probs=np.stack([lens[il][1] for il in layers]),
-            strs=[[[names[int(i)] for i in row] for row in layer] for layer in top_ids],
-        )
+    def logit_lens(self, tokens_or_text: str | Sequence[int], tensor: str = "l_out", top_k: int = 10, norm: bool = True,
+                   layers: Iterable[int] | None = None, targets: Iterable[int | str] = (),
+                   positions: Iterable[int] | None = None) -> LogitLens:
+        """The logit lens of ``tensor``: top-k tokens and the targets' probabilities and ranks per layer and
+        position, computed in the graph; see :func:`pyinterp.lens.logit_lens`."""
+        return logit_lens(self, tokens_or_text, tensor, top_k, norm, layers, targets, positions)
 
     def logit_attribution(self, tokens_or_text: str | Sequence[int], target: int | str | None = None,
-                          position: int = -1) -> Attribution:
-        """Direct logit attribution: how much each term of the residual stream adds to one logit.
-
-        The residual stream at the last layer is the embedding plus every layer's attention and FFN
-        outputs (``attn_out``/``ffn_out``; Gemma's post-norms); each term goes through the final RMS norm
-        with its scale frozen at the final residual's and through the target's unembedding row, inside the
-        graph. The terms add up to the target's logit (before a final soft-capping, as Gemma 2's). ``target``: a token id or single-token text; default
-        the model's top prediction at ``position``. Interventions of the context managers apply.
-        """
-        self._live()
+                          position: int = -1, heads: bool = True) -> Attribution:
+        """Direct logit attribution of ``target`` (default the top prediction) at ``position`` to the residual
+        stream's terms and each attention head; see :func:`pyinterp.attribution.logit_attribution`."""
         if self._steering:
             raise InputError("logit attribution under a control vector: its directions are a residual term the attribution lacks")
-        ids = self.prompt_ids(tokens_or_text)
-        if not -len(ids) <= position < len(ids):
-            raise InputError(f"position {position} out of range (the prompt has {len(ids)} tokens)")
-        position %= len(ids)
-        arch = arch_of(self.arch)
-        info = self.tensor_info()
-        missing = [n for n in arch.residual_terms if n not in info.layers]
-        if missing:
-            raise PyinterpError(f"logit attribution: the graph of {self.arch} has no {', '.join(missing)}")
-        terms = [(arch.embedding, -1)] + [(name, il) for il in range(self.n_layer) for name in (arch.attn_term, arch.ffn_term)]
-        plan = self._plan(len(ids), (), (), None, ())
-        if target is None:
-            target = int(np.argmax(self._forward(ids, plan).logits[position]))
-        elif isinstance(target, str):
-            pieces = self.tokenize(target, add_bos=False)
-            if len(pieces) != 1:
-                raise InputError(f"target {target!r} is {len(pieces)} tokens, not one")
-            target = pieces[0]
-        (target,) = self._check_ids([target])
-        done = self._forward(ids, plan, attribution=(terms, [target]))
-        values = np.array([term[position, 0] for term in done.attribution], dtype=np.float32)
-        return Attribution(
-            target=target, target_str=self.token_str(target), position=position, logit=float(done.logits[position, target]),
-            labels=[name if il < 0 else f"{name}-{il}" for name, il in terms], values=values,
-            attn=values[1::2].copy(), ffn=values[2::2].copy(), embed=float(values[0]),
-        )
+        return logit_attribution(self, tokens_or_text, target, position, heads)
 
-    def _forward(self, ids: list[int], plan: Plan, lens: tuple[str, bool, int] | None = None, graph: bool = False,
-                 attribution: tuple[list[tuple[str, int]], list[int]] | None = None, rows: str = "all") -> _Pass:
-        """Decode ``ids`` from an empty cache under ``plan``; returns logits, captures, lens top-k, the lines
-        describing every node of the graph (when ``graph``) and the attribution of each term."""
+    def _forward(self, ids: list[int], plan: Plan, graph: bool = False, analysis=None, rows: str = "all") -> _Pass:
+        """Decode ``ids`` from an empty cache under ``plan``; returns logits (of every token, or with ``rows``
+        "last" of the last), captures, the lines describing every node of the graph (when ``graph``) and what
+        ``analysis`` read. ``analysis`` (the lens, the attribution) has ``setup()``, called once the plan is
+        set, and ``read(n_tokens)``, after the decode."""
         self._apply(plan)
         try:
-            if lens is not None and lib.pi_set_lens(self._state, lens[0].encode(), lens[1], lens[2]) != 0:
-                raise self._native_error("logit lens")
-            if attribution is not None:
-                terms, targets = attribution
-                keep = [ffi.new("char[]", name.encode()) for name, _ in terms]
-                if lib.pi_set_attribution(self._state, ffi.new("const char *[]", keep), ffi.new("int32_t[]", [il for _, il in terms]),
-                                          len(terms), ffi.new("int32_t[]", targets), len(targets)) != 0:
-                    raise self._native_error("logit attribution")
+            if analysis is not None:
+                analysis.setup()
             if graph:
                 lib.pi_set_record(self._state, True)  # keeps the hook set, so the graph is seen
             lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
             self._decode(ids, 0, rows == "all")
             logits = self._logits(len(ids) if rows == "all" else 1)
             captured = self._read_captures(plan, len(ids))
-            lens_out = self._read_lens(len(ids), lens[2]) if lens is not None else {}
             lines = [ffi.string(lib.pi_graph_node_line(self._state, i)).decode()
                      for i in range(lib.pi_graph_n_nodes(self._state))] if graph else []
-            attributed = self._read_attribution(len(ids), attribution) if attribution is not None else []
+            extra = analysis.read(len(ids)) if analysis is not None else None
         finally:
             self._clear()
-        return _Pass(logits, captured, lens_out, lines, attributed)
-
-    def _read_attribution(self, n_tokens: int, attribution) -> list[np.ndarray]:
-        terms, targets = attribution
-        out = []
-        for i, (name, il) in enumerate(terms):
-            values = np.empty((n_tokens, len(targets)), dtype=np.float32)
-            ret = lib.pi_attribution_read(self._state, i, ffi.from_buffer("float[]", values), values.size)
-            if ret < 0:
-                raise self._native_error("logit attribution")
-            if ret == 1:
-                raise PyinterpError(f"logit attribution: {name}-{il} was not in the graph")
-            out.append(values)
-        return out
+        return _Pass(logits, captured, lines, extra)
 
     def graph(self, tokens_or_text: str | Sequence[int], *, capture: Iterable[str] = (), ablate: Iterable[Head] = (),
               isolate: Head | None = None, patch: Iterable[Patch] = ()) -> list[str]:

@@ -43,6 +43,10 @@ COLORBAR_TICKS = ((1.0, "1"), (0.5, "0.5"), (0.0, "0"))
 
 # The colormap as a [256, 3] BGR lookup table: row i is the colour of probability i / 255.
 COLORS = cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(-1, 1), cv2.COLORMAP_VIRIDIS)[:, 0]
+# A diverging lookup table for signed values scaled to 0..1 (0.5 = zero): blue, white, red (BGR)
+_RAMP = np.linspace(-1.0, 1.0, 256)[:, None]
+SIGNED_COLORS = np.round(np.where(_RAMP < 0, (1 + _RAMP) * np.array([247, 247, 247]) - _RAMP * np.array([172, 102, 33]),
+                                  (1 - _RAMP) * np.array([247, 247, 247]) + _RAMP * np.array([43, 24, 178]))).astype(np.uint8)
 
 _NICE_STEPS = (1, 2, 5)
 
@@ -306,8 +310,35 @@ def _line_chart(name: str, series: dict[str, np.ndarray], x_labels: list[str], x
     return image
 
 
+def signed_grid(
+    values: np.ndarray,
+    *,
+    title: str = "",
+    row_labels: list[str],
+    col_labels: list[str],
+    split: int | None = None,
+) -> np.ndarray:
+    """Draw a ``[n_rows, n_cols]`` table of signed values (logit contributions) on a diverging scale: white
+    for 0, red for the largest positive magnitude in the table, blue for its negative. Rows as in
+    :func:`lens_heatmap` (row 0 at the BOTTOM); each cell labelled with its value to two decimals; the colour
+    scale's ends are labelled with that magnitude. ``split``: draw columns ``split:`` as a second table
+    ("totals") beside the first ("heads"), e.g. each head's value, then the layer's."""
+    values = np.asarray(values, dtype=np.float64)
+    n_rows, n_cols = values.shape
+    if len(row_labels) != n_rows or len(col_labels) != n_cols:
+        raise PyinterpError(f"need {n_rows} row labels and {n_cols} column labels, got {len(row_labels)} and {len(col_labels)}")
+    scale = float(np.abs(values).max()) or 1.0
+    texts = [[f"{v:.2f}" for v in row] for row in values]
+    cell_w = max(SCORE_CELL_W, max(text_width(t, LABEL_PX) for row in texts for t in row) + 8)
+    parts = [(slice(0, n_cols), "values")] if split is None else [(slice(0, split), "heads"), (slice(split, n_cols), "totals")]
+    tables = [_table(0.5 + values[:, part] / (2 * scale), [row[part] for row in texts], row_labels, col_labels[part],
+                     name, cell_w, LENS_CELL_H, SIGNED_COLORS) for part, name in parts]
+    ticks = ((1.0, f"+{scale:.3g}"), (0.5, "0"), (0.0, f"-{scale:.3g}"))
+    return _with_colorbar(tables, _title_height(), n_rows * LENS_CELL_H, title, SIGNED_COLORS, ticks)
+
+
 def _table(values: np.ndarray, texts: list[list[str]], row_labels: list[str], col_labels: list[str], title: str,
-           cell_w: int, cell_h: int) -> np.ndarray:
+           cell_w: int, cell_h: int, colors: np.ndarray = COLORS) -> np.ndarray:
     """A titled heatmap of ``values`` (``[n_rows, n_cols]``, 0..1) with row 0 at the bottom, ``texts`` written
     in the cells (when they are at least ``LENS_MIN_TEXT_W`` wide), rows labelled on the left and columns
     below (vertical, thinned as in :func:`attention_sheet`). The heatmap starts ``_title_height()`` (or
@@ -315,11 +346,11 @@ def _table(values: np.ndarray, texts: list[list[str]], row_labels: list[str], co
     rows_up = [sanitize_label(s) for s in reversed(row_labels)]  # top to bottom: last row first
     left = _max_text_width(rows_up) + PAD + TICK
     top = _title_height() if title else PAD
-    heat = _heat_block(values[::-1], cell_w, cell_h)
+    heat = _heat_block(values[::-1], cell_w, cell_h, colors)
     if cell_w >= LENS_MIN_TEXT_W:
         heat[:, ::cell_w] = 255  # white lines between cells keep neighbouring texts apart
         heat[::cell_h] = 255
-        _write_cells(heat, texts[::-1], cell_w, cell_h, values[::-1])
+        _write_cells(heat, texts[::-1], cell_w, cell_h, values[::-1], colors)
 
     labels = _step_labels(col_labels, label_step(len(col_labels), cell_w, _font_px()))
     bottom = TICK + PAD + _max_text_width(labels.values()) + PAD
@@ -332,12 +363,14 @@ def _table(values: np.ndarray, texts: list[list[str]], row_labels: list[str], co
     return image
 
 
-def _with_colorbar(tables: list[np.ndarray], heat_top: int, heat_h: int, title: str = "") -> np.ndarray:
+def _with_colorbar(tables: list[np.ndarray], heat_top: int, heat_h: int, title: str = "", colors: np.ndarray = COLORS,
+                   ticks: Sequence[tuple[float, str]] = COLORBAR_TICKS) -> np.ndarray:
     """``tables`` (from :func:`_table`, their heatmaps ``heat_top`` px from their tops and ``heat_h`` px high) side
-    by side, ``title`` above them all, and a 0..1 colour scale at the right beside the heatmaps."""
+    by side, ``title`` above them all, and a 0..1 colour scale (``colors``, labelled ``ticks``) at the right
+    beside the heatmaps."""
     above = _title_height() if title else 0
     top = above + heat_top
-    bar = _colorbar(max(heat_h, COLORBAR_MIN_H))
+    bar = _colorbar(max(heat_h, COLORBAR_MIN_H), colors, ticks)
     bar_top = max(top - _colorbar_margin(), 0)
     width = sum(t.shape[1] for t in tables)
     height = max(above + max(t.shape[0] for t in tables), bar_top + bar.shape[0])
@@ -390,15 +423,17 @@ def _attention_panel(probs: np.ndarray, tokens: list[str], title: str, cell: int
     return panel
 
 
-def _heat_block(values: np.ndarray, cell_w: int, cell_h: int) -> np.ndarray:
-    """Colour ``values`` (clipped to 0..1) and blow each one up to a ``cell_h`` x ``cell_w`` block."""
+def _heat_block(values: np.ndarray, cell_w: int, cell_h: int, colors: np.ndarray = COLORS) -> np.ndarray:
+    """Colour ``values`` (clipped to 0..1) with the lookup table ``colors`` and blow each one up to a
+    ``cell_h`` x ``cell_w`` block."""
     index = np.round(np.clip(np.nan_to_num(values), 0.0, 1.0) * 255).astype(np.uint8)
-    return np.repeat(np.repeat(COLORS[index], cell_h, axis=0), cell_w, axis=1)
+    return np.repeat(np.repeat(colors[index], cell_h, axis=0), cell_w, axis=1)
 
 
-def _write_cells(heat: np.ndarray, texts: list[list[str]], cell_w: int, cell_h: int, values: np.ndarray) -> None:
+def _write_cells(heat: np.ndarray, texts: list[list[str]], cell_w: int, cell_h: int, values: np.ndarray,
+                 lut: np.ndarray = COLORS) -> None:
     """Write ``texts[r][c]``, cut to fit, centred in each cell, black on light cells and white on dark."""
-    colors = COLORS[np.round(np.clip(np.nan_to_num(values), 0.0, 1.0) * 255).astype(np.uint8)].astype(float)
+    colors = lut[np.round(np.clip(np.nan_to_num(values), 0.0, 1.0) * 255).astype(np.uint8)].astype(float)
     luma = colors @ np.array([0.114, 0.587, 0.299])  # BGR weights
     text_h = cap_height(LABEL_PX)
     for r, row in enumerate(texts):
@@ -450,19 +485,21 @@ def _vertical_text(text: str) -> np.ndarray:
     return cv2.rotate(block, cv2.ROTATE_90_COUNTERCLOCKWISE)
 
 
-def _colorbar(height: int) -> np.ndarray:
-    """A vertical 0..1 colour scale ``height`` px high (1 at the top) with ticks at 1, 0.5 and 0.
+def _colorbar(height: int, colors: np.ndarray = COLORS,
+              ticks: Sequence[tuple[float, str]] = COLORBAR_TICKS) -> np.ndarray:
+    """A vertical 0..1 colour scale ``height`` px high (1 at the top) with ``ticks`` (value, label): by
+    default at 1, 0.5 and 0.
 
     The bar starts ``_colorbar_margin()`` px below the top of the returned block, leaving room for
     the end labels.
     """
     margin = _colorbar_margin()
     text_h = cap_height(LABEL_PX)
-    block = _canvas(height + 2 * margin, PAD + COLORBAR_W + TICK + 2 + text_width("0.5", LABEL_PX) + PAD)
+    block = _canvas(height + 2 * margin, PAD + COLORBAR_W + TICK + 2 + _max_text_width(t for _, t in ticks) + PAD)
     ramp = np.linspace(1.0, 0.0, height).reshape(-1, 1)
-    _paste(block, _heat_block(ramp, COLORBAR_W, 1), PAD, margin)
+    _paste(block, _heat_block(ramp, COLORBAR_W, 1, colors), PAD, margin)
     cv2.rectangle(block, (PAD - 1, margin - 1), (PAD + COLORBAR_W, margin + height), GRAY, 1)
-    for value, text in COLORBAR_TICKS:
+    for value, text in ticks:
         y = margin + round((1.0 - value) * (height - 1))
         x = PAD + COLORBAR_W
         cv2.line(block, (x, y), (x + TICK, y), BLACK, 1)

@@ -216,3 +216,54 @@ class Reference:
         scale = torch.rsqrt(final.pow(2).mean() + eps)
         row = self.model.lm_head.weight[target].detach().float()
         return np.array([float((term * scale * weight) @ row) for term in terms], dtype=np.float32)
+
+    @staticmethod
+    def _norm_weight_eps(norm: torch.nn.Module) -> tuple[torch.Tensor, float]:
+        """An RMS norm module's effective weight (Gemma's scales by 1 + w) and epsilon."""
+        weight = norm.weight.detach().float()
+        if "Gemma" in type(norm).__name__:
+            weight = 1.0 + weight
+        return weight, getattr(norm, "variance_epsilon", None) or norm.eps
+
+    def head_attribution(self, ids: list[int], target: int, position: int) -> np.ndarray:
+        """Each head's direct logit attribution of ``target`` at ``position``, ``[n_layer, n_head]``: the head's
+        slice of ``o_proj``'s input times its columns of ``o_proj``'s weight (Gemma: through the attention
+        post-norm, its scale frozen at the whole ``o_proj`` output's), then the final norm frozen at the final
+        residual's scale and the target's ``lm_head`` row."""
+        inputs: dict[int, torch.Tensor] = {}
+        outputs: dict[int, torch.Tensor] = {}
+
+        def keep(i):
+            def pre(module, args):
+                inputs[i] = args[0][0, position].detach().clone()
+
+            def post(module, args, output):
+                outputs[i] = output[0, position].detach().clone()
+
+            return pre, post
+
+        handles = []
+        try:
+            for i, block in enumerate(self.layers):
+                pre, post = keep(i)
+                handles.append(block.self_attn.o_proj.register_forward_pre_hook(pre))
+                handles.append(block.self_attn.o_proj.register_forward_hook(post))
+            result = self.run(ids)
+        finally:
+            for h in handles:
+                h.remove()
+        weight, eps = self._norm_weight_eps(self.model.model.norm)
+        final = torch.as_tensor(result.l_out[-1][position])
+        readout = torch.rsqrt(final.pow(2).mean() + eps) * weight * self.model.lm_head.weight[target].detach().float()
+        d = self.head_dim
+        out = np.zeros((self.n_layer, self.n_head), dtype=np.float32)
+        for i, block in enumerate(self.layers):
+            w_o = block.self_attn.o_proj.weight.detach().float()  # [n_embd, n_head * d]
+            post = torch.ones(self.n_embd)
+            if hasattr(block, "post_feedforward_layernorm"):  # Gemma: the post-norm, frozen
+                w, e = self._norm_weight_eps(block.post_attention_layernorm)
+                post = torch.rsqrt(outputs[i].pow(2).mean() + e) * w
+            for h in range(self.n_head):
+                y = w_o[:, h * d:(h + 1) * d] @ inputs[i][h * d:(h + 1) * d]
+                out[i, h] = float((y * post) @ readout)
+        return out

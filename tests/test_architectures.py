@@ -226,3 +226,45 @@ def test_unknown_architecture_is_one_line():
     with pytest.raises(pyinterp.InputError, match=r"architecture 'mamba' is not in pyinterp's architecture table") as e:
         arch_of("mamba")
     assert "\n" not in str(e.value) and "qwen3" in str(e.value)
+
+
+def _ranks(others: np.ndarray, targets: list[int], logits: np.ndarray | None = None) -> np.ndarray:
+    """1 + how many of ``others`` [n, n_vocab] are greater than each target's logit (of ``logits``, default
+    ``others``): [n, n_targets] (numpy)."""
+    logits = others if logits is None else logits
+    return 1 + (others[:, None, :] > logits[:, targets][:, :, None]).sum(-1)
+
+
+def test_target_lens(tiny):
+    """P(target) and rank per layer against the reference's residual through its own norm and head."""
+    model, ref = tiny
+    ids = _prompts(model)[1]
+    targets = ids[1:4]
+    want = ref.run(ids)
+    lens = model.logit_lens(ids, targets=targets, top_k=1)
+    for il in range(model.n_layer):
+        logits = ref.unembed(want.l_out[il]).astype(np.float64)
+        p = _softmax(logits)[:, targets]
+        # Q8_0 weights against their dequantization (tests/test_target_lens.py checks F32 weights to rounding)
+        np.testing.assert_allclose(lens.target_probs[il], p, atol=0.05, err_msg=f"layer {il}")
+        # the rank may differ from the reference's only by logits within the weights' rounding of the target's:
+        # between the reference's counts of logits above target + tol and above target - tol, with tol three
+        # times the largest target-logit difference (random tiny models have many near-equal logits)
+        err = np.abs(lens.target_logits[il] - logits[:, targets]).max()
+        assert err <= 0.1 * logits.std(), f"layer {il}: target logits differ by {err}"
+        tol = 3 * err + 1e-5
+        lo, hi = _ranks(logits - tol, targets, logits), _ranks(logits + tol, targets, logits)
+        assert np.all(lo <= lens.target_ranks[il]) and np.all(lens.target_ranks[il] <= hi), f"layer {il}"
+
+
+def test_attribution_by_head(tiny):
+    """Each head's share of the attention term against the reference (o_proj's input split by head, times the
+    head's columns of o_proj, frozen norms, lm_head row); a layer's heads add up to its attention term."""
+    model, ref = tiny
+    ids = _prompts(model)[1]
+    a = model.logit_attribution(ids)
+    assert a.heads.shape == (model.n_layer, model.n_head)
+    np.testing.assert_allclose(a.heads.sum(1), a.attn, atol=1e-3 * np.abs(a.attn).max() + 1e-5)
+    want = ref.head_attribution(ids, a.target, a.position)
+    assert corr(a.heads, want) >= 0.99
+    np.testing.assert_allclose(a.heads, want, atol=0.05 * np.abs(want).max())

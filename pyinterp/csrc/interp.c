@@ -19,6 +19,15 @@
 #include <string.h>
 
 #define PI_NAME_MAX 64
+#define PI_META_TENSORS 16384   // tensors the hook may add to one graph
+#define PI_ROOM 64              // graph nodes one layer's lens or attribution term may add, at most
+
+// the graph llama.cpp allocated (for its own nodes) has room for another PI_ROOM
+static bool pi_room(struct ggml_cgraph * gf) {
+    return ggml_graph_size(gf) - ggml_graph_n_nodes(gf) >= PI_ROOM;
+}
+
+static const char * PI_NO_ROOM = "the graph llama.cpp allocated has no room for this on every layer";
 
 struct pi_capture {
     char  name[PI_NAME_MAX];   // base name, e.g. "l_out"
@@ -42,12 +51,14 @@ struct pi_layer {
     struct ggml_context * ctx;
     ggml_backend_buffer_t buf;
     struct ggml_tensor * head_mask; // [n_head] F32, 1 = keep, 0 = silence
+    struct ggml_tensor * eye;       // [1, n_head, n_head] F32 identity: spreads the heads apart (per-head attribution)
     bool masked;                    // apply head_mask in this layer
     bool scores_masked;             // head_mask was applied to attn_scores in the current build
 };
 
 // logit lens: every layer's `name` tensor through the model's final norm (or not) and unembedding,
-// reduced to the top-k probabilities per token inside the graph
+// reduced to the top-k probabilities per token inside the graph, and to the logit, log-probability and
+// rank of chosen target tokens
 struct pi_lens {
     char  name[PI_NAME_MAX];
     bool  norm;
@@ -56,7 +67,14 @@ struct pi_lens {
     struct ggml_tensor ** in;       // [n_layer+1] the tensor to unembed
     struct ggml_tensor ** ids;      // [n_layer+1] [k, n_tokens] I32, top-k token ids (unordered)
     struct ggml_tensor ** probs;    // [n_layer+1] [1, k, n_tokens] F32, their probabilities
-    bool failed;                    // the unembedding uses an op pi_replay does not know
+    struct ggml_tensor ** stats;    // [n_layer+1] [3, n_targets, n_positions] F32: each target's logit, probability, rank
+    const char * failed;            // why the lens could not be built (NULL: it was)
+    int32_t n_targets;              // 0: no target statistics
+    int32_t max_position;           // the last of the positions
+    struct ggml_context * ctx;      // owns targets and positions
+    ggml_backend_buffer_t buf;      // on the output device
+    struct ggml_tensor * targets;   // [n_targets, n_positions] I32: the target ids, repeated for every position
+    struct ggml_tensor * positions; // [n_positions] I32: the tokens (rows) the statistics are computed at
 };
 
 // direct logit attribution: chosen tensors (the residual stream's terms) through the final RMS norm,
@@ -64,8 +82,10 @@ struct pi_lens {
 struct pi_attr_term {
     char    name[PI_NAME_MAX];
     int32_t il;
+    bool    by_head;                // also split the term (an attention output) by head
     struct ggml_tensor * in;        // the term, recorded during the build
     struct ggml_tensor * out;       // [n_targets, n_tokens] F32 its logit contribution to each target
+    struct ggml_tensor * heads;     // [n_targets, n_head, n_tokens] F32 each head's share of it (when by_head)
 };
 
 struct pi_attr {
@@ -74,7 +94,7 @@ struct pi_attr {
     struct ggml_context * ctx;      // owns targets
     ggml_backend_buffer_t buf;      // on the output device
     struct ggml_tensor * targets;   // [n_targets] I32 token ids
-    bool failed;                    // the model's final norm is not an RMS norm with a weight
+    const char * failed;            // why the attribution could not be built (NULL: it was)
 };
 
 struct pi_seen {
@@ -106,6 +126,8 @@ struct pi_state {
     struct pi_attr attr;            // active when attr.n_terms > 0
     struct ggml_tensor * final_in;  // the last layer's l_out: where the model's own unembedding starts
 
+    struct ggml_context * meta;     // the tensors the hook adds to a graph (reset at every build): llama.cpp's graph
+                                    // context has room for the model's own only
     struct ggml_cgraph * gf;        // the graph of the last build (valid until the next one)
     char line[1024];                // pi_graph_node_line's result
 
@@ -116,6 +138,7 @@ struct pi_state {
 };
 
 static void pi_attr_free(struct pi_state * st);
+static void pi_lens_targets_free(struct pi_state * st);
 
 static int pi_fail(struct pi_state * st, const char * msg) {
     snprintf(st->error, sizeof(st->error), "%s", msg);
@@ -206,19 +229,31 @@ struct pi_state * pi_state_new(struct llama_context * ctx) {
     st->lens.in    = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
     st->lens.ids   = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
     st->lens.probs = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
+    st->lens.stats = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
+    struct ggml_init_params meta_params = { PI_META_TENSORS * ggml_tensor_overhead(), NULL, true };
+    st->meta = ggml_init(meta_params);
 
+    float * eye = calloc((size_t) st->n_head * st->n_head, sizeof(float));
+    for (int32_t h = 0; h < st->n_head; ++h) {
+        eye[h * st->n_head + h] = 1.0f;
+    }
     for (int32_t il = 0; il < st->n_layer; ++il) {
         struct pi_layer * layer = &st->layers[il];
-        struct ggml_init_params params = { ggml_tensor_overhead(), NULL, true };
+        struct ggml_init_params params = { 2*ggml_tensor_overhead(), NULL, true };
         layer->ctx       = ggml_init(params);
         layer->head_mask = ggml_new_tensor_1d(layer->ctx, GGML_TYPE_F32, st->n_head);
+        layer->eye       = ggml_new_tensor_3d(layer->ctx, GGML_TYPE_F32, 1, st->n_head, st->n_head);
         ggml_format_name(layer->head_mask, "pi_head_mask-%d", il);
+        ggml_format_name(layer->eye, "pi_eye-%d", il);
         layer->buf = ggml_backend_alloc_ctx_tensors_from_buft(layer->ctx, pi_layer_buft(st, il));
         if (layer->buf == NULL) {
+            free(eye);
             pi_state_free(st);
             return NULL;
         }
+        ggml_backend_tensor_set(layer->eye, eye, 0, ggml_nbytes(layer->eye));
     }
+    free(eye);
     return st;
 }
 
@@ -249,9 +284,14 @@ void pi_state_free(struct pi_state * st) {
     }
     pi_patches_free(st);
     pi_attr_free(st);
+    pi_lens_targets_free(st);
     free(st->lens.in);
     free(st->lens.ids);
     free(st->lens.probs);
+    free(st->lens.stats);
+    if (st->meta) {
+        ggml_free(st->meta);
+    }
     free(st->layers);
     free(st->captures);
     free(st->seen);
@@ -295,6 +335,7 @@ void pi_plan_clear(struct pi_state * st) {
     st->n_captures = 0;
     st->record     = false;
     st->lens.k     = 0;
+    pi_lens_targets_free(st);
     pi_attr_free(st);
     st->gf         = NULL; // removing the hook drops the graph
     pi_update_hook(st);
@@ -369,6 +410,63 @@ int pi_set_lens(struct pi_state * st, const char * name, bool norm, int32_t k) {
     return 0;
 }
 
+static void pi_lens_targets_free(struct pi_state * st) {
+    if (st->lens.buf) {
+        ggml_backend_buffer_free(st->lens.buf);
+        ggml_free(st->lens.ctx);
+    }
+    st->lens.buf       = NULL;
+    st->lens.ctx       = NULL;
+    st->lens.targets   = NULL;
+    st->lens.positions = NULL;
+    st->lens.n_targets = 0;
+}
+
+// with the lens (pi_set_lens first): also the logit, probability and rank of these tokens at every layer, at the
+// token positions `positions` (rows of the prompt)
+int pi_set_lens_targets(struct pi_state * st, const int32_t * targets, int32_t n_targets, const int32_t * positions,
+                        int32_t n_positions) {
+    pi_lens_targets_free(st);
+    const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(st->model));
+    if (n_targets < 1 || n_positions < 1) {
+        return pi_fail(st, "no target tokens or no positions");
+    }
+    for (int32_t j = 0; j < n_targets; ++j) {
+        if (targets[j] < 0 || targets[j] >= n_vocab) {
+            return pi_fail(st, "target token id out of range");
+        }
+    }
+    int32_t max_position = 0;
+    for (int32_t p = 0; p < n_positions; ++p) {
+        if (positions[p] < 0 || positions[p] >= (int32_t) llama_n_batch(st->ctx)) {
+            return pi_fail(st, "position out of range");
+        }
+        max_position = positions[p] > max_position ? positions[p] : max_position;
+    }
+    struct ggml_init_params params = { 2*ggml_tensor_overhead(), NULL, true };
+    st->lens.ctx       = ggml_init(params);
+    st->lens.targets   = ggml_new_tensor_2d(st->lens.ctx, GGML_TYPE_I32, n_targets, n_positions);
+    st->lens.positions = ggml_new_tensor_1d(st->lens.ctx, GGML_TYPE_I32, n_positions);
+    ggml_set_name(st->lens.targets, "pi_lens_targets");
+    ggml_set_name(st->lens.positions, "pi_lens_positions");
+    st->lens.buf = ggml_backend_alloc_ctx_tensors_from_buft(st->lens.ctx, pi_layer_buft(st, -1));
+    if (st->lens.buf == NULL) {
+        ggml_free(st->lens.ctx);
+        st->lens.ctx = NULL;
+        return pi_fail(st, "could not allocate the lens targets");
+    }
+    int32_t * ids = malloc((size_t) n_targets * n_positions * sizeof(int32_t));
+    for (int32_t p = 0; p < n_positions; ++p) {
+        memcpy(ids + (size_t) p * n_targets, targets, n_targets * sizeof(int32_t));
+    }
+    ggml_backend_tensor_set(st->lens.targets, ids, 0, ggml_nbytes(st->lens.targets));
+    ggml_backend_tensor_set(st->lens.positions, positions, 0, ggml_nbytes(st->lens.positions));
+    free(ids);
+    st->lens.n_targets    = n_targets;
+    st->lens.max_position = max_position;
+    return 0;
+}
+
 static void pi_attr_free(struct pi_state * st) {
     if (st->attr.buf) {
         ggml_backend_buffer_free(st->attr.buf);
@@ -378,9 +476,10 @@ static void pi_attr_free(struct pi_state * st) {
     memset(&st->attr, 0, sizeof(st->attr));
 }
 
-// attribute the logits of `targets` to the tensors (names[i], layers[i]) of the residual stream
-int pi_set_attribution(struct pi_state * st, const char ** names, const int32_t * layers, int32_t n_terms,
-                       const int32_t * targets, int32_t n_targets) {
+// attribute the logits of `targets` to the tensors (names[i], layers[i]) of the residual stream; by_head (or NULL):
+// which terms are attention outputs to split by head as well
+int pi_set_attribution(struct pi_state * st, const char ** names, const int32_t * layers, const bool * by_head,
+                       int32_t n_terms, const int32_t * targets, int32_t n_targets) {
     pi_attr_free(st);
     struct ggml_init_params params = { ggml_tensor_overhead(), NULL, true };
     st->attr.ctx     = ggml_init(params);
@@ -397,6 +496,7 @@ int pi_set_attribution(struct pi_state * st, const char ** names, const int32_t 
     for (int32_t i = 0; i < n_terms; ++i) {
         snprintf(st->attr.terms[i].name, PI_NAME_MAX, "%s", names[i]);
         st->attr.terms[i].il = layers[i];
+        st->attr.terms[i].by_head = by_head != NULL && by_head[i];
     }
     st->attr.n_terms = n_terms;
     pi_update_hook(st);
@@ -407,7 +507,7 @@ int pi_set_attribution(struct pi_state * st, const char ** names, const int32_t 
 // returns 1 when the term was not in the graph
 int pi_attribution_read(struct pi_state * st, int32_t i, float * dst, int64_t n) {
     if (st->attr.failed) {
-        return pi_fail(st, "logit attribution needs a final RMS norm with a weight before the unembedding");
+        return pi_fail(st, st->attr.failed);
     }
     const struct ggml_tensor * t = st->attr.terms[i].out;
     if (t == NULL) {
@@ -417,6 +517,25 @@ int pi_attribution_read(struct pi_state * st, int32_t i, float * dst, int64_t n)
         return pi_fail(st, "destination size does not match the attribution");
     }
     ggml_backend_tensor_get(t, dst, 0, ggml_nbytes(t));
+    return 0;
+}
+
+// each head's share of term i (split by head) after the last decode: n = n_tokens*n_head*n_targets floats,
+// token-major, then head
+int pi_attribution_heads_read(struct pi_state * st, int32_t i, float * dst, int64_t n) {
+    const struct pi_attr_term * term = &st->attr.terms[i];
+    if (!term->by_head) {
+        return pi_fail(st, "this term was not split by head");
+    }
+    if (term->heads == NULL) {
+        snprintf(st->error, sizeof(st->error), "%s-%d is not the output projection of the attention heads "
+                 "(through biases, scales and norms only): it cannot be split by head", term->name, term->il);
+        return -1;
+    }
+    if (ggml_nelements(term->heads) != n) {
+        return pi_fail(st, "destination size does not match the per-head attribution");
+    }
+    ggml_backend_tensor_get(term->heads, dst, 0, ggml_nbytes(term->heads));
     return 0;
 }
 
@@ -482,14 +601,17 @@ static void pi_build_begin(struct pi_state * st) {
         st->lens.in[slot]    = NULL;
         st->lens.ids[slot]   = NULL;
         st->lens.probs[slot] = NULL;
+        st->lens.stats[slot] = NULL;
     }
     for (int32_t i = 0; i < st->attr.n_terms; ++i) {
-        st->attr.terms[i].in  = NULL;
-        st->attr.terms[i].out = NULL;
+        st->attr.terms[i].in    = NULL;
+        st->attr.terms[i].out   = NULL;
+        st->attr.terms[i].heads = NULL;
     }
+    ggml_reset(st->meta);
     st->final_in      = NULL;
-    st->lens.failed   = false;
-    st->attr.failed   = false;
+    st->lens.failed   = NULL;
+    st->attr.failed   = NULL;
     st->n_seen = 0;
 }
 
@@ -529,6 +651,23 @@ static struct ggml_tensor * pi_unembedding(struct ggml_tensor * out) {
     return out;
 }
 
+// the logit, probability and rank of the lens targets at the lens positions, from `logits` and `probs` [n_vocab,
+// n_tokens]: [3, n_targets, n_positions]; rank = how many logits of the row are greater than the target's
+static struct ggml_tensor * pi_target_stats(struct pi_state * st, struct ggml_context * ctx, struct ggml_tensor * logits,
+                                            struct ggml_tensor * probs) {
+    struct ggml_tensor * idx = st->lens.targets;    // [n_targets, n_positions]
+    const int64_t n_vocab = logits->ne[0];
+    const int64_t n_targets = idx->ne[0];
+    const int64_t n_pos = idx->ne[1];
+    struct ggml_tensor * l = ggml_get_rows(ctx, logits, st->lens.positions); // [n_vocab, n_positions]
+    struct ggml_tensor * p = ggml_get_rows(ctx, probs, st->lens.positions);
+    struct ggml_tensor * tl = ggml_get_rows(ctx, ggml_reshape_3d(ctx, l, 1, n_vocab, n_pos), idx); // [1, n_targets, n_positions]
+    struct ggml_tensor * tp = ggml_get_rows(ctx, ggml_reshape_3d(ctx, p, 1, n_vocab, n_pos), idx);
+    struct ggml_tensor * every = ggml_repeat_4d(ctx, ggml_reshape_3d(ctx, l, n_vocab, 1, n_pos), n_vocab, n_targets, n_pos, 1);
+    struct ggml_tensor * rank = ggml_sum_rows(ctx, ggml_step(ctx, ggml_sub(ctx, every, tl))); // [1, n_targets, n_positions]
+    return ggml_concat(ctx, ggml_concat(ctx, tl, tp, 0), rank, 0);
+}
+
 // at result_output: unembed every recorded layer the way the model unembeds its last layer
 static void pi_build_lens(struct pi_state * st, struct ggml_context * ctx, struct ggml_cgraph * gf,
                           struct ggml_tensor * out) {
@@ -540,7 +679,7 @@ static void pi_build_lens(struct pi_state * st, struct ggml_context * ctx, struc
         from = mm ? mm->src[1] : NULL;
     }
     if (from == NULL) {
-        lens->failed = true;
+        lens->failed = "the model's unembedding uses an op the logit lens cannot replay";
         return;
     }
     for (int32_t slot = 0; slot <= st->n_layer; ++slot) {
@@ -548,9 +687,13 @@ static void pi_build_lens(struct pi_state * st, struct ggml_context * ctx, struc
         if (x == NULL || x->ne[0] != from->ne[0]) {
             continue;
         }
+        if (!pi_room(gf)) {
+            lens->failed = PI_NO_ROOM;
+            return;
+        }
         struct ggml_tensor * logits = pi_replay(ctx, out, from, x);
         if (logits == NULL) {
-            lens->failed = true;
+            lens->failed = "the model's unembedding uses an op the logit lens cannot replay";
             return;
         }
         struct ggml_tensor * probs = ggml_soft_max(ctx, logits);
@@ -564,7 +707,79 @@ static void pi_build_lens(struct pi_state * st, struct ggml_context * ctx, struc
         ggml_build_forward_expand(gf, top);
         lens->ids[slot]   = ids;
         lens->probs[slot] = top;
+        if (lens->n_targets > 0 && lens->max_position < logits->ne[1]) {
+            struct ggml_tensor * stats = pi_target_stats(st, ctx, logits, probs);
+            ggml_format_name(stats, "lens_targets-%d", slot - 1);
+            ggml_set_output(stats);
+            ggml_build_forward_expand(gf, stats);
+            lens->stats[slot] = stats;
+        }
     }
+}
+
+// `heads` [n_embd, n_head, n_tokens] (each head's output through the projection) carried from the projection's
+// matrix product `from` up to `node` (the attention term) by the ops between them, made linear: biases dropped
+// (no head's), weights and scales kept, an RMS norm frozen at the scale of its actual input, a selection of every
+// row in order passed through. NULL for other ops.
+static struct ggml_tensor * pi_heads_replay(struct ggml_context * ctx, struct ggml_tensor * node,
+                                            struct ggml_tensor * from, struct ggml_tensor * heads) {
+    if (node == from) {
+        return heads;
+    }
+    if (node->src[0] == NULL) {
+        return NULL;
+    }
+    struct ggml_tensor * x = pi_heads_replay(ctx, node->src[0], from, heads);
+    if (x == NULL) {
+        return NULL;
+    }
+    const bool weight = node->src[1] != NULL && node->src[1]->op == GGML_OP_NONE; // a model tensor, not an activation
+    float p0;
+    memcpy(&p0, node->op_params, sizeof(float));
+    switch (node->op) {
+        case GGML_OP_ADD:   return weight ? x : NULL;
+        case GGML_OP_MUL:   return weight ? ggml_mul(ctx, x, node->src[1]) : NULL;
+        case GGML_OP_SCALE: return ggml_scale(ctx, x, p0);
+        // the last layer keeps the rows of the output tokens (inp_out_ids); pyinterp outputs every token, in order
+        case GGML_OP_GET_ROWS: return node->ne[1] == node->src[0]->ne[1] ? x : NULL;
+        case GGML_OP_RMS_NORM: {
+            struct ggml_tensor * in  = node->src[0];
+            struct ggml_tensor * rms = ggml_sqrt(ctx, ggml_scale_bias(ctx, ggml_mean(ctx, ggml_sqr(ctx, in)), 1.0f, p0));
+            return ggml_div(ctx, x, ggml_reshape_3d(ctx, rms, 1, 1, in->ne[1]));
+        }
+        default: return NULL;
+    }
+}
+
+// the attention term `term` split by head: [n_embd, n_head, n_tokens] whose sum over heads is the term less its
+// biases, or NULL when the term is not the output projection of the heads through the ops pi_heads_replay knows.
+// Each head's rows of the projection input are copied apart (the rest zero) and go through the model's own
+// projection matrix, so every head is multiplied by its slice of W_O, in the weight's own type.
+static struct ggml_tensor * pi_split_heads(struct pi_state * st, struct ggml_context * ctx, struct ggml_tensor * term,
+                                           int32_t il) {
+    struct ggml_tensor * mm = term;
+    while (mm != NULL && mm->op != GGML_OP_MUL_MAT) {
+        mm = mm->src[0];
+    }
+    if (mm == NULL || mm->src[0]->op != GGML_OP_NONE || ggml_nrows(mm) != mm->ne[1]) {
+        return NULL;
+    }
+    struct ggml_tensor * z = mm->src[1];    // [n_head*d, n_tokens], the heads' outputs side by side
+    const int64_t n_head = st->n_head;
+    const int64_t n_tokens = z->ne[1];
+    if (z->ne[0] % n_head != 0 || ggml_nrows(z) != n_tokens) {
+        return NULL;
+    }
+    const int64_t d = z->ne[0] / n_head;
+    if (!ggml_is_contiguous(z)) {
+        z = ggml_cont(ctx, z);
+    }
+    // [d, n_head (slot), n_head (which head is kept), n_tokens]
+    struct ggml_tensor * apart = ggml_repeat_4d(ctx, ggml_reshape_4d(ctx, z, d, n_head, 1, n_tokens), d, n_head, n_head, n_tokens);
+    apart = ggml_mul(ctx, apart, ggml_reshape_4d(ctx, st->layers[il].eye, 1, n_head, n_head, 1));
+    struct ggml_tensor * out = ggml_mul_mat(ctx, mm->src[0], ggml_reshape_2d(ctx, apart, d * n_head, n_head * n_tokens));
+    out = ggml_reshape_3d(ctx, out, out->ne[0], n_head, n_tokens);
+    return pi_heads_replay(ctx, term, mm, out);
 }
 
 // at result_output: each term's contribution to the target logits, the final norm's scale frozen
@@ -576,7 +791,7 @@ static void pi_build_attr(struct pi_state * st, struct ggml_context * ctx, struc
     struct ggml_tensor * normed = mm ? mm->src[1] : NULL;
     if (st->final_in == NULL || normed == NULL || normed->op != GGML_OP_MUL || normed->src[0]->op != GGML_OP_RMS_NORM ||
         normed->src[0]->src[0] != st->final_in) {
-        attr->failed = true;
+        attr->failed = "logit attribution needs a final RMS norm with a weight before the unembedding";
         return;
     }
     float eps;
@@ -589,11 +804,28 @@ static void pi_build_attr(struct pi_state * st, struct ggml_context * ctx, struc
         if (term->in == NULL || term->in->ne[0] != st->final_in->ne[0]) {
             continue;
         }
+        if (!pi_room(gf)) {
+            attr->failed = PI_NO_ROOM;
+            return;
+        }
         struct ggml_tensor * x = ggml_mul(ctx, ggml_div(ctx, term->in, rms), weight);
         term->out = ggml_mul_mat(ctx, rows, x);
         ggml_format_name(term->out, "attribution %s-%d", term->name, term->il);
         ggml_set_output(term->out);
         ggml_build_forward_expand(gf, term->out);
+        if (!term->by_head || term->il < 0 || term->il >= st->n_layer) {
+            continue;
+        }
+        struct ggml_tensor * heads = pi_split_heads(st, ctx, term->in, term->il); // [n_embd, n_head, n_tokens]
+        if (heads == NULL) {
+            continue;
+        }
+        heads = ggml_mul(ctx, ggml_div(ctx, heads, ggml_reshape_3d(ctx, rms, 1, 1, rms->ne[1])), weight);
+        term->heads = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, rows, ggml_reshape_2d(ctx, heads, heads->ne[0], heads->ne[1] * heads->ne[2])),
+                                      rows->ne[1], heads->ne[1], heads->ne[2]);
+        ggml_format_name(term->heads, "attribution %s-%d by head", term->name, term->il);
+        ggml_set_output(term->heads);
+        ggml_build_forward_expand(gf, term->heads);
     }
 }
 
@@ -659,10 +891,10 @@ static struct ggml_tensor * pi_hook(struct ggml_context * ctx, struct ggml_cgrap
         }
         if (il == -1 && strcmp(name, "result_output") == 0) {
             if (st->lens.k > 0) {
-                pi_build_lens(st, ctx, gf, cur);
+                pi_build_lens(st, st->meta, gf, cur);
             }
             if (st->attr.n_terms > 0) {
-                pi_build_attr(st, ctx, gf, cur);
+                pi_build_attr(st, st->meta, gf, cur);
             }
         }
     }
@@ -797,7 +1029,7 @@ int pi_capture_read(struct pi_state * st, int32_t i, float * dst, int64_t n_dst,
 // layer had no such tensor
 int pi_lens_read(struct pi_state * st, int32_t il, int32_t * ids, float * probs, int64_t n) {
     if (st->lens.failed) {
-        return pi_fail(st, "the model's unembedding uses an op the logit lens cannot replay");
+        return pi_fail(st, st->lens.failed);
     }
     if (il < -1 || il >= st->n_layer) {
         return pi_fail(st, "layer out of range");
@@ -811,6 +1043,27 @@ int pi_lens_read(struct pi_state * st, int32_t il, int32_t * ids, float * probs,
     }
     ggml_backend_tensor_get(t_ids, ids, 0, ggml_nbytes(t_ids));
     ggml_backend_tensor_get(st->lens.probs[il + 1], probs, 0, ggml_nbytes(st->lens.probs[il + 1]));
+    return 0;
+}
+
+// the lens targets' statistics at layer il (-1: the tensor outside the layers) after the last decode: n =
+// n_positions*n_targets*3 floats, position-major, then target, then (logit, probability, rank = how many logits
+// are greater); returns 1 when the layer had no such tensor
+int pi_lens_targets_read(struct pi_state * st, int32_t il, float * dst, int64_t n) {
+    if (st->lens.failed) {
+        return pi_fail(st, st->lens.failed);
+    }
+    if (il < -1 || il >= st->n_layer) {
+        return pi_fail(st, "layer out of range");
+    }
+    const struct ggml_tensor * t = st->lens.stats[il + 1];
+    if (t == NULL) {
+        return st->lens.ids[il + 1] == NULL ? 1 : pi_fail(st, "no lens targets were set, or a position is past the prompt");
+    }
+    if (ggml_nelements(t) != n) {
+        return pi_fail(st, "destination size does not match the lens targets");
+    }
+    ggml_backend_tensor_get(t, dst, 0, ggml_nbytes(t));
     return 0;
 }
 

@@ -25,8 +25,10 @@ PI_API int  pi_set_head_mask(struct pi_state * st, int32_t il, const float * mas
 PI_API int  pi_add_capture  (struct pi_state * st, const char * name, int32_t il);
 PI_API int  pi_add_patch    (struct pi_state * st, const char * name, int32_t il, int32_t pos, const float * row, int64_t n);
 PI_API int  pi_set_lens     (struct pi_state * st, const char * name, bool norm, int32_t k);
-PI_API int  pi_set_attribution(struct pi_state * st, const char ** names, const int32_t * layers, int32_t n_terms,
-                              const int32_t * targets, int32_t n_targets);
+PI_API int  pi_set_lens_targets(struct pi_state * st, const int32_t * targets, int32_t n_targets,
+                             const int32_t * positions, int32_t n_positions);
+PI_API int  pi_set_attribution(struct pi_state * st, const char ** names, const int32_t * layers, const bool * by_head,
+                              int32_t n_terms, const int32_t * targets, int32_t n_targets);
 PI_API void pi_set_record   (struct pi_state * st, bool record);
 
 PI_API int32_t pi_decode(struct pi_state * st, const llama_token * tokens, int32_t n_tokens, int32_t pos0, bool all_logits);
@@ -38,5 +40,7 @@ PI_API bool         pi_capture_shape(const struct pi_state * st, int32_t i, int6
 PI_API int          pi_capture_read (struct pi_state * st, int32_t i, float * dst, int64_t n_dst, int64_t n0);
 PI_API int          pi_lens_read    (struct pi_state * st, int32_t il, int32_t * ids, float * probs, int64_t n);
 PI_API int          pi_attribution_read(struct pi_state * st, int32_t i, float * dst, int64_t n);
+PI_API int          pi_attribution_heads_read(struct pi_state * st, int32_t i, float * dst, int64_t n);
+PI_API int          pi_lens_targets_read(struct pi_state * st, int32_t il, float * dst, int64_t n);
 PI_API int32_t      pi_graph_n_nodes  (const struct pi_state * st);
 PI_API const char * pi_graph_node_line(struct pi_state * st, int32_t i);
