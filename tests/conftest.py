@@ -58,3 +58,26 @@ def corr(a: np.ndarray, b: np.ndarray) -> float:
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine similarity of two [n, d] arrays."""
     return np.sum(a * b, axis=-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def check_logits_attention_residual(model, ref, ids: list[int]):
+    """The plain run against the reference: same top-1 and logits corr >= 0.995 at the last position, attention
+    mean |diff| <= 0.004 on every layer (causal, rows summing to 1), l_out cosine >= 0.99 at every position.
+    Returns (trace, reference result) for further checks."""
+    trace = model.run(ids, capture=["attn_scores", "l_out"])
+    want = ref.run(ids)
+
+    assert np.argmax(trace.logits[-1]) == np.argmax(want.logits[-1])
+    assert corr(trace.logits[-1], want.logits[-1]) >= 0.995
+
+    diffs = [np.abs(trace.attention(il) - want.attentions[il]).mean() for il in range(model.n_layer)]
+    assert max(diffs) <= 0.004, f"attention mean |diff| per layer: {np.round(diffs, 4)}"
+    for il in range(model.n_layer):
+        att = trace.attention(il)
+        assert att.shape == (model.n_head, len(ids), len(ids))
+        np.testing.assert_allclose(att.sum(-1), 1.0, atol=1e-4)
+        assert np.all(np.triu(att, 1) == 0)  # causal: no weight on future keys
+
+    cos = [cosine(trace.act("l_out", il), want.l_out[il]).min() for il in range(model.n_layer)]
+    assert min(cos) >= 0.99, f"l_out cosine per layer: {np.round(cos, 4)}"
+    return trace, want

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import pyinterp
-from conftest import corr, cosine
+from conftest import check_logits_attention_residual, corr
 from pyinterp.arch import arch_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -82,24 +82,9 @@ def test_residual_terms_are_in_the_graph(tiny):
 @pytest.mark.parametrize("which", range(3))
 def test_logits_attention_residual(tiny, which):
     model, ref = tiny
-    ids = _prompts(model)[which]
-    trace = model.run(ids, capture=["attn_scores", "l_out"])
-    want = ref.run(ids)
-
-    assert np.argmax(trace.logits[-1]) == np.argmax(want.logits[-1])
-    assert corr(trace.logits[-1], want.logits[-1]) >= 0.995
-
-    diffs = [np.abs(trace.attention(il) - want.attentions[il]).mean() for il in range(model.n_layer)]
-    assert max(diffs) <= 0.004, f"attention mean |diff| per layer: {np.round(diffs, 4)}"
-    for il in range(model.n_layer):
-        att = trace.attention(il)
-        assert att.shape == (model.n_head, len(ids), len(ids))
-        np.testing.assert_allclose(att.sum(-1), 1.0, atol=1e-4)
-        assert np.all(np.triu(att, 1) == 0)  # causal
-        assert att.max(-1).mean() > 0.4  # far from uniform, or agreeing on it would prove little
-
-    cos = [cosine(trace.act("l_out", il), want.l_out[il]).min() for il in range(model.n_layer)]
-    assert min(cos) >= 0.99, f"l_out cosine per layer: {np.round(cos, 4)}"
+    trace, _ = check_logits_attention_residual(model, ref, _prompts(model)[which])
+    for il in range(model.n_layer):  # far from uniform, or agreeing on it would prove little
+        assert trace.attention(il).max(-1).mean() > 0.4
 
 
 def test_sliding_window(tiny):

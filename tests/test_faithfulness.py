@@ -11,29 +11,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import PROMPTS, corr, cosine
+from conftest import PROMPTS, check_logits_attention_residual, corr, cosine
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_logits_attention_residual(pair, prompt):
     model, ref = pair
-    ids = model.tokenize(prompt)
-    trace = model.run(ids, capture=["attn_scores", "l_out"])
-    want = ref.run(ids)
-
-    assert np.argmax(trace.logits[-1]) == np.argmax(want.logits[-1])
-    assert corr(trace.logits[-1], want.logits[-1]) >= 0.995
-
-    diffs = [np.abs(trace.attention(il) - want.attentions[il]).mean() for il in range(model.n_layer)]
-    assert max(diffs) <= 0.004, f"attention mean |diff| per layer: {np.round(diffs, 4)}"
-    for il in range(model.n_layer):
-        att = trace.attention(il)
-        assert att.shape == (model.n_head, len(ids), len(ids))
-        np.testing.assert_allclose(att.sum(-1), 1.0, atol=1e-4)
-        assert np.all(np.triu(att, 1) == 0)  # causal: no weight on future keys
-
-    cos = [cosine(trace.act("l_out", il), want.l_out[il]).min() for il in range(model.n_layer)]
-    assert min(cos) >= 0.99, f"l_out cosine per layer: {np.round(cos, 4)}"
+    check_logits_attention_residual(model, ref, model.tokenize(prompt))
 
 
 def _heads(model):
