@@ -111,6 +111,14 @@ class Planner:
     def _head(self, head: int, what: str) -> int:
         return self._index(head, self.n_head, what, "head", "layers have")
 
+    def _alias(self, spec: str) -> str:
+        """A TransformerLens hook name as the llama.cpp name it stands for: ``"blocks.5.hook_resid_post"`` ->
+        ``"l_out-5"``, ``"attn.hook_pattern"`` -> ``"attn_scores"``; any other spec as it is."""
+        m = _TL_BLOCK.match(spec)
+        if m and m.group("hook") in self.aliases:
+            return f"{self.aliases[m.group('hook')]}-{m.group('layer')}"
+        return self.aliases.get(spec, spec)
+
     def _attention_layer(self, layer: int, what: str) -> int:
         """A layer that has attention heads: the graph names their output ``kqv_heads`` on that layer (hybrid
         models have layers without attention, where a head mask would silently do nothing)."""
@@ -126,9 +134,7 @@ class Planner:
         for spec in specs:
             if not isinstance(spec, str):
                 raise InputError(f"capture: expected tensor names like 'l_out' or 'l_out-5', got {spec!r}")
-            name, layer = split_name(self.aliases.get(spec, spec) if self.aliases else spec)
-            if (m := _TL_BLOCK.match(spec)) and self.aliases and m.group("hook") in self.aliases:
-                name, layer = self.aliases[m.group("hook")], int(m.group("layer"))
+            name, layer = split_name(self._alias(spec))
             layers = self._known(name)
             if layer is None:
                 out.extend((name, il) for il in sorted(layers))
