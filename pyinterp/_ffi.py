@@ -16,9 +16,8 @@ from pathlib import Path
 
 import cffi
 
-ffi = cffi.FFI()
-ffi.cdef(
-    """
+# the C API pyinterp calls; the pi_* part mirrors pyinterp/csrc/interp.h (tests/test_c_api.py compares them)
+CDEF = """
     typedef int32_t llama_token;
     struct llama_model;
     struct llama_context;
@@ -97,7 +96,8 @@ ffi.cdef(
     int32_t      pi_graph_n_nodes  (const struct pi_state * st);
     const char * pi_graph_node_line(struct pi_state * st, int32_t i);
     """
-)
+ffi = cffi.FFI()
+ffi.cdef(CDEF)
 
 NATIVE = "libpyinterp_native.so"
 
@@ -172,9 +172,9 @@ def _share_cuda_runtime() -> None:
 def _cuda_sums_in_f32() -> None:
     """Have cuBLAS sum in F32 in a CUDA build, unless the user chose otherwise.
 
-    ggml-cuda multiplies F16 matrices (the F16 KV cache: K·Q and the weighted sum of V on the explicit
-    attention path) with cuBLAS in F16 compute mode on GPUs with fast F16, so attention drifted from the CPU
-    and from an fp32 reference (attention |diff| up to 0.013, 3x the CPU's). ggml reads
+    ggml-cuda multiplies F16 matrices (F16 weights; with an F16 KV cache, K·Q and the weighted sum of V on
+    the explicit attention path) with cuBLAS in F16 compute mode on GPUs with fast F16: attention drifted from
+    the CPU and from an fp32 reference (attention |diff| up to 0.013, 3x the CPU's, measured with F16 caches). ggml reads
     GGML_CUDA_CUBLAS_COMPUTE_TYPE at every such product; "f32" makes cuBLAS accumulate in F32.
     """
     if (LIB_DIR / "libggml-cuda.so").is_file():
