@@ -22,7 +22,6 @@ class Arch:
     graphs of them left unnamed or named once.)
     """
 
-    family: str
     embedding: str          # [n_tokens, n_embd], outside the layers: the first term of the residual stream
     attn_term: str          # [n_tokens, n_embd], what a layer's attention adds to the residual stream
     ffn_term: str           # [n_tokens, n_embd], what a layer's FFN adds
@@ -46,9 +45,9 @@ class Arch:
 
 
 # pre-norm blocks: the attention and FFN outputs are added to the residual as they are
-_PRE_NORM = Arch("pre-norm", embedding="embd", attn_term="attn_out", ffn_term="ffn_out")
+_PRE_NORM = Arch(embedding="embd", attn_term="attn_out", ffn_term="ffn_out")
 # Gemma: the embedding is scaled by sqrt(n_embd), and each output goes through a norm before it is added
-_GEMMA = Arch("gemma", embedding="inp_scaled", attn_term="attn_post_norm", ffn_term="ffn_post_norm")
+_GEMMA = Arch(embedding="inp_scaled", attn_term="attn_post_norm", ffn_term="ffn_post_norm")
 
 ARCHS: dict[str, Arch] = {
     "llama": _PRE_NORM,
