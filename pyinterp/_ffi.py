@@ -16,7 +16,7 @@ from pathlib import Path
 
 import cffi
 
-# the C API pyinterp calls; the pi_* part mirrors pyinterp/csrc/interp.h (tests/test_c_api.py compares them)
+# the part of llama.cpp's C API pyinterp calls; pyinterp's own is read from its header (pi_declarations)
 CDEF = """
     typedef int32_t llama_token;
     struct llama_model;
@@ -59,45 +59,25 @@ CDEF = """
 
     llama_memory_t llama_get_memory(const struct llama_context * ctx);
     void llama_memory_clear(llama_memory_t mem, bool data);
+    bool llama_memory_seq_rm(llama_memory_t mem, int32_t seq_id, int32_t p0, int32_t p1);
+    void llama_memory_seq_cp(llama_memory_t mem, int32_t seq_id_src, int32_t seq_id_dst, int32_t p0, int32_t p1);
     float * llama_get_logits(struct llama_context * ctx);
     void llama_set_attn_explicit(struct llama_context * ctx, int32_t il, bool value);
     int32_t llama_set_adapter_cvec(struct llama_context * ctx, const float * data, size_t len, int32_t n_embd,
                                    int32_t il_start, int32_t il_end);
 
-    struct pi_state;
-    struct llama_model   * pi_model_load(const char * path, int32_t n_gpu_layers, const char * rpc_endpoint);
-    bool                   pi_has_rpc(void);
-    void                   pi_rpc_serve(const char * endpoint, int32_t n_threads);
-    struct llama_context * pi_context_new(struct llama_model * model, uint32_t n_ctx, int32_t n_threads, int32_t flash_attn,
-                                                   int32_t type_k, int32_t type_v);
-    struct pi_state * pi_state_new(struct llama_context * ctx);
-    void              pi_state_free(struct pi_state * st);
-    const char *      pi_last_error(const struct pi_state * st);
-    void pi_plan_clear   (struct pi_state * st);
-    int  pi_set_head_mask(struct pi_state * st, int32_t il, const float * mask);
-    int  pi_add_capture  (struct pi_state * st, const char * name, int32_t il);
-    int  pi_add_patch    (struct pi_state * st, const char * name, int32_t il, int32_t pos, const float * row, int64_t n);
-    int  pi_set_lens     (struct pi_state * st, const char * name, bool norm, int32_t k);
-    int  pi_set_lens_targets(struct pi_state * st, const int32_t * targets, int32_t n_targets,
-                             const int32_t * positions, int32_t n_positions);
-    int  pi_set_attribution(struct pi_state * st, const char ** names, const int32_t * layers, const bool * by_head,
-                            int32_t n_terms, const int32_t * targets, int32_t n_targets);
-    void pi_set_record   (struct pi_state * st, bool record);
-    int32_t pi_decode(struct pi_state * st, const llama_token * tokens, int32_t n_tokens, int32_t pos0, bool all_logits);
-    int32_t      pi_n_seen       (const struct pi_state * st);
-    const char * pi_seen_name    (const struct pi_state * st, int32_t i, int64_t * ne);
-    int32_t      pi_n_captures   (const struct pi_state * st);
-    bool         pi_capture_shape(const struct pi_state * st, int32_t i, int64_t * ne);
-    int          pi_capture_read (struct pi_state * st, int32_t i, float * dst, int64_t n_dst, int64_t n0);
-    int          pi_lens_read    (struct pi_state * st, int32_t il, int32_t * ids, float * probs, int64_t n);
-    int          pi_attribution_read(struct pi_state * st, int32_t i, float * dst, int64_t n);
-    int          pi_attribution_heads_read(struct pi_state * st, int32_t i, float * dst, int64_t n);
-    int          pi_lens_targets_read(struct pi_state * st, int32_t il, float * dst, int64_t n);
-    int32_t      pi_graph_n_nodes  (const struct pi_state * st);
-    const char * pi_graph_node_line(struct pi_state * st, int32_t i);
     """
+HEADER = Path(__file__).resolve().parent / "csrc" / "interp.h"
+
+
+def pi_declarations(header: str) -> str:
+    """pyinterp's C API for cffi: interp.h without its preprocessor lines and visibility macro."""
+    lines = [line for line in header.splitlines() if not line.lstrip().startswith("#")]
+    return "\n".join(lines).replace("PI_API ", "")
+
+
 ffi = cffi.FFI()
-ffi.cdef(CDEF)
+ffi.cdef(CDEF + pi_declarations(HEADER.read_text()))
 
 NATIVE = "libpyinterp_native.so"
 

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from ._ffi import ffi, lib
 from .arch import arch_of
 from .errors import InputError, PyinterpError
 from .lens import resolve_target
@@ -17,6 +16,7 @@ if TYPE_CHECKING:
     import os
     from pathlib import Path
 
+    from .backend import Backend
     from .model import Model
 
 
@@ -64,30 +64,19 @@ class _AttributionRun:
     def __init__(self, model: Model, terms: list[tuple[str, int]], by_head: list[bool], target: int) -> None:
         self.model, self.terms, self.by_head, self.target = model, terms, by_head, target
 
-    def setup(self) -> None:
-        keep = [ffi.new("char[]", name.encode()) for name, _ in self.terms]
-        if lib.pi_set_attribution(self.model._state, ffi.new("const char *[]", keep),
-                                  ffi.new("int32_t[]", [il for _, il in self.terms]), ffi.new("bool[]", self.by_head),
-                                  len(self.terms), ffi.new("int32_t[]", [self.target]), 1) != 0:
-            raise self.model._native_error("logit attribution")
+    def setup(self, backend: Backend) -> None:
+        backend.set_attribution(self.terms, self.by_head, self.target)
 
-    def read(self, n_tokens: int) -> tuple[list[np.ndarray], dict[int, np.ndarray]]:
+    def read(self, backend: Backend, n_tokens: int) -> tuple[list[np.ndarray], dict[int, np.ndarray]]:
         """Each term's contribution ``[n_tokens]`` and, for the terms split by head, each head's ``[n_tokens, n_head]``."""
-        st, n_head = self.model._state, self.model.n_head
         values, heads = [], {}
         for i, (name, il) in enumerate(self.terms):
-            out = np.empty(n_tokens, dtype=np.float32)
-            ret = lib.pi_attribution_read(st, i, ffi.from_buffer("float[]", out), out.size)
-            if ret < 0:
-                raise self.model._native_error("logit attribution")
-            if ret == 1:
+            out = backend.attribution_result(i, n_tokens)
+            if out is None:
                 raise PyinterpError(f"logit attribution: {name}-{il} was not in the graph")
             values.append(out)
             if self.by_head[i]:
-                split = np.empty((n_tokens, n_head), dtype=np.float32)
-                if lib.pi_attribution_heads_read(st, i, ffi.from_buffer("float[]", split), split.size) != 0:
-                    raise self.model._native_error("per-head logit attribution")
-                heads[i] = split
+                heads[i] = backend.attribution_heads(i, n_tokens)
         return values, heads
 
 
@@ -115,11 +104,10 @@ def logit_attribution(model: Model, tokens_or_text: str | Sequence[int], target:
         raise PyinterpError(f"logit attribution: the graph of {model.arch} has no {', '.join(missing)}")
     terms = [(arch.embedding, -1)] + [(name, il) for il in range(model.n_layer) for name in (arch.attn_term, arch.ffn_term)]
     by_head = [heads and name == arch.attn_term and il >= 0 for name, il in terms]
-    plan = model._plan(len(ids), (), (), None, ())
     if target is None:
-        target = int(np.argmax(model._forward(ids, plan).logits[position]))
+        target = int(np.argmax(model._forward(ids).logits[position]))
     target = resolve_target(model, target)
-    done = model._forward(ids, plan, analysis=_AttributionRun(model, terms, by_head, target))
+    done = model._forward(ids, analysis=_AttributionRun(model, terms, by_head, target))
     values, split = done.extra
     values = np.array([term[position] for term in values], dtype=np.float32)
     return Attribution(

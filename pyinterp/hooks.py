@@ -1,15 +1,13 @@
-"""Interventions and captures: user specs checked against a model's graph, turned into a plan.
+"""A model's tensor table, and the checks every intervention makes against it (:class:`Planner`).
 
-A plan is what the native graph-build hook does during one decode:
-- capture: keep named tensors (``"l_out"`` on every layer, ``"l_out-5"`` on one) as graph outputs;
-- head masks: per layer, multiply the attention weights of silenced heads by 0 (MIA's ablation);
-- patches: replace one token's row of a named tensor with a given vector.
+Tensor names are llama.cpp's (``"l_out"`` on every layer, ``"l_out-5"`` on one); TransformerLens hook
+names (``"blocks.5.hook_resid_post"``) are accepted through the architecture's alias table.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -24,6 +22,8 @@ _TL_BLOCK = re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<hook>.+)$")  # Transformer
 
 Head = tuple[int, int]
 Patch = tuple[str, int, int, "np.ndarray | Sequence[float]"]
+# tensors whose last axis is not the tokens': ops on chosen rows do not apply to them
+NOT_ROW_MAJOR = ATTENTION_TENSORS
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def as_list(value: object, what: str) -> list:
     return list(value)
 
 
-def _tuple(item: object, n: int, what: str, form: str) -> tuple:
+def as_tuple(item: object, n: int, what: str, form: str) -> tuple:
     """``item`` (a tuple, list or 1-D array of ``n`` values) as a tuple; anything else is an InputError."""
     if isinstance(item, (str, bytes)) or not isinstance(item, (Sequence, np.ndarray)) or len(item) != n:
         raise InputError(f"{what}: expected {form}, got {item!r}")
@@ -63,22 +63,6 @@ def split_name(spec: str) -> tuple[str, int | None]:
     if m:
         return m.group("name"), int(m.group("layer"))
     return spec, None
-
-
-@dataclass
-class Plan:
-    captures: list[tuple[str, int]] = field(default_factory=list)
-    head_masks: dict[int, np.ndarray] = field(default_factory=dict)
-    patches: list[tuple[str, int, int, np.ndarray]] = field(default_factory=list)
-
-    def touches_layer(self, layer: int) -> bool:
-        """Whether the plan captures or patches a tensor of ``layer``."""
-        return any(il == layer for _, il in self.captures) or any(il == layer for _, il, _, _ in self.patches)
-
-    @property
-    def explicit_layers(self) -> set[int]:
-        """Layers that must run the explicit attention path to expose their weights."""
-        return {il for name, il in self.captures if name in ATTENTION_TENSORS}
 
 
 class Planner:
@@ -105,10 +89,10 @@ class Planner:
             raise InputError(f"{what}: {kind} {value} out of range ({owner} {count} {kind}s: 0..{count - 1})")
         return int(value)
 
-    def _layer(self, layer: int, what: str) -> int:
+    def layer(self, layer: int, what: str) -> int:
         return self._index(layer, self.n_layer, what, "layer", "the model has")
 
-    def _head(self, head: int, what: str) -> int:
+    def head(self, head: int, what: str) -> int:
         return self._index(head, self.n_head, what, "head", "layers have")
 
     def _alias(self, spec: str) -> str:
@@ -119,10 +103,10 @@ class Planner:
             return f"{self.aliases[m.group('hook')]}-{m.group('layer')}"
         return self.aliases.get(spec, spec)
 
-    def _attention_layer(self, layer: int, what: str) -> int:
+    def attention_layer(self, layer: int, what: str) -> int:
         """A layer that has attention heads: the graph names their output ``kqv_heads`` on that layer (hybrid
         models have layers without attention, where a head mask would silently do nothing)."""
-        layer = self._layer(layer, what)
+        layer = self.layer(layer, what)
         if layer not in self.info.layers.get("kqv_heads", frozenset()):
             raise InputError(f"{what}: layer {layer} has no attention heads in this model's graph")
         return layer
@@ -139,55 +123,54 @@ class Planner:
             if layer is None:
                 out.extend((name, il) for il in sorted(layers))
                 continue
-            self._layer(layer, f"capture {spec!r}")
+            self.layer(layer, f"capture {spec!r}")
             if layer not in layers:
                 raise InputError(f"capture {spec!r}: tensor {name!r} is not computed on layer {layer}")
             out.append((name, layer))
         return list(dict.fromkeys(out))
 
-    def head_masks(self, ablate: Iterable[Head], isolate: Head | None) -> dict[int, np.ndarray]:
-        """Per-layer multipliers: 0 for ablated heads, and for every head but the isolated one."""
-        masks: dict[int, np.ndarray] = {}
+    @staticmethod
+    def pair(item: object, what: str, form: str) -> tuple:
+        """``item`` as a ``(layer, head)`` pair; anything else is an InputError showing ``form``."""
+        return as_tuple(item, 2, what, form)
 
-        def mask(layer: int) -> np.ndarray:
-            return masks.setdefault(layer, np.ones(self.n_head, dtype=np.float32))
+    def row_tensor(self, name: object, layer: int, what: str) -> tuple[str, int, int]:
+        """``(name, layer, width)`` of a tensor whose last axis is the tokens', checked against the graph."""
+        if not isinstance(name, str):
+            raise InputError(f"{what}: the tensor name must be a string like 'l_out', got {name!r}")
+        name = self._alias(name)
+        layers = self._known(name)
+        layer = self.layer(layer, f"{what} {name!r}")
+        if layer not in layers:
+            raise InputError(f"{what}: tensor {name!r} is not computed on layer {layer}")
+        if name in NOT_ROW_MAJOR:
+            raise InputError(f"{what}: {name!r} is not a [.., n_tokens] tensor; its rows cannot be chosen")
+        return name, layer, int(np.prod(self.info.shapes[name][:-1]))
 
-        for item in ablate:
-            layer, head = _tuple(item, 2, "ablate", "(layer, head) pairs like [(3, 4)]")
-            mask(self._attention_layer(layer, "ablate"))[self._head(head, "ablate")] = 0.0
-        if isolate is not None:
-            layer, head = _tuple(isolate, 2, "isolate", "(layer, head) like (3, 4)")
-            layer = self._attention_layer(layer, "isolate")
-            head = self._head(head, "isolate")
-            m = mask(layer)
-            keep = m[head]
-            m[:] = 0.0
-            m[head] = keep
-        return masks
+    @staticmethod
+    def position(pos: object, n_tokens: int, what: str) -> int:
+        """A position of the prompt (negative counts from the end)."""
+        if not isinstance(pos, (int, np.integer)) or isinstance(pos, bool) or not -n_tokens <= pos < n_tokens:
+            raise InputError(f"{what}: position {pos!r} out of range (the prompt has {n_tokens} tokens)")
+        return int(pos) % n_tokens
 
-    def patches(self, patch: Iterable[Patch], n_tokens: int) -> list[tuple[str, int, int, np.ndarray]]:
-        """Check (name, layer, position, vector) items against the graph and the prompt length."""
-        out = []
-        for item in patch:
-            name, layer, pos, vector = _tuple(item, 4, "patch", "(name, layer, position, vector) tuples")
-            if not isinstance(name, str):
-                raise InputError(f"patch: the tensor name must be a string like 'l_out', got {name!r}")
-            layers = self._known(name)
-            layer = self._layer(layer, f"patch {name!r}")
-            if layer not in layers:
-                raise InputError(f"patch: tensor {name!r} is not computed on layer {layer}")
-            if self.info.rank(name) != 2:
-                raise InputError(f"patch: {name!r} is not a [n_tokens, width] tensor (ggml shape {self.info.shapes[name]})")
-            if not isinstance(pos, (int, np.integer)) or isinstance(pos, bool) or not -n_tokens <= pos < n_tokens:
-                raise InputError(f"patch {name}-{layer}: position {pos!r} out of range (the prompt has {n_tokens} tokens)")
-            width = self.info.shapes[name][0]
-            try:
-                row = np.ascontiguousarray(np.asarray(vector, dtype=np.float32).reshape(-1))
-            except (TypeError, ValueError):
-                raise InputError(f"patch {name}-{layer}: the vector must be {width} numbers, got {type(vector).__name__}") from None
-            if row.shape[0] != width:
-                raise InputError(f"patch {name}-{layer}: vector has {row.shape[0]} values, the tensor's rows have {width}")
-            if not np.all(np.isfinite(row)):
-                raise InputError(f"patch {name}-{layer}: vector has NaN or infinite values")
-            out.append((name, layer, int(pos) % n_tokens, row))
-        return out
+    @staticmethod
+    def vector(vector: object, width: int, what: str) -> np.ndarray:
+        """``vector`` as ``[width]`` finite float32 values."""
+        try:
+            row = np.ascontiguousarray(np.asarray(vector, dtype=np.float32).reshape(-1))
+        except (TypeError, ValueError):
+            raise InputError(f"{what}: the vector must be {width} numbers, got {type(vector).__name__}") from None
+        if row.shape[0] != width:
+            raise InputError(f"{what}: vector has {row.shape[0]} values, the tensor's rows have {width}")
+        if not np.all(np.isfinite(row)):
+            raise InputError(f"{what}: vector has NaN or infinite values")
+        return row
+
+    def patch(self, name: object, layer: int, pos: object, vector: object, n_tokens: int) -> tuple[str, int, int, np.ndarray]:
+        """A checked ``(name, layer, position, row)`` patch of a ``[n_tokens, width]`` tensor."""
+        name, layer, width = self.row_tensor(name, layer, "patch")
+        if self.info.rank(name) != 2:
+            raise InputError(f"patch: {name!r} is not a [n_tokens, width] tensor (ggml shape {self.info.shapes[name]})")
+        pos = self.position(pos, n_tokens, f"patch {name}-{layer}")
+        return name, layer, pos, self.vector(vector, width, f"patch {name}-{layer}")

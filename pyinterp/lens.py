@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from ._ffi import ffi, lib
 from .errors import InputError
 from .hooks import as_list, split_name
 
 if TYPE_CHECKING:
+    from .backend import Backend
     from .model import Model
 
 
@@ -162,29 +162,18 @@ class _LensRun:
         self.model, self.tensor, self.norm, self.top_k = model, tensor, norm, top_k
         self.targets, self.positions = targets, positions
 
-    def setup(self) -> None:
-        st = self.model._state
-        if lib.pi_set_lens(st, self.tensor.encode(), self.norm, self.top_k) != 0:
-            raise self.model._native_error("logit lens")
-        if self.targets and lib.pi_set_lens_targets(st, ffi.new("int32_t[]", self.targets), len(self.targets),
-                                                    ffi.new("int32_t[]", self.positions), len(self.positions)) != 0:
-            raise self.model._native_error("logit lens")
+    def setup(self, backend: Backend) -> None:
+        backend.set_lens(self.tensor, self.norm, self.top_k, self.targets, self.positions)
 
-    def read(self, n_tokens: int) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def read(self, backend: Backend, n_tokens: int) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per layer present: top-k ids and probabilities ``[n_tokens, k]`` (most probable first) and the
         targets' statistics ``[n_positions, n_targets, 3]`` (logit, probability, number of greater logits)."""
-        st, k, out = self.model._state, self.top_k, {}
+        out = {}
         for il in range(-1, self.model.n_layer):  # -1: a tensor outside the layers (the embedding)
-            ids = np.empty((n_tokens, k), dtype=np.int32)
-            probs = np.empty((n_tokens, k), dtype=np.float32)
-            ret = lib.pi_lens_read(st, il, ffi.from_buffer("int32_t[]", ids), ffi.from_buffer("float[]", probs), ids.size)
-            if ret < 0:
-                raise self.model._native_error("logit lens")
-            if ret == 1:
+            layer = backend.lens_result(il, n_tokens, self.top_k, len(self.targets), len(self.positions))
+            if layer is None:
                 continue
-            stats = np.empty((len(self.positions), len(self.targets), 3), dtype=np.float32)
-            if self.targets and lib.pi_lens_targets_read(st, il, ffi.from_buffer("float[]", stats), stats.size) != 0:
-                raise self.model._native_error("logit lens")
+            ids, probs, stats = layer
             order = np.argsort(-probs, axis=1, kind="stable")
             out[il] = (np.take_along_axis(ids, order, 1), np.take_along_axis(probs, order, 1), stats)
         return out
@@ -209,8 +198,7 @@ def logit_lens(model: Model, tokens_or_text: str | Sequence[int], tensor: str = 
     layers = check_lens_tensor(model, tensor, top_k, layers)
     targets = [resolve_target(model, t) for t in as_list(targets, "targets")]
     positions = check_positions(positions, len(ids))
-    plan = model._plan(len(ids), (), (), None, ())
-    lens = model._forward(ids, plan, analysis=_LensRun(model, tensor, norm, top_k, targets, positions)).extra
+    lens = model._forward(ids, analysis=_LensRun(model, tensor, norm, top_k, targets, positions)).extra
     layers = sorted(lens) if layers is None else layers
     top_ids = np.stack([lens[il][0][positions] for il in layers])
     stats = np.stack([lens[il][2] for il in layers])  # [n_layers, n_positions, n_targets, 3]

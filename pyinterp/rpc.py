@@ -14,7 +14,8 @@ import sys
 
 import click
 
-from ._ffi import lib, set_verbose
+from ._ffi import set_verbose
+from .backend import has_rpc, rpc_serve
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,12 +23,12 @@ from ._ffi import lib, set_verbose
 @click.option("-t", "--threads", default=None, type=int, help="Threads (default: all cores).")
 def main(endpoint: str, threads: int | None) -> None:
     """Serve this CPU to ggml RPC clients at ENDPOINT (host:port) until stopped."""
-    if not lib.pi_has_rpc():
+    if not has_rpc():
         click.echo("pyinterp: error: this pyinterp was built without RPC; reinstall with "
                    "CMAKE_ARGS=-DGGML_RPC=ON pip install .", err=True)
         sys.exit(1)
     set_verbose(True)  # a server's log is for its operator
-    lib.pi_rpc_serve(endpoint.encode(), threads or len(os.sched_getaffinity(0)))
+    rpc_serve(endpoint, threads or len(os.sched_getaffinity(0)))
     click.echo(f"pyinterp: error: the RPC server at {endpoint} stopped", err=True)
     sys.exit(1)
 

@@ -202,12 +202,13 @@ def test_transformerlens_aliases(pair):
 def test_head_masks_need_an_attention_layer():
     """A layer without attention (hybrid models): ablating or isolating a head there is an error, not a no-op."""
     from pyinterp.hooks import Planner, TensorInfo
+    from pyinterp.interventions import AblateHeads, IsolateHead, Target
 
     info = TensorInfo({"kqv_heads": frozenset({0, 2}), "l_out": frozenset({0, 1, 2})},
                       {"kqv_heads": (4, 2, 2), "l_out": (8, 2)})
-    planner = Planner(3, 2, info)
-    assert set(planner.head_masks([(0, 1), (2, 0)], None)) == {0, 2}
+    target = Target(Planner(3, 2, info), 2)
+    assert {op.layer for op in AblateHeads(((0, 1), (2, 0))).ops(target)} == {0, 2}
     with pytest.raises(InputError, match="ablate: layer 1 has no attention heads"):
-        planner.head_masks([(1, 0)], None)
+        AblateHeads(((1, 0),)).ops(target)
     with pytest.raises(InputError, match="isolate: layer 1 has no attention heads"):
-        planner.head_masks([], (1, 0))
+        IsolateHead(1, 0).ops(target)

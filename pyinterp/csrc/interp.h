@@ -1,4 +1,5 @@
-// pyinterp native layer; see interp.c. Declared again, for cffi, in pyinterp/_ffi.py.
+// pyinterp native layer: the C API. pyinterp/_ffi.py reads this file to declare it to cffi, so it is
+// declared once; keep it to plain declarations (one per line group, no macros other than PI_API).
 #pragma once
 
 #include "llama.h"
@@ -10,37 +11,61 @@
 
 struct pi_state;
 
+// model and context (state.c)
 PI_API struct llama_model   * pi_model_load(const char * path, int32_t n_gpu_layers, const char * rpc_endpoint);
 PI_API bool                   pi_has_rpc(void);
 PI_API void                   pi_rpc_serve(const char * endpoint, int32_t n_threads);
 PI_API struct llama_context * pi_context_new(struct llama_model * model, uint32_t n_ctx, int32_t n_threads, int32_t flash_attn,
-                                                   int32_t type_k, int32_t type_v);
+                                             int32_t type_k, int32_t type_v, int32_t n_seq_max);
 
 PI_API struct pi_state * pi_state_new(struct llama_context * ctx);
 PI_API void              pi_state_free(struct pi_state * st);
 PI_API const char *      pi_last_error(const struct pi_state * st);
 
-PI_API void pi_plan_clear   (struct pi_state * st);
-PI_API int  pi_set_head_mask(struct pi_state * st, int32_t il, const float * mask);
-PI_API int  pi_add_capture  (struct pi_state * st, const char * name, int32_t il);
-PI_API int  pi_add_patch    (struct pi_state * st, const char * name, int32_t il, int32_t pos, const float * row, int64_t n);
-PI_API int  pi_set_lens     (struct pi_state * st, const char * name, bool norm, int32_t k);
+// the op table (ops.c): what the graph-build hook does to the tensor `name` of layer `il` (-1: outside the
+// layers) in sequence `seq` (-1: every sequence), at the token positions `positions` (NULL: every token).
+//   PI_OP_CAPTURE  keep the tensor (its rows at the positions) as a graph output
+//   PI_OP_MUL      multiply by `data`, broadcast over the tensor (per token: over one token's slice)
+//   PI_OP_SET      replace rows by rows of `data`
+//   PI_OP_ADD      add `data` (broadcast, or rows of it)
+// data has the ggml shape ne[4]; per_row: data is [width, n] and the row for position p is row i where
+// positions[i] == p, or row p when positions is NULL. Without per_row, data broadcasts over the tensor, or
+// with a sequence or positions over one token's slice of it ([.., n_tokens] tensors). Ops apply in the
+// order they were added.
+enum pi_op_kind {
+    PI_OP_CAPTURE = 0,
+    PI_OP_MUL     = 1,
+    PI_OP_SET     = 2,
+    PI_OP_ADD     = 3,
+};
+
+PI_API void    pi_plan_clear(struct pi_state * st);
+PI_API int32_t pi_op_add    (struct pi_state * st, int32_t kind, const char * name, int32_t il, int32_t seq,
+                             const int32_t * positions, int32_t n_positions, const float * data, const int64_t * ne,
+                             bool per_row);
+
+// analyses at the unembedding (lens.c, attribution.c)
+PI_API int  pi_set_lens        (struct pi_state * st, const char * name, bool norm, int32_t k);
 PI_API int  pi_set_lens_targets(struct pi_state * st, const int32_t * targets, int32_t n_targets,
-                             const int32_t * positions, int32_t n_positions);
-PI_API int  pi_set_attribution(struct pi_state * st, const char ** names, const int32_t * layers, const bool * by_head,
-                              int32_t n_terms, const int32_t * targets, int32_t n_targets);
-PI_API void pi_set_record   (struct pi_state * st, bool record);
+                                const int32_t * positions, int32_t n_positions);
+PI_API int  pi_set_attribution (struct pi_state * st, const char ** names, const int32_t * layers, const bool * by_head,
+                                int32_t n_terms, const int32_t * targets, int32_t n_targets);
+PI_API void pi_set_record      (struct pi_state * st, bool record);
 
-PI_API int32_t pi_decode(struct pi_state * st, const llama_token * tokens, int32_t n_tokens, int32_t pos0, bool all_logits);
+// decoding (decode.c): n_seq sequences of n_tokens tokens each, sequence-major, at positions pos0.., sequence
+// i in llama.cpp sequence seq_ids[i]; logits of every token (all_logits) or of each sequence's last
+PI_API int32_t pi_decode(struct pi_state * st, const llama_token * tokens, int32_t n_seq, int32_t n_tokens,
+                         const int32_t * seq_ids, int32_t pos0, bool all_logits);
+PI_API int32_t pi_n_builds(const struct pi_state * st);
 
-PI_API int32_t      pi_n_seen       (const struct pi_state * st);
-PI_API const char * pi_seen_name    (const struct pi_state * st, int32_t i, int64_t * ne);
-PI_API int32_t      pi_n_captures   (const struct pi_state * st);
-PI_API bool         pi_capture_shape(const struct pi_state * st, int32_t i, int64_t * ne);
-PI_API int          pi_capture_read (struct pi_state * st, int32_t i, float * dst, int64_t n_dst, int64_t n0);
-PI_API int          pi_lens_read    (struct pi_state * st, int32_t il, int32_t * ids, float * probs, int64_t n);
+// results of the last decode
+PI_API int32_t      pi_n_seen          (const struct pi_state * st);
+PI_API const char * pi_seen_name       (const struct pi_state * st, int32_t i, int64_t * ne);
+PI_API bool         pi_op_shape        (const struct pi_state * st, int32_t op, int64_t * ne);
+PI_API int          pi_op_read         (struct pi_state * st, int32_t op, float * dst, int64_t n_dst, int64_t n0);
+PI_API int          pi_lens_read       (struct pi_state * st, int32_t il, int32_t * ids, float * probs, int64_t n);
+PI_API int          pi_lens_targets_read(struct pi_state * st, int32_t il, float * dst, int64_t n);
 PI_API int          pi_attribution_read(struct pi_state * st, int32_t i, float * dst, int64_t n);
 PI_API int          pi_attribution_heads_read(struct pi_state * st, int32_t i, float * dst, int64_t n);
-PI_API int          pi_lens_targets_read(struct pi_state * st, int32_t il, float * dst, int64_t n);
-PI_API int32_t      pi_graph_n_nodes  (const struct pi_state * st);
-PI_API const char * pi_graph_node_line(struct pi_state * st, int32_t i);
+PI_API int32_t      pi_graph_n_nodes   (const struct pi_state * st);
+PI_API const char * pi_graph_node_line (struct pi_state * st, int32_t i);

@@ -1,0 +1,190 @@
+// pyinterp native layer: direct logit attribution, built at the unembedding: chosen residual-stream terms
+// (and each attention head's share of a term) through the final norm, frozen at the final residual's scale.
+
+#include "internal.h"
+
+void pi_attr_free(struct pi_state * st) {
+    if (st->attr.buf) {
+        ggml_backend_buffer_free(st->attr.buf);
+        ggml_free(st->attr.ctx);
+    }
+    free(st->attr.terms);
+    memset(&st->attr, 0, sizeof(st->attr));
+}
+
+// attribute the logits of `targets` to the tensors (names[i], layers[i]) of the residual stream; by_head (or NULL):
+// which terms are attention outputs to split by head as well
+int pi_set_attribution(struct pi_state * st, const char ** names, const int32_t * layers, const bool * by_head,
+                       int32_t n_terms, const int32_t * targets, int32_t n_targets) {
+    pi_attr_free(st);
+    struct ggml_init_params params = { ggml_tensor_overhead(), NULL, true };
+    st->attr.ctx     = ggml_init(params);
+    st->attr.targets = ggml_new_tensor_1d(st->attr.ctx, GGML_TYPE_I32, n_targets);
+    ggml_set_name(st->attr.targets, "pi_attribution_targets");
+    st->attr.buf = ggml_backend_alloc_ctx_tensors_from_buft(st->attr.ctx, pi_layer_buft(st, -1));
+    if (st->attr.buf == NULL) {
+        ggml_free(st->attr.ctx);
+        memset(&st->attr, 0, sizeof(st->attr));
+        return pi_fail(st, "could not allocate the attribution targets");
+    }
+    ggml_backend_tensor_set(st->attr.targets, targets, 0, ggml_nbytes(st->attr.targets));
+    st->attr.terms = calloc(n_terms, sizeof(struct pi_attr_term));
+    for (int32_t i = 0; i < n_terms; ++i) {
+        snprintf(st->attr.terms[i].name, PI_NAME_MAX, "%s", names[i]);
+        st->attr.terms[i].il = layers[i];
+        st->attr.terms[i].by_head = by_head != NULL && by_head[i];
+    }
+    st->attr.n_terms = n_terms;
+    pi_update_hook(st);
+    pi_drop_graph(st);
+    return 0;
+}
+
+// contribution of term i to the targets after the last decode: n = n_tokens*n_targets floats, token-major;
+// returns 1 when the term was not in the graph
+int pi_attribution_read(struct pi_state * st, int32_t i, float * dst, int64_t n) {
+    if (st->attr.failed) {
+        return pi_fail(st, st->attr.failed);
+    }
+    const struct ggml_tensor * t = st->attr.terms[i].out;
+    if (t == NULL) {
+        return 1;
+    }
+    if (ggml_nelements(t) != n) {
+        return pi_fail(st, "destination size does not match the attribution");
+    }
+    ggml_backend_tensor_get(t, dst, 0, ggml_nbytes(t));
+    return 0;
+}
+
+// each head's share of term i (split by head) after the last decode: n = n_tokens*n_head*n_targets floats,
+// token-major, then head
+int pi_attribution_heads_read(struct pi_state * st, int32_t i, float * dst, int64_t n) {
+    const struct pi_attr_term * term = &st->attr.terms[i];
+    if (!term->by_head) {
+        return pi_fail(st, "this term was not split by head");
+    }
+    if (term->heads == NULL) {
+        snprintf(st->error, sizeof(st->error), "%s-%d is not the output projection of the attention heads "
+                 "(through biases, scales and norms only): it cannot be split by head", term->name, term->il);
+        return -1;
+    }
+    if (ggml_nelements(term->heads) != n) {
+        return pi_fail(st, "destination size does not match the per-head attribution");
+    }
+    ggml_backend_tensor_get(term->heads, dst, 0, ggml_nbytes(term->heads));
+    return 0;
+}
+
+// `heads` [n_embd, n_head, n_tokens] (each head's output through the projection) carried from the projection's
+// matrix product `from` up to `node` (the attention term) by the ops between them, made linear: biases dropped
+// (no head's), weights and scales kept, an RMS norm frozen at the scale of its actual input, a selection of every
+// row in order passed through. NULL for other ops.
+static struct ggml_tensor * pi_heads_replay(struct ggml_context * ctx, struct ggml_tensor * node,
+                                            struct ggml_tensor * from, struct ggml_tensor * heads) {
+    if (node == from) {
+        return heads;
+    }
+    if (node->src[0] == NULL) {
+        return NULL;
+    }
+    struct ggml_tensor * x = pi_heads_replay(ctx, node->src[0], from, heads);
+    if (x == NULL) {
+        return NULL;
+    }
+    const bool weight = node->src[1] != NULL && node->src[1]->op == GGML_OP_NONE; // a model tensor, not an activation
+    float p0;
+    memcpy(&p0, node->op_params, sizeof(float));
+    switch (node->op) {
+        case GGML_OP_ADD:   return weight ? x : NULL;
+        case GGML_OP_MUL:   return weight ? ggml_mul(ctx, x, node->src[1]) : NULL;
+        case GGML_OP_SCALE: return ggml_scale(ctx, x, p0);
+        // the last layer keeps the rows of the output tokens (inp_out_ids); pyinterp outputs every token, in order
+        case GGML_OP_GET_ROWS: return node->ne[1] == node->src[0]->ne[1] ? x : NULL;
+        case GGML_OP_RMS_NORM: {
+            struct ggml_tensor * in  = node->src[0];
+            struct ggml_tensor * rms = ggml_sqrt(ctx, ggml_scale_bias(ctx, ggml_mean(ctx, ggml_sqr(ctx, in)), 1.0f, p0));
+            return ggml_div(ctx, x, ggml_reshape_3d(ctx, rms, 1, 1, in->ne[1]));
+        }
+        default: return NULL;
+    }
+}
+
+// the attention term `term` split by head: [n_embd, n_head, n_tokens] whose sum over heads is the term less its
+// biases, or NULL when the term is not the output projection of the heads through the ops pi_heads_replay knows.
+// Each head's rows of the projection input are copied apart (the rest zero) and go through the model's own
+// projection matrix, so every head is multiplied by its slice of W_O, in the weight's own type.
+static struct ggml_tensor * pi_split_heads(struct pi_state * st, struct ggml_context * ctx, struct ggml_tensor * term,
+                                           int32_t il) {
+    struct ggml_tensor * mm = term;
+    while (mm != NULL && mm->op != GGML_OP_MUL_MAT) {
+        mm = mm->src[0];
+    }
+    if (mm == NULL || mm->src[0]->op != GGML_OP_NONE || ggml_nrows(mm) != mm->ne[1]) {
+        return NULL;
+    }
+    struct ggml_tensor * z = mm->src[1];    // [n_head*d, n_tokens], the heads' outputs side by side
+    const int64_t n_head = st->n_head;
+    const int64_t n_tokens = z->ne[1];
+    if (z->ne[0] % n_head != 0 || ggml_nrows(z) != n_tokens) {
+        return NULL;
+    }
+    const int64_t d = z->ne[0] / n_head;
+    if (!ggml_is_contiguous(z)) {
+        z = ggml_cont(ctx, z);
+    }
+    // [d, n_head (slot), n_head (which head is kept), n_tokens]
+    struct ggml_tensor * apart = ggml_repeat_4d(ctx, ggml_reshape_4d(ctx, z, d, n_head, 1, n_tokens), d, n_head, n_head, n_tokens);
+    apart = ggml_mul(ctx, apart, ggml_reshape_4d(ctx, st->layers[il].eye, 1, n_head, n_head, 1));
+    struct ggml_tensor * out = ggml_mul_mat(ctx, mm->src[0], ggml_reshape_2d(ctx, apart, d * n_head, n_head * n_tokens));
+    out = ggml_reshape_3d(ctx, out, out->ne[0], n_head, n_tokens);
+    return pi_heads_replay(ctx, term, mm, out);
+}
+
+// at result_output: each term's contribution to the target logits, the final norm's scale frozen
+//   contribution = (term / rms(final residual) * norm weight) . unembedding row of the target
+void pi_build_attr(struct pi_state * st, struct ggml_context * ctx, struct ggml_cgraph * gf,
+                          struct ggml_tensor * out) {
+    struct pi_attr * attr = &st->attr;
+    struct ggml_tensor * mm = pi_unembedding(out);
+    struct ggml_tensor * normed = mm ? mm->src[1] : NULL;
+    if (st->final_in == NULL || normed == NULL || normed->op != GGML_OP_MUL || normed->src[0]->op != GGML_OP_RMS_NORM ||
+        normed->src[0]->src[0] != st->final_in) {
+        attr->failed = "logit attribution needs a final RMS norm with a weight before the unembedding";
+        return;
+    }
+    float eps;
+    memcpy(&eps, normed->src[0]->op_params, sizeof(float));
+    struct ggml_tensor * weight = normed->src[1];
+    struct ggml_tensor * rows   = ggml_get_rows(ctx, mm->src[0], attr->targets); // [n_embd, n_targets]
+    struct ggml_tensor * rms    = ggml_sqrt(ctx, ggml_scale_bias(ctx, ggml_mean(ctx, ggml_sqr(ctx, st->final_in)), 1.0f, eps));
+    for (int32_t i = 0; i < attr->n_terms; ++i) {
+        struct pi_attr_term * term = &attr->terms[i];
+        if (term->in == NULL || term->in->ne[0] != st->final_in->ne[0]) {
+            continue;
+        }
+        if (!pi_room(gf)) {
+            attr->failed = PI_NO_ROOM;
+            return;
+        }
+        struct ggml_tensor * x = ggml_mul(ctx, ggml_div(ctx, term->in, rms), weight);
+        term->out = ggml_mul_mat(ctx, rows, x);
+        ggml_format_name(term->out, "attribution %s-%d", term->name, term->il);
+        ggml_set_output(term->out);
+        ggml_build_forward_expand(gf, term->out);
+        if (!term->by_head || term->il < 0 || term->il >= st->n_layer) {
+            continue;
+        }
+        struct ggml_tensor * heads = pi_split_heads(st, ctx, term->in, term->il); // [n_embd, n_head, n_tokens]
+        if (heads == NULL) {
+            continue;
+        }
+        heads = ggml_mul(ctx, ggml_div(ctx, heads, ggml_reshape_3d(ctx, rms, 1, 1, rms->ne[1])), weight);
+        term->heads = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, rows, ggml_reshape_2d(ctx, heads, heads->ne[0], heads->ne[1] * heads->ne[2])),
+                                      rows->ne[1], heads->ne[1], heads->ne[2]);
+        ggml_format_name(term->heads, "attribution %s-%d by head", term->name, term->il);
+        ggml_set_output(term->heads);
+        ggml_build_forward_expand(gf, term->heads);
+    }
+}
+

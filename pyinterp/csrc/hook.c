@@ -1,0 +1,139 @@
+// pyinterp native layer: the graph-build hook. llama.cpp offers it every named tensor while it builds a
+// graph; it applies the op table, records what the lens and the attribution need, and adds their outputs
+// at the unembedding.
+
+#include "internal.h"
+
+#include <limits.h>
+
+static void pi_record(struct pi_state * st, const struct ggml_tensor * cur, const char * name, int32_t il) {
+    if (st->n_seen == st->cap_seen) {
+        st->cap_seen = st->cap_seen ? 2*st->cap_seen : 256;
+        st->seen = realloc(st->seen, st->cap_seen * sizeof(*st->seen));
+    }
+    struct pi_seen * seen = &st->seen[st->n_seen++];
+    if (il >= 0) {
+        snprintf(seen->name, sizeof(seen->name), "%s-%d", name, il);
+    } else {
+        snprintf(seen->name, sizeof(seen->name), "%s", name);
+    }
+    for (int d = 0; d < 4; ++d) {
+        seen->ne[d] = cur->ne[d];
+    }
+}
+
+// forget what the previous graph build did
+void pi_build_begin(struct pi_state * st) {
+    for (int32_t i = 0; i < st->n_ops; ++i) {
+        st->ops[i].done = false;
+        st->ops[i].out  = NULL;
+    }
+    for (int32_t slot = 0; slot <= st->n_layer; ++slot) {
+        st->lens.in[slot]    = NULL;
+        st->lens.ids[slot]   = NULL;
+        st->lens.probs[slot] = NULL;
+        st->lens.stats[slot] = NULL;
+    }
+    for (int32_t i = 0; i < st->attr.n_terms; ++i) {
+        st->attr.terms[i].in    = NULL;
+        st->attr.terms[i].out   = NULL;
+        st->attr.terms[i].heads = NULL;
+    }
+    ggml_reset(st->meta);
+    st->final_in    = NULL;
+    st->lens.failed = NULL;
+    st->attr.failed = NULL;
+    st->n_seen       = 0;
+    st->build_failed = NULL;
+    st->n_builds    += 1;
+}
+
+// the lens and the attribution read tensors as the interventions left them
+static void pi_analyses(struct pi_state * st, struct ggml_cgraph * gf, struct ggml_tensor * cur, const char * name,
+                        int32_t il) {
+    if (il == st->n_layer - 1 && st->final_in == NULL && strcmp(name, "l_out") == 0) {
+        st->final_in = cur;
+    }
+    if (il >= -1 && il < st->n_layer && st->lens.k > 0 && st->lens.in[il + 1] == NULL && strcmp(name, st->lens.name) == 0) {
+        st->lens.in[il + 1] = cur;
+    }
+    for (int32_t i = 0; i < st->attr.n_terms; ++i) {
+        struct pi_attr_term * term = &st->attr.terms[i];
+        if (term->in == NULL && term->il == il && strcmp(term->name, name) == 0) {
+            term->in = cur;
+        }
+    }
+    if (il == -1 && strcmp(name, "result_output") == 0) {
+        if (st->lens.k > 0) {
+            pi_build_lens(st, st->meta, gf, cur);
+        }
+        if (st->attr.n_terms > 0) {
+            pi_build_attr(st, st->meta, gf, cur);
+        }
+    }
+}
+
+// Some names are given to several tensors of a layer (llama names both the FFN output and the residual
+// sum after it "ffn_out"; Qcur is named before and after RoPE): ops act on the first.
+struct ggml_tensor * pi_hook(struct ggml_context * ctx, struct ggml_cgraph * gf, struct ggml_tensor * cur,
+                             const char * name, int32_t il, void * user_data) {
+    struct pi_state * st = user_data;
+    (void) ctx; // the hook's tensors go in its own context: llama.cpp's has room for the model's only
+
+    // a graph only grows while it is built: fewer nodes than at the last call means a new build (pi_decode
+    // sets n_nodes to INT_MAX; llama_decode may build a reserve graph before the real one, or reuse the last)
+    const int n_nodes = ggml_graph_n_nodes(gf);
+    if (n_nodes < st->n_nodes) {
+        pi_build_begin(st);
+    }
+    st->n_nodes = n_nodes;
+    st->gf      = gf;
+
+    if (st->record) {
+        pi_record(st, cur, name, il);
+    }
+    for (int32_t i = 0; i < st->n_ops; ++i) {
+        struct pi_op * op = &st->ops[i];
+        if (op->done || op->il != il || strcmp(op->name, name) != 0) {
+            continue;
+        }
+        op->done = true;
+        if (ggml_graph_size(gf) - ggml_graph_n_nodes(gf) < PI_OP_ROOM) {
+            st->build_failed = PI_NO_ROOM;
+            continue;
+        }
+        cur = pi_op_apply(st, st->meta, gf, op, cur);
+    }
+    if (st->lens.k > 0 || st->attr.n_terms > 0) {
+        pi_analyses(st, gf, cur, name, il);
+    }
+    return cur;
+}
+
+// the nodes of the graph of the last decode (built while the hook was set): name, op, type, shape, sources
+int32_t pi_graph_n_nodes(const struct pi_state * st) {
+    return st->gf ? ggml_graph_n_nodes(st->gf) : 0;
+}
+
+const char * pi_graph_node_line(struct pi_state * st, int32_t i) {
+    const struct ggml_tensor * t = ggml_graph_node(st->gf, i);
+    int n = snprintf(st->line, sizeof(st->line), "%-28s %-12s %-5s [%5lld, %5lld, %5lld, %5lld]", t->name,
+                     ggml_op_desc(t), ggml_type_name(t->type),
+                     (long long) t->ne[0], (long long) t->ne[1], (long long) t->ne[2], (long long) t->ne[3]);
+    for (int j = 0; j < GGML_MAX_SRC && t->src[j] && n < (int) sizeof(st->line); ++j) {
+        n += snprintf(st->line + n, sizeof(st->line) - n, "%s%s", j == 0 ? " <- " : ", ",
+                      t->src[j]->name[0] ? t->src[j]->name : ggml_op_desc(t->src[j]));
+    }
+    return st->line;
+}
+
+int32_t pi_n_seen(const struct pi_state * st) {
+    return st->n_seen;
+}
+
+const char * pi_seen_name(const struct pi_state * st, int32_t i, int64_t * ne) {
+    for (int d = 0; d < 4; ++d) {
+        ne[d] = st->seen[i].ne[d];
+    }
+    return st->seen[i].name;
+}

@@ -1,0 +1,339 @@
+// pyinterp native layer: the op table. Every intervention and capture is a record here (what to do to
+// which tensor of which layer, for which sequence and positions); the graph-build hook applies them with
+// a few generic ggml recipes. The records' data lives in device memory kept across runs.
+
+#include "internal.h"
+
+void pi_ops_free(struct pi_state * st) {
+    for (int32_t i = 0; i < st->n_ops; ++i) {
+        struct pi_op * op = &st->ops[i];
+        free(op->positions);
+        free(op->host);
+        free(op->dst_host);
+        free(op->src_host);
+    }
+    free(st->ops);
+    st->ops          = NULL;
+    st->n_ops        = 0;
+    st->ops_uploaded = false;
+    if (st->ops_ctx) {
+        ggml_free(st->ops_ctx);
+        st->ops_ctx = NULL;
+    }
+    if (st->rows_ctx) {
+        ggml_free(st->rows_ctx);
+        st->rows_ctx = NULL;
+    }
+}
+
+int32_t pi_op_add(struct pi_state * st, int32_t kind, const char * name, int32_t il, int32_t seq,
+                  const int32_t * positions, int32_t n_positions, const float * data, const int64_t * ne, bool per_row) {
+    if (kind < PI_OP_CAPTURE || kind > PI_OP_ADD) {
+        return pi_fail(st, "unknown op kind");
+    }
+    if (strlen(name) >= PI_NAME_MAX) {
+        return pi_fail(st, "tensor name too long");
+    }
+    if (il < -1 || il >= st->n_layer) {
+        return pi_fail(st, "layer out of range");
+    }
+    if (seq < -1 || seq >= (int32_t) llama_n_seq_max(st->ctx)) {
+        return pi_fail(st, "sequence out of range");
+    }
+    if ((kind == PI_OP_CAPTURE) != (data == NULL)) {
+        return pi_fail(st, kind == PI_OP_CAPTURE ? "a capture takes no data" : "this op needs data");
+    }
+    if (kind == PI_OP_SET && seq < 0 && positions == NULL) {
+        return pi_fail(st, "a set op needs a sequence or positions");
+    }
+    if (per_row && (data == NULL || ne[2] != 1 || ne[3] != 1 || (positions != NULL && ne[1] != n_positions))) {
+        return pi_fail(st, "per-row data must be [width, n_positions]");
+    }
+    st->ops = realloc(st->ops, (st->n_ops + 1) * sizeof(struct pi_op));
+    struct pi_op * op = &st->ops[st->n_ops];
+    memset(op, 0, sizeof(*op));
+    op->kind = kind;
+    snprintf(op->name, sizeof(op->name), "%s", name);
+    op->il      = il;
+    op->seq     = seq;
+    op->per_row = per_row;
+    op->buft    = pi_layer_buft(st, il);
+    if (positions != NULL) {
+        op->positions = malloc(n_positions * sizeof(int32_t));
+        memcpy(op->positions, positions, n_positions * sizeof(int32_t));
+        op->n_positions = n_positions;
+    }
+    if (data != NULL) {
+        const int64_t n = ne[0] * ne[1] * ne[2] * ne[3];
+        op->host = malloc(n * sizeof(float));
+        memcpy(op->host, data, n * sizeof(float));
+        memcpy(op->ne, ne, sizeof(op->ne));
+    }
+    st->ops_uploaded = false;
+    st->n_ops += 1;
+    pi_update_hook(st);
+    return st->n_ops - 1;
+}
+
+// place `tensors` (of a no_alloc context) in the pools of their buffer types, growing a pool when it is too small
+bool pi_pools_place(struct pi_state * st, struct pi_pool * pools, struct ggml_tensor ** tensors,
+                    const ggml_backend_buffer_type_t * bufts, int32_t n) {
+    (void) st;
+    size_t need[PI_MAX_POOLS] = {0};
+    for (int32_t i = 0; i < n; ++i) {
+        int p = 0;
+        while (p < PI_MAX_POOLS && pools[p].buft != NULL && pools[p].buft != bufts[i]) {
+            ++p;
+        }
+        if (p == PI_MAX_POOLS) {
+            return false;
+        }
+        pools[p].buft = bufts[i];
+        const size_t align = ggml_backend_buft_get_alignment(bufts[i]);
+        need[p] += GGML_PAD(ggml_backend_buft_get_alloc_size(bufts[i], tensors[i]), align);
+    }
+    struct ggml_tallocr talloc[PI_MAX_POOLS];
+    for (int p = 0; p < PI_MAX_POOLS && pools[p].buft != NULL; ++p) {
+        if (need[p] == 0) {
+            continue;
+        }
+        need[p] += ggml_backend_buft_get_alignment(pools[p].buft);
+        const size_t have = pools[p].buf ? ggml_backend_buffer_get_size(pools[p].buf) : 0;
+        if (have < need[p]) {
+            if (pools[p].buf) {
+                ggml_backend_buffer_free(pools[p].buf);
+            }
+            pools[p].buf = ggml_backend_buft_alloc_buffer(pools[p].buft, need[p] > 2*have ? need[p] : 2*have);
+            if (pools[p].buf == NULL) {
+                return false;
+            }
+        }
+        talloc[p] = ggml_tallocr_new(pools[p].buf);
+    }
+    for (int32_t i = 0; i < n; ++i) {
+        int p = 0;
+        while (pools[p].buft != bufts[i]) {
+            ++p;
+        }
+        if (ggml_tallocr_alloc(&talloc[p], tensors[i]) != GGML_STATUS_SUCCESS) {
+            return false;
+        }
+    }
+    return true;
+}
+
+// the ops' data, to device memory (once per plan)
+static int pi_ops_upload(struct pi_state * st) {
+    if (st->ops_ctx) {
+        ggml_free(st->ops_ctx);
+    }
+    struct ggml_init_params params = { (st->n_ops + 1) * ggml_tensor_overhead(), NULL, true };
+    st->ops_ctx = ggml_init(params);
+    struct ggml_tensor ** tensors = malloc((st->n_ops + 1) * sizeof(*tensors));
+    ggml_backend_buffer_type_t * bufts = malloc((st->n_ops + 1) * sizeof(*bufts));
+    int32_t n = 0;
+    for (int32_t i = 0; i < st->n_ops; ++i) {
+        struct pi_op * op = &st->ops[i];
+        op->data = NULL;
+        if (op->host == NULL) {
+            continue;
+        }
+        op->data = ggml_new_tensor_4d(st->ops_ctx, GGML_TYPE_F32, op->ne[0], op->ne[1], op->ne[2], op->ne[3]);
+        ggml_format_name(op->data, "pi_op_data-%d", i);
+        tensors[n] = op->data;
+        bufts[n++] = op->buft;
+    }
+    const bool placed = pi_pools_place(st, st->ops_pool, tensors, bufts, n);
+    free(tensors);
+    free(bufts);
+    if (!placed) {
+        return pi_fail(st, "could not allocate device memory for the ops' data");
+    }
+    for (int32_t i = 0; i < st->n_ops; ++i) {
+        struct pi_op * op = &st->ops[i];
+        if (op->data) {
+            ggml_backend_tensor_set(op->data, op->host, 0, ggml_nbytes(op->data));
+        }
+    }
+    st->ops_uploaded = true;
+    return 0;
+}
+
+// the rows of a ubatch (n_seq sequences of n_tokens at pos0) op acts on; returns false when per-row data
+// lacks a row
+static bool pi_op_rows(struct pi_op * op, int32_t n_seq, int32_t n_tokens, const int32_t * seq_ids, int32_t pos0) {
+    if (op->seq < 0 && op->positions == NULL && !op->per_row) {
+        op->n_rows = -1;
+        return true;
+    }
+    const int32_t cap = n_seq * (op->positions ? op->n_positions : n_tokens);
+    op->dst_host = realloc(op->dst_host, (cap + 1) * sizeof(int32_t));
+    op->src_host = realloc(op->src_host, (cap + 1) * sizeof(int32_t));
+    int32_t n = 0;
+    for (int32_t s = 0; s < n_seq; ++s) {
+        if (op->seq >= 0 && seq_ids[s] != op->seq) {
+            continue;
+        }
+        const int32_t count = op->positions ? op->n_positions : n_tokens;
+        for (int32_t i = 0; i < count; ++i) {
+            const int32_t pos = op->positions ? op->positions[i] : pos0 + i;
+            if (pos < pos0 || pos >= pos0 + n_tokens) {
+                continue;
+            }
+            op->dst_host[n] = s * n_tokens + (pos - pos0);
+            op->src_host[n] = op->positions ? i : pos;
+            if (op->per_row && op->src_host[n] >= op->ne[1]) {
+                return false;
+            }
+            ++n;
+        }
+    }
+    op->n_rows = n;
+    return true;
+}
+
+// before a decode: data uploaded, and every op's rows of this ubatch in device memory. When an op now
+// acts on a different number of rows the graph changes, so the previous one is dropped.
+int pi_ops_prepare(struct pi_state * st, int32_t n_seq, int32_t n_tokens, const int32_t * seq_ids, int32_t pos0) {
+    st->n_ubatch = n_seq * n_tokens;
+    bool changed = false;
+    if (!st->ops_uploaded) {
+        if (pi_ops_upload(st) != 0) {
+            return -1;
+        }
+        changed = true;
+    }
+    for (int32_t i = 0; i < st->n_ops; ++i) {
+        struct pi_op * op = &st->ops[i];
+        const int32_t before = op->n_rows;
+        if (!pi_op_rows(op, n_seq, n_tokens, seq_ids, pos0)) {
+            snprintf(st->error, sizeof(st->error), "op %d on %s-%d: its data has no row for a position of this decode",
+                     i, op->name, op->il);
+            return -1;
+        }
+        changed = changed || op->n_rows != before || op->dst == NULL;
+    }
+    if (changed) {
+        if (st->rows_ctx) {
+            ggml_free(st->rows_ctx);
+        }
+        struct ggml_init_params params = { (2*st->n_ops + 1) * ggml_tensor_overhead(), NULL, true };
+        st->rows_ctx = ggml_init(params);
+        struct ggml_tensor ** tensors = malloc((2*st->n_ops + 1) * sizeof(*tensors));
+        ggml_backend_buffer_type_t * bufts = malloc((2*st->n_ops + 1) * sizeof(*bufts));
+        int32_t n = 0;
+        for (int32_t i = 0; i < st->n_ops; ++i) {
+            struct pi_op * op = &st->ops[i];
+            op->dst = op->src = NULL;
+            if (op->n_rows <= 0) {
+                continue;
+            }
+            op->dst = ggml_new_tensor_1d(st->rows_ctx, GGML_TYPE_I32, op->n_rows);
+            op->src = ggml_new_tensor_1d(st->rows_ctx, GGML_TYPE_I32, op->n_rows);
+            ggml_format_name(op->dst, "pi_op_rows-%d", i);
+            ggml_format_name(op->src, "pi_op_data_rows-%d", i);
+            tensors[n] = op->dst; bufts[n++] = op->buft;
+            tensors[n] = op->src; bufts[n++] = op->buft;
+        }
+        const bool placed = pi_pools_place(st, st->rows_pool, tensors, bufts, n);
+        free(tensors);
+        free(bufts);
+        if (!placed) {
+            return pi_fail(st, "could not allocate device memory for the ops' rows");
+        }
+        pi_drop_graph(st);
+    }
+    for (int32_t i = 0; i < st->n_ops; ++i) {
+        struct pi_op * op = &st->ops[i];
+        if (op->n_rows > 0) {
+            ggml_backend_tensor_set(op->dst, op->dst_host, 0, ggml_nbytes(op->dst));
+            ggml_backend_tensor_set(op->src, op->src_host, 0, ggml_nbytes(op->src));
+        }
+    }
+    return 0;
+}
+
+// keep t as an output of the graph
+static struct ggml_tensor * pi_output(struct ggml_context * ctx, struct ggml_cgraph * gf, struct ggml_tensor * t,
+                                      const char * name) {
+    if (ggml_is_view(t) || !ggml_is_contiguous(t)) {
+        t = ggml_cont(ctx, t);
+        ggml_format_name(t, "%s (capture)", name);
+    }
+    ggml_set_output(t);
+    ggml_build_forward_expand(gf, t);
+    return t;
+}
+
+// the rows `op` selects, changed by the op, as [width, n_rows]
+static struct ggml_tensor * pi_op_rows_changed(struct ggml_context * ctx, struct pi_op * op, struct ggml_tensor * rows,
+                                               int64_t width, const struct ggml_tensor * cur, int64_t n_ubatch) {
+    struct ggml_tensor * with = op->per_row ? ggml_get_rows(ctx, ggml_reshape_2d(ctx, op->data, width, op->ne[1]), op->src)
+                                           : op->data;
+    switch (op->kind) {
+        case PI_OP_SET: return op->per_row ? with : ggml_repeat_4d(ctx, with, width, op->n_rows, 1, 1);
+        case PI_OP_ADD: return ggml_add(ctx, rows, with);
+        case PI_OP_MUL: {
+            if (op->per_row) {
+                return ggml_mul(ctx, rows, with);
+            }
+            // one token's slice keeps its shape, so data broadcasts over it as over the whole tensor
+            struct ggml_tensor * shaped = cur->ne[2] == n_ubatch ?
+                ggml_reshape_3d(ctx, rows, cur->ne[0], cur->ne[1], op->n_rows) : ggml_reshape_2d(ctx, rows, cur->ne[0], op->n_rows);
+            return ggml_reshape_2d(ctx, ggml_mul(ctx, shaped, op->data), width, op->n_rows);
+        }
+        default: return NULL;
+    }
+}
+
+// apply op to cur (the first tensor named op->name in layer op->il of this build); returns what takes its place
+struct ggml_tensor * pi_op_apply(struct pi_state * st, struct ggml_context * ctx, struct ggml_cgraph * gf,
+                                 struct pi_op * op, struct ggml_tensor * cur) {
+    if (op->n_rows == 0) {
+        return cur;
+    }
+    if (op->n_rows < 0) {
+        switch (op->kind) {
+            case PI_OP_CAPTURE:
+                op->out = pi_output(ctx, gf, cur, cur->name);
+                return cur;
+            case PI_OP_MUL:
+            case PI_OP_ADD: {
+                if (!ggml_can_repeat(op->data, cur)) {
+                    return cur; // checked by the caller against the tensor's shape; never broadcast wrongly
+                }
+                struct ggml_tensor * out = op->kind == PI_OP_MUL ? ggml_mul(ctx, cur, op->data) : ggml_add(ctx, cur, op->data);
+                ggml_format_name(out, "%s (%s)", cur->name, op->kind == PI_OP_MUL ? "scaled" : "added");
+                return out;
+            }
+            default:
+                return cur;
+        }
+    }
+    // the tokens are the last axis: the tensor as [width, n_ubatch] rows
+    const int64_t n = st->n_ubatch;
+    if (cur->ne[3] != 1 || !(cur->ne[2] == n || (cur->ne[2] == 1 && cur->ne[1] == n))) {
+        return cur; // checked by the caller: row ops act on [.., n_tokens] tensors only
+    }
+    struct ggml_tensor * x = ggml_is_contiguous(cur) ? cur : ggml_cont(ctx, cur);
+    x = ggml_reshape_2d(ctx, x, ggml_nelements(cur) / n, n);
+    if (op->kind != PI_OP_SET && op->per_row && op->data->ne[0] != x->ne[0]) {
+        return cur;
+    }
+    if (op->kind == PI_OP_CAPTURE) {
+        op->out = pi_output(ctx, gf, ggml_get_rows(ctx, x, op->dst), cur->name);
+        return cur;
+    }
+    if (op->kind == PI_OP_SET && op->data->ne[0] != x->ne[0]) {
+        return cur;
+    }
+    struct ggml_tensor * rows = op->kind == PI_OP_SET ? NULL : ggml_get_rows(ctx, x, op->dst);
+    struct ggml_tensor * changed = pi_op_rows_changed(ctx, op, rows, x->ne[0], cur, n);
+    if (changed == NULL) {
+        return cur;
+    }
+    struct ggml_tensor * out = ggml_set_rows(ctx, ggml_dup(ctx, x), changed, op->dst);
+    out = ggml_reshape_4d(ctx, out, cur->ne[0], cur->ne[1], cur->ne[2], cur->ne[3]);
+    ggml_format_name(out, "%s (%s rows)", cur->name, op->kind == PI_OP_SET ? "set" : op->kind == PI_OP_ADD ? "added" : "scaled");
+    return out;
+}

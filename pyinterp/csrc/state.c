@@ -1,0 +1,191 @@
+// pyinterp native layer: loading a model, making a context, and the state the hook works from.
+
+#include "internal.h"
+
+#ifdef PYINTERP_RPC
+#include "ggml-rpc.h"
+#endif
+
+int pi_fail(struct pi_state * st, const char * msg) {
+    snprintf(st->error, sizeof(st->error), "%s", msg);
+    return -1;
+}
+
+const char * pi_last_error(const struct pi_state * st) {
+    return st->error;
+}
+
+ggml_backend_buffer_type_t pi_layer_buft(const struct pi_state * st, int32_t il) {
+    return ggml_backend_dev_buffer_type(llama_model_layer_dev(st->model, il));
+}
+
+// rpc_endpoint (host:port of a ggml RPC server, or NULL): offload to that server's first device only
+struct llama_model * pi_model_load(const char * path, int32_t n_gpu_layers, const char * rpc_endpoint) {
+    struct llama_model_params params = llama_model_default_params();
+    params.n_gpu_layers = n_gpu_layers;
+    ggml_backend_dev_t devices[2] = { NULL, NULL };
+    if (rpc_endpoint != NULL) {
+#ifdef PYINTERP_RPC
+        ggml_backend_reg_t reg = ggml_backend_rpc_add_server(rpc_endpoint);
+        if (reg == NULL || ggml_backend_reg_dev_count(reg) == 0) {
+            return NULL;
+        }
+        devices[0] = ggml_backend_reg_dev_get(reg, 0);
+        params.devices = devices;
+#else
+        return NULL;
+#endif
+    }
+    return llama_model_load_from_file(path, params);
+}
+
+bool pi_has_rpc(void) {
+#ifdef PYINTERP_RPC
+    return true;
+#else
+    return false;
+#endif
+}
+
+// serve this process's CPU to ggml RPC clients at endpoint (host:port); returns only on failure
+void pi_rpc_serve(const char * endpoint, int32_t n_threads) {
+#ifdef PYINTERP_RPC
+    ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    ggml_backend_rpc_start_server(endpoint, NULL, n_threads, 1, &cpu);
+#else
+    (void) endpoint;
+    (void) n_threads;
+#endif
+}
+
+// flash_attn: -1 auto, 0 off (the explicit path on every layer), 1 on; type_k/type_v: enum ggml_type of the KV
+// cache; n_seq_max: sequences one decode may hold (they share one KV cache of n_ctx cells)
+struct llama_context * pi_context_new(struct llama_model * model, uint32_t n_ctx, int32_t n_threads, int32_t flash_attn,
+                                      int32_t type_k, int32_t type_v, int32_t n_seq_max) {
+    struct llama_context_params params = llama_context_default_params();
+    params.n_ctx           = n_ctx;
+    params.n_batch         = n_ctx;   // one decode is one ubatch: op rows index it directly
+    params.n_ubatch        = n_ctx;
+    params.n_seq_max       = n_seq_max;
+    params.kv_unified      = true;    // sequences share cells: a copied prefix is stored once
+    params.n_threads       = n_threads;
+    params.n_threads_batch = n_threads;
+    params.swa_full        = true;    // KV cell i holds position i in every layer
+    params.no_perf         = true;
+    params.flash_attn_type = flash_attn < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO :
+                             flash_attn > 0 ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    params.type_k          = (enum ggml_type) type_k;
+    params.type_v          = (enum ggml_type) type_v;
+    return llama_init_from_model(model, params);
+}
+
+struct pi_state * pi_state_new(struct llama_context * ctx) {
+    struct pi_state * st = calloc(1, sizeof(struct pi_state));
+    st->ctx     = ctx;
+    st->model   = llama_get_model(ctx);
+    st->n_layer = llama_model_n_layer(st->model);
+    st->n_head  = llama_model_n_head(st->model);
+    st->layers  = calloc(st->n_layer, sizeof(struct pi_layer));
+    st->lens.in    = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
+    st->lens.ids   = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
+    st->lens.probs = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
+    st->lens.stats = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
+    struct ggml_init_params meta_params = { PI_META_TENSORS * ggml_tensor_overhead(), NULL, true };
+    st->meta = ggml_init(meta_params);
+
+    float * eye = calloc((size_t) st->n_head * st->n_head, sizeof(float));
+    for (int32_t h = 0; h < st->n_head; ++h) {
+        eye[h * st->n_head + h] = 1.0f;
+    }
+    for (int32_t il = 0; il < st->n_layer; ++il) {
+        struct pi_layer * layer = &st->layers[il];
+        struct ggml_init_params params = { ggml_tensor_overhead(), NULL, true };
+        layer->ctx = ggml_init(params);
+        layer->eye = ggml_new_tensor_3d(layer->ctx, GGML_TYPE_F32, 1, st->n_head, st->n_head);
+        ggml_format_name(layer->eye, "pi_eye-%d", il);
+        layer->buf = ggml_backend_alloc_ctx_tensors_from_buft(layer->ctx, pi_layer_buft(st, il));
+        if (layer->buf == NULL) {
+            free(eye);
+            pi_state_free(st);
+            return NULL;
+        }
+        ggml_backend_tensor_set(layer->eye, eye, 0, ggml_nbytes(layer->eye));
+    }
+    free(eye);
+    return st;
+}
+
+static void pi_pools_free(struct pi_pool * pools) {
+    for (int i = 0; i < PI_MAX_POOLS; ++i) {
+        if (pools[i].buf) {
+            ggml_backend_buffer_free(pools[i].buf);
+        }
+    }
+}
+
+void pi_state_free(struct pi_state * st) {
+    if (st == NULL) {
+        return;
+    }
+    if (st->hook_set) {
+        llama_set_graph_hook(st->ctx, NULL, NULL);
+    }
+    for (int32_t il = 0; il < st->n_layer; ++il) {
+        if (st->layers[il].buf) {
+            ggml_backend_buffer_free(st->layers[il].buf);
+        }
+        if (st->layers[il].ctx) {
+            ggml_free(st->layers[il].ctx);
+        }
+    }
+    pi_ops_free(st);
+    pi_pools_free(st->ops_pool);
+    pi_pools_free(st->rows_pool);
+    pi_attr_free(st);
+    pi_lens_targets_free(st);
+    free(st->lens.in);
+    free(st->lens.ids);
+    free(st->lens.probs);
+    free(st->lens.stats);
+    if (st->meta) {
+        ggml_free(st->meta);
+    }
+    free(st->layers);
+    free(st->seen);
+    free(st);
+}
+
+// the hook is set on the context only while there is something for it to do, so a run without
+// interventions is stock llama.cpp
+void pi_update_hook(struct pi_state * st) {
+    const bool want = st->n_ops > 0 || st->record || st->lens.k > 0 || st->attr.n_terms > 0;
+    if (want != st->hook_set) {
+        llama_set_graph_hook(st->ctx, want ? pi_hook : NULL, want ? st : NULL);
+        st->hook_set = want;
+    }
+}
+
+// the next decode builds a new graph: what the hook would add has changed
+void pi_drop_graph(struct pi_state * st) {
+    if (st->hook_set) {
+        llama_set_graph_hook(st->ctx, pi_hook, st);
+    }
+}
+
+void pi_plan_clear(struct pi_state * st) {
+    pi_ops_free(st);
+    st->record = false;
+    st->lens.k = 0;
+    pi_lens_targets_free(st);
+    pi_attr_free(st);
+    st->gf     = NULL; // removing the hook drops the graph
+    pi_drop_graph(st);
+    pi_update_hook(st);
+}
+
+void pi_set_record(struct pi_state * st, bool record) {
+    st->record = record;
+    st->n_seen = 0;
+    pi_update_hook(st);
+    pi_drop_graph(st);
+}

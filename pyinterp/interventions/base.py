@@ -1,0 +1,56 @@
+"""What every intervention compiles to: records of the native op table (``pyinterp/csrc/interp.h``).
+
+An intervention is an object with ``ops(target) -> list[Op]``: it checks itself against the model's
+tensor table (``target.planner``) and the run (prompt length, sequence), then says which generic native
+ops do it: ``mul`` (multiply, broadcast), ``set`` (replace rows), ``add`` (add, broadcast or rows) and
+``capture`` (keep as an output). Ops on one tensor apply in order; two head masks multiply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from ..hooks import Planner
+
+OP_KINDS = ("capture", "mul", "set", "add")
+
+
+@dataclass(frozen=True)
+class Op:
+    """One record of the native op table.
+
+    ``data`` is in numpy order (ggml's ``ne`` reversed): broadcast against the tensor (or, with positions or a
+    sequence, against one token's slice of it), or with ``per_row`` one row per position ``[n_rows, width]``
+    (row ``i`` for ``positions[i]``, or row ``p`` for position ``p`` when ``positions`` is None).
+    ``seq`` -1 acts on every sequence of a decode.
+    """
+
+    kind: str
+    name: str
+    layer: int
+    seq: int = -1
+    positions: tuple[int, ...] | None = None
+    data: np.ndarray | None = field(default=None, compare=False)
+    per_row: bool = False
+
+    def __post_init__(self) -> None:
+        assert self.kind in OP_KINDS, self.kind
+
+
+@dataclass(frozen=True)
+class Target:
+    """The run an intervention is compiled for."""
+
+    planner: Planner            # the model's tensor table and sizes
+    n_tokens: int               # tokens of the prompt
+    seq: int = -1               # the llama.cpp sequence it acts on (-1: every sequence of the decode)
+    scores_layers: frozenset[int] = frozenset()  # layers whose graph has attn_scores in this run
+
+
+class Intervention(Protocol):
+    def ops(self, target: Target) -> list[Op]:
+        """The native ops that do this intervention in ``target``'s run; raises InputError when it does not fit."""
+        ...
