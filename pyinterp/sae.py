@@ -192,8 +192,9 @@ class SAE:
         return _from_parts(settings, tensors, path)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the SAE as a SAELens directory (created if needed): the 6.x cfg layout with ``hook_name`` also
-        at the top level, so that SAELens reads it as 6.x or as older alike, and the weights in ``dtype``."""
+        """Write the SAE as a SAELens directory (created if needed): the 6.x cfg layout, with ``hook_name`` and
+        ``model_name`` also at the top level where SAELens looks for them in a cfg without a version (it reads
+        this one as pre-6.0), and the weights in ``dtype``."""
         path = Path(path)
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -203,7 +204,7 @@ class SAE:
             "architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae, "dtype": self.dtype,
             "device": "cpu", "apply_b_dec_to_input": self.apply_b_dec_to_input, "normalize_activations": "none",
             "reshape_activations": "hook_z" if self.hook_z else "none", "hook_name": self.hook_name,
-            "metadata": {"hook_name": self.hook_name, "model_name": self.model_name},
+            "model_name": self.model_name, "metadata": {"hook_name": self.hook_name, "model_name": self.model_name},
         }
         if self.architecture == "topk":
             cfg.update(k=self.k, rescale_acts_by_decoder_norm=False)
@@ -241,9 +242,9 @@ def _settings(raw: dict, where: Path) -> dict:
             architecture = "topk"
         if architecture == "topk" and "k" in kwargs:
             cfg["k"] = kwargs["k"]
-        if activation not in ("relu", "topk"):
+        if activation not in ("relu", "topk") or (activation == "topk" and architecture != "topk"):
             raise InputError(f"{where}: activation function {activation!r} is not supported; pyinterp implements "
-                             f"relu and topk")
+                             f"relu and topk (with activation_fn_kwargs.k)")
         norm = cfg.get("normalize_activations")
         if norm is None or isinstance(norm, bool):
             norm = "expected_average_only_in" if norm else "none"

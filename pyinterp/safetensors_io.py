@@ -37,7 +37,8 @@ def narrow(array: np.ndarray, dtype: str) -> np.ndarray:
         bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32).astype(np.uint64)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         return rounded.astype(DTYPES["BF16"])
-    return array.astype(DTYPES[dtype])
+    with np.errstate(over="ignore"):  # beyond F16's range: inf, as torch gives
+        return array.astype(DTYPES[dtype])
 
 
 def rounded(array: np.ndarray, dtype: str) -> np.ndarray:
