@@ -311,3 +311,44 @@ class Backend:
 
 def default_threads() -> int:
     return len(os.sched_getaffinity(0))
+
+
+class NativeSAE:
+    """An SAE's weights on the device of one layer (``pi_sae_load``), freed with this object."""
+
+    ACTIVATIONS = {"standard": lib.PI_SAE_RELU, "jumprelu": lib.PI_SAE_JUMPRELU, "topk": lib.PI_SAE_TOPK}
+
+    def __init__(self, backend: Backend, layer: int, w_enc: np.ndarray, b_enc: np.ndarray, w_dec: np.ndarray,
+                 b_dec: np.ndarray, threshold: np.ndarray | None, architecture: str, k: int | None, apply_b_dec: bool) -> None:
+        d_in, d_sae = w_enc.shape
+        keep = [np.ascontiguousarray(a, dtype=np.float32) for a in (w_enc.T, b_enc, w_dec, w_dec.T, b_dec)]
+        threshold = ffi.NULL if threshold is None else ffi.from_buffer("float[]", np.ascontiguousarray(threshold, dtype=np.float32))
+        handle = lib.pi_sae_load(backend._state, layer, d_in, d_sae, *(ffi.from_buffer("float[]", a) for a in keep),
+                                 threshold, self.ACTIVATIONS[architecture], k or 0, apply_b_dec)
+        if handle == ffi.NULL:
+            raise backend.error("SAE")
+        self.handle = ffi.gc(handle, lib.pi_sae_free)
+
+
+def attach_sae(backend: Backend, sae: NativeSAE, name: str, layer: int, top_k: int, edits: dict[int, float],
+               scale: bool) -> int:
+    """Encode ``name-layer`` with ``sae`` in the next decodes (until the plan is cleared); ``edits``: feature ->
+    value (or factor, ``scale``). Returns the index :func:`sae_result` reads."""
+    ids, values = list(edits), [float(v) for v in edits.values()]
+    i = lib.pi_sae_attach(backend._state, sae.handle, name.encode(), layer, top_k, ffi.new("int32_t[]", ids),
+                          ffi.new("float[]", values), len(ids), scale)
+    if i < 0:
+        raise backend.error("SAE")
+    return i
+
+
+def sae_result(backend: Backend, i: int, n_rows: int, top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SAE ``i``'s last decode: feature ids and values ``[n_rows, top_k]`` (unordered) and per row
+    ``[n_rows, 5]``: |x - x_hat|^2, |x|^2, x.x_hat, |x_hat|^2, active features."""
+    ids = np.empty((n_rows, top_k), dtype=np.int32)
+    values = np.empty((n_rows, top_k), dtype=np.float32)
+    stats = np.empty((n_rows, 5), dtype=np.float32)
+    if lib.pi_sae_read(backend._state, i, ffi.from_buffer("int32_t[]", ids), ffi.from_buffer("float[]", values),
+                       ffi.from_buffer("float[]", stats), n_rows) != 0:
+        raise backend.error("SAE")
+    return ids, values, stats

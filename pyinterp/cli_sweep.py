@@ -9,7 +9,7 @@ import click
 import numpy as np
 
 from .errors import PyinterpError
-from .patching import Metric, bind_metric, head_ablation_scan, logit_diff, patch_sweep, prob, run_metric
+from .patching import Metric, bind_metric, head_ablation_scan, head_patch_scan, logit_diff, patch_sweep, prob, run_metric
 
 
 def parse_layers(spec: str, n_layer: int) -> list[int]:
@@ -72,6 +72,8 @@ def print_table(values: np.ndarray, layers: list[int], columns: list[str]) -> No
 @click.option("--corrupt", default=None, help="The corrupted prompt (patched into); as many tokens as --clean.")
 @click.option("--heads", "heads_scan", is_flag=True,
               help="Instead of patching: ablate each head alone on --clean and record the metric's change.")
+@click.option("--patch-heads", is_flag=True,
+              help="With --corrupt: patch each head's output (kqv_heads) alone instead of a row of --tensor (layers x heads).")
 @click.option("--tensor", default="l_out", show_default=True, help="The [n_tokens, width] tensor patched.")
 @click.option("--metric", "metric_kind", type=click.Choice(["logit-diff", "prob"]), default="logit-diff",
               show_default=True, help="logit(--good) - logit(--bad), or the probability of --good, at the last token.")
@@ -87,12 +89,14 @@ def print_table(values: np.ndarray, layers: list[int], columns: list[str]) -> No
 @click.option("--png", default=None, type=click.Path(dir_okay=False), metavar="PATH", help="Write the heatmap.")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
 @click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
-def sweep(model_path, clean, corrupt, heads_scan, tensor, metric_kind, good, bad, layer_spec, ctx_size, threads,
+def sweep(model_path, clean, corrupt, heads_scan, patch_heads, tensor, metric_kind, good, bad, layer_spec, ctx_size, threads,
           as_json, csv_path, png, verbose, debug):
     """Activation patching: for each layer and token, run --corrupt with that token's row of --tensor taken
     from the --clean run, and record the metric of the last token's logits (layers x tokens).
 
-    With --heads: ablate each head of --clean alone and record metric(ablated) - metric(plain) (layers x heads).
+    With --patch-heads: patch each head's output alone instead (layers x heads). With --heads: ablate each head
+    of --clean alone and record metric(ablated) - metric(plain) (layers x heads). Variants run batched, sharing
+    the prompt's unchanged prefix.
     """
     from .cli import progress
     from .model import Model
@@ -100,8 +104,10 @@ def sweep(model_path, clean, corrupt, heads_scan, tensor, metric_kind, good, bad
 
     if heads_scan == (corrupt is not None):
         raise click.UsageError("give --corrupt for a patching sweep, or --heads for a head ablation scan (not both)")
-    if heads_scan and tensor != "l_out":
-        raise click.UsageError("--tensor goes with a patching sweep, not --heads")
+    if (heads_scan or patch_heads) and tensor != "l_out":
+        raise click.UsageError("--tensor goes with a patching sweep of rows, not --heads or --patch-heads")
+    if heads_scan and patch_heads:
+        raise click.UsageError("--patch-heads patches from --corrupt; --heads ablates: choose one")
     with Model(model_path, n_ctx=ctx_size, n_threads=threads, verbose=verbose) as model:
         layers = parse_layers(layer_spec, model.n_layer) if layer_spec is not None else list(range(model.n_layer))
         metric = choose_metric(model, metric_kind, good, bad, clean, corrupt)
@@ -116,12 +122,19 @@ def sweep(model_path, clean, corrupt, heads_scan, tensor, metric_kind, good, bad
                 values = head_ablation_scan(model, clean_ids, metric, layers, on_cell=bar and (lambda: bar.update(1)))
         else:
             corrupt_ids = model.prompt_ids(corrupt)
-            result |= {"corrupt": corrupt, "tensor": tensor, "corrupt_value": run_metric(model, corrupt_ids, fn)}
-            columns = [model.token_str(t) for t in clean_ids]
-            kind = f"patching {tensor} clean -> corrupt"
-            with progress(len(layers) * len(clean_ids), "cells") as bar:
-                values = patch_sweep(model, clean_ids, corrupt_ids, metric=metric, tensor=tensor, layers=layers,
-                                     on_cell=bar and (lambda: bar.update(1)))
+            result |= {"corrupt": corrupt, "tensor": "kqv_heads" if patch_heads else tensor,
+                       "corrupt_value": run_metric(model, corrupt_ids, fn)}
+            if patch_heads:
+                columns, kind = [str(h) for h in range(model.n_head)], "patching each head clean -> corrupt"
+                with progress(len(layers) * model.n_head, "heads") as bar:
+                    values = head_patch_scan(model, clean_ids, corrupt_ids, metric, layers,
+                                             on_cell=bar and (lambda: bar.update(1)))
+            else:
+                columns = [model.token_str(t) for t in clean_ids]
+                kind = f"patching {tensor} clean -> corrupt"
+                with progress(len(layers) * len(clean_ids), "cells") as bar:
+                    values = patch_sweep(model, clean_ids, corrupt_ids, metric=metric, tensor=tensor, layers=layers,
+                                         on_cell=bar and (lambda: bar.update(1)))
     result |= {"kind": kind, "columns": columns, "values": values.round(6).tolist()}
     files = []
     if csv_path is not None:

@@ -1,4 +1,5 @@
-"""Activation-patching sweeps and head scans: one forward pass per cell, one metric of the final logits each.
+"""Activation-patching sweeps and head scans: one metric of the final logits per cell, the cells run as
+variants in batched decodes that share the prompt's unchanged prefix (:mod:`pyinterp.batch`).
 
 - :func:`patch_sweep`: run the clean prompt once capturing a ``[n_tokens, width]`` tensor (``l_out`` by
   default), then for every (layer, position) run the corrupted prompt with that one row replaced by the
@@ -7,11 +8,13 @@
   ``[n_layers, n_head]``.
 
 A metric is any callable on the last token's logits ``[n_vocab] -> float``, or one built from tokens
-(:func:`logit_diff`, :func:`prob`), which names its tokens by id or single-token text. Every cell goes
-through :func:`run_metric`, the one place that runs the model.
+(:func:`logit_diff`, :func:`prob`), which names its tokens by id or single-token text. Every sweep goes
+through :func:`evaluate`, the one place that runs the variants.
+- :func:`head_patch_scan`: patch one head's output (``kqv_heads``) at a time, clean into corrupt.
+  ``[n_layers, n_head]``.
 
-Patching single heads (``kqv_heads`` is ``[n_tokens, n_head, head_dim]``) is not offered: the native patch
-op replaces whole rows of ``[n_tokens, width]`` tensors only.
+``batched=False`` runs one :meth:`Model.run` per cell instead (the reference loop; same numbers up to
+float rounding).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 import numpy as np
 
 from .errors import InputError
-from .hooks import Head, Patch, as_list
+from .batch import run_variants
+from .hooks import as_list
+from .interventions import AblateHeads, Intervention, PatchHead, PatchRow
 
 if TYPE_CHECKING:
     from .model import Model
@@ -95,16 +100,32 @@ def bind_metric(model: Model, metric: Metric | MetricFn) -> MetricFn:
     return metric
 
 
-def run_metric(model: Model, ids: Sequence[int], metric: MetricFn, *, patch: Iterable[Patch] = (),
-               ablate: Iterable[Head] = ()) -> float:
-    """One forward pass of ``ids`` under these interventions; ``metric`` of the last token's logits.
-    The one place a sweep runs the model (only the last row of logits is computed)."""
-    logits = model.run(ids, patch=patch, ablate=ablate, logits="last").logits[-1]
-    value = metric(logits)
+def _number(value: object) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
         raise InputError(f"the metric must return a number, got {value!r}") from None
+
+
+def run_metric(model: Model, ids: Sequence[int], metric: MetricFn) -> float:
+    """``metric`` of the last token's logits of one plain run of ``ids``."""
+    return _number(metric(model.run(ids, logits="last").logits[-1]))
+
+
+def evaluate(model: Model, ids: Sequence[int], variants: list[list[Intervention]], metric: MetricFn, batched: bool = True,
+             on_cell: Callable[[], None] | None = None) -> tuple[float, np.ndarray]:
+    """``metric`` of the last token's logits of the plain prompt, and of each variant (a list of interventions)
+    ``[n_variants]``: batched (:func:`pyinterp.batch.run_variants`) or one run per variant."""
+    if batched:
+        plain, logits = run_variants(model, ids, variants, on_variant=on_cell)
+        return _number(metric(plain)), np.array([_number(metric(row)) for row in logits])
+    plain = run_metric(model, ids, metric)
+    values = np.empty(len(variants))
+    for i, variant in enumerate(variants):
+        values[i] = _number(metric(model.run(ids, interventions=variant, logits="last").logits[-1]))
+        if on_cell is not None:
+            on_cell()
+    return plain, values
 
 
 def _layers(model: Model, layers: Iterable[int] | None) -> list[int]:
@@ -133,9 +154,9 @@ def _positions(positions: Iterable[int] | None, n_tokens: int) -> list[int]:
 
 def patch_sweep(model: Model, clean: str | Sequence[int], corrupt: str | Sequence[int], *,
                 metric: Metric | MetricFn, tensor: str = "l_out", layers: Iterable[int] | None = None,
-                positions: Iterable[int] | None = None,
+                positions: Iterable[int] | None = None, batched: bool = True,
                 on_cell: Callable[[], None] | None = None) -> np.ndarray:
-    """Activation patching, clean into corrupt, one cell at a time.
+    """Activation patching, clean into corrupt.
 
     Runs ``clean`` once capturing ``tensor`` (a ``[n_tokens, width]`` tensor: ``l_out``, ``attn_out``,
     ``ffn_out``, ...) on ``layers`` (default all), then for each layer and each of ``positions`` (default
@@ -159,18 +180,13 @@ def patch_sweep(model: Model, clean: str | Sequence[int], corrupt: str | Sequenc
         raise InputError(f"patch_sweep: {tensor!r} is not a [n_tokens, width] tensor (ggml shape {info.shapes[tensor]}); "
                          f"the native patch op replaces whole rows")
     trace = model.run(clean_ids, capture=[f"{tensor}-{il}" for il in layers], logits=None)
-    out = np.empty((len(layers), len(positions)))
-    for i, il in enumerate(layers):
-        rows = trace[tensor, il]
-        for j, pos in enumerate(positions):
-            out[i, j] = run_metric(model, corrupt_ids, fn, patch=[(tensor, il, pos, rows[pos])])
-            if on_cell is not None:
-                on_cell()
-    return out
+    variants = [[PatchRow(tensor, il, pos, trace[tensor, il][pos])] for il in layers for pos in positions]
+    _, values = evaluate(model, corrupt_ids, variants, fn, batched, on_cell)
+    return values.reshape(len(layers), len(positions))
 
 
 def head_ablation_scan(model: Model, prompt: str | Sequence[int], metric: Metric | MetricFn,
-                       layers: Iterable[int] | None = None,
+                       layers: Iterable[int] | None = None, batched: bool = True,
                        on_cell: Callable[[], None] | None = None) -> np.ndarray:
     """How much ablating each head alone changes the metric.
 
@@ -182,11 +198,29 @@ def head_ablation_scan(model: Model, prompt: str | Sequence[int], metric: Metric
     fn = bind_metric(model, metric)
     ids = model.prompt_ids(prompt)
     layers = _layers(model, layers)
-    base = run_metric(model, ids, fn)
-    out = np.empty((len(layers), model.n_head))
-    for i, il in enumerate(layers):
-        for h in range(model.n_head):
-            out[i, h] = run_metric(model, ids, fn, ablate=[(il, h)]) - base
-            if on_cell is not None:
-                on_cell()
-    return out
+    variants = [[AblateHeads(((il, h),))] for il in layers for h in range(model.n_head)]
+    plain, values = evaluate(model, ids, variants, fn, batched, on_cell)
+    return (values - plain).reshape(len(layers), model.n_head)
+
+
+def head_patch_scan(model: Model, clean: str | Sequence[int], corrupt: str | Sequence[int], metric: Metric | MetricFn,
+                    layers: Iterable[int] | None = None, positions: Iterable[int] | None = None, batched: bool = True,
+                    on_cell: Callable[[], None] | None = None) -> np.ndarray:
+    """Activation patching per attention head, clean into corrupt.
+
+    Runs ``clean`` once capturing every head's output (``kqv_heads``, ``[n_tokens, n_head, head_dim]``) on
+    ``layers`` (default all), then for each head runs ``corrupt`` with that head's output at ``positions``
+    (default every token) replaced by its clean output, and records ``metric``. Returns ``[n_layers, n_head]``
+    float64, rows in the order of ``layers``.
+    """
+    fn = bind_metric(model, metric)
+    clean_ids, corrupt_ids = model.prompt_ids(clean), model.prompt_ids(corrupt)
+    if len(clean_ids) != len(corrupt_ids):
+        raise InputError(f"the clean prompt has {len(clean_ids)} tokens and the corrupted one {len(corrupt_ids)}; "
+                         f"patching needs equal counts")
+    layers = _layers(model, layers)
+    chosen = None if positions is None else tuple(_positions(positions, len(clean_ids)))
+    trace = model.run(clean_ids, capture=[f"kqv_heads-{il}" for il in layers], logits=None)
+    variants = [[PatchHead(il, h, trace["kqv_heads", il][:, h], chosen)] for il in layers for h in range(model.n_head)]
+    _, values = evaluate(model, corrupt_ids, variants, fn, batched, on_cell)
+    return values.reshape(len(layers), model.n_head)

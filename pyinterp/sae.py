@@ -46,10 +46,12 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from .backend import NativeSAE, attach_sae, sae_result
 from .errors import InputError
 from .safetensors_io import read_safetensors, rounded, write_safetensors
 
 if TYPE_CHECKING:
+    from .backend import Backend
     from .model import Model
 
 ARCHITECTURES = ("standard", "jumprelu", "topk")
@@ -173,6 +175,15 @@ class SAE:
         return name, layer
 
     # files
+
+    def _native(self, model: "Model", layer: int) -> "NativeSAE":
+        """The weights on the device of ``layer``, uploaded once per model."""
+        cache = self.__dict__.setdefault("_uploaded", {})
+        key = (id(model._backend), layer)
+        if key not in cache:
+            cache[key] = NativeSAE(model._backend, layer, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold,
+                                   self.architecture, self.k, self.apply_b_dec_to_input)
+        return cache[key]
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SAE":
@@ -363,21 +374,61 @@ def top_features(f: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(values > 0, ids, -1).astype(np.int64), values.astype(np.float32)
 
 
-def sae_features(model: "Model", sae: SAE, tokens_or_text: str | Sequence[int], top_k: int = 10) -> SAEFeatures:
-    """Run the prompt, capture the SAE's hook tensor and encode every token's row: top-k features, L0 and
-    reconstruction error per token (:class:`SAEFeatures`)."""
+class _SAERun:
+    """An SAE encoding its tensor inside one decode (see Model._forward), with optional feature edits."""
+
+    def __init__(self, model: "Model", sae: SAE, top_k: int, edits: dict[int, float], scale: bool) -> None:
+        self.name, self.layer = sae.hook_tensor(model)
+        self.sae, self.top_k, self.edits, self.scale = sae, top_k, edits, scale
+        self.native = sae._native(model, self.layer)
+
+    def setup(self, backend: "Backend") -> None:
+        self.index = attach_sae(backend, self.native, self.name, self.layer, self.top_k, self.edits, self.scale)
+
+    def read(self, backend: "Backend", n_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return sae_result(backend, self.index, n_tokens, self.top_k)
+
+
+def _check_top_k(sae: SAE, top_k: object) -> int:
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= sae.d_sae:
         raise InputError(f"top_k must be an integer in 1..{sae.d_sae} (the SAE's features), got {top_k!r}")
-    name, layer = sae.hook_tensor(model)
-    label = name if layer < 0 else f"{name}-{layer}"
-    trace = model.run(tokens_or_text, capture=[label], logits=None)
-    x = trace[name, layer].reshape(len(trace.tokens), -1)
-    f = sae.encode(x)
-    x_hat = sae.decode(f)
-    ids, values = top_features(f, top_k)
-    norm, norm_hat = np.linalg.norm(x, axis=1), np.linalg.norm(x_hat, axis=1)
+    return top_k
+
+
+def _rows(model: "Model", layer: int) -> str:
+    """The last layer keeps only the last row unless every row is an output."""
+    return "all" if layer == model.n_layer - 1 else "last"
+
+
+def sae_features(model: "Model", sae: SAE, tokens_or_text: str | Sequence[int], top_k: int = 10) -> SAEFeatures:
+    """Encode every token's row of the SAE's hook tensor inside the graph: top-k features, L0 and reconstruction
+    error per token (:class:`SAEFeatures`); only those leave the device."""
+    run = _SAERun(model, sae, _check_top_k(sae, top_k), {}, False)
+    ids = model.prompt_ids(tokens_or_text)
+    top, values, stats = model._forward(ids, analysis=run, rows=_rows(model, run.layer)).extra
+    order = np.argsort(-values, axis=1, kind="stable")
+    top, values = np.take_along_axis(top, order, 1), np.take_along_axis(values, order, 1)
+    err, norm, dot, norm_hat, l0 = (stats[:, i].astype(np.float64) for i in range(5))
     with np.errstate(divide="ignore", invalid="ignore"):
-        rel_error = np.where(norm > 0, np.linalg.norm(x - x_hat, axis=1) / norm, np.nan)
-        cosine = np.where(norm * norm_hat > 0, np.sum(x * x_hat, axis=1) / (norm * norm_hat), np.nan)
-    return SAEFeatures(sae.hook_name, label, trace.tokens, trace.token_strs, ids, values,
-                       np.count_nonzero(f, axis=1), rel_error.astype(np.float32), cosine.astype(np.float32))
+        rel_error = np.where(norm > 0, np.sqrt(np.maximum(err, 0) / norm), np.nan)
+        cosine = np.where(norm * norm_hat > 0, dot / np.sqrt(norm * norm_hat), np.nan)
+    label = run.name if run.layer < 0 else f"{run.name}-{run.layer}"
+    return SAEFeatures(sae.hook_name, label, ids, [model.token_str(t) for t in ids],
+                       np.where(values > 0, top, -1).astype(np.int64), np.maximum(values, 0).astype(np.float32),
+                       l0.astype(np.int64), rel_error.astype(np.float32), cosine.astype(np.float32))
+
+
+def steer_features(model: "Model", sae: SAE, tokens_or_text: str | Sequence[int], edits: dict[int, float],
+                   scale: bool = False) -> np.ndarray:
+    """Logits ``[n_tokens, n_vocab]`` with the SAE's features edited inside the graph: feature ``j`` of every token
+    becomes ``edits[j]`` (or is multiplied by it, ``scale``). The tensor becomes ``x + (f' - f) W_dec``, so the
+    SAE's reconstruction error stays in and only the edited features change."""
+    if not isinstance(edits, dict) or not edits:
+        raise InputError("edits must be a non-empty {feature: value} dict")
+    for j, v in edits.items():
+        if not isinstance(j, (int, np.integer)) or not 0 <= j < sae.d_sae:
+            raise InputError(f"feature {j!r} out of range (the SAE has {sae.d_sae} features)")
+        if not isinstance(v, (int, float, np.floating)) or not np.isfinite(v):
+            raise InputError(f"feature {j}: the value must be a finite number, got {v!r}")
+    run = _SAERun(model, sae, 1, {int(j): float(v) for j, v in edits.items()}, scale)
+    return model._forward(model.prompt_ids(tokens_or_text), analysis=run).logits

@@ -81,6 +81,8 @@ class Reference:
         isolate: tuple[int, int] | None = None,
         patch: Iterable[tuple[int, int, np.ndarray]] = (),
         steer: dict[int, np.ndarray] | None = None,
+        add: Iterable[tuple[int, Iterable[int], np.ndarray]] = (),
+        patch_heads: Iterable[tuple[int, int, Iterable[int], np.ndarray]] = (),
     ) -> RefResult:
         """Run ``ids`` (BOS already included) through the model with optional interventions.
 
@@ -89,6 +91,9 @@ class Reference:
         patch:   (layer, position, vector[n_embd]) replaces that row of the layer's output.
         steer:   {layer: vector[n_embd]} added to every row of the layer's output (a control vector),
                  before the patches, as llama.cpp adds it before naming the output l_out.
+        add:     (layer, positions, vector[n_embd]) added to those rows of the layer's output.
+        patch_heads: (layer, head, positions, values[n_tokens, head_dim]) replace that head's slice of the
+                 ``o_proj`` input at those positions (row p of values at position p).
         """
         zeroed: dict[int, list[int]] = {}
         for layer, head in ablate:
@@ -135,8 +140,34 @@ class Reference:
 
             return hook
 
+        def add_hook(positions, vec):
+            v = torch.as_tensor(np.asarray(vec, dtype=np.float32).reshape(self.n_embd))
+
+            def hook(module, args, output):
+                h = _hidden(output).clone()
+                h[0, list(positions)] += v
+                return (h, *output[1:]) if isinstance(output, tuple) else h
+
+            return hook
+
+        def head_hook(head, positions, values):
+            d, rows = self.head_dim, torch.as_tensor(np.asarray(values, dtype=np.float32))
+
+            def hook(module, args):
+                x = args[0].clone()
+                for pos in positions:
+                    x[0, pos, head * d:(head + 1) * d] = rows[pos]
+                return (x, *args[1:])
+
+            return hook
+
         handles = []
         try:
+            for layer, head, positions, values in patch_heads:
+                o_proj = self.layers[layer].self_attn.o_proj
+                handles.append(o_proj.register_forward_pre_hook(head_hook(head, list(positions), values)))
+            for layer, positions, vec in add:
+                handles.append(self.layers[layer].register_forward_hook(add_hook(list(positions), vec)))
             for layer, heads in zeroed.items():
                 o_proj = self.layers[layer].self_attn.o_proj
                 handles.append(o_proj.register_forward_pre_hook(self._zero_heads_hook(heads)))
@@ -167,6 +198,22 @@ class Reference:
             attn_out=[terms["attn", i].float().numpy() for i in range(self.n_layer)],
             ffn_out=[terms["ffn", i].float().numpy() for i in range(self.n_layer)],
         )
+
+    def head_outputs(self, ids: list[int]) -> list[np.ndarray]:
+        """Each layer's attention heads' outputs (the ``o_proj`` input), ``[n_tokens, n_head, head_dim]`` per layer."""
+        out: list[np.ndarray] = []
+
+        def keep(module, args):
+            out.append(args[0][0].detach().float().numpy().reshape(len(ids), self.n_head, self.head_dim))
+
+        handles = [layer.self_attn.o_proj.register_forward_pre_hook(keep) for layer in self.layers]
+        try:
+            with torch.no_grad():
+                self.model(input_ids=torch.tensor([list(ids)], dtype=torch.long), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return out
 
     def embedding(self, ids: list[int]) -> np.ndarray:
         """The first term of the residual stream, [n_tokens, n_embd]: the token embeddings as the model

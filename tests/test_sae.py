@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import pyinterp
-from pyinterp.sae import ARCHITECTURES, SAE, random_sae, sae_features
+from pyinterp import InputError
+from pyinterp.sae import ARCHITECTURES, SAE, random_sae, sae_features, steer_features
 from pyinterp.safetensors_io import read_safetensors, write_safetensors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -359,3 +360,35 @@ def test_sae_features_match_torch_on_the_captured_activation(tiny, tmp_path, arc
         assert np.all(got.l0 <= 12) and np.all(got.ids[:, 12:] == -1)
     else:
         assert got.l0.min() > 0 and np.any(got.l0 < 200)
+
+
+@pytest.mark.parametrize("architecture", ["standard", "jumprelu", "topk"])
+def test_feature_edits_in_the_graph(tiny, architecture):
+    """Editing features inside the graph equals patching every row with x + (f' - f) W_dec computed in numpy from
+    the captured activation; multiplying features by 1 (their own value) leaves the logits unchanged."""
+    prompt = "The tiny model reads this"
+    sae = random_sae(tiny.n_embd, 200, architecture, seed=8, hook_name="blocks.1.hook_resid_post", k=12)
+    plain = tiny.run(prompt, capture=["l_out-1"])
+    x = plain["l_out", 1]
+    f = sae.encode(x)
+    active = int(np.argmax((f > 0).sum(0)))
+    own = steer_features(tiny, sae, prompt, {active: 1.0, 3: 1.0}, scale=True)
+    np.testing.assert_allclose(own, plain.logits, atol=1e-4)
+
+    edits = {active: 4.0, int(np.argmin((f > 0).sum(0))): 2.5}
+    got = steer_features(tiny, sae, prompt, edits)
+    edited = f.copy()
+    for j, v in edits.items():
+        edited[:, j] = v
+    want_x = x + (edited - f) @ sae.W_dec
+    patches = [("l_out", 1, pos, want_x[pos]) for pos in range(len(plain.tokens))]
+    want = tiny.run(prompt, patch=patches).logits
+    np.testing.assert_allclose(got, want, atol=2e-3)
+    assert np.abs(got - plain.logits).max() > 1e-2
+
+
+def test_feature_edit_errors(tiny):
+    sae = random_sae(tiny.n_embd, 50, "standard", seed=9, hook_name="blocks.1.hook_resid_post")
+    for edits, message in [({}, "non-empty"), ({50: 1.0}, "feature 50 out of range"), ({1: float("inf")}, "finite")]:
+        with pytest.raises(InputError, match=message):
+            steer_features(tiny, sae, "a b", edits)

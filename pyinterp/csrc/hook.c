@@ -28,6 +28,12 @@ void pi_build_begin(struct pi_state * st) {
         st->ops[i].done = false;
         st->ops[i].out  = NULL;
     }
+    for (int32_t i = 0; i < st->n_saes; ++i) {
+        st->saes[i].done   = false;
+        st->saes[i].ids    = NULL;
+        st->saes[i].values = NULL;
+        st->saes[i].stats  = NULL;
+    }
     for (int32_t slot = 0; slot <= st->n_layer; ++slot) {
         st->lens.in[slot]    = NULL;
         st->lens.ids[slot]   = NULL;
@@ -103,6 +109,18 @@ struct ggml_tensor * pi_hook(struct ggml_context * ctx, struct ggml_cgraph * gf,
             continue;
         }
         cur = pi_op_apply(st, st->meta, gf, op, cur);
+    }
+    for (int32_t i = 0; i < st->n_saes; ++i) {
+        struct pi_sae_use * use = &st->saes[i];
+        if (use->done || use->il != il || strcmp(use->name, name) != 0) {
+            continue;
+        }
+        use->done = true;
+        if (ggml_graph_size(gf) - ggml_graph_n_nodes(gf) < PI_ROOM) {
+            st->build_failed = PI_NO_ROOM;
+            continue;
+        }
+        cur = pi_sae_apply(st, st->meta, gf, use, cur);
     }
     if (st->lens.k > 0 || st->attr.n_terms > 0) {
         pi_analyses(st, gf, cur, name, il);

@@ -93,6 +93,38 @@ struct pi_attr {
     const char * failed;            // why the attribution could not be built (NULL: it was)
 };
 
+struct pi_sae {
+    struct ggml_context * ctx;
+    ggml_backend_buffer_t buf;
+    struct ggml_tensor * w_enc_t;   // [d_in, d_sae] ggml: one row of d_in per feature
+    struct ggml_tensor * b_enc;     // [d_sae]
+    struct ggml_tensor * w_dec;     // [d_in, d_sae]: one decoder row per feature
+    struct ggml_tensor * w_dec_t;   // [d_sae, d_in]
+    struct ggml_tensor * b_dec;     // [d_in]
+    struct ggml_tensor * threshold; // [d_sae] (JumpReLU)
+    int32_t activation;
+    int32_t k;
+    bool    apply_b_dec;
+};
+
+// one SAE encoding a tensor in this plan
+struct pi_sae_use {
+    struct pi_sae * sae;
+    char    name[PI_NAME_MAX];
+    int32_t il;
+    int32_t top_k;
+    int32_t n_edits;
+    bool    edit_scale;
+    struct ggml_context * ctx;      // owns edit_ids, edit_values
+    ggml_backend_buffer_t buf;
+    struct ggml_tensor * edit_ids;    // [n_edits] I32
+    struct ggml_tensor * edit_values; // [1, n_edits] F32
+    bool done;
+    struct ggml_tensor * ids;       // [top_k, n_rows] I32 of the last build
+    struct ggml_tensor * values;    // [1, top_k, n_rows]
+    struct ggml_tensor * stats;     // [5, n_rows]
+};
+
 struct pi_seen {
     char    name[PI_NAME_MAX + 8]; // "l_out-3"
     int64_t ne[4];
@@ -120,6 +152,9 @@ struct pi_state {
     struct pi_seen * seen;
     int32_t n_seen;
     int32_t cap_seen;
+
+    struct pi_sae_use * saes;
+    int32_t n_saes;
 
     struct pi_lens lens;            // active when lens.k > 0
     struct pi_attr attr;            // active when attr.n_terms > 0
@@ -164,6 +199,11 @@ extern const char * PI_NO_ROOM;
 // attribution.c
 void pi_attr_free(struct pi_state * st);
 void pi_build_attr(struct pi_state * st, struct ggml_context * ctx, struct ggml_cgraph * gf, struct ggml_tensor * out);
+
+// sae.c
+void pi_saes_free(struct pi_state * st);
+struct ggml_tensor * pi_sae_apply(struct pi_state * st, struct ggml_context * ctx, struct ggml_cgraph * gf,
+                                  struct pi_sae_use * use, struct ggml_tensor * cur);
 
 // hook.c
 struct ggml_tensor * pi_hook(struct ggml_context * ctx, struct ggml_cgraph * gf, struct ggml_tensor * cur,

@@ -44,6 +44,33 @@ PI_API int32_t pi_op_add    (struct pi_state * st, int32_t kind, const char * na
                              const int32_t * positions, int32_t n_positions, const float * data, const int64_t * ne,
                              bool per_row);
 
+// sparse autoencoders in the graph (sae.c). pi_sae_load keeps an SAE's weights on the device of layer il
+// until pi_sae_free: w_enc_t [d_sae][d_in] (W_enc transposed), w_dec [d_sae][d_in], w_dec_t [d_in][d_sae],
+// b_enc [d_sae], b_dec [d_in], threshold [d_sae] (JumpReLU, else NULL). Per token x:
+//   f = act((x - b_dec if apply_b_dec) W_enc + b_enc), x_hat = f W_dec + b_dec
+// act: relu; jumprelu: relu(pre) where pre > threshold; topk: relu of the k largest pre, 0 elsewhere.
+// pi_sae_attach (until pi_plan_clear) encodes the tensor `name` of layer il in every decode: the top_k
+// features of every token, and per token |x - x_hat|^2, |x|^2, x.x_hat, |x_hat|^2 and the number of active
+// features. With edits, feature
+// edit_ids[i] becomes edit_values[i] (or is multiplied by it, edit_scale) and the tensor becomes
+//   x + (f' - f) W_dec
+// so the SAE's reconstruction error stays in and only the edited features change.
+enum pi_sae_activation {
+    PI_SAE_RELU     = 0,
+    PI_SAE_JUMPRELU = 1,
+    PI_SAE_TOPK     = 2,
+};
+
+struct pi_sae;
+
+PI_API struct pi_sae * pi_sae_load(struct pi_state * st, int32_t il, int32_t d_in, int32_t d_sae, const float * w_enc_t,
+                                   const float * b_enc, const float * w_dec, const float * w_dec_t, const float * b_dec,
+                                   const float * threshold, int32_t activation, int32_t k, bool apply_b_dec);
+PI_API void    pi_sae_free  (struct pi_sae * sae);
+PI_API int32_t pi_sae_attach(struct pi_state * st, struct pi_sae * sae, const char * name, int32_t il, int32_t top_k,
+                             const int32_t * edit_ids, const float * edit_values, int32_t n_edits, bool edit_scale);
+PI_API int     pi_sae_read  (struct pi_state * st, int32_t i, int32_t * ids, float * values, float * stats, int64_t n_rows);
+
 // analyses at the unembedding (lens.c, attribution.c)
 PI_API int  pi_set_lens        (struct pi_state * st, const char * name, bool norm, int32_t k);
 PI_API int  pi_set_lens_targets(struct pi_state * st, const int32_t * targets, int32_t n_targets,

@@ -211,7 +211,7 @@ int pi_ops_prepare(struct pi_state * st, int32_t n_seq, int32_t n_tokens, const 
                      i, op->name, op->il);
             return -1;
         }
-        changed = changed || op->n_rows != before || op->dst == NULL;
+        changed = changed || op->n_rows != before || (op->n_rows > 0 && op->dst == NULL);
     }
     if (changed) {
         if (st->rows_ctx) {
@@ -313,7 +313,10 @@ struct ggml_tensor * pi_op_apply(struct pi_state * st, struct ggml_context * ctx
     // the tokens are the last axis: the tensor as [width, n_ubatch] rows
     const int64_t n = st->n_ubatch;
     if (cur->ne[3] != 1 || !(cur->ne[2] == n || (cur->ne[2] == 1 && cur->ne[1] == n))) {
-        return cur; // checked by the caller: row ops act on [.., n_tokens] tensors only
+        // the last layer keeps the rows of the output tokens only, unless every token is an output
+        st->build_failed = "an op on chosen rows met a tensor without one row per token of the batch "
+                           "(on the last layer, ask for the logits of every token)";
+        return cur;
     }
     struct ggml_tensor * x = ggml_is_contiguous(cur) ? cur : ggml_cont(ctx, cur);
     x = ggml_reshape_2d(ctx, x, ggml_nelements(cur) / n, n);

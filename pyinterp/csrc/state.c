@@ -139,6 +139,7 @@ void pi_state_free(struct pi_state * st) {
         }
     }
     pi_ops_free(st);
+    pi_saes_free(st);
     pi_pools_free(st->ops_pool);
     pi_pools_free(st->rows_pool);
     pi_attr_free(st);
@@ -158,7 +159,7 @@ void pi_state_free(struct pi_state * st) {
 // the hook is set on the context only while there is something for it to do, so a run without
 // interventions is stock llama.cpp
 void pi_update_hook(struct pi_state * st) {
-    const bool want = st->n_ops > 0 || st->record || st->lens.k > 0 || st->attr.n_terms > 0;
+    const bool want = st->n_ops > 0 || st->n_saes > 0 || st->record || st->lens.k > 0 || st->attr.n_terms > 0;
     if (want != st->hook_set) {
         llama_set_graph_hook(st->ctx, want ? pi_hook : NULL, want ? st : NULL);
         st->hook_set = want;
@@ -174,6 +175,7 @@ void pi_drop_graph(struct pi_state * st) {
 
 void pi_plan_clear(struct pi_state * st) {
     pi_ops_free(st);
+    pi_saes_free(st);
     st->record = false;
     st->lens.k = 0;
     pi_lens_targets_free(st);

@@ -1,0 +1,101 @@
+"""Many variants of one prompt in a few decodes.
+
+Each variant is a list of interventions run on its own llama.cpp sequence; up to :data:`MAX_VARIANTS`
+variants share one ``llama_decode`` (the weights are read once for all of them). A variant whose first
+intervened position is p cannot change positions before p, so the prompt is decoded once, plainly, and
+each variant copies that run's KV cells of positions ``0..p-1`` (``llama_memory_seq_cp``: the cells are
+shared, not duplicated) and decodes only positions ``p..``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+
+from .backend import N_SEQ_MAX
+from .errors import PyinterpError
+from .interventions import Intervention, Op
+
+if TYPE_CHECKING:
+    from .model import Model
+
+MAX_VARIANTS = 32  # per decode: their ops must fit the graph llama.cpp allocates
+
+
+def first_changed(ops: list[Op]) -> int:
+    """The first prompt position ``ops`` can change: the least of their positions, 0 for an op on every token."""
+    firsts = [0 if op.positions is None else min(op.positions) for op in ops if op.kind != "capture"]
+    return min(firsts, default=0)
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def run_variants(model: Model, prompt: str | Sequence[int], variants: Sequence[Sequence[Intervention]],
+                 on_variant: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The last token's logits of the plain prompt ``[n_vocab]`` and of each variant ``[n_variants, n_vocab]``.
+
+    Every variant also has the interventions of the model's context managers, as the plain run does.
+    Results equal one :meth:`Model.run` per variant up to float rounding. ``on_variant`` is called once per
+    variant done (progress).
+    """
+    model._live()
+    ids = model.prompt_ids(prompt)
+    n = len(ids)
+    b = model._backend
+    base_ops, _, _ = model._compile(n, [], ())
+    compiled = [model._compile(n, list(v), ())[0][len(base_ops):] for v in variants]
+    starts = [first_changed(ops) for ops in compiled]
+    last_layer = any(op.layer == model.n_layer - 1 for ops in compiled for op in ops)
+    out = np.empty((len(variants), model.n_vocab), dtype=np.float32)
+    try:
+        model._set_plan(base_ops, set())
+        b.clear_memory()
+        b.decode(np.array([ids]), [0], 0, False)
+        plain = b.logits(1)[0]
+        for start in sorted(set(starts)):
+            group = [i for i, s in enumerate(starts) if s == start]
+            # cells: the plain run's n, and n - start more per variant
+            size = max(1, min(MAX_VARIANTS, N_SEQ_MAX - 1, (model.n_ctx - n) // (n - start)))
+            for chunk in _chunks(group, size):
+                _decode_chunk(model, ids, start, chunk, variants, base_ops, last_layer, out)
+                if on_variant is not None:
+                    for _ in chunk:
+                        on_variant()
+    finally:
+        b.clear_plan()
+        b.clear_memory()
+    return plain, out
+
+
+def _decode_chunk(model: Model, ids: list[int], start: int, chunk: list[int], variants: Sequence[Sequence[Intervention]],
+                  base_ops: list[Op], last_layer: bool, out: np.ndarray) -> None:
+    """Decode positions ``start..`` of the variants in ``chunk`` (sequences 1..) in one batch, their logits into ``out``;
+    a chunk whose ops do not fit the graph is split in two."""
+    b = model._backend
+    n = len(ids)
+    seqs = list(range(1, len(chunk) + 1))
+    ops = list(base_ops)
+    for seq, i in zip(seqs, chunk):
+        target = model._target(n, set(), seq)
+        ops += [op for iv in variants[i] for op in iv.ops(target)]
+    model._set_plan(ops, set())
+    for seq in seqs:
+        b.copy_sequence(0, seq, start)
+    try:
+        b.decode(np.tile(np.array(ids[start:]), (len(chunk), 1)), seqs, start, last_layer)
+    except PyinterpError as e:
+        if "no room" not in str(e) or len(chunk) == 1:
+            raise
+        for seq in seqs:
+            b.drop_sequence(seq)
+        half = len(chunk) // 2
+        _decode_chunk(model, ids, start, chunk[:half], variants, base_ops, last_layer, out)
+        _decode_chunk(model, ids, start, chunk[half:], variants, base_ops, last_layer, out)
+        return
+    rows = b.logits(len(chunk) * (n - start) if last_layer else len(chunk))
+    out[chunk] = rows[n - start - 1::n - start] if last_layer else rows
+    for seq in seqs:
+        b.drop_sequence(seq)

@@ -1,0 +1,192 @@
+// pyinterp native layer: sparse autoencoders encoding a tensor inside the graph (SAELens's equations),
+// with sparse feature outputs, reconstruction statistics and feature edits that keep the error term.
+
+#include "internal.h"
+
+struct pi_sae * pi_sae_load(struct pi_state * st, int32_t il, int32_t d_in, int32_t d_sae, const float * w_enc_t,
+                            const float * b_enc, const float * w_dec, const float * w_dec_t, const float * b_dec,
+                            const float * threshold, int32_t activation, int32_t k, bool apply_b_dec) {
+    if (il < -1 || il >= st->n_layer || d_in < 1 || d_sae < 1 || activation < PI_SAE_RELU || activation > PI_SAE_TOPK ||
+        (activation == PI_SAE_TOPK && (k < 1 || k > d_sae)) || (activation == PI_SAE_JUMPRELU && threshold == NULL)) {
+        pi_fail(st, "bad SAE shape, activation or k");
+        return NULL;
+    }
+    struct pi_sae * sae = calloc(1, sizeof(struct pi_sae));
+    struct ggml_init_params params = { 6*ggml_tensor_overhead(), NULL, true };
+    sae->ctx = ggml_init(params);
+    sae->w_enc_t   = ggml_new_tensor_2d(sae->ctx, GGML_TYPE_F32, d_in, d_sae);
+    sae->b_enc     = ggml_new_tensor_1d(sae->ctx, GGML_TYPE_F32, d_sae);
+    sae->w_dec     = ggml_new_tensor_2d(sae->ctx, GGML_TYPE_F32, d_in, d_sae);
+    sae->w_dec_t   = ggml_new_tensor_2d(sae->ctx, GGML_TYPE_F32, d_sae, d_in);
+    sae->b_dec     = ggml_new_tensor_1d(sae->ctx, GGML_TYPE_F32, d_in);
+    sae->threshold = ggml_new_tensor_1d(sae->ctx, GGML_TYPE_F32, d_sae);
+    sae->buf = ggml_backend_alloc_ctx_tensors_from_buft(sae->ctx, pi_layer_buft(st, il));
+    if (sae->buf == NULL) {
+        ggml_free(sae->ctx);
+        free(sae);
+        pi_fail(st, "could not allocate device memory for the SAE");
+        return NULL;
+    }
+    ggml_backend_tensor_set(sae->w_enc_t, w_enc_t, 0, ggml_nbytes(sae->w_enc_t));
+    ggml_backend_tensor_set(sae->b_enc, b_enc, 0, ggml_nbytes(sae->b_enc));
+    ggml_backend_tensor_set(sae->w_dec, w_dec, 0, ggml_nbytes(sae->w_dec));
+    ggml_backend_tensor_set(sae->w_dec_t, w_dec_t, 0, ggml_nbytes(sae->w_dec_t));
+    ggml_backend_tensor_set(sae->b_dec, b_dec, 0, ggml_nbytes(sae->b_dec));
+    if (threshold != NULL) {
+        ggml_backend_tensor_set(sae->threshold, threshold, 0, ggml_nbytes(sae->threshold));
+    }
+    sae->activation  = activation;
+    sae->k           = k;
+    sae->apply_b_dec = apply_b_dec;
+    return sae;
+}
+
+void pi_sae_free(struct pi_sae * sae) {
+    if (sae != NULL) {
+        ggml_backend_buffer_free(sae->buf);
+        ggml_free(sae->ctx);
+        free(sae);
+    }
+}
+
+void pi_saes_free(struct pi_state * st) {
+    for (int32_t i = 0; i < st->n_saes; ++i) {
+        if (st->saes[i].buf) {
+            ggml_backend_buffer_free(st->saes[i].buf);
+            ggml_free(st->saes[i].ctx);
+        }
+    }
+    free(st->saes);
+    st->saes   = NULL;
+    st->n_saes = 0;
+}
+
+int32_t pi_sae_attach(struct pi_state * st, struct pi_sae * sae, const char * name, int32_t il, int32_t top_k,
+                      const int32_t * edit_ids, const float * edit_values, int32_t n_edits, bool edit_scale) {
+    if (strlen(name) >= PI_NAME_MAX) {
+        return pi_fail(st, "tensor name too long");
+    }
+    const int64_t d_sae = sae->b_enc->ne[0];
+    if (top_k < 1 || top_k > d_sae || il < -1 || il >= st->n_layer) {
+        return pi_fail(st, "top_k or layer out of range");
+    }
+    for (int32_t i = 0; i < n_edits; ++i) {
+        if (edit_ids[i] < 0 || edit_ids[i] >= d_sae) {
+            return pi_fail(st, "edited feature out of range");
+        }
+    }
+    struct pi_sae_use use = {0};
+    use.sae = sae;
+    snprintf(use.name, sizeof(use.name), "%s", name);
+    use.il         = il;
+    use.top_k      = top_k;
+    use.n_edits    = n_edits;
+    use.edit_scale = edit_scale;
+    if (n_edits > 0) {
+        struct ggml_init_params params = { 2*ggml_tensor_overhead(), NULL, true };
+        use.ctx = ggml_init(params);
+        use.edit_ids    = ggml_new_tensor_1d(use.ctx, GGML_TYPE_I32, n_edits);
+        use.edit_values = ggml_new_tensor_2d(use.ctx, GGML_TYPE_F32, 1, n_edits);
+        use.buf = ggml_backend_alloc_ctx_tensors_from_buft(use.ctx, pi_layer_buft(st, il));
+        if (use.buf == NULL) {
+            ggml_free(use.ctx);
+            return pi_fail(st, "could not allocate the SAE edits");
+        }
+        ggml_backend_tensor_set(use.edit_ids, edit_ids, 0, ggml_nbytes(use.edit_ids));
+        ggml_backend_tensor_set(use.edit_values, edit_values, 0, ggml_nbytes(use.edit_values));
+    }
+    st->saes = realloc(st->saes, (st->n_saes + 1) * sizeof(struct pi_sae_use));
+    st->saes[st->n_saes++] = use;
+    pi_update_hook(st);
+    pi_drop_graph(st);
+    return st->n_saes - 1;
+}
+
+// f = act(pre) as [d_sae, n]
+static struct ggml_tensor * pi_sae_activate(struct ggml_context * ctx, const struct pi_sae * sae, struct ggml_tensor * pre) {
+    const int64_t d_sae = pre->ne[0];
+    const int64_t n     = pre->ne[1];
+    switch (sae->activation) {
+        case PI_SAE_JUMPRELU:
+            return ggml_mul(ctx, ggml_relu(ctx, pre), ggml_step(ctx, ggml_sub(ctx, pre, sae->threshold)));
+        case PI_SAE_TOPK: {
+            // the k largest pre-activations, through the ReLU, scattered back into zeros
+            struct ggml_tensor * idx  = ggml_top_k(ctx, pre, sae->k);                                     // [k, n]
+            struct ggml_tensor * vals = ggml_get_rows(ctx, ggml_reshape_3d(ctx, pre, 1, d_sae, n), idx); // [1, k, n]
+            struct ggml_tensor * zero = ggml_reshape_3d(ctx, ggml_scale(ctx, pre, 0.0f), 1, d_sae, n);
+            return ggml_reshape_2d(ctx, ggml_set_rows(ctx, zero, ggml_relu(ctx, vals), idx), d_sae, n);
+        }
+        default:
+            return ggml_relu(ctx, pre);
+    }
+}
+
+static void pi_sae_output(struct ggml_cgraph * gf, struct ggml_tensor * t, const char * what, const struct pi_sae_use * use) {
+    ggml_format_name(t, "sae %s %s-%d", what, use->name, use->il);
+    ggml_set_output(t);
+    ggml_build_forward_expand(gf, t);
+}
+
+struct ggml_tensor * pi_sae_apply(struct pi_state * st, struct ggml_context * ctx, struct ggml_cgraph * gf,
+                                  struct pi_sae_use * use, struct ggml_tensor * cur) {
+    const struct pi_sae * sae = use->sae;
+    const int64_t d_in  = sae->b_dec->ne[0];
+    const int64_t d_sae = sae->b_enc->ne[0];
+    if (ggml_nelements(cur) % d_in != 0) {
+        st->build_failed = "the SAE's d_in does not divide the tensor it encodes";
+        return cur;
+    }
+    const int64_t n = ggml_nelements(cur) / d_in;
+    struct ggml_tensor * x = ggml_reshape_2d(ctx, ggml_is_contiguous(cur) ? cur : ggml_cont(ctx, cur), d_in, n);
+    struct ggml_tensor * in  = sae->apply_b_dec ? ggml_sub(ctx, x, sae->b_dec) : x;
+    struct ggml_tensor * pre = ggml_add(ctx, ggml_mul_mat(ctx, sae->w_enc_t, in), sae->b_enc); // [d_sae, n]
+    struct ggml_tensor * f   = pi_sae_activate(ctx, sae, pre);
+
+    use->ids    = ggml_top_k(ctx, f, use->top_k);
+    use->values = ggml_get_rows(ctx, ggml_reshape_3d(ctx, f, 1, d_sae, n), use->ids);
+    pi_sae_output(gf, use->ids, "ids", use);
+    pi_sae_output(gf, use->values, "values", use);
+
+    struct ggml_tensor * x_hat = ggml_add(ctx, ggml_mul_mat(ctx, sae->w_dec_t, f), sae->b_dec); // [d_in, n]
+    struct ggml_tensor * err   = ggml_sum_rows(ctx, ggml_sqr(ctx, ggml_sub(ctx, x, x_hat)));
+    struct ggml_tensor * norm  = ggml_sum_rows(ctx, ggml_sqr(ctx, x));
+    struct ggml_tensor * dot   = ggml_sum_rows(ctx, ggml_mul(ctx, x, x_hat));
+    struct ggml_tensor * norm_hat = ggml_sum_rows(ctx, ggml_sqr(ctx, x_hat));
+    struct ggml_tensor * l0 = ggml_sum_rows(ctx, ggml_step(ctx, f));
+    use->stats = ggml_concat(ctx, ggml_concat(ctx, ggml_concat(ctx, err, norm, 0), ggml_concat(ctx, dot, norm_hat, 0), 0), l0, 0); // [5, n]
+    pi_sae_output(gf, use->stats, "stats", use);
+
+    if (use->n_edits == 0) {
+        return cur;
+    }
+    // the edited features' change, [n, n_edits], through their decoder rows
+    struct ggml_tensor * fe = ggml_get_rows(ctx, ggml_cont(ctx, ggml_transpose(ctx, f)), use->edit_ids);
+    struct ggml_tensor * values = ggml_reshape_2d(ctx, use->edit_values, 1, use->n_edits);
+    struct ggml_tensor * delta = use->edit_scale ? ggml_mul(ctx, fe, ggml_scale_bias(ctx, values, 1.0f, -1.0f))
+                                                 : ggml_scale(ctx, ggml_sub(ctx, fe, values), -1.0f);
+    struct ggml_tensor * rows = ggml_cont(ctx, ggml_transpose(ctx, ggml_get_rows(ctx, sae->w_dec, use->edit_ids))); // [n_edits, d_in]
+    struct ggml_tensor * dx = ggml_mul_mat(ctx, rows, ggml_cont(ctx, ggml_transpose(ctx, delta)));              // [d_in, n]
+    struct ggml_tensor * out = ggml_add(ctx, x, dx);
+    out = ggml_reshape_4d(ctx, out, cur->ne[0], cur->ne[1], cur->ne[2], cur->ne[3]);
+    ggml_format_name(out, "%s (sae edit)", cur->name);
+    return out;
+}
+
+// SAE i's output of the last decode: ids and values [n_rows, top_k] (the top_k features of each row, unordered)
+// and stats [n_rows, 5] (|x - x_hat|^2, |x|^2, x.x_hat, |x_hat|^2, active features)
+int pi_sae_read(struct pi_state * st, int32_t i, int32_t * ids, float * values, float * stats, int64_t n_rows) {
+    if (i < 0 || i >= st->n_saes) {
+        return pi_fail(st, "no such SAE");
+    }
+    const struct pi_sae_use * use = &st->saes[i];
+    if (use->ids == NULL) {
+        return pi_fail(st, "the SAE's tensor was not in the graph");
+    }
+    if (use->ids->ne[1] != n_rows) {
+        return pi_fail(st, "the SAE's tensor has another number of rows");
+    }
+    ggml_backend_tensor_get(use->ids, ids, 0, ggml_nbytes(use->ids));
+    ggml_backend_tensor_get(use->values, values, 0, ggml_nbytes(use->values));
+    ggml_backend_tensor_get(use->stats, stats, 0, ggml_nbytes(use->stats));
+    return 0;
+}

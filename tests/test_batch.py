@@ -1,0 +1,164 @@
+"""The batched engine: many variants of a prompt in one decode (each on its own sequence, sharing the
+unchanged prefix's KV cells), per-head patching and additions at chosen positions (generic native ops),
+and graph reuse while interventions stay on. Checked against loops of single runs and the reference."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pyinterp
+from conftest import corr
+from pyinterp import InputError
+from pyinterp.batch import run_variants
+from pyinterp.interventions import AblateHeads, AddVector, PatchHead, PatchRow
+from pyinterp.patching import head_patch_scan, logit_diff
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import tiny_gguf  # noqa: E402
+
+CLEAN = "The Eiffel Tower is located in the city of"
+CORRUPT = "The Colosseum is located in the city of"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tiny_gguf.write("llama", tmp_path_factory.mktemp("tiny-batch") / "llama.gguf", seed=0)
+    with pyinterp.Model(path, n_ctx=128, n_threads=1) as model:
+        yield model
+
+
+IDS = [1, 20, 31, 42, 53, 64, 75, 86]
+
+
+def test_variants_equal_single_runs(tiny):
+    """Patches at several positions (prefixes shared), ablations (no prefix) and additions, mixed in one call."""
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(3, tiny.n_embd)).astype(np.float32)
+    variants = [[PatchRow("l_out", 1, 2, rows[0])], [PatchRow("l_out", 2, 5, rows[1])], [AblateHeads(((1, 0),))],
+                [AddVector("l_out", 0, rows[2], positions=(6,))], [PatchRow("attn_out", 3, 7, rows[1])],
+                [PatchRow("l_out", 0, 5, rows[0]), AblateHeads(((2, 1), (3, 0)))], []]
+    plain, got = run_variants(tiny, IDS, variants)
+    np.testing.assert_allclose(plain, tiny.run(IDS, logits="last").logits[-1], atol=1e-4)
+    for variant, logits in zip(variants, got):
+        want = tiny.run(IDS, interventions=variant, logits="last").logits[-1]
+        np.testing.assert_allclose(logits, want, atol=1e-4)
+        if variant:
+            assert np.abs(want - plain).max() > 1e-3  # every variant changes the logits
+
+
+def test_more_variants_than_one_decode_holds(tiny):
+    rng = np.random.default_rng(1)
+    variants = [[PatchRow("l_out", il % tiny.n_layer, pos, rng.normal(size=tiny.n_embd))]
+                for il in range(8) for pos in range(len(IDS))]  # 64: more than one batch of 32
+    _, got = run_variants(tiny, IDS, variants)
+    for i in (0, 31, 32, 63):
+        want = tiny.run(IDS, interventions=variants[i], logits="last").logits[-1]
+        np.testing.assert_allclose(got[i], want, atol=1e-4)
+
+
+def test_context_manager_interventions_apply_to_every_variant(tiny):
+    vec = np.full(tiny.n_embd, 0.5, dtype=np.float32)
+    variants = [[PatchRow("l_out", 2, 4, vec)]]
+    with tiny.ablated([(0, 1)]):
+        plain, got = run_variants(tiny, IDS, variants)
+        want_plain = tiny.run(IDS, logits="last").logits[-1]
+        want = tiny.run(IDS, interventions=variants[0], logits="last").logits[-1]
+    np.testing.assert_allclose(plain, want_plain, atol=1e-4)
+    np.testing.assert_allclose(got[0], want, atol=1e-4)
+    assert np.abs(want_plain - tiny.run(IDS, logits="last").logits[-1]).max() > 1e-3
+
+
+def test_patch_on_the_last_layer(tiny):
+    """The last layer keeps only the output rows unless every token is an output: the engine asks for all."""
+    vec = np.zeros(tiny.n_embd, dtype=np.float32)
+    variants = [[PatchRow("l_out", tiny.n_layer - 1, len(IDS) - 1, vec)], [PatchRow("ffn_out", tiny.n_layer - 1, 3, vec)]]
+    _, got = run_variants(tiny, IDS, variants)
+    for variant, logits in zip(variants, got):
+        np.testing.assert_allclose(logits, tiny.run(IDS, interventions=variant, logits="all").logits[-1], atol=1e-4)
+
+
+def test_patch_head_with_its_own_output_changes_nothing(tiny):
+    trace = tiny.run(IDS, capture=["kqv_heads-2"])
+    own = PatchHead(2, 1, trace["kqv_heads", 2][:, 1])
+    np.testing.assert_allclose(tiny.run(IDS, interventions=[own]).logits, trace.logits, atol=1e-4)
+    # the head's output is what was written, the other heads' are untouched
+    values = np.random.default_rng(2).normal(size=trace["kqv_heads", 2][:, 1].shape).astype(np.float32)
+    got = tiny.run(IDS, interventions=[PatchHead(2, 1, values, positions=(3, 5))], capture=["kqv_heads-2"])["kqv_heads", 2]
+    want = trace["kqv_heads", 2].copy()
+    want[[3, 5], 1] = values[[3, 5]]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_add_vector_at_positions(tiny):
+    vec = np.random.default_rng(3).normal(size=tiny.n_embd).astype(np.float32)
+    base = tiny.run(IDS, capture=["l_out-1"])
+    got = tiny.run(IDS, interventions=[AddVector("l_out", 1, vec, positions=(2, -1), scale=0.5)], capture=["l_out-1"])
+    want = base["l_out", 1].copy()
+    want[[2, len(IDS) - 1]] += 0.5 * vec
+    np.testing.assert_allclose(got["l_out", 1], want, atol=1e-5)
+    # positions before the first added one are unchanged in every layer's output
+    later = tiny.run(IDS, interventions=[AddVector("l_out", 1, vec, positions=(2,))], capture=["l_out"])
+    plain = tiny.run(IDS, capture=["l_out"])
+    for il in range(tiny.n_layer):
+        np.testing.assert_array_equal(later["l_out", il][:2], plain["l_out", il][:2])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda m: AddVector("l_out", 1, np.ones(3)), "vector has 3 values"),
+    (lambda m: AddVector("l_out", 1, np.ones(m.n_embd), positions=(99,)), "position 99 out of range"),
+    (lambda m: AddVector("attn_scores", 1, np.ones(m.n_embd)), "not a \\[.., n_tokens\\] tensor"),
+    (lambda m: AddVector("l_out", 1, np.ones(m.n_embd), scale=float("nan")), "scale must be a finite number"),
+    (lambda m: PatchHead(1, 0, np.ones((2, 3))), "values must be"),
+    (lambda m: PatchHead(1, m.n_head, np.ones((8, 32))), "head 4 out of range"),
+])
+def test_errors(tiny, make, message):
+    with pytest.raises(InputError, match=message):
+        tiny.run(IDS, interventions=[make(tiny)])
+
+
+def test_generation_reuses_the_graph_and_matches_full_runs(tiny):
+    """With interventions on, each generated token decodes without building a new graph, and the tokens are
+    the greedy choices of full runs of the same prompt under the same interventions."""
+    vec = np.random.default_rng(4).normal(size=tiny.n_embd).astype(np.float32)
+    interventions = [AblateHeads(((1, 0),)), AddVector("l_out", 2, vec, scale=0.3)]
+    before = tiny._backend.n_builds()
+    gen = tiny.generate(IDS, 8, interventions=interventions, stop_at_eog=False)
+    assert tiny._backend.n_builds() - before <= 3  # the prompt, the first token (and a reserve); not one per token
+    ids = list(IDS)
+    for token in gen.tokens:
+        assert int(np.argmax(tiny.run(ids, interventions=interventions, logits="last").logits[-1])) == token
+        ids.append(token)
+    assert gen.tokens != tiny.generate(IDS, 8, stop_at_eog=False).tokens
+
+
+def test_head_patch_scan_against_the_reference(smollm2, ref_smollm2):
+    """Per-head patching, clean into corrupt, against transformers replacing that head's slice of o_proj's input."""
+    clean, corrupt = smollm2.tokenize(CLEAN), smollm2.tokenize(CORRUPT)
+    good, bad = smollm2.tokenize(" Paris", add_bos=False)[0], smollm2.tokenize(" Rome", add_bos=False)[0]
+    layers = [3, 20]
+    got = head_patch_scan(smollm2, CLEAN, CORRUPT, logit_diff(" Paris", " Rome"), layers=layers)
+    loop = head_patch_scan(smollm2, CLEAN, CORRUPT, logit_diff(" Paris", " Rome"), layers=layers, batched=False)
+    np.testing.assert_allclose(got, loop, atol=2e-3)
+    heads = ref_smollm2.head_outputs(clean)
+    want = np.empty_like(got)
+    for i, il in enumerate(layers):
+        for h in range(smollm2.n_head):
+            logits = ref_smollm2.run(corrupt, patch_heads=[(il, h, range(len(clean)), heads[il][:, h])]).logits[-1]
+            want[i, h] = logits[good] - logits[bad]
+    assert corr(got, want) >= 0.9
+    assert np.abs(got - want).max() <= 1.0
+
+
+def test_add_at_positions_against_the_reference(smollm2, ref_smollm2):
+    ids = smollm2.tokenize(CLEAN)
+    vec = np.random.default_rng(5).normal(size=smollm2.n_embd).astype(np.float32) * 2
+    base, want_base = smollm2.run(ids).logits, ref_smollm2.run(ids).logits
+    got = smollm2.run(ids, interventions=[AddVector("l_out", 6, vec, positions=(3, 4))]).logits
+    want = ref_smollm2.run(ids, add=[(6, (3, 4), vec)]).logits
+    np.testing.assert_allclose(got[:3], base[:3], atol=1e-4)  # earlier positions see nothing
+    assert corr(got[3:], want[3:]) >= 0.99
+    assert corr(got[3:] - base[3:], want[3:] - want_base[3:]) >= 0.9
