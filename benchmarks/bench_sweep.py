@@ -1,36 +1,75 @@
 #!/usr/bin/env python3
 """An activation-patching sweep of l_out (layers x positions, logit difference of two answers) in pyinterp
-and in a TransformerLens-style hook loop on transformers, on the same GGUF, in one process.
+and in a TransformerLens-style hook loop on transformers, on the same GGUF, each side in its own process.
 
-pyinterp: :func:`pyinterp.patching.patch_sweep` (one ``model.run(..., logits="last")`` per cell).
+pyinterp: :func:`pyinterp.patching.patch_sweep` on the GGUF as it is.
 transformers: the GGUF dequantized to fp32, eager attention; the clean run's decoder-layer outputs cached
 by forward hooks, then per cell one forward of the corrupted ids with a hook replacing that row of that
-layer's output (``logits_to_keep=1``, the last row only, as pyinterp). Both on the same number of threads.
-Prints ms per cell, the ratio and the correlation of the two heatmaps.
+layer's output (``logits_to_keep=1``, the last row only, as pyinterp). Both on the same number of threads,
+on the token ids llama.cpp's tokenizer gives. Each side runs in a child process (the pyinterp side never
+imports torch); the parent reads each child's peak RSS from ``wait4`` and prints ms per cell, peak RSS,
+their ratios and the correlation of the two heatmaps.
 
-    python benchmarks/bench_sweep.py [--model smollm2] [--layers 10] [--threads N]
+    python benchmarks/bench_sweep.py [--model smollm2|PATH] [--layers 10] [--positions N] [--threads N]
+
+A ~1B-parameter random-weight llama (scripts/tiny_gguf.py) for the memory-bound regime; its byte-level
+vocabulary splits the default corrupted prompt into more tokens than the clean one, hence ``--corrupt``:
+
+    python scripts/tiny_gguf.py llama-1b /tmp/llama-1b-q4_0.gguf --type q4_0
+    python benchmarks/bench_sweep.py --model /tmp/llama-1b-q4_0.gguf --layers 4 --positions 6 \\
+        --corrupt "In Europe, the famous Vatican is located in the city of"
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
-import torch
-from transformers import AutoModelForCausalLM
-
-import pyinterp
-from pyinterp import zoo
-from pyinterp.patching import logit_diff, patch_sweep
 
 CLEAN = "In Europe, the famous Eiffel Tower is located in the city of"
 CORRUPT = "In Europe, the famous Colosseum is located in the city of"
 
 
-def hf_sweep(model, clean: list[int], corrupt: list[int], layers: list[int], good: int, bad: int) -> np.ndarray:
-    """The sweep as TransformerLens users write it: cache the clean activations, then one hooked run per cell."""
+def spread(n: int | None, total: int) -> list[int]:
+    """``n`` indices evenly spaced over ``range(total)``, first and last included (all when ``n`` is None)."""
+    if n is None or n >= total:
+        return list(range(total))
+    return np.linspace(0, total - 1, n).round().astype(int).tolist()
+
+
+def pyinterp_side(args: argparse.Namespace) -> dict[str, np.ndarray]:
+    """The plan (ids, answer tokens, cells) and pyinterp's sweep ``[n_layers, n_positions]`` with its time."""
+    import pyinterp
+    from pyinterp.patching import logit_diff, patch_sweep
+
+    with pyinterp.Model(args.model, n_ctx=256, n_threads=args.threads) as model:
+        clean, corrupt = model.tokenize(CLEAN), model.tokenize(args.corrupt)
+        if len(clean) != len(corrupt):
+            raise SystemExit(f"the prompts are {len(clean)} and {len(corrupt)} tokens on {model.path.name}; "
+                             f"pick a --corrupt of {len(clean)} tokens")
+        layers, positions = spread(args.layers, model.n_layer), spread(args.positions, len(clean))
+        good, bad = model.tokenize(" Paris", add_bos=False)[0], model.tokenize(" Rome", add_bos=False)[0]
+        metric = logit_diff(good, bad)
+        patch_sweep(model, clean, corrupt, metric=metric, layers=layers[:1], positions=positions[:1])  # warm-up
+        t0 = time.perf_counter()
+        grid = patch_sweep(model, clean, corrupt, metric=metric, layers=layers, positions=positions)
+        seconds = time.perf_counter() - t0
+    return {"clean": np.array(clean), "corrupt": np.array(corrupt), "layers": np.array(layers),
+            "positions": np.array(positions), "answers": np.array([good, bad]), "grid": grid,
+            "seconds": np.array(seconds)}
+
+
+def hf_sweep(model, clean: list[int], corrupt: list[int], layers: list[int], positions: list[int],
+             good: int, bad: int) -> np.ndarray:
+    """The sweep as TransformerLens users write it: cache the clean activations, then one hooked run per cell.
+    Returns ``[n_layers, n_positions]``."""
+    import torch
+
     blocks = model.model.layers
     cache: dict[int, torch.Tensor] = {}
 
@@ -54,51 +93,93 @@ def hf_sweep(model, clean: list[int], corrupt: list[int], layers: list[int], goo
         last_logits(clean)
         for h in handles:
             h.remove()
-        out = np.empty((len(layers), len(clean)))
+        out = np.empty((len(layers), len(positions)))
         for i, il in enumerate(layers):
-            for pos in range(len(clean)):
+            for j, pos in enumerate(positions):
                 handle = blocks[il].register_forward_hook(replace(pos, cache[il][pos]))
                 try:
                     logits = last_logits(corrupt)
                 finally:
                     handle.remove()
-                out[i, pos] = float(logits[good] - logits[bad])
+                out[i, j] = float(logits[good] - logits[bad])
     return out
+
+
+def transformers_side(args: argparse.Namespace, plan: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """transformers' sweep of the cells in ``plan`` (pyinterp's result) with its time."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    path = Path(args.model)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    clean, corrupt = plan["clean"].tolist(), plan["corrupt"].tolist()
+    layers, positions = plan["layers"].tolist(), plan["positions"].tolist()
+    good, bad = plan["answers"].tolist()
+    hf_sweep(model, clean, corrupt, layers[:1], positions[:1], good, bad)  # warm-up
+    t0 = time.perf_counter()
+    grid = hf_sweep(model, clean, corrupt, layers, positions, good, bad)
+    return {"grid": grid, "seconds": np.array(time.perf_counter() - t0)}
+
+
+def run_side(side: str, args: argparse.Namespace, out: Path, plan: Path | None = None) -> tuple[dict, float]:
+    """Run one side in a child process; its result and its peak RSS in MiB (``ru_maxrss`` of that child)."""
+    argv = [sys.executable, __file__, "--side", side, "--out", str(out), "--model", str(args.model),
+            "--threads", str(args.threads), "--corrupt", args.corrupt]
+    if args.layers is not None:
+        argv += ["--layers", str(args.layers)]
+    if args.positions is not None:
+        argv += ["--positions", str(args.positions)]
+    if plan is not None:
+        argv += ["--plan", str(plan)]
+    pid = os.spawnv(os.P_NOWAIT, sys.executable, argv)
+    _, status, usage = os.wait4(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"the {side} side failed (exit status {os.waitstatus_to_exitcode(status)})")
+    with np.load(out) as result:
+        return dict(result), usage.ru_maxrss / 1024  # Linux: KiB
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--model", default="smollm2", help="a known model name or a GGUF path")
     parser.add_argument("--layers", type=int, default=10, help="layers swept, evenly spaced")
+    parser.add_argument("--positions", type=int, default=None, help="positions swept, evenly spaced (default all)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--corrupt", default=CORRUPT, help="the corrupted prompt (as many tokens as the clean one)")
+    parser.add_argument("--side", choices=["pyinterp", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--plan", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
-    path = zoo.resolve(args.model)
-    with pyinterp.Model(path, n_ctx=256, n_threads=args.threads) as model:
-        clean, corrupt = model.tokenize(CLEAN), model.tokenize(CORRUPT)
-        if len(clean) != len(corrupt):
-            raise SystemExit(f"the prompts are {len(clean)} and {len(corrupt)} tokens on {path.name}")
-        layers = np.linspace(0, model.n_layer - 1, args.layers).round().astype(int).tolist()
-        good, bad = model.tokenize(" Paris", add_bos=False)[0], model.tokenize(" Rome", add_bos=False)[0]
-        cells = len(layers) * len(clean)
-        print(f"{path.name}: {len(layers)} layers x {len(clean)} positions = {cells} cells, {args.threads} threads")
-        patch_sweep(model, clean, corrupt, metric=logit_diff(good, bad), layers=layers[:1], positions=[0])  # warm-up
-        t0 = time.perf_counter()
-        ours = patch_sweep(model, clean, corrupt, metric=logit_diff(good, bad), layers=layers)
-        ours_s = time.perf_counter() - t0
+    if args.side == "pyinterp":
+        np.savez(args.out, **pyinterp_side(args))
+        return
+    if args.side == "transformers":
+        with np.load(args.plan) as plan:
+            np.savez(args.out, **transformers_side(args, dict(plan)))
+        return
 
-    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                              attn_implementation="eager").eval()
-    hf_sweep(hf, clean, corrupt, layers[:1], good, bad)  # warm-up
-    t0 = time.perf_counter()
-    theirs = hf_sweep(hf, clean, corrupt, layers, good, bad)
-    hf_s = time.perf_counter() - t0
+    from pyinterp import PyinterpError, zoo
 
-    print(f"pyinterp      {1000 * ours_s / cells:8.1f} ms/cell")
-    print(f"transformers  {1000 * hf_s / cells:8.1f} ms/cell   (pyinterp / transformers = {ours_s / hf_s:.2f})")
-    print(f"heatmap correlation {np.corrcoef(ours.ravel(), theirs.ravel())[0, 1]:.4f}, "
-          f"max |difference| {np.abs(ours - theirs).max():.3f} (logit difference range {theirs.min():.2f}..{theirs.max():.2f})")
+    try:
+        args.model = zoo.resolve(args.model)  # the sides get a path
+    except PyinterpError as e:
+        raise SystemExit(f"bench_sweep: error: {e}") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, ours_rss = run_side("pyinterp", args, Path(tmp) / "pyinterp.npz")
+        theirs, hf_rss = run_side("transformers", args, Path(tmp) / "transformers.npz", plan=Path(tmp) / "pyinterp.npz")
+    cells = ours["grid"].size
+    ours_s, hf_s = float(ours["seconds"]), float(theirs["seconds"])
+    a, b = ours["grid"], theirs["grid"]
+    print(f"{args.model.name}: {len(ours['layers'])} layers x {len(ours['positions'])} positions "
+          f"= {cells} cells ({len(ours['clean'])}-token prompt), {args.threads} threads")
+    print(f"pyinterp      {1000 * ours_s / cells:8.1f} ms/cell   peak RSS {ours_rss:7.0f} MiB")
+    print(f"transformers  {1000 * hf_s / cells:8.1f} ms/cell   peak RSS {hf_rss:7.0f} MiB")
+    print(f"pyinterp / transformers: time {ours_s / hf_s:.2f}, peak RSS {ours_rss / hf_rss:.2f}")
+    print(f"heatmap correlation {np.corrcoef(a.ravel(), b.ravel())[0, 1]:.4f}, max |difference| "
+          f"{np.abs(a - b).max():.3f} (logit difference range {b.min():.2f}..{b.max():.2f})")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
-"""Tiny random-weight GGUF models, one per architecture, for checking graphs without trained weights.
+"""Tiny random-weight GGUF models, one per architecture, for checking graphs without trained weights,
+and one ~1B-parameter llama for benchmarks (speed does not depend on the weights' values).
 
-Each model is a few layers of the real architecture (GQA, the arch's RoPE, biases, QK norms, fused
+Each tiny model is a few layers of the real architecture (GQA, the arch's RoPE, biases, QK norms, fused
 projections, post-norms, sliding windows where the family has them) with Q8_0 matrices and F32 norms,
 and a byte-level BPE vocabulary (gpt2 style) that llama.cpp and transformers both accept. Weights are
-scaled so attention is far from uniform and activations stay finite.
+scaled so attention is far from uniform and activations stay finite. ``llama-1b`` has Llama 3.2 1B's
+layer shapes (16 layers, n_embd 2048, 32 heads, 8 KV heads, n_ff 8192) and the same tiny vocabulary.
 
-    python scripts/tiny_gguf.py qwen2 /tmp/qwen2.gguf [--seed N] [--f32]
+    python scripts/tiny_gguf.py qwen2 /tmp/qwen2.gguf [--seed N] [--type q8_0|q4_0|f32]
+    python scripts/tiny_gguf.py llama-1b /tmp/llama-1b-q4_0.gguf --type q4_0     # 30 s, 0.55 GB
 
-From Python: ``write(arch, path, seed=0, f32=False)``; ``SPECS`` lists the architectures.
+From Python: ``write(arch, path, seed=0, f32=False, quant="q8_0")``; ``SPECS`` lists the tiny
+architectures, ``BENCH_SPECS`` the benchmark models.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-Q8_0 = gguf.GGMLQuantizationType.Q8_0
+QUANTS = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
+FILE_TYPES = {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
 N_CTX_TRAIN = 512
 
 
 @dataclass(frozen=True)
 class Spec:
-    """The shape and features of one tiny model. Widths are multiples of 32 (the Q8_0 block)."""
+    """The shape and features of one model. Widths are multiples of 32 (the Q8_0 and Q4_0 block)."""
 
     arch: str                   # general.architecture (llama.cpp's name)
     n_layer: int = 4
@@ -51,6 +56,11 @@ SPECS: dict[str, Spec] = {
     "qwen3": Spec("qwen3", n_head=4, n_head_kv=2, head_dim=128, tied=False, qk_norm=True),
     "phi3": Spec("phi3", n_embd=96, n_head=3, n_head_kv=3, head_dim=32, tied=False, fused=True),
     "gemma2": Spec("gemma2", n_head=2, n_head_kv=1, head_dim=256, tied=True, post_norms=True, sliding_window=8),
+}
+
+# not in SPECS: the tests write every tiny model; 0.97B parameters (the tiny vocabulary adds 0.6M)
+BENCH_SPECS: dict[str, Spec] = {
+    "llama-1b": Spec("llama", n_layer=16, n_embd=2048, n_head=32, n_head_kv=8, head_dim=64, n_ff=8192, tied=True),
 }
 
 
@@ -102,26 +112,26 @@ def vocabulary(n_merges: int = 40) -> tuple[list[str], list[str], list[int]]:
 class _Weights:
     """Random tensors in GGUF layout (numpy [rows, cols] = ggml [cols, rows]), seeded."""
 
-    def __init__(self, writer: gguf.GGUFWriter, seed: int, f32: bool) -> None:
+    def __init__(self, writer: gguf.GGUFWriter, seed: int, quant: gguf.GGMLQuantizationType | None) -> None:
         self.writer = writer
         self.rng = np.random.default_rng(seed)
-        self.f32 = f32
+        self.quant = quant  # None: F32
 
     def matrix(self, name: str, rows: int, cols: int, gain: float) -> None:
-        """A Q8_0 (or F32) matrix [rows, cols] with entries of std gain / sqrt(cols): a unit input gives outputs
-        of std gain."""
+        """A quantized (or F32) matrix [rows, cols] with entries of std gain / sqrt(cols): a unit input gives
+        outputs of std gain."""
         w = (self.rng.standard_normal((rows, cols)) * gain / np.sqrt(cols)).astype(np.float32)
-        if self.f32:
+        if self.quant is None:
             self.writer.add_tensor(name, w)
         else:
-            self.writer.add_tensor(name, gguf.quants.quantize(w, Q8_0), raw_dtype=Q8_0)
+            self.writer.add_tensor(name, gguf.quants.quantize(w, self.quant), raw_dtype=self.quant)
 
     def vector(self, name: str, n: int, mean: float, std: float) -> None:
         """An F32 vector [n] (norm weights, biases)."""
         self.writer.add_tensor(name, (mean + std * self.rng.standard_normal(n)).astype(np.float32))
 
 
-def _metadata(w: gguf.GGUFWriter, spec: Spec, n_vocab: int, f32: bool) -> None:
+def _metadata(w: gguf.GGUFWriter, spec: Spec, n_vocab: int, file_type: gguf.LlamaFileType) -> None:
     w.add_name("tiny")  # not the family: llama.cpp keys vocabulary quirks off it ("phi3" wants <s>, </s>, <unk>)
     w.add_context_length(N_CTX_TRAIN)
     w.add_block_count(spec.n_layer)
@@ -135,7 +145,7 @@ def _metadata(w: gguf.GGUFWriter, spec: Spec, n_vocab: int, f32: bool) -> None:
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_vocab_size(n_vocab)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if f32 else gguf.LlamaFileType.MOSTLY_Q8_0)
+    w.add_file_type(file_type)
     if spec.sliding_window:
         w.add_sliding_window(spec.sliding_window)
     if spec.post_norms:  # transformers' Gemma2 defaults; written so llama.cpp reads the same
@@ -190,19 +200,24 @@ def _layer(t: _Weights, spec: Spec, i: int) -> None:
         t.vector(f"blk.{i}.post_ffw_norm.weight", d, 1.0, 0.1)
 
 
-def write(arch: str, path: str | Path, seed: int = 0, f32: bool = False) -> Path:
-    """Write the tiny model of ``arch`` (a key of ``SPECS``) to ``path``; the same seed gives the same file.
+def write(arch: str, path: str | Path, seed: int = 0, f32: bool = False, quant: str = "q8_0") -> Path:
+    """Write the model ``arch`` (a key of ``SPECS`` or ``BENCH_SPECS``) to ``path``; the same seed gives the
+    same file.
 
-    ``f32``: F32 matrices instead of Q8_0 (the same weights before rounding). llama.cpp multiplies Q8_0 matrices
-    by activations it rounds to Q8_0 too, so only F32 weights let it agree with an fp32 reference to rounding.
+    ``quant``: the matrices' type, ``"q8_0"`` or ``"q4_0"`` (norms and biases are F32).
+    ``f32``: F32 matrices instead (the same weights before rounding). llama.cpp multiplies quantized matrices
+    by activations it rounds to Q8_0, so only F32 weights let it agree with an fp32 reference to rounding.
     """
-    if arch not in SPECS:
-        raise ValueError(f"no tiny model for architecture {arch!r}; known: {', '.join(SPECS)}")
-    spec, path = SPECS[arch], Path(path)
+    specs = SPECS | BENCH_SPECS
+    if arch not in specs:
+        raise ValueError(f"no model for architecture {arch!r}; known: {', '.join(specs)}")
+    if quant not in QUANTS:
+        raise ValueError(f"no matrix type {quant!r}; known: {', '.join(QUANTS)}")
+    spec, path = specs[arch], Path(path)
     w = gguf.GGUFWriter(str(path), spec.arch)
     n_vocab = _tokenizer(w)
-    _metadata(w, spec, n_vocab, f32)
-    t = _Weights(w, seed, f32)
+    _metadata(w, spec, n_vocab, gguf.LlamaFileType.ALL_F32 if f32 else FILE_TYPES[quant])
+    t = _Weights(w, seed, None if f32 else QUANTS[quant])
     # the embedding's scale sets the logits' when tied (std ~4); Gemma multiplies it by sqrt(n_embd)
     embd_std = 4.0 / np.sqrt(spec.n_embd)
     t.matrix("token_embd.weight", n_vocab, spec.n_embd, embd_std * np.sqrt(spec.n_embd))
@@ -220,12 +235,13 @@ def write(arch: str, path: str | Path, seed: int = 0, f32: bool = False) -> Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("arch", choices=sorted(SPECS))
+    parser.add_argument("arch", choices=sorted(SPECS | BENCH_SPECS))
     parser.add_argument("out", type=Path, help="the GGUF file to write")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--f32", action="store_true", help="F32 matrices instead of Q8_0")
+    parser.add_argument("--type", choices=[*QUANTS, "f32"], default="q8_0", help="the matrices' type")
     args = parser.parse_args(argv)
-    print(write(args.arch, args.out, args.seed, args.f32))
+    f32 = args.type == "f32"
+    print(write(args.arch, args.out, args.seed, f32=f32, quant="q8_0" if f32 else args.type))
     return 0
 
 
