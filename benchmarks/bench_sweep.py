@@ -2,7 +2,8 @@
 """An activation-patching sweep of l_out (layers x positions, logit difference of two answers) in pyinterp
 and in a TransformerLens-style hook loop on transformers, on the same GGUF, each side in its own process.
 
-pyinterp: :func:`pyinterp.patching.patch_sweep` on the GGUF as it is.
+pyinterp: :func:`pyinterp.patching.patch_sweep` on the GGUF as it is, batched (variants share decodes and the
+prompt's unchanged prefix), and again as one run per cell (``batched=False``).
 transformers: the GGUF dequantized to fp32, eager attention; the clean run's decoder-layer outputs cached
 by forward hooks, then per cell one forward of the corrupted ids with a hook replacing that row of that
 layer's output (``logits_to_keep=1``, the last row only, as pyinterp). Both on the same number of threads,
@@ -47,7 +48,7 @@ def pyinterp_side(args: argparse.Namespace) -> dict[str, np.ndarray]:
     import pyinterp
     from pyinterp.patching import logit_diff, patch_sweep
 
-    with pyinterp.Model(args.model, n_ctx=256, n_threads=args.threads) as model:
+    with pyinterp.Model(args.model, n_ctx=2048, n_threads=args.threads) as model:
         clean, corrupt = model.tokenize(CLEAN), model.tokenize(args.corrupt)
         if len(clean) != len(corrupt):
             raise SystemExit(f"the prompts are {len(clean)} and {len(corrupt)} tokens on {model.path.name}; "
@@ -59,9 +60,12 @@ def pyinterp_side(args: argparse.Namespace) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         grid = patch_sweep(model, clean, corrupt, metric=metric, layers=layers, positions=positions)
         seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        loop = patch_sweep(model, clean, corrupt, metric=metric, layers=layers, positions=positions, batched=False)
+        loop_seconds = time.perf_counter() - t0
     return {"clean": np.array(clean), "corrupt": np.array(corrupt), "layers": np.array(layers),
             "positions": np.array(positions), "answers": np.array([good, bad]), "grid": grid,
-            "seconds": np.array(seconds)}
+            "seconds": np.array(seconds), "loop": loop, "loop_seconds": np.array(loop_seconds)}
 
 
 def hf_sweep(model, clean: list[int], corrupt: list[int], layers: list[int], positions: list[int],
@@ -175,9 +179,13 @@ def main() -> None:
     a, b = ours["grid"], theirs["grid"]
     print(f"{args.model.name}: {len(ours['layers'])} layers x {len(ours['positions'])} positions "
           f"= {cells} cells ({len(ours['clean'])}-token prompt), {args.threads} threads")
-    print(f"pyinterp      {1000 * ours_s / cells:8.1f} ms/cell   peak RSS {ours_rss:7.0f} MiB")
+    loop_s = float(ours["loop_seconds"])
+    print(f"pyinterp      {1000 * ours_s / cells:8.1f} ms/cell   peak RSS {ours_rss:7.0f} MiB   (batched, shared prefixes)")
+    print(f"pyinterp loop {1000 * loop_s / cells:8.1f} ms/cell   (one run per cell; max |difference| from batched "
+          f"{np.abs(ours['loop'] - ours['grid']).max():.2e})")
     print(f"transformers  {1000 * hf_s / cells:8.1f} ms/cell   peak RSS {hf_rss:7.0f} MiB")
-    print(f"pyinterp / transformers: time {ours_s / hf_s:.2f}, peak RSS {ours_rss / hf_rss:.2f}")
+    print(f"pyinterp / transformers: time {ours_s / hf_s:.2f} ({hf_s / ours_s:.1f}x faster), peak RSS {ours_rss / hf_rss:.2f}")
+    print(f"pyinterp batched / loop: time {ours_s / loop_s:.2f} ({loop_s / ours_s:.1f}x faster)")
     print(f"heatmap correlation {np.corrcoef(a.ravel(), b.ravel())[0, 1]:.4f}, max |difference| "
           f"{np.abs(a - b).max():.3f} (logit difference range {b.min():.2f}..{b.max():.2f})")
 
