@@ -128,6 +128,15 @@ def evaluate(model: Model, ids: Sequence[int], variants: list[list[Intervention]
     return plain, values
 
 
+def _pair_ids(model: Model, clean: str | Sequence[int], corrupt: str | Sequence[int]) -> tuple[list[int], list[int]]:
+    """The two prompts' ids, which patching needs of equal length."""
+    clean_ids, corrupt_ids = model.prompt_ids(clean), model.prompt_ids(corrupt)
+    if len(clean_ids) != len(corrupt_ids):
+        raise InputError(f"the clean prompt has {len(clean_ids)} tokens and the corrupted one {len(corrupt_ids)}; "
+                         f"patching needs equal counts")
+    return clean_ids, corrupt_ids
+
+
 def _layers(model: Model, layers: Iterable[int] | None) -> list[int]:
     if layers is None:
         return list(range(model.n_layer))
@@ -169,10 +178,7 @@ def patch_sweep(model: Model, clean: str | Sequence[int], corrupt: str | Sequenc
     ``positions``.
     """
     fn = bind_metric(model, metric)
-    clean_ids, corrupt_ids = model.prompt_ids(clean), model.prompt_ids(corrupt)
-    if len(clean_ids) != len(corrupt_ids):
-        raise InputError(f"the clean prompt has {len(clean_ids)} tokens and the corrupted one {len(corrupt_ids)}; "
-                         f"patching needs equal counts")
+    clean_ids, corrupt_ids = _pair_ids(model, clean, corrupt)
     layers = _layers(model, layers)
     positions = _positions(positions, len(clean_ids))
     info = model.tensor_info()
@@ -214,10 +220,7 @@ def head_patch_scan(model: Model, clean: str | Sequence[int], corrupt: str | Seq
     float64, rows in the order of ``layers``.
     """
     fn = bind_metric(model, metric)
-    clean_ids, corrupt_ids = model.prompt_ids(clean), model.prompt_ids(corrupt)
-    if len(clean_ids) != len(corrupt_ids):
-        raise InputError(f"the clean prompt has {len(clean_ids)} tokens and the corrupted one {len(corrupt_ids)}; "
-                         f"patching needs equal counts")
+    clean_ids, corrupt_ids = _pair_ids(model, clean, corrupt)
     layers = _layers(model, layers)
     chosen = None if positions is None else tuple(_positions(positions, len(clean_ids)))
     trace = model.run(clean_ids, capture=[f"kqv_heads-{il}" for il in layers], logits=None)
