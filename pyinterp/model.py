@@ -279,10 +279,13 @@ class Model:
     def _forward(self, ids: list[int], interventions: Iterable[Intervention] = (), capture: Iterable[str] = (),
                  graph: bool = False, analysis=None, rows: str = "all") -> _Pass:
         """Decode ``ids`` from an empty cache under these interventions (and the context managers'); returns
-        logits (of every token, or with ``rows`` "last" of the last), captures, the lines describing every node
+        logits (of every token, or with ``rows`` "last" of the last unless the plan reads or writes the last
+        layer), captures, the lines describing every node
         of the graph (when ``graph``) and what ``analysis`` read. ``analysis`` (the lens, the attribution) has
         ``setup(backend)``, called once the plan is set, and ``read(backend, n_tokens)``, after the decode."""
         ops, captures, explicit = self._compile(len(ids), interventions, capture)
+        if any(op.layer == self.n_layer - 1 for op in ops + captures):
+            rows = "all"  # llama.cpp keeps only the output rows of the last layer's tensors otherwise
         b = self._backend
         indices = self._set_plan(ops + captures, explicit)
         try:
@@ -347,17 +350,9 @@ class Model:
             raise InputError(f"logits must be 'all', 'last' or None, got {logits!r}")
         ids = self.prompt_ids(tokens_or_text)
         every = [*legacy_interventions(ablate, isolate, patch), *interventions]
-        done = self._forward(ids, every, capture, rows=self._rows(logits, ids, every, capture))
+        done = self._forward(ids, every, capture, rows="all" if logits == "all" else "last")
         out = None if logits is None else done.logits[-1:] if logits == "last" else done.logits
         return Trace(ids, out, done.captured, [self.token_str(t) for t in ids])
-
-    def _rows(self, logits: str | None, ids: list[int], interventions: list[Intervention], capture: Iterable[str]) -> str:
-        """llama.cpp keeps only the output rows of the last layer's tensors: every row when the run reads or
-        writes that layer."""
-        if logits == "all":
-            return "all"
-        ops, captures, _ = self._compile(len(ids), interventions, capture)
-        return "all" if any(op.layer == self.n_layer - 1 for op in ops + captures) else "last"
 
     def generate(self, prompt: str | Sequence[int], n: int, *, temp: float = 0.0, seed: int | None = None,
                  ablate: Iterable[Head] = (), isolate: Head | None = None, patch: Iterable[Patch] = (),
