@@ -23,7 +23,7 @@ from .interventions.base import Op
 # KV cache types llama.cpp accepts (-ctk/-ctv), as enum ggml_type values
 KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7}
 
-N_SEQ_MAX = 64  # sequences one decode may hold (llama.cpp allows 256)
+N_SEQ_MAX = 64  # sequences one decode may hold (llama.cpp allows 256), fewer when n_ctx is smaller
 
 OP_KINDS = {"capture": lib.PI_OP_CAPTURE, "mul": lib.PI_OP_MUL, "set": lib.PI_OP_SET, "add": lib.PI_OP_ADD}
 
@@ -68,7 +68,7 @@ def check_rpc(endpoint: str) -> None:
 
 
 class Backend:
-    """One GGUF model in a llama.cpp context of ``n_ctx`` cells shared by up to :data:`N_SEQ_MAX` sequences."""
+    """One GGUF model in a llama.cpp context of ``n_ctx`` cells shared by up to ``n_seq_max`` sequences."""
 
     def __init__(self, path: Path, *, n_ctx: int, n_threads: int, n_gpu_layers: int, flash: int, type_k: str,
                  type_v: str, rpc: str | None) -> None:
@@ -83,7 +83,10 @@ class Backend:
         if n_ctx > n_ctx_train:
             self.close()
             raise InputError(f"n_ctx {n_ctx} exceeds the {n_ctx_train} tokens {path.name} was trained on")
-        self._ctx = lib.pi_context_new(self._model, n_ctx, n_threads, flash, KV_TYPES[type_k], KV_TYPES[type_v], N_SEQ_MAX)
+        # llama.cpp keeps at most n_ctx outputs, and holds one per sequence
+        self.n_seq_max: int = min(N_SEQ_MAX, n_ctx)
+        self._ctx = lib.pi_context_new(self._model, n_ctx, n_threads, flash, KV_TYPES[type_k], KV_TYPES[type_v],
+                                       self.n_seq_max)
         if self._ctx == ffi.NULL:
             self.close()
             raise _llama_error(f"cannot create a context of {n_ctx} tokens for {path}")

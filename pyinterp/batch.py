@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from .backend import N_SEQ_MAX
 from .errors import PyinterpError
 from .interventions import Intervention, Op
 
@@ -58,7 +57,7 @@ def run_variants(model: Model, prompt: str | Sequence[int], variants: Sequence[S
         for start in sorted(set(starts)):
             group = [i for i, s in enumerate(starts) if s == start]
             # cells: the plain run's n, and n - start more per variant
-            size = max(1, min(MAX_VARIANTS, N_SEQ_MAX - 1, (model.n_ctx - n) // (n - start)))
+            size = max(1, min(MAX_VARIANTS, b.n_seq_max - 1, (model.n_ctx - n) // (n - start)))
             for chunk in _chunks(group, size):
                 _decode_chunk(model, ids, start, chunk, variants, base_ops, last_layer, out)
                 if on_variant is not None:
