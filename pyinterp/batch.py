@@ -47,7 +47,7 @@ def run_variants(model: Model, prompt: str | Sequence[int], variants: Sequence[S
     base_ops, _, _ = model._compile(n, [], ())
     compiled = [model._compile(n, list(v), ())[0][len(base_ops):] for v in variants]
     starts = [first_changed(ops) for ops in compiled]
-    last_layer = any(op.layer == model.n_layer - 1 for ops in compiled for op in ops)
+    last_layer = any(op.layer == model.n_layer - 1 and op.kind == "capture" for ops in compiled for op in ops)
     out = np.empty((len(variants), model.n_vocab), dtype=np.float32)
     try:
         model._set_plan(base_ops, set())

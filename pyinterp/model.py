@@ -279,12 +279,12 @@ class Model:
     def _forward(self, ids: list[int], interventions: Iterable[Intervention] = (), capture: Iterable[str] = (),
                  graph: bool = False, analysis=None, rows: str = "all") -> _Pass:
         """Decode ``ids`` from an empty cache under these interventions (and the context managers'); returns
-        logits (of every token, or with ``rows`` "last" of the last unless the plan reads or writes the last
+        logits (of every token, or with ``rows`` "last" of the last unless the plan captures on the last
         layer), captures, the lines describing every node
         of the graph (when ``graph``) and what ``analysis`` read. ``analysis`` (the lens, the attribution) has
         ``setup(backend)``, called once the plan is set, and ``read(backend, n_tokens)``, after the decode."""
         ops, captures, explicit = self._compile(len(ids), interventions, capture)
-        if any(op.layer == self.n_layer - 1 for op in ops + captures):
+        if any(op.layer == self.n_layer - 1 for op in captures):
             rows = "all"  # llama.cpp keeps only the output rows of the last layer's tensors otherwise
         b = self._backend
         indices = self._set_plan(ops + captures, explicit)

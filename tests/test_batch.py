@@ -73,12 +73,19 @@ def test_context_manager_interventions_apply_to_every_variant(tiny):
 
 
 def test_patch_on_the_last_layer(tiny):
-    """The last layer keeps only the output rows unless every token is an output: the engine asks for all."""
-    vec = np.zeros(tiny.n_embd, dtype=np.float32)
-    variants = [[PatchRow("l_out", tiny.n_layer - 1, len(IDS) - 1, vec)], [PatchRow("ffn_out", tiny.n_layer - 1, 3, vec)]]
-    _, got = run_variants(tiny, IDS, variants)
+    """After attention the last layer keeps only the output rows: an op there acts on them, and an op on a
+    row that is not an output is dropped, which changes no output either."""
+    last = tiny.n_layer - 1
+    vec = np.random.default_rng(6).normal(size=tiny.n_embd).astype(np.float32)
+    variants = [[PatchRow("l_out", last, len(IDS) - 1, vec)], [PatchRow("ffn_out", last, 3, vec)],
+                [AddVector("attn_norm", last, vec, positions=(3,))], [AddVector("l_out", last, vec)]]
+    plain, got = run_variants(tiny, IDS, variants)
     for variant, logits in zip(variants, got):
-        np.testing.assert_allclose(logits, tiny.run(IDS, interventions=variant, logits="all").logits[-1], atol=1e-4)
+        full = tiny.run(IDS, interventions=variant, logits="all").logits
+        np.testing.assert_allclose(logits, full[-1], atol=1e-4)
+        np.testing.assert_allclose(tiny.run(IDS, interventions=variant, logits="last").logits[-1], full[-1], atol=1e-4)
+    changed = np.abs(got - plain).max(axis=1)
+    assert changed[1] == 0 and min(changed[0], changed[2], changed[3]) > 1e-2
 
 
 def test_patch_head_with_its_own_output_changes_nothing(tiny):

@@ -262,7 +262,7 @@ def test_print_cgraph(capsys, smollm2):
     assert code == 0
     lines = out.splitlines()
     assert any(line.startswith("l_out-0 ") and "ADD" in line for line in lines)
-    assert any("head mask" in line and "MUL" in line for line in lines)
+    assert any(line.startswith("attn_scores-1 (scaled)") and "MUL" in line for line in lines)
     assert any(line.startswith("result_output ") and "MUL_MAT" in line for line in lines)
 
 

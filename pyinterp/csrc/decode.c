@@ -18,7 +18,7 @@ int32_t pi_decode(struct pi_state * st, const llama_token * tokens, int32_t n_se
             return -100;
         }
     }
-    if (pi_ops_prepare(st, n_seq, n_tokens, seq_ids, pos0) != 0) {
+    if (pi_ops_prepare(st, n_seq, n_tokens, seq_ids, pos0, all_logits) != 0) {
         return -100;
     }
     st->n_nodes = INT_MAX; // the next hook call, if llama.cpp builds a graph, begins a build

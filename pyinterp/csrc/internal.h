@@ -22,6 +22,15 @@ struct pi_pool {
     ggml_backend_buffer_t      buf;
 };
 
+// rows of a [.., n_rows] tensor an op acts on; n -1: the whole tensor, 0: none (inactive)
+struct pi_rows {
+    int32_t n;
+    int32_t * dst_host;             // [n] rows of the tensor
+    int32_t * src_host;             // [n] rows of the op's data (per_row)
+    struct ggml_tensor * dst;       // [n] I32, in the rows pool
+    struct ggml_tensor * src;       // [n] I32
+};
+
 struct pi_op {
     int32_t kind;                   // enum pi_op_kind
     char    name[PI_NAME_MAX];      // base name, e.g. "l_out"
@@ -35,12 +44,10 @@ struct pi_op {
     ggml_backend_buffer_type_t buft; // the device of the layer
 
     struct ggml_tensor * data;      // ne, F32, in the ops pool
-    // the rows of the current ubatch the op acts on; n_rows -1: the whole tensor, 0: none (inactive)
-    int32_t n_rows;
-    int32_t * dst_host;             // [n_rows] rows of the ubatch
-    int32_t * src_host;             // [n_rows] rows of data (per_row)
-    struct ggml_tensor * dst;       // [n_rows] I32, in the rows pool
-    struct ggml_tensor * src;       // [n_rows] I32
+    // the rows of the current ubatch the op acts on, and the same among the output rows (the last layer's
+    // tensors after llama.cpp drops the rows whose logits are not wanted)
+    struct pi_rows rows;
+    struct pi_rows out_rows;
 
     bool done;                      // applied in the current build (the first tensor of that name only)
     struct ggml_tensor * out;       // the captured tensor of the last build
@@ -146,6 +153,7 @@ struct pi_state {
     struct pi_pool ops_pool[PI_MAX_POOLS];
     struct pi_pool rows_pool[PI_MAX_POOLS];
     int32_t n_ubatch;               // tokens of the current ubatch (all sequences)
+    int32_t n_outputs;              // of them, those whose logits are kept
 
     // every (name, il) offered to the hook during the last build, when recording
     bool record;
@@ -183,7 +191,8 @@ void pi_drop_graph(struct pi_state * st);
 
 // ops.c
 void pi_ops_free(struct pi_state * st);
-int  pi_ops_prepare(struct pi_state * st, int32_t n_seq, int32_t n_tokens, const int32_t * seq_ids, int32_t pos0);
+int  pi_ops_prepare(struct pi_state * st, int32_t n_seq, int32_t n_tokens, const int32_t * seq_ids, int32_t pos0,
+                    bool all_logits);
 struct ggml_tensor * pi_op_apply(struct pi_state * st, struct ggml_context * ctx, struct ggml_cgraph * gf,
                                  struct pi_op * op, struct ggml_tensor * cur);
 bool pi_pools_place(struct pi_state * st, struct pi_pool * pools, struct ggml_tensor ** tensors,

@@ -9,8 +9,10 @@ void pi_ops_free(struct pi_state * st) {
         struct pi_op * op = &st->ops[i];
         free(op->positions);
         free(op->host);
-        free(op->dst_host);
-        free(op->src_host);
+        free(op->rows.dst_host);
+        free(op->rows.src_host);
+        free(op->out_rows.dst_host);
+        free(op->out_rows.src_host);
     }
     free(st->ops);
     st->ops          = NULL;
@@ -159,17 +161,24 @@ static int pi_ops_upload(struct pi_state * st) {
     return 0;
 }
 
-// the rows of a ubatch (n_seq sequences of n_tokens at pos0) op acts on; returns false when per-row data
+static void pi_rows_reserve(struct pi_rows * rows, int32_t cap) {
+    rows->dst_host = realloc(rows->dst_host, (cap + 1) * sizeof(int32_t));
+    rows->src_host = realloc(rows->src_host, (cap + 1) * sizeof(int32_t));
+}
+
+// the rows of a ubatch (n_seq sequences of n_tokens at pos0) op acts on, among all its rows and among its
+// output rows (every row with all_logits, else the last of each sequence); returns false when per-row data
 // lacks a row
-static bool pi_op_rows(struct pi_op * op, int32_t n_seq, int32_t n_tokens, const int32_t * seq_ids, int32_t pos0) {
+static bool pi_op_rows(struct pi_op * op, int32_t n_seq, int32_t n_tokens, const int32_t * seq_ids, int32_t pos0,
+                       bool all_logits) {
     if (op->seq < 0 && op->positions == NULL && !op->per_row) {
-        op->n_rows = -1;
+        op->rows.n = op->out_rows.n = -1;
         return true;
     }
     const int32_t cap = n_seq * (op->positions ? op->n_positions : n_tokens);
-    op->dst_host = realloc(op->dst_host, (cap + 1) * sizeof(int32_t));
-    op->src_host = realloc(op->src_host, (cap + 1) * sizeof(int32_t));
-    int32_t n = 0;
+    pi_rows_reserve(&op->rows, cap);
+    pi_rows_reserve(&op->out_rows, cap);
+    int32_t n = 0, n_out = 0;
     for (int32_t s = 0; s < n_seq; ++s) {
         if (op->seq >= 0 && seq_ids[s] != op->seq) {
             continue;
@@ -180,22 +189,52 @@ static bool pi_op_rows(struct pi_op * op, int32_t n_seq, int32_t n_tokens, const
             if (pos < pos0 || pos >= pos0 + n_tokens) {
                 continue;
             }
-            op->dst_host[n] = s * n_tokens + (pos - pos0);
-            op->src_host[n] = op->positions ? i : pos;
-            if (op->per_row && op->src_host[n] >= op->ne[1]) {
+            const int32_t src = op->positions ? i : pos;
+            if (op->per_row && src >= op->ne[1]) {
                 return false;
             }
-            ++n;
+            op->rows.dst_host[n]   = s * n_tokens + (pos - pos0);
+            op->rows.src_host[n++] = src;
+            if (all_logits || pos == pos0 + n_tokens - 1) {
+                op->out_rows.dst_host[n_out]   = all_logits ? s * n_tokens + (pos - pos0) : s;
+                op->out_rows.src_host[n_out++] = src;
+            }
         }
     }
-    op->n_rows = n;
+    op->rows.n     = n;
+    op->out_rows.n = n_out;
     return true;
+}
+
+// new I32 tensors for rows (none when the op has no rows there)
+static int32_t pi_rows_tensors(struct ggml_context * ctx, struct pi_rows * rows, int32_t i, const char * what,
+                               struct ggml_tensor ** tensors) {
+    rows->dst = rows->src = NULL;
+    if (rows->n <= 0) {
+        return 0;
+    }
+    rows->dst = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, rows->n);
+    rows->src = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, rows->n);
+    ggml_format_name(rows->dst, "pi_op_%s-%d", what, i);
+    ggml_format_name(rows->src, "pi_op_data_%s-%d", what, i);
+    tensors[0] = rows->dst;
+    tensors[1] = rows->src;
+    return 2;
+}
+
+static void pi_rows_upload(const struct pi_rows * rows) {
+    if (rows->n > 0) {
+        ggml_backend_tensor_set(rows->dst, rows->dst_host, 0, ggml_nbytes(rows->dst));
+        ggml_backend_tensor_set(rows->src, rows->src_host, 0, ggml_nbytes(rows->src));
+    }
 }
 
 // before a decode: data uploaded, and every op's rows of this ubatch in device memory. When an op now
 // acts on a different number of rows the graph changes, so the previous one is dropped.
-int pi_ops_prepare(struct pi_state * st, int32_t n_seq, int32_t n_tokens, const int32_t * seq_ids, int32_t pos0) {
-    st->n_ubatch = n_seq * n_tokens;
+int pi_ops_prepare(struct pi_state * st, int32_t n_seq, int32_t n_tokens, const int32_t * seq_ids, int32_t pos0,
+                   bool all_logits) {
+    st->n_ubatch  = n_seq * n_tokens;
+    st->n_outputs = all_logits ? n_seq * n_tokens : n_seq;
     bool changed = false;
     if (!st->ops_uploaded) {
         if (pi_ops_upload(st) != 0) {
@@ -205,35 +244,33 @@ int pi_ops_prepare(struct pi_state * st, int32_t n_seq, int32_t n_tokens, const 
     }
     for (int32_t i = 0; i < st->n_ops; ++i) {
         struct pi_op * op = &st->ops[i];
-        const int32_t before = op->n_rows;
-        if (!pi_op_rows(op, n_seq, n_tokens, seq_ids, pos0)) {
+        const int32_t before = op->rows.n, before_out = op->out_rows.n;
+        if (!pi_op_rows(op, n_seq, n_tokens, seq_ids, pos0, all_logits)) {
             snprintf(st->error, sizeof(st->error), "op %d on %s-%d: its data has no row for a position of this decode",
                      i, op->name, op->il);
             return -1;
         }
-        changed = changed || op->n_rows != before || (op->n_rows > 0 && op->dst == NULL);
+        changed = changed || op->rows.n != before || op->out_rows.n != before_out ||
+                  (op->rows.n > 0 && op->rows.dst == NULL) || (op->out_rows.n > 0 && op->out_rows.dst == NULL);
     }
     if (changed) {
         if (st->rows_ctx) {
             ggml_free(st->rows_ctx);
         }
-        struct ggml_init_params params = { (2*st->n_ops + 1) * ggml_tensor_overhead(), NULL, true };
+        const int32_t cap = 4*st->n_ops + 1;
+        struct ggml_init_params params = { cap * ggml_tensor_overhead(), NULL, true };
         st->rows_ctx = ggml_init(params);
-        struct ggml_tensor ** tensors = malloc((2*st->n_ops + 1) * sizeof(*tensors));
-        ggml_backend_buffer_type_t * bufts = malloc((2*st->n_ops + 1) * sizeof(*bufts));
+        struct ggml_tensor ** tensors = malloc(cap * sizeof(*tensors));
+        ggml_backend_buffer_type_t * bufts = malloc(cap * sizeof(*bufts));
         int32_t n = 0;
         for (int32_t i = 0; i < st->n_ops; ++i) {
             struct pi_op * op = &st->ops[i];
-            op->dst = op->src = NULL;
-            if (op->n_rows <= 0) {
-                continue;
+            const int32_t first = n;
+            n += pi_rows_tensors(st->rows_ctx, &op->rows, i, "rows", tensors + n);
+            n += pi_rows_tensors(st->rows_ctx, &op->out_rows, i, "out_rows", tensors + n);
+            for (int32_t j = first; j < n; ++j) {
+                bufts[j] = op->buft;
             }
-            op->dst = ggml_new_tensor_1d(st->rows_ctx, GGML_TYPE_I32, op->n_rows);
-            op->src = ggml_new_tensor_1d(st->rows_ctx, GGML_TYPE_I32, op->n_rows);
-            ggml_format_name(op->dst, "pi_op_rows-%d", i);
-            ggml_format_name(op->src, "pi_op_data_rows-%d", i);
-            tensors[n] = op->dst; bufts[n++] = op->buft;
-            tensors[n] = op->src; bufts[n++] = op->buft;
         }
         const bool placed = pi_pools_place(st, st->rows_pool, tensors, bufts, n);
         free(tensors);
@@ -244,11 +281,8 @@ int pi_ops_prepare(struct pi_state * st, int32_t n_seq, int32_t n_tokens, const 
         pi_drop_graph(st);
     }
     for (int32_t i = 0; i < st->n_ops; ++i) {
-        struct pi_op * op = &st->ops[i];
-        if (op->n_rows > 0) {
-            ggml_backend_tensor_set(op->dst, op->dst_host, 0, ggml_nbytes(op->dst));
-            ggml_backend_tensor_set(op->src, op->src_host, 0, ggml_nbytes(op->src));
-        }
+        pi_rows_upload(&st->ops[i].rows);
+        pi_rows_upload(&st->ops[i].out_rows);
     }
     return 0;
 }
@@ -265,34 +299,40 @@ static struct ggml_tensor * pi_output(struct ggml_context * ctx, struct ggml_cgr
     return t;
 }
 
-// the rows `op` selects, changed by the op, as [width, n_rows]
-static struct ggml_tensor * pi_op_rows_changed(struct ggml_context * ctx, struct pi_op * op, struct ggml_tensor * rows,
-                                               int64_t width, const struct ggml_tensor * cur, int64_t n_ubatch) {
-    struct ggml_tensor * with = op->per_row ? ggml_get_rows(ctx, ggml_reshape_2d(ctx, op->data, width, op->ne[1]), op->src)
+// the rows `op` selects, changed by the op, as [width, rows->n]
+static struct ggml_tensor * pi_op_rows_changed(struct ggml_context * ctx, struct pi_op * op, const struct pi_rows * sel,
+                                               struct ggml_tensor * rows, int64_t width, const struct ggml_tensor * cur,
+                                               int64_t n_rows) {
+    struct ggml_tensor * with = op->per_row ? ggml_get_rows(ctx, ggml_reshape_2d(ctx, op->data, width, op->ne[1]), sel->src)
                                            : op->data;
     switch (op->kind) {
-        case PI_OP_SET: return op->per_row ? with : ggml_repeat_4d(ctx, with, width, op->n_rows, 1, 1);
+        case PI_OP_SET: return op->per_row ? with : ggml_repeat_4d(ctx, with, width, sel->n, 1, 1);
         case PI_OP_ADD: return ggml_add(ctx, rows, with);
         case PI_OP_MUL: {
             if (op->per_row) {
                 return ggml_mul(ctx, rows, with);
             }
             // one token's slice keeps its shape, so data broadcasts over it as over the whole tensor
-            struct ggml_tensor * shaped = cur->ne[2] == n_ubatch ?
-                ggml_reshape_3d(ctx, rows, cur->ne[0], cur->ne[1], op->n_rows) : ggml_reshape_2d(ctx, rows, cur->ne[0], op->n_rows);
-            return ggml_reshape_2d(ctx, ggml_mul(ctx, shaped, op->data), width, op->n_rows);
+            struct ggml_tensor * shaped = cur->ne[2] == n_rows ?
+                ggml_reshape_3d(ctx, rows, cur->ne[0], cur->ne[1], sel->n) : ggml_reshape_2d(ctx, rows, cur->ne[0], sel->n);
+            return ggml_reshape_2d(ctx, ggml_mul(ctx, shaped, op->data), width, sel->n);
         }
         default: return NULL;
     }
 }
 
+// whether cur has one row per token of n tokens, the tokens its last axis
+static bool pi_has_rows(const struct ggml_tensor * cur, int64_t n) {
+    return cur->ne[3] == 1 && (cur->ne[2] == n || (cur->ne[2] == 1 && cur->ne[1] == n));
+}
+
 // apply op to cur (the first tensor named op->name in layer op->il of this build); returns what takes its place
 struct ggml_tensor * pi_op_apply(struct pi_state * st, struct ggml_context * ctx, struct ggml_cgraph * gf,
                                  struct pi_op * op, struct ggml_tensor * cur) {
-    if (op->n_rows == 0) {
+    if (op->rows.n == 0) {
         return cur;
     }
-    if (op->n_rows < 0) {
+    if (op->rows.n < 0) {
         switch (op->kind) {
             case PI_OP_CAPTURE:
                 op->out = pi_output(ctx, gf, cur, cur->name);
@@ -310,13 +350,21 @@ struct ggml_tensor * pi_op_apply(struct pi_state * st, struct ggml_context * ctx
                 return cur;
         }
     }
-    // the tokens are the last axis: the tensor as [width, n_ubatch] rows
-    const int64_t n = st->n_ubatch;
-    if (cur->ne[3] != 1 || !(cur->ne[2] == n || (cur->ne[2] == 1 && cur->ne[1] == n))) {
-        // the last layer keeps the rows of the output tokens only, unless every token is an output
-        st->build_failed = "an op on chosen rows met a tensor without one row per token of the batch "
-                           "(on the last layer, ask for the logits of every token)";
-        return cur;
+    // the tokens are the last axis: the tensor as [width, n] rows. The last layer's tensors after attention
+    // keep the output rows only; the other rows can change no output, so an op on them is dropped there.
+    int64_t n = st->n_ubatch;
+    const struct pi_rows * sel = &op->rows;
+    if (!pi_has_rows(cur, n)) {
+        n   = st->n_outputs;
+        sel = &op->out_rows;
+        if (!pi_has_rows(cur, n) || op->kind == PI_OP_CAPTURE) {
+            st->build_failed = "an op on chosen rows met a tensor without one row per token of the batch "
+                               "(on the last layer, captures need the logits of every token)";
+            return cur;
+        }
+        if (sel->n == 0) {
+            return cur;
+        }
     }
     struct ggml_tensor * x = ggml_is_contiguous(cur) ? cur : ggml_cont(ctx, cur);
     x = ggml_reshape_2d(ctx, x, ggml_nelements(cur) / n, n);
@@ -324,18 +372,18 @@ struct ggml_tensor * pi_op_apply(struct pi_state * st, struct ggml_context * ctx
         return cur;
     }
     if (op->kind == PI_OP_CAPTURE) {
-        op->out = pi_output(ctx, gf, ggml_get_rows(ctx, x, op->dst), cur->name);
+        op->out = pi_output(ctx, gf, ggml_get_rows(ctx, x, sel->dst), cur->name);
         return cur;
     }
     if (op->kind == PI_OP_SET && op->data->ne[0] != x->ne[0]) {
         return cur;
     }
-    struct ggml_tensor * rows = op->kind == PI_OP_SET ? NULL : ggml_get_rows(ctx, x, op->dst);
-    struct ggml_tensor * changed = pi_op_rows_changed(ctx, op, rows, x->ne[0], cur, n);
+    struct ggml_tensor * rows = op->kind == PI_OP_SET ? NULL : ggml_get_rows(ctx, x, sel->dst);
+    struct ggml_tensor * changed = pi_op_rows_changed(ctx, op, sel, rows, x->ne[0], cur, n);
     if (changed == NULL) {
         return cur;
     }
-    struct ggml_tensor * out = ggml_set_rows(ctx, ggml_dup(ctx, x), changed, op->dst);
+    struct ggml_tensor * out = ggml_set_rows(ctx, ggml_dup(ctx, x), changed, sel->dst);
     out = ggml_reshape_4d(ctx, out, cur->ne[0], cur->ne[1], cur->ne[2], cur->ne[3]);
     ggml_format_name(out, "%s (%s rows)", cur->name, op->kind == PI_OP_SET ? "set" : op->kind == PI_OP_ADD ? "added" : "scaled");
     return out;
