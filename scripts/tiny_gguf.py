@@ -26,7 +26,6 @@ import numpy as np
 
 QUANTS = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
 FILE_TYPES = {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
-N_CTX_TRAIN = 512
 
 
 @dataclass(frozen=True)
@@ -46,6 +45,7 @@ class Spec:
     fused: bool = False         # phi3: one attn_qkv matrix and one ffn_up holding gate and up
     post_norms: bool = False    # gemma2: norms after attention and FFN, sqrt(n_embd)-scaled embedding
     sliding_window: int = 0     # gemma2: every other layer (from the first) sees this many keys
+    n_ctx_train: int = 512      # context length: the tests want a small one, the benchmarks room for batches
 
 
 # transformers reads neither qwen3's head_dim nor gemma2's query_pre_attn_scalar from GGUF: its defaults
@@ -60,7 +60,8 @@ SPECS: dict[str, Spec] = {
 
 # not in SPECS: the tests write every tiny model; 0.97B parameters (the tiny vocabulary adds 0.6M)
 BENCH_SPECS: dict[str, Spec] = {
-    "llama-1b": Spec("llama", n_layer=16, n_embd=2048, n_head=32, n_head_kv=8, head_dim=64, n_ff=8192, tied=True),
+    "llama-1b": Spec("llama", n_layer=16, n_embd=2048, n_head=32, n_head_kv=8, head_dim=64, n_ff=8192, tied=True,
+                     n_ctx_train=4096),
 }
 
 
@@ -133,7 +134,7 @@ class _Weights:
 
 def _metadata(w: gguf.GGUFWriter, spec: Spec, n_vocab: int, file_type: gguf.LlamaFileType) -> None:
     w.add_name("tiny")  # not the family: llama.cpp keys vocabulary quirks off it ("phi3" wants <s>, </s>, <unk>)
-    w.add_context_length(N_CTX_TRAIN)
+    w.add_context_length(spec.n_ctx_train)
     w.add_block_count(spec.n_layer)
     w.add_embedding_length(spec.n_embd)
     w.add_feed_forward_length(spec.n_ff)
