@@ -3,9 +3,12 @@
 
 1. pyinterp on one prompt (default 128 tokens): plain, 1-head ablation, 1-row patch and capture of
    every layer's attention, interleaved round by round; medians and ratios to plain.
-   Targets: ablation <= 1.03, patch <= 1.03, full attention capture <= 1.3. Then generation, plain
-   and with one head ablated (no target: a hooked graph is rebuilt for every token). Then the cost of
-   pyinterp's faithful defaults (explicit attention, F32 KV cache) against llama.cpp's own (flash attention, F16).
+   Targets: ablation <= 1.03, patch <= 1.03, full attention capture <= 1.3. Then generation, plain,
+   with one head ablated and with a steering vector added at one layer (the graph is reused from token
+   to token; target <= 1.05); the logits of the last token only against every token's; an SAE of
+   16 x n_embd features encoding one layer in the graph, top-10 per token (target < 1.05). Then the cost
+   of pyinterp's faithful defaults (explicit attention, F32 KV cache) against llama.cpp's own (flash
+   attention, F16).
 2. The same llama_decode from a small C program (decode_bench.c, stock llama.h API only) linked
    once against pyinterp's patched libllama (hook unset) and once against llama.cpp built from the
    same source without the patches (built into build/stock on first use). Target: <= 1.05.
@@ -25,10 +28,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from typing import Callable
+
 import numpy as np
 
 import pyinterp
 from pyinterp import zoo
+from pyinterp._ffi import LIB_DIR
+from pyinterp.interventions import AblateHeads, AddVector
+from pyinterp.sae import random_sae, sae_features
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -51,27 +59,42 @@ def bench_pyinterp(model: pyinterp.Model, ids: list[int], runs: int) -> dict[str
         "patch 1 row": {"patch": [("l_out", layer, len(ids) // 2, row)]},
         "capture all attention": {"capture": ["attn_scores"]},
     }
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for kwargs in variants.values():  # warm-up
-        model.run(ids, **kwargs)
+    return interleaved({name: (lambda kw=kw: model.run(ids, **kw)) for name, kw in variants.items()}, runs)
+
+
+def interleaved(calls: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
+    """Median seconds of each call, the calls interleaved round by round after one warm-up each."""
+    for call in calls.values():
+        call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(runs):
-        for name, kwargs in variants.items():
+        for name, call in calls.items():
             t0 = time.perf_counter()
-            model.run(ids, **kwargs)
+            call()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_generation(model: pyinterp.Model, n: int, rounds: int) -> dict[str, float]:
-    """Seconds per generated token, plain and with one head ablated (a hooked graph is rebuilt every token)."""
-    variants = {"plain": {}, "ablate 1 head": {"ablate": [(model.n_layer // 2, 1)]}}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, kwargs in variants.items():
-            t0 = time.perf_counter()
-            model.generate("Once upon a time", n, stop_at_eog=False, **kwargs)
-            times[name].append((time.perf_counter() - t0) / n)
-    return {name: statistics.median(t) for name, t in times.items()}
+    """Seconds per generated token: plain, one head ablated, a vector added to one layer's output."""
+    layer = model.n_layer // 2
+    vector = np.random.default_rng(0).normal(size=model.n_embd).astype(np.float32)
+    variants = {"plain": [], "ablate 1 head": [AblateHeads(((layer, 1),))],
+                "add a vector at 1 layer": [AddVector("l_out", layer, vector, scale=0.5)]}
+    calls = {name: (lambda v=v: model.generate("Once upon a time", n, stop_at_eog=False, interventions=v))
+             for name, v in variants.items()}
+    return {name: t / n for name, t in interleaved(calls, rounds).items()}
+
+
+def bench_outputs_and_sae(model: pyinterp.Model, ids: list[int], runs: int) -> dict[str, float]:
+    """A prompt pass keeping every token's logits, the last token's only, and the last token's with an SAE
+    (16 x n_embd features, random weights: the cost does not depend on them) encoding the middle layer."""
+    layer = model.n_layer // 2
+    sae = random_sae(model.n_embd, 16 * model.n_embd, hook_name=f"blocks.{layer}.hook_resid_post")
+    calls = {"logits of every token": lambda: model.run(ids, logits="all"),
+             "logits of the last token": lambda: model.run(ids, logits="last"),
+             "last + SAE encode, 1 layer": lambda: sae_features(model, sae, ids, top_k=10)}
+    return interleaved(calls, runs)
 
 
 def bench_defaults(path: Path, ids: list[int], runs: int, threads: int, n_gpu_layers: int | None) -> dict[str, tuple[float, float]]:
@@ -132,7 +155,7 @@ def compile_bench(src: Path, lib_dir: Path, out: Path) -> None:
 
 def bench_stock(model_path: Path, n_tokens: int, runs: int, threads: int) -> dict[str, float]:
     src, stock_lib = build_stock()
-    patched_lib = Path(pyinterp.__file__).resolve().parent / "lib"
+    patched_lib = LIB_DIR
     with tempfile.TemporaryDirectory() as tmp:
         binaries = {"stock llama.cpp": Path(tmp) / "stock", "pyinterp, hook unset": Path(tmp) / "patched"}
         compile_bench(src, stock_lib, binaries["stock llama.cpp"])
@@ -148,7 +171,7 @@ def bench_stock(model_path: Path, n_tokens: int, runs: int, threads: int) -> dic
 def report(title: str, medians: dict[str, float], base: str, n_tokens: int) -> None:
     print(f"\n{title}")
     for name, t in medians.items():
-        print(f"  {name:<24} {t * 1000:8.1f} ms  {n_tokens / t:7.1f} tok/s  ratio {t / medians[base]:.3f}")
+        print(f"  {name:<28} {t * 1000:8.1f} ms  {n_tokens / t:7.1f} tok/s  ratio {t / medians[base]:.3f}")
 
 
 def main() -> int:
@@ -168,7 +191,10 @@ def main() -> int:
         print(f"{model}\n{args.tokens}-token prompt, {args.threads} threads, median of {args.runs} interleaved runs")
         report("pyinterp Model.run (targets: ablate <= 1.03, patch <= 1.03, capture <= 1.3)",
                bench_pyinterp(model, ids, args.runs), "plain", args.tokens)
-        report("pyinterp Model.generate, 64 tokens (time per token)", bench_generation(model, 64, 5), "plain", 1)
+        report("pyinterp Model.generate, 64 tokens (time per token; target <= 1.05)",
+               bench_generation(model, 64, 5), "plain", 1)
+        report("pyinterp prompt pass, what leaves the graph (SAE target < 1.05)",
+               bench_outputs_and_sae(model, ids, args.runs), "logits of the last token", args.tokens)
     defaults = bench_defaults(path, ids, args.runs, args.threads, args.n_gpu_layers)
     report(f"faithful defaults vs llama.cpp's: {args.tokens}-token prompt pass",
            {name: t[0] for name, t in defaults.items()}, "llama.cpp default", args.tokens)
