@@ -365,15 +365,20 @@ def test_sae_features_match_torch_on_the_captured_activation(tiny, tmp_path, arc
 @pytest.mark.parametrize("architecture", ["standard", "jumprelu", "topk"])
 def test_feature_edits_in_the_graph(tiny, architecture):
     """Editing features inside the graph equals patching every row with x + (f' - f) W_dec computed in numpy from
-    the captured activation; multiplying features by 1 (their own value) leaves the logits unchanged."""
+    the captured activation; multiplying features by 1, or clamping a silent feature to 0 (their own values),
+    leaves the logits unchanged."""
     prompt = "The tiny model reads this"
     sae = random_sae(tiny.n_embd, 200, architecture, seed=8, hook_name="blocks.1.hook_resid_post", k=12)
+    silent = 7
+    sae.b_enc[silent] = -1e4  # never active: clamping it to 0 clamps it to every token's own value
     plain = tiny.run(prompt, capture=["l_out-1"])
     x = plain["l_out", 1]
     f = sae.encode(x)
+    assert not f[:, silent].any()
     active = int(np.argmax((f > 0).sum(0)))
     own = steer_features(tiny, sae, prompt, {active: 1.0, 3: 1.0}, scale=True)
     np.testing.assert_allclose(own, plain.logits, atol=1e-4)
+    np.testing.assert_allclose(steer_features(tiny, sae, prompt, {silent: 0.0}), plain.logits, atol=1e-4)
 
     edits = {active: 4.0, int(np.argmin((f > 0).sum(0))): 2.5}
     got = steer_features(tiny, sae, prompt, edits)
