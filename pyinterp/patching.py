@@ -6,12 +6,12 @@ variants in batched decodes that share the prompt's unchanged prefix (:mod:`pyin
   clean row, and record the metric. ``[n_layers, n_positions]``.
 - :func:`head_ablation_scan`: ablate one head at a time and record how much the metric changes.
   ``[n_layers, n_head]``.
+- :func:`head_patch_scan`: patch one head's output (``kqv_heads``) at a time, clean into corrupt.
+  ``[n_layers, n_head]``.
 
 A metric is any callable on the last token's logits ``[n_vocab] -> float``, or one built from tokens
 (:func:`logit_diff`, :func:`prob`), which names its tokens by id or single-token text. Every sweep goes
 through :func:`evaluate`, the one place that runs the variants.
-- :func:`head_patch_scan`: patch one head's output (``kqv_heads``) at a time, clean into corrupt.
-  ``[n_layers, n_head]``.
 
 ``batched=False`` runs one :meth:`Model.run` per cell instead (the reference loop; same numbers up to
 float rounding).
@@ -28,26 +28,13 @@ from .errors import InputError
 from .batch import run_variants
 from .hooks import as_list
 from .interventions import AblateHeads, Intervention, PatchHead, PatchRow
+from .lens import resolve_target
 
 if TYPE_CHECKING:
     from .model import Model
 
 Token = int | str
 MetricFn = Callable[[np.ndarray], float]
-
-
-def token_id(model: Model, token: Token) -> int:
-    """A token id, or the id of single-token text (no BOS added); anything else is an InputError."""
-    if isinstance(token, str):
-        pieces = model.tokenize(token, add_bos=False)
-        if len(pieces) != 1:
-            raise InputError(f"token {token!r} is {len(pieces)} tokens, not one")
-        return pieces[0]
-    if not isinstance(token, (int, np.integer)) or isinstance(token, bool):
-        raise InputError(f"a token must be an id or single-token text, got {token!r}")
-    if not 0 <= token < model.n_vocab:
-        raise InputError(f"token id {token} out of range (vocabulary has {model.n_vocab} tokens)")
-    return int(token)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -68,7 +55,7 @@ class Metric:
 
     def bind(self, model: Model) -> MetricFn:
         """The metric as a function of the last token's logits ``[n_vocab] -> float``."""
-        ids = [token_id(model, t) for t in self.tokens]
+        ids = [resolve_target(model, t) for t in self.tokens]
         if self.kind == "logit_diff":
             good, bad = ids
             return lambda logits: float(logits[good]) - float(logits[bad])
@@ -77,7 +64,7 @@ class Metric:
 
     def describe(self, model: Model) -> str:
         """The metric in words, e.g. ``logit(' Paris') - logit(' Rome')``."""
-        names = [repr(model.token_str(token_id(model, t))) for t in self.tokens]
+        names = [repr(model.token_str(resolve_target(model, t))) for t in self.tokens]
         return f"logit({names[0]}) - logit({names[1]})" if self.kind == "logit_diff" else f"p({names[0]})"
 
 
