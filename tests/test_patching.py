@@ -101,7 +101,7 @@ def test_head_ablation_scan_equals_a_loop(tiny):
     (lambda m, c, k: patch_sweep(m, c, k, metric="prob"), "metric must be"),
     (lambda m, c, k: patch_sweep(m, c, k, metric=lambda x: "x", layers=[0], positions=[0]), "return a number"),
     (lambda m, c, k: patch_sweep(m, c, k, metric=prob(10**6)), "token id 1000000 out of range"),
-    (lambda m, c, k: patch_sweep(m, c, k, metric=prob("a long text")), "), not one"),
+    (lambda m, c, k: patch_sweep(m, c, k, metric=prob("a long text")), r"tokens \(.*\), not one"),
     (lambda m, c, k: patch_sweep(m, c, k, metric=logit_diff(1.5, 2)), "a target is a token id or a text"),
     (lambda m, c, k: head_ablation_scan(m, c, prob(7), layers=[-1]), "out of range"),
 ])
