@@ -23,6 +23,7 @@ from .cli_lens import (ATTRIBUTION_HEADER, TARGET_HEADER, attribution_json, attr
                        parse_positions, parse_target, print_attribution, print_targets, targets_json, targets_rows,
                        write_csv)
 from .cli_prompt import prompt_options, prompt_text
+from .cli_sae import sae
 from .cli_sweep import sweep
 from .errors import InputError, PyinterpError
 from .hooks import split_name
@@ -421,7 +422,7 @@ def cli(ctx, model_path, prompt, prompt_file, escape, n_predict, ctx_size, threa
 
 def subcommands() -> dict[str, click.Command]:
     """Analyses with a command of their own: ``pyinterp NAME ...``; everything else is the main command."""
-    return {"cvector": cvector, "fidelity": fidelity, "heads": heads, "sweep": sweep}
+    return {"cvector": cvector, "fidelity": fidelity, "heads": heads, "sae": sae, "sweep": sweep}
 
 
 cli.epilog = ("More commands, each with its own --help: "

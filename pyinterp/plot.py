@@ -195,19 +195,23 @@ def score_grids(
     return _with_colorbar(tables, _title_height(), n_rows * LENS_CELL_H, title)
 
 
-def value_grid(values: np.ndarray, *, title: str, row_labels: list[str], col_labels: list[str]) -> np.ndarray:
+def value_grid(values: np.ndarray, *, title: str, row_labels: list[str], col_labels: list[str],
+               value_ticks: bool = False) -> np.ndarray:
     """Draw one ``[n_rows, n_cols]`` table of any real values (a metric, not a probability): row 0 at the
-    BOTTOM, each cell labelled with its value to two decimals and coloured on the 0..1 scale after mapping
-    the table's minimum to 0 and its maximum to 1 (a constant table is all 0). ``title`` goes above it
-    and should state that range."""
+    BOTTOM, each cell labelled with its value to two decimals (cells widen to fit) and coloured on the 0..1
+    scale after mapping the table's minimum to 0 and its maximum to 1 (a constant table is all 0). ``title``
+    goes above it and should state that range, unless ``value_ticks`` labels the colour bar with the table's
+    minimum, middle and maximum instead of 0, 0.5 and 1."""
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 2 or values.shape != (len(row_labels), len(col_labels)) or not np.all(np.isfinite(values)):
         raise PyinterpError(f"need a finite 2-D table of {len(row_labels)} x {len(col_labels)} values, got shape {values.shape}")
     lo, hi = values.min(), values.max()
     colour = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
-    table = _table(colour, [[f"{v:.2f}" for v in row] for row in values], row_labels, col_labels, "", SCORE_CELL_W,
-                   LENS_CELL_H)
-    return _with_colorbar([table], PAD, values.shape[0] * LENS_CELL_H, title)
+    texts = [[f"{v:.2f}" for v in row] for row in values]
+    cell_w = max(SCORE_CELL_W, max(text_width(t, LABEL_PX) for row in texts for t in row) + 8)  # wide values fit
+    table = _table(colour, texts, row_labels, col_labels, "", cell_w, LENS_CELL_H)
+    ticks = ((1.0, f"{hi:.3g}"), (0.5, f"{(lo + hi) / 2:.3g}"), (0.0, f"{lo:.3g}")) if value_ticks else COLORBAR_TICKS
+    return _with_colorbar([table], PAD, values.shape[0] * LENS_CELL_H, title, ticks=ticks)
 
 
 CHART_W = 360  # plot area of one line chart, pixels
