@@ -60,6 +60,19 @@ def test_more_variants_than_one_decode_holds(tiny):
         np.testing.assert_allclose(got[i], want, atol=1e-4)
 
 
+def test_a_small_context_holds_fewer_sequences(tmp_path):
+    """A context of 12 cells holds at most 12 sequences (llama.cpp keeps one output per sequence): the variants
+    go in as many decodes as the cells allow, and still equal single runs."""
+    path = tiny_gguf.write("llama", tmp_path / "llama.gguf", seed=0)
+    with pyinterp.Model(path, n_ctx=12, n_threads=1) as small:
+        rng = np.random.default_rng(3)
+        variants = [[PatchRow("l_out", 1, pos, rng.normal(size=small.n_embd))] for pos in (0, 4, 7, 7, 7)]
+        _, got = run_variants(small, IDS, variants)
+        for variant, logits in zip(variants, got):
+            np.testing.assert_allclose(logits, small.run(IDS, interventions=variant, logits="last").logits[-1],
+                                       atol=1e-4)
+
+
 def test_context_manager_interventions_apply_to_every_variant(tiny):
     vec = np.full(tiny.n_embd, 0.5, dtype=np.float32)
     variants = [[PatchRow("l_out", 2, 4, vec)]]
