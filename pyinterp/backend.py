@@ -25,7 +25,8 @@ KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5
 
 N_SEQ_MAX = 64  # sequences one decode may hold (llama.cpp allows 256), fewer when n_ctx is smaller
 
-OP_KINDS = {"capture": lib.PI_OP_CAPTURE, "mul": lib.PI_OP_MUL, "set": lib.PI_OP_SET, "add": lib.PI_OP_ADD}
+OP_KINDS = {"capture": lib.PI_OP_CAPTURE, "mul": lib.PI_OP_MUL, "set": lib.PI_OP_SET, "add": lib.PI_OP_ADD,
+            "inject": lib.PI_OP_INJECT}
 
 
 def _with_buffer(ctype: str, cap: int, call) -> tuple[object, int]:
@@ -204,6 +205,10 @@ class Backend:
     def n_builds(self) -> int:
         """Graphs built while the hook was set, so far (a reused graph is not built again)."""
         return lib.pi_n_builds(self._state)
+
+    def n_skipped(self) -> int:
+        """Graph nodes the last build left out of the computation (an inject op's unneeded layers)."""
+        return lib.pi_n_skipped(self._state)
 
     # decoding
 

@@ -4,7 +4,9 @@ Each variant is a list of interventions run on its own llama.cpp sequence; up to
 variants share one ``llama_decode`` (the weights are read once for all of them). A variant whose first
 intervened position is p cannot change positions before p, so the prompt is decoded once, plainly, and
 each variant copies that run's KV cells of positions ``0..p-1`` (``llama_memory_seq_cp``: the cells are
-shared, not duplicated) and decodes only positions ``p..``.
+shared, not duplicated) and decodes only positions ``p..``. Likewise a variant whose first intervened layer
+is L cannot change layers before L: the plain run keeps its residual stream after layer L-1, which is
+injected there (``PI_OP_INJECT``), and layers 0..L-1 are not computed for the variant.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from .arch import ARCHS
 from .errors import PyinterpError
 from .interventions import Intervention, Op
 
@@ -26,6 +29,12 @@ def first_changed(ops: list[Op]) -> int:
     """The first prompt position ``ops`` can change: the least of their positions, 0 for an op on every token."""
     firsts = [0 if op.positions is None else min(op.positions) for op in ops if op.kind != "capture"]
     return min(firsts, default=0)
+
+
+def first_layer(ops: list[Op]) -> int:
+    """The first layer ``ops`` can change: the least of their layers, 0 for none or one outside the layers."""
+    layers = [op.layer for op in ops if op.kind != "capture"]
+    return 0 if not layers or min(layers) < 0 else min(layers)
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -46,20 +55,26 @@ def run_variants(model: Model, prompt: str | Sequence[int], variants: Sequence[S
     b = model._backend
     base_ops, _, _ = model._compile(n, [], ())
     compiled = [model._compile(n, list(v), ())[0][len(base_ops):] for v in variants]
-    starts = [first_changed(ops) for ops in compiled]
+    arch = ARCHS.get(model.arch)
+    # the first layer each variant computes: where the plain run's residual stream is injected
+    groups = [(first_changed(ops), first_layer(ops) if arch else 0) for ops in compiled]
     last_layer = any(op.layer == model.n_layer - 1 and op.kind == "capture" for ops in compiled for op in ops)
     out = np.empty((len(variants), model.n_vocab), dtype=np.float32)
+    injected = sorted({layer for _, layer in groups if layer > 0})
     try:
-        model._set_plan(base_ops, set())
+        keep = [Op("capture", arch.residual, layer - 1) for layer in injected] if arch else []
+        indices = model._set_plan(base_ops + keep, set())[len(base_ops):]
         b.clear_memory()
         b.decode(np.array([ids]), [0], 0, False)
         plain = b.logits(1)[0]
-        for start in sorted(set(starts)):
-            group = [i for i, s in enumerate(starts) if s == start]
+        residual = {layer: b.op_result(i, 2) for layer, i in zip(injected, indices)}  # [n_tokens, n_embd]
+        for start, layer in sorted(set(groups)):
+            group = [i for i, g in enumerate(groups) if g == (start, layer)]
+            inject = [Op("inject", arch.residual, layer - 1, data=residual[layer], per_row=True)] if layer else []
             # cells: the plain run's n, and n - start more per variant
             size = max(1, min(MAX_VARIANTS, b.n_seq_max - 1, (model.n_ctx - n) // (n - start)))
             for chunk in _chunks(group, size):
-                _decode_chunk(model, ids, start, chunk, variants, base_ops, last_layer, out)
+                _decode_chunk(model, ids, start, chunk, variants, base_ops + inject, last_layer, out)
                 if on_variant is not None:
                     for _ in chunk:
                         on_variant()

@@ -51,6 +51,8 @@ void pi_build_begin(struct pi_state * st) {
     st->attr.failed = NULL;
     st->n_seen       = 0;
     st->build_failed = NULL;
+    st->injected     = NULL;
+    st->n_skipped    = 0;
     st->n_builds    += 1;
 }
 
@@ -77,6 +79,85 @@ static void pi_analyses(struct pi_state * st, struct ggml_cgraph * gf, struct gg
             pi_build_attr(st, st->meta, gf, cur);
         }
     }
+}
+
+// index of node t of gf in an open-addressing table of n_slots (a power of 2), or -1
+static int32_t pi_node_index(struct ggml_tensor * const * keys, const int32_t * values, size_t n_slots,
+                             const struct ggml_tensor * t) {
+    for (size_t h = ((uintptr_t) t >> 4) & (n_slots - 1); keys[h] != NULL; h = (h + 1) & (n_slots - 1)) {
+        if (keys[h] == t) {
+            return values[h];
+        }
+    }
+    return -1;
+}
+
+static bool pi_computes(enum ggml_op op) {
+    return op != GGML_OP_NONE && op != GGML_OP_VIEW && op != GGML_OP_RESHAPE && op != GGML_OP_PERMUTE &&
+           op != GGML_OP_TRANSPOSE;
+}
+
+// After an inject op, the graph still holds what led to the injected tensor, and the KV cache writes of the
+// layers before it. Once the graph is complete (result expanded), a node is needed when it is a sink (nothing
+// in the graph reads it: the result, the KV writes, captures) that depends on the injected tensor, or feeds a
+// needed node. The others become GGML_OP_NONE: the backends skip them (ggml-backend uses such nodes itself).
+static void pi_skip_unneeded(struct pi_state * st, struct ggml_cgraph * gf) {
+    const int32_t n = ggml_graph_n_nodes(gf);
+    size_t n_slots = 16;
+    while (n_slots < 2 * (size_t) n) {
+        n_slots *= 2;
+    }
+    struct ggml_tensor ** keys = calloc(n_slots, sizeof(*keys));
+    int32_t * values = malloc(n_slots * sizeof(*values));
+    bool * depends = calloc(n, sizeof(bool));
+    bool * read    = calloc(n, sizeof(bool));
+    bool * needed  = calloc(n, sizeof(bool));
+    for (int32_t i = 0; i < n; ++i) {
+        struct ggml_tensor * t = ggml_graph_node(gf, i);
+        size_t h = ((uintptr_t) t >> 4) & (n_slots - 1);
+        while (keys[h] != NULL) {
+            h = (h + 1) & (n_slots - 1);
+        }
+        keys[h] = t;
+        values[h] = i;
+    }
+    // nodes come in dependency order: sources first
+    for (int32_t i = 0; i < n; ++i) {
+        struct ggml_tensor * t = ggml_graph_node(gf, i);
+        depends[i] = t == st->injected;
+        for (int j = 0; j < GGML_MAX_SRC && t->src[j]; ++j) {
+            const int32_t k = pi_node_index(keys, values, n_slots, t->src[j]);
+            if (k >= 0) {
+                read[k] = true;
+                depends[i] = depends[i] || depends[k];
+            }
+        }
+    }
+    for (int32_t i = n - 1; i >= 0; --i) {
+        struct ggml_tensor * t = ggml_graph_node(gf, i);
+        needed[i] = needed[i] || (!read[i] && depends[i]);
+        if (!needed[i]) {
+            continue;
+        }
+        for (int j = 0; j < GGML_MAX_SRC && t->src[j]; ++j) {
+            const int32_t k = pi_node_index(keys, values, n_slots, t->src[j]);
+            if (k >= 0) {
+                needed[k] = true;
+            }
+        }
+    }
+    for (int32_t i = 0; i < n; ++i) {
+        struct ggml_tensor * t = ggml_graph_node(gf, i);
+        if (!needed[i] && pi_computes(t->op)) {
+            t->op = GGML_OP_NONE;
+            st->n_skipped += 1;
+        }
+    }
+    free(keys);
+    free(values);
+    free(depends);
+    free(read);
+    free(needed);
 }
 
 // Some names are given to several tensors of a layer (llama names both the FFN output and the residual
@@ -125,6 +206,10 @@ struct ggml_tensor * pi_hook(struct ggml_context * ctx, struct ggml_cgraph * gf,
     if (st->lens.k > 0 || st->attr.n_terms > 0) {
         pi_analyses(st, gf, cur, name, il);
     }
+    if (st->injected != NULL && il == -1 && strcmp(name, "result_output") == 0) {
+        ggml_build_forward_expand(gf, cur); // llama.cpp does next; the graph is then complete
+        pi_skip_unneeded(st, gf);
+    }
     return cur;
 }
 
@@ -143,6 +228,10 @@ const char * pi_graph_node_line(struct pi_state * st, int32_t i) {
                       t->src[j]->name[0] ? t->src[j]->name : ggml_op_desc(t->src[j]));
     }
     return st->line;
+}
+
+int32_t pi_n_skipped(const struct pi_state * st) {
+    return st->n_skipped;
 }
 
 int32_t pi_n_seen(const struct pi_state * st) {

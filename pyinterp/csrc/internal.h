@@ -177,6 +177,8 @@ struct pi_state {
     int32_t n_builds;               // graphs built while the hook was set
 
     const char * build_failed;      // why the hook could not apply an op in the last build (NULL: it could)
+    struct ggml_tensor * injected;  // what a PI_OP_INJECT put in the last build (NULL: none)
+    int32_t n_skipped;              // nodes of the last build left out of the computation
 
     bool hook_set;
     char error[256];

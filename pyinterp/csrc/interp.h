@@ -28,6 +28,10 @@ PI_API const char *      pi_last_error(const struct pi_state * st);
 //   PI_OP_MUL      multiply by `data`, broadcast over the tensor (per token: over one token's slice)
 //   PI_OP_SET      replace rows by rows of `data`
 //   PI_OP_ADD      add `data` (broadcast, or rows of it)
+//   PI_OP_INJECT   replace the whole tensor by rows of `data` (per_row, every sequence, every token) without
+//                  reading it; whatever only led to it or to other results that need none of it (the layers
+//                  before, their KV cache writes) is not computed. The sequences' KV cells of those layers
+//                  are left unwritten, so only sequences dropped after the decode may use it.
 // data has the ggml shape ne[4]; per_row: data is [width, n] and the row for position p is row i where
 // positions[i] == p, or row p when positions is NULL. Without per_row, data broadcasts over the tensor, or
 // with a sequence or positions over one token's slice of it ([.., n_tokens] tensors). Ops apply in the
@@ -37,6 +41,7 @@ enum pi_op_kind {
     PI_OP_MUL     = 1,
     PI_OP_SET     = 2,
     PI_OP_ADD     = 3,
+    PI_OP_INJECT  = 4,
 };
 
 PI_API void    pi_plan_clear(struct pi_state * st);
@@ -84,6 +89,8 @@ PI_API void pi_set_record      (struct pi_state * st, bool record);
 PI_API int32_t pi_decode(struct pi_state * st, const llama_token * tokens, int32_t n_seq, int32_t n_tokens,
                          const int32_t * seq_ids, int32_t pos0, bool all_logits);
 PI_API int32_t pi_n_builds(const struct pi_state * st);
+// graph nodes the last build left out of the computation (PI_OP_INJECT)
+PI_API int32_t pi_n_skipped(const struct pi_state * st);
 
 // results of the last decode
 PI_API int32_t      pi_n_seen          (const struct pi_state * st);

@@ -30,7 +30,7 @@ void pi_ops_free(struct pi_state * st) {
 
 int32_t pi_op_add(struct pi_state * st, int32_t kind, const char * name, int32_t il, int32_t seq,
                   const int32_t * positions, int32_t n_positions, const float * data, const int64_t * ne, bool per_row) {
-    if (kind < PI_OP_CAPTURE || kind > PI_OP_ADD) {
+    if (kind < PI_OP_CAPTURE || kind > PI_OP_INJECT) {
         return pi_fail(st, "unknown op kind");
     }
     if (strlen(name) >= PI_NAME_MAX) {
@@ -47,6 +47,9 @@ int32_t pi_op_add(struct pi_state * st, int32_t kind, const char * name, int32_t
     }
     if (kind == PI_OP_SET && seq < 0 && positions == NULL) {
         return pi_fail(st, "a set op needs a sequence or positions");
+    }
+    if (kind == PI_OP_INJECT && (!per_row || seq >= 0 || positions != NULL)) {
+        return pi_fail(st, "an inject op takes per-row data for every sequence and token");
     }
     if (per_row && (data == NULL || ne[2] != 1 || ne[3] != 1 || (positions != NULL && ne[1] != n_positions))) {
         return pi_fail(st, "per-row data must be [width, n_positions]");
@@ -306,7 +309,8 @@ static struct ggml_tensor * pi_op_rows_changed(struct ggml_context * ctx, struct
     struct ggml_tensor * with = op->per_row ? ggml_get_rows(ctx, ggml_reshape_2d(ctx, op->data, width, op->ne[1]), sel->src)
                                            : op->data;
     switch (op->kind) {
-        case PI_OP_SET: return op->per_row ? with : ggml_repeat_4d(ctx, with, width, sel->n, 1, 1);
+        case PI_OP_SET:
+        case PI_OP_INJECT: return op->per_row ? with : ggml_repeat_4d(ctx, with, width, sel->n, 1, 1);
         case PI_OP_ADD: return ggml_add(ctx, rows, with);
         case PI_OP_MUL: {
             if (op->per_row) {
@@ -375,13 +379,21 @@ struct ggml_tensor * pi_op_apply(struct pi_state * st, struct ggml_context * ctx
         op->out = pi_output(ctx, gf, ggml_get_rows(ctx, x, sel->dst), cur->name);
         return cur;
     }
-    if (op->kind == PI_OP_SET && op->data->ne[0] != x->ne[0]) {
+    if ((op->kind == PI_OP_SET || op->kind == PI_OP_INJECT) && op->data->ne[0] != x->ne[0]) {
         return cur;
     }
-    struct ggml_tensor * rows = op->kind == PI_OP_SET ? NULL : ggml_get_rows(ctx, x, sel->dst);
+    const bool reads = op->kind != PI_OP_SET && op->kind != PI_OP_INJECT;
+    struct ggml_tensor * rows = reads ? ggml_get_rows(ctx, x, sel->dst) : NULL;
     struct ggml_tensor * changed = pi_op_rows_changed(ctx, op, sel, rows, x->ne[0], cur, n);
     if (changed == NULL) {
         return cur;
+    }
+    if (op->kind == PI_OP_INJECT) {
+        // every row, in order (checked at pi_op_add): the data's rows are the tensor, cur is not read
+        struct ggml_tensor * out = ggml_reshape_4d(ctx, changed, cur->ne[0], cur->ne[1], cur->ne[2], cur->ne[3]);
+        ggml_format_name(out, "%s (injected)", cur->name);
+        st->injected = out;
+        return out;
     }
     struct ggml_tensor * out = ggml_set_rows(ctx, ggml_dup(ctx, x), changed, sel->dst);
     out = ggml_reshape_4d(ctx, out, cur->ne[0], cur->ne[1], cur->ne[2], cur->ne[3]);

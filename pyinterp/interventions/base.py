@@ -3,7 +3,8 @@
 An intervention is an object with ``ops(target) -> list[Op]``: it checks itself against the model's
 tensor table (``target.planner``) and the run (prompt length, sequence), then says which generic native
 ops do it: ``mul`` (multiply, broadcast), ``set`` (replace rows), ``add`` (add, broadcast or rows) and
-``capture`` (keep as an output). Ops on one tensor apply in order; two head masks multiply.
+``capture`` (keep as an output); the batched engine also uses ``inject`` (replace the whole tensor, and skip
+what led only to it). Ops on one tensor apply in order; two head masks multiply.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from ..hooks import Planner
 
-OP_KINDS = ("capture", "mul", "set", "add")
+OP_KINDS = ("capture", "mul", "set", "add", "inject")
 
 
 @dataclass(frozen=True)
