@@ -212,18 +212,22 @@ class Backend:
 
     # decoding
 
-    def decode(self, tokens: np.ndarray, seq_ids: Sequence[int], pos0: int, all_logits: bool) -> None:
-        """Decode ``tokens`` ``[n_seq, n_tokens]``: row i in llama.cpp sequence ``seq_ids[i]``, at positions
-        ``pos0..``. Logits are kept for every token, or for the last of each sequence."""
-        tokens = np.ascontiguousarray(tokens, dtype=np.int32)
-        n_seq, n_tokens = tokens.shape
+    def decode(self, sequences: Sequence[Sequence[int]], seq_ids: Sequence[int], pos0: int | Sequence[int],
+               all_logits: bool) -> None:
+        """Decode several sequences in one batch: ``sequences[i]`` (token ids) in llama.cpp sequence ``seq_ids[i]`` at
+        positions ``pos0[i]..`` (one ``pos0`` for all). Logits are kept for every token, or for the last of each
+        sequence."""
+        lengths = [len(s) for s in sequences]
+        starts = [pos0] * len(lengths) if isinstance(pos0, int) else list(pos0)
+        tokens = np.ascontiguousarray(np.concatenate([np.asarray(s) for s in sequences]), dtype=np.int32)
         _ffi.clear_errors()
-        ret = lib.pi_decode(self._state, ffi.from_buffer("llama_token[]", tokens), n_seq, n_tokens,
-                            ffi.new("int32_t[]", list(seq_ids)), pos0, all_logits)
+        ret = lib.pi_decode(self._state, ffi.from_buffer("llama_token[]", tokens), len(lengths),
+                            ffi.new("int32_t[]", lengths), ffi.new("int32_t[]", starts), ffi.new("int32_t[]", list(seq_ids)),
+                            all_logits)
         if ret == -100:
-            raise self.error(f"{n_seq} x {n_tokens} tokens at position {pos0}")
+            raise self.error(f"{len(tokens)} tokens at position {min(starts)}")
         if ret == -101:
-            raise self.error(f"{n_seq} sequences of {n_tokens} tokens")
+            raise self.error(f"{len(lengths)} sequences of {len(tokens)} tokens")
         if ret != 0:
             raise _llama_error(f"llama_decode failed with code {ret}")
 

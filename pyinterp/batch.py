@@ -37,8 +37,18 @@ def first_layer(ops: list[Op]) -> int:
     return 0 if not layers or min(layers) < 0 else min(layers)
 
 
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+def _pack(items: list[int], sizes: list[int], room: int, most: int) -> list[list[int]]:
+    """``items`` in order, in chunks of at most ``most`` whose ``sizes`` (KV cells) add up to at most ``room``
+    (a chunk holds at least one item)."""
+    chunks: list[list[int]] = []
+    used = room + 1
+    for item, size in zip(items, sizes):
+        if used + size > room or len(chunks[-1]) == most:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(item)
+        used += size
+    return chunks
 
 
 def run_variants(model: Model, prompt: str | Sequence[int], variants: Sequence[Sequence[Intervention]],
@@ -56,25 +66,26 @@ def run_variants(model: Model, prompt: str | Sequence[int], variants: Sequence[S
     base_ops, _, _ = model._compile(n, [], ())
     compiled = [model._compile(n, list(v), ())[0][len(base_ops):] for v in variants]
     arch = ARCHS.get(model.arch)
+    starts = [first_changed(ops) for ops in compiled]
     # the first layer each variant computes: where the plain run's residual stream is injected
-    groups = [(first_changed(ops), first_layer(ops) if arch else 0) for ops in compiled]
+    layers = [first_layer(ops) if arch else 0 for ops in compiled]
     last_layer = any(op.layer == model.n_layer - 1 and op.kind == "capture" for ops in compiled for op in ops)
     out = np.empty((len(variants), model.n_vocab), dtype=np.float32)
-    injected = sorted({layer for _, layer in groups if layer > 0})
+    injected = sorted({layer for layer in layers if layer > 0})
     try:
         keep = [Op("capture", arch.residual, layer - 1) for layer in injected] if arch else []
         indices = model._set_plan(base_ops + keep, set())[len(base_ops):]
         b.clear_memory()
-        b.decode(np.array([ids]), [0], 0, False)
+        b.decode([ids], [0], 0, False)
         plain = b.logits(1)[0]
         residual = {layer: b.op_result(i, 2) for layer, i in zip(injected, indices)}  # [n_tokens, n_embd]
-        for start, layer in sorted(set(groups)):
-            group = [i for i, g in enumerate(groups) if g == (start, layer)]
+        for layer in sorted(set(layers)):
+            group = sorted((i for i, x in enumerate(layers) if x == layer), key=lambda i: starts[i])
             inject = [Op("inject", arch.residual, layer - 1, data=residual[layer], per_row=True)] if layer else []
-            # cells: the plain run's n, and n - start more per variant
-            size = max(1, min(MAX_VARIANTS, b.n_seq_max - 1, (model.n_ctx - n) // (n - start)))
-            for chunk in _chunks(group, size):
-                _decode_chunk(model, ids, start, chunk, variants, base_ops + inject, last_layer, out)
+            for chunk in _pack(group, [n - starts[i] for i in group], model.n_ctx - n,
+                               min(MAX_VARIANTS, b.n_seq_max - 1)):
+                _decode_chunk(model, ids, [starts[i] for i in chunk], chunk, variants, base_ops + inject, last_layer,
+                              out)
                 if on_variant is not None:
                     for _ in chunk:
                         on_variant()
@@ -84,10 +95,10 @@ def run_variants(model: Model, prompt: str | Sequence[int], variants: Sequence[S
     return plain, out
 
 
-def _decode_chunk(model: Model, ids: list[int], start: int, chunk: list[int], variants: Sequence[Sequence[Intervention]],
-                  base_ops: list[Op], last_layer: bool, out: np.ndarray) -> None:
-    """Decode positions ``start..`` of the variants in ``chunk`` (sequences 1..) in one batch, their logits into ``out``;
-    a chunk whose ops do not fit the graph is split in two."""
+def _decode_chunk(model: Model, ids: list[int], starts: list[int], chunk: list[int],
+                  variants: Sequence[Sequence[Intervention]], base_ops: list[Op], last_layer: bool, out: np.ndarray) -> None:
+    """Decode the variants in ``chunk`` (sequences 1..), variant ``chunk[j]`` from position ``starts[j]`` on, in one
+    batch, their logits into ``out``; a chunk whose ops do not fit the graph is split in two."""
     b = model._backend
     n = len(ids)
     seqs = list(range(1, len(chunk) + 1))
@@ -96,20 +107,23 @@ def _decode_chunk(model: Model, ids: list[int], start: int, chunk: list[int], va
         target = model._target(n, set(), seq)
         ops += [op for iv in variants[i] for op in iv.ops(target)]
     model._set_plan(ops, set())
-    for seq in seqs:
+    for seq, start in zip(seqs, starts):
         b.copy_sequence(0, seq, start)
     try:
-        b.decode(np.tile(np.array(ids[start:]), (len(chunk), 1)), seqs, start, last_layer)
+        b.decode([ids[start:] for start in starts], seqs, starts, last_layer)
     except PyinterpError as e:
         if "no room" not in str(e) or len(chunk) == 1:
             raise
         for seq in seqs:
             b.drop_sequence(seq)
         half = len(chunk) // 2
-        _decode_chunk(model, ids, start, chunk[:half], variants, base_ops, last_layer, out)
-        _decode_chunk(model, ids, start, chunk[half:], variants, base_ops, last_layer, out)
+        _decode_chunk(model, ids, starts[:half], chunk[:half], variants, base_ops, last_layer, out)
+        _decode_chunk(model, ids, starts[half:], chunk[half:], variants, base_ops, last_layer, out)
         return
-    rows = b.logits(len(chunk) * (n - start) if last_layer else len(chunk))
-    out[chunk] = rows[n - start - 1::n - start] if last_layer else rows
+    if last_layer:
+        rows = b.logits(sum(n - start for start in starts))
+        out[chunk] = rows[np.cumsum([n - start for start in starts]) - 1]
+    else:
+        out[chunk] = b.logits(len(chunk))
     for seq in seqs:
         b.drop_sequence(seq)

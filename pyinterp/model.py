@@ -216,7 +216,7 @@ class Model:
             try:
                 ids = self.tokenize("a b", add_bos=False)[:1] * 2
                 b.clear_memory()
-                b.decode(np.array([ids]), [0], 0, True)
+                b.decode([ids], [0], 0, True)
                 layers: dict[str, set[int]] = {}
                 shapes: dict[str, tuple[int, ...]] = {}
                 for full, ne in b.seen():
@@ -294,7 +294,7 @@ class Model:
             if graph:
                 b.set_record(True)  # keeps the hook set, so the graph is seen
             b.clear_memory()
-            b.decode(np.array([ids]), [0], 0, rows == "all")
+            b.decode([ids], [0], 0, rows == "all")
             logits = b.logits(len(ids) if rows == "all" else 1)
             captured = self._read_captures(captures, indices[len(ops):], len(ids))
             lines = b.graph_lines() if graph else []
@@ -379,7 +379,7 @@ class Model:
         out: list[int] = []
         try:
             b.clear_memory()
-            b.decode(np.array([ids]), [0], 0, False)
+            b.decode([ids], [0], 0, False)
             for step in range(n):
                 logits = b.logits(1)[0].astype(np.float64)
                 if temp == 0:
@@ -393,7 +393,7 @@ class Model:
                 if on_token is not None:
                     on_token(token)
                 if step < n - 1:
-                    b.decode(np.array([[token]]), [0], len(ids) + step, False)
+                    b.decode([[token]], [0], len(ids) + step, False)
         finally:
             b.clear_plan()
         return Generation(ids, out, self.detokenize(out))

@@ -60,6 +60,18 @@ def test_more_variants_than_one_decode_holds(tiny):
         np.testing.assert_allclose(got[i], want, atol=1e-4)
 
 
+def test_layers_before_the_first_intervened_one_are_skipped(tiny):
+    """A variant on layer 2 gets the plain run's residual after layer 1 and computes layers 2.. only."""
+    vec = np.random.default_rng(7).normal(size=tiny.n_embd).astype(np.float32)
+    skipped = {}
+    for layer in (0, 2):
+        variant = [PatchRow("l_out", layer, 4, vec)]
+        _, got = run_variants(tiny, IDS, [variant])
+        skipped[layer] = tiny._backend.n_skipped()
+        np.testing.assert_allclose(got[0], tiny.run(IDS, interventions=variant, logits="last").logits[-1], atol=1e-4)
+    assert skipped[0] == 0 and skipped[2] > 0
+
+
 def test_a_small_context_holds_fewer_sequences(tmp_path):
     """A context of 12 cells holds at most 12 sequences (llama.cpp keeps one output per sequence): the variants
     go in as many decodes as the cells allow, and still equal single runs."""

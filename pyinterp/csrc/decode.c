@@ -4,38 +4,42 @@
 
 #include <limits.h>
 
-int32_t pi_decode(struct pi_state * st, const llama_token * tokens, int32_t n_seq, int32_t n_tokens,
-                  const int32_t * seq_ids, int32_t pos0, bool all_logits) {
+int32_t pi_decode(struct pi_state * st, const llama_token * tokens, int32_t n_seq, const int32_t * n_tokens,
+                  const int32_t * pos0, const int32_t * seq_ids, bool all_logits) {
     // llama_decode asserts on these; answer with an error instead
-    if (n_seq < 1 || n_tokens < 1 || (int64_t) n_seq * n_tokens > (int64_t) llama_n_batch(st->ctx) || pos0 < 0 ||
-        pos0 + n_tokens > (int32_t) llama_n_ctx(st->ctx)) {
-        pi_fail(st, "batch does not fit the context");
-        return -100;
-    }
+    int64_t n = 0;
     for (int32_t s = 0; s < n_seq; ++s) {
+        if (n_tokens[s] < 1 || pos0[s] < 0 || pos0[s] + n_tokens[s] > (int32_t) llama_n_ctx(st->ctx)) {
+            pi_fail(st, "batch does not fit the context");
+            return -100;
+        }
         if (seq_ids[s] < 0 || seq_ids[s] >= (int32_t) llama_n_seq_max(st->ctx)) {
             pi_fail(st, "sequence id out of range");
             return -100;
         }
+        n += n_tokens[s];
     }
-    if (pi_ops_prepare(st, n_seq, n_tokens, seq_ids, pos0, all_logits) != 0) {
+    if (n_seq < 1 || n > (int64_t) llama_n_batch(st->ctx)) {
+        pi_fail(st, "batch does not fit the context");
+        return -100;
+    }
+    if (pi_ops_prepare(st, n_seq, n_tokens, pos0, seq_ids, all_logits) != 0) {
         return -100;
     }
     st->n_nodes = INT_MAX; // the next hook call, if llama.cpp builds a graph, begins a build
 
-    const int32_t n = n_seq * n_tokens;
-    struct llama_batch batch = llama_batch_init(n, 0, 1);
+    struct llama_batch batch = llama_batch_init((int32_t) n, 0, 1);
+    int32_t j = 0;
     for (int32_t s = 0; s < n_seq; ++s) {
-        for (int32_t i = 0; i < n_tokens; ++i) {
-            const int32_t j = s * n_tokens + i;
+        for (int32_t i = 0; i < n_tokens[s]; ++i, ++j) {
             batch.token[j]     = tokens[j];
-            batch.pos[j]       = pos0 + i;
+            batch.pos[j]       = pos0[s] + i;
             batch.n_seq_id[j]  = 1;
             batch.seq_id[j][0] = seq_ids[s];
-            batch.logits[j]    = all_logits || i == n_tokens - 1;
+            batch.logits[j]    = all_logits || i == n_tokens[s] - 1;
         }
     }
-    batch.n_tokens = n;
+    batch.n_tokens = (int32_t) n;
 
     const int32_t ret = llama_decode(st->ctx, batch);
     llama_batch_free(batch);

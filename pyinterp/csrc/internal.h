@@ -193,8 +193,8 @@ void pi_drop_graph(struct pi_state * st);
 
 // ops.c
 void pi_ops_free(struct pi_state * st);
-int  pi_ops_prepare(struct pi_state * st, int32_t n_seq, int32_t n_tokens, const int32_t * seq_ids, int32_t pos0,
-                    bool all_logits);
+int  pi_ops_prepare(struct pi_state * st, int32_t n_seq, const int32_t * n_tokens, const int32_t * pos0,
+                    const int32_t * seq_ids, bool all_logits);
 struct ggml_tensor * pi_op_apply(struct pi_state * st, struct ggml_context * ctx, struct ggml_cgraph * gf,
                                  struct pi_op * op, struct ggml_tensor * cur);
 bool pi_pools_place(struct pi_state * st, struct pi_pool * pools, struct ggml_tensor ** tensors,

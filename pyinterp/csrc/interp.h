@@ -84,10 +84,11 @@ PI_API int  pi_set_attribution (struct pi_state * st, const char ** names, const
                                 int32_t n_terms, const int32_t * targets, int32_t n_targets);
 PI_API void pi_set_record      (struct pi_state * st, bool record);
 
-// decoding (decode.c): n_seq sequences of n_tokens tokens each, sequence-major, at positions pos0.., sequence
-// i in llama.cpp sequence seq_ids[i]; logits of every token (all_logits) or of each sequence's last
-PI_API int32_t pi_decode(struct pi_state * st, const llama_token * tokens, int32_t n_seq, int32_t n_tokens,
-                         const int32_t * seq_ids, int32_t pos0, bool all_logits);
+// decoding (decode.c): n_seq sequences one after the other in tokens, sequence i of n_tokens[i] tokens at
+// positions pos0[i].. in llama.cpp sequence seq_ids[i]; logits of every token (all_logits) or of each
+// sequence's last
+PI_API int32_t pi_decode(struct pi_state * st, const llama_token * tokens, int32_t n_seq, const int32_t * n_tokens,
+                         const int32_t * pos0, const int32_t * seq_ids, bool all_logits);
 PI_API int32_t pi_n_builds(const struct pi_state * st);
 // graph nodes the last build left out of the computation (PI_OP_INJECT)
 PI_API int32_t pi_n_skipped(const struct pi_state * st);

@@ -169,37 +169,41 @@ static void pi_rows_reserve(struct pi_rows * rows, int32_t cap) {
     rows->src_host = realloc(rows->src_host, (cap + 1) * sizeof(int32_t));
 }
 
-// the rows of a ubatch (n_seq sequences of n_tokens at pos0) op acts on, among all its rows and among its
-// output rows (every row with all_logits, else the last of each sequence); returns false when per-row data
-// lacks a row
-static bool pi_op_rows(struct pi_op * op, int32_t n_seq, int32_t n_tokens, const int32_t * seq_ids, int32_t pos0,
-                       bool all_logits) {
+// the rows of a ubatch (sequence s: n_tokens[s] tokens at pos0[s].., one after the other) op acts on, among
+// all its rows and among its output rows (every row with all_logits, else the last of each sequence);
+// returns false when per-row data lacks a row
+static bool pi_op_rows(struct pi_op * op, int32_t n_seq, const int32_t * n_tokens, const int32_t * pos0,
+                       const int32_t * seq_ids, bool all_logits) {
     if (op->seq < 0 && op->positions == NULL && !op->per_row) {
         op->rows.n = op->out_rows.n = -1;
         return true;
     }
-    const int32_t cap = n_seq * (op->positions ? op->n_positions : n_tokens);
+    int32_t cap = 0;
+    for (int32_t s = 0; s < n_seq; ++s) {
+        cap += op->positions ? op->n_positions : n_tokens[s];
+    }
     pi_rows_reserve(&op->rows, cap);
     pi_rows_reserve(&op->out_rows, cap);
-    int32_t n = 0, n_out = 0;
-    for (int32_t s = 0; s < n_seq; ++s) {
+    int32_t n = 0, n_out = 0, first = 0;
+    for (int32_t s = 0; s < n_seq; first += n_tokens[s], ++s) {
         if (op->seq >= 0 && seq_ids[s] != op->seq) {
             continue;
         }
-        const int32_t count = op->positions ? op->n_positions : n_tokens;
+        const int32_t count = op->positions ? op->n_positions : n_tokens[s];
         for (int32_t i = 0; i < count; ++i) {
-            const int32_t pos = op->positions ? op->positions[i] : pos0 + i;
-            if (pos < pos0 || pos >= pos0 + n_tokens) {
+            const int32_t pos = op->positions ? op->positions[i] : pos0[s] + i;
+            if (pos < pos0[s] || pos >= pos0[s] + n_tokens[s]) {
                 continue;
             }
             const int32_t src = op->positions ? i : pos;
             if (op->per_row && src >= op->ne[1]) {
                 return false;
             }
-            op->rows.dst_host[n]   = s * n_tokens + (pos - pos0);
+            const int32_t row = first + (pos - pos0[s]);
+            op->rows.dst_host[n]   = row;
             op->rows.src_host[n++] = src;
-            if (all_logits || pos == pos0 + n_tokens - 1) {
-                op->out_rows.dst_host[n_out]   = all_logits ? s * n_tokens + (pos - pos0) : s;
+            if (all_logits || pos == pos0[s] + n_tokens[s] - 1) {
+                op->out_rows.dst_host[n_out]   = all_logits ? row : s;
                 op->out_rows.src_host[n_out++] = src;
             }
         }
@@ -234,10 +238,13 @@ static void pi_rows_upload(const struct pi_rows * rows) {
 
 // before a decode: data uploaded, and every op's rows of this ubatch in device memory. When an op now
 // acts on a different number of rows the graph changes, so the previous one is dropped.
-int pi_ops_prepare(struct pi_state * st, int32_t n_seq, int32_t n_tokens, const int32_t * seq_ids, int32_t pos0,
-                   bool all_logits) {
-    st->n_ubatch  = n_seq * n_tokens;
-    st->n_outputs = all_logits ? n_seq * n_tokens : n_seq;
+int pi_ops_prepare(struct pi_state * st, int32_t n_seq, const int32_t * n_tokens, const int32_t * pos0,
+                   const int32_t * seq_ids, bool all_logits) {
+    st->n_ubatch = 0;
+    for (int32_t s = 0; s < n_seq; ++s) {
+        st->n_ubatch += n_tokens[s];
+    }
+    st->n_outputs = all_logits ? st->n_ubatch : n_seq;
     bool changed = false;
     if (!st->ops_uploaded) {
         if (pi_ops_upload(st) != 0) {
@@ -248,7 +255,7 @@ int pi_ops_prepare(struct pi_state * st, int32_t n_seq, int32_t n_tokens, const 
     for (int32_t i = 0; i < st->n_ops; ++i) {
         struct pi_op * op = &st->ops[i];
         const int32_t before = op->rows.n, before_out = op->out_rows.n;
-        if (!pi_op_rows(op, n_seq, n_tokens, seq_ids, pos0, all_logits)) {
+        if (!pi_op_rows(op, n_seq, n_tokens, pos0, seq_ids, all_logits)) {
             snprintf(st->error, sizeof(st->error), "op %d on %s-%d: its data has no row for a position of this decode",
                      i, op->name, op->il);
             return -1;
