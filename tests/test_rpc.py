@@ -66,6 +66,19 @@ def test_interventions_match_the_cpu(remote, smollm2):
     assert not np.allclose(remote.run(PROMPT, isolate=(5, 2)).logits, base, atol=1e-2)
 
 
+def test_batched_sweep_matches_the_cpu(remote, smollm2):
+    """Several sequences of their own lengths in one decode, layers skipped (no-op nodes) on the server."""
+    from pyinterp.patching import logit_diff, patch_sweep
+
+    clean, corrupt = "The Eiffel Tower is located in the city of", "The Colosseum is located in the city of"
+    metric = logit_diff(" Paris", " Rome")
+    got = patch_sweep(remote, clean, corrupt, metric=metric, layers=[0, 8, 20])
+    want = patch_sweep(smollm2, clean, corrupt, metric=metric, layers=[0, 8, 20])
+    assert remote._backend.n_skipped() > 0
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.99
+    assert np.abs(got - want).max() <= 1.0
+
+
 def test_captures_and_lens_match_the_cpu(remote, smollm2):
     names = ["attn_scores-7", "l_out-7", "kqv_heads-7"]
     got = remote.run(PROMPT, capture=names, ablate=[(7, 1)])
