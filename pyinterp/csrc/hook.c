@@ -82,14 +82,23 @@ static void pi_analyses(struct pi_state * st, struct ggml_cgraph * gf, struct gg
 }
 
 // index of node t of gf in an open-addressing table of n_slots (a power of 2), or -1
-static int32_t pi_node_index(struct ggml_tensor * const * keys, const int32_t * values, size_t n_slots,
-                             const struct ggml_tensor * t) {
-    for (size_t h = ((uintptr_t) t >> 4) & (n_slots - 1); keys[h] != NULL; h = (h + 1) & (n_slots - 1)) {
-        if (keys[h] == t) {
-            return values[h];
-        }
+// the slot of t in an open-addressing table of n_slots (a power of 2): its own, or the empty one it would take
+static size_t pi_slot(struct ggml_tensor * const * keys, size_t n_slots, const struct ggml_tensor * t) {
+    size_t h = ((uintptr_t) t >> 4) & (n_slots - 1);
+    while (keys[h] != NULL && keys[h] != t) {
+        h = (h + 1) & (n_slots - 1);
     }
-    return -1;
+    return h;
+}
+
+// index of src among the graph's nodes, or -1 (no source, or a leaf)
+static int32_t pi_node_index(struct ggml_tensor * const * keys, const int32_t * values, size_t n_slots,
+                             const struct ggml_tensor * src) {
+    if (src == NULL) {
+        return -1;
+    }
+    const size_t h = pi_slot(keys, n_slots, src);
+    return keys[h] ? values[h] : -1;
 }
 
 static bool pi_computes(enum ggml_op op) {
@@ -114,10 +123,7 @@ static void pi_skip_unneeded(struct pi_state * st, struct ggml_cgraph * gf) {
     bool * needed  = calloc(n, sizeof(bool));
     for (int32_t i = 0; i < n; ++i) {
         struct ggml_tensor * t = ggml_graph_node(gf, i);
-        size_t h = ((uintptr_t) t >> 4) & (n_slots - 1);
-        while (keys[h] != NULL) {
-            h = (h + 1) & (n_slots - 1);
-        }
+        const size_t h = pi_slot(keys, n_slots, t);
         keys[h] = t;
         values[h] = i;
     }
@@ -125,7 +131,7 @@ static void pi_skip_unneeded(struct pi_state * st, struct ggml_cgraph * gf) {
     for (int32_t i = 0; i < n; ++i) {
         struct ggml_tensor * t = ggml_graph_node(gf, i);
         depends[i] = t == st->injected;
-        for (int j = 0; j < GGML_MAX_SRC && t->src[j]; ++j) {
+        for (int j = 0; j < GGML_MAX_SRC; ++j) { // not only up to the first empty slot: some ops leave gaps
             const int32_t k = pi_node_index(keys, values, n_slots, t->src[j]);
             if (k >= 0) {
                 read[k] = true;
@@ -139,7 +145,7 @@ static void pi_skip_unneeded(struct pi_state * st, struct ggml_cgraph * gf) {
         if (!needed[i]) {
             continue;
         }
-        for (int j = 0; j < GGML_MAX_SRC && t->src[j]; ++j) {
+        for (int j = 0; j < GGML_MAX_SRC; ++j) {
             const int32_t k = pi_node_index(keys, values, n_slots, t->src[j]);
             if (k >= 0) {
                 needed[k] = true;
