@@ -69,7 +69,7 @@ def run_variants(model: Model, prompt: str | Sequence[int], variants: Sequence[S
     starts = [first_changed(ops) for ops in compiled]
     # the first layer each variant computes: where the plain run's residual stream is injected
     layers = [first_layer(ops) if arch else 0 for ops in compiled]
-    last_layer = any(op.layer == model.n_layer - 1 and op.kind == "capture" for ops in compiled for op in ops)
+    last_layer = any(model._needs_every_row(ops) for ops in compiled)
     out = np.empty((len(variants), model.n_vocab), dtype=np.float32)
     injected = sorted({layer for layer in layers if layer > 0})
     try:
@@ -121,8 +121,8 @@ def _decode_chunk(model: Model, ids: list[int], starts: list[int], chunk: list[i
         _decode_chunk(model, ids, starts[half:], chunk[half:], variants, base_ops, last_layer, out)
         return
     if last_layer:
-        rows = b.logits(sum(n - start for start in starts))
-        out[chunk] = rows[np.cumsum([n - start for start in starts]) - 1]
+        lengths = [n - start for start in starts]
+        out[chunk] = b.logits(sum(lengths))[np.cumsum(lengths) - 1]  # each sequence's last row
     else:
         out[chunk] = b.logits(len(chunk))
     for seq in seqs:

@@ -257,6 +257,11 @@ class Model:
         ops = [op for iv in [*self._interventions, *interventions] for op in iv.ops(target)]
         return ops, captures, explicit
 
+    def _needs_every_row(self, ops: Iterable[Op]) -> bool:
+        """Whether ``ops`` capture on the last layer, whose tensors after attention keep only the rows of the tokens
+        whose logits are wanted: such a decode must want every token's."""
+        return any(op.kind == "capture" and op.layer == self.n_layer - 1 for op in ops)
+
     def _set_plan(self, ops: list[Op], explicit: set[int]) -> list[int]:
         """The native plan: these ops (their indices returned) on a graph with ``explicit`` attention layers."""
         b = self._backend
@@ -284,8 +289,8 @@ class Model:
         of the graph (when ``graph``) and what ``analysis`` read. ``analysis`` (the lens, the attribution) has
         ``setup(backend)``, called once the plan is set, and ``read(backend, n_tokens)``, after the decode."""
         ops, captures, explicit = self._compile(len(ids), interventions, capture)
-        if any(op.layer == self.n_layer - 1 for op in captures):
-            rows = "all"  # llama.cpp keeps only the output rows of the last layer's tensors otherwise
+        if self._needs_every_row(captures):
+            rows = "all"
         b = self._backend
         indices = self._set_plan(ops + captures, explicit)
         try:
