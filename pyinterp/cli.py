@@ -19,9 +19,9 @@ from .arch import ARCHS, arch_of
 from .cli_cvector import cvector
 from .cli_fidelity import fidelity
 from .cli_heads import heads
-from .cli_lens import (ATTRIBUTION_HEADER, TARGET_HEADER, attribution_json, attribution_rows, numbered, parse_layers,
-                       parse_positions, parse_target, print_attribution, print_targets, targets_json, targets_rows,
-                       write_csv)
+from .cli_lens import (ATTRIBUTION_HEADER, TARGET_HEADER, attribution_json, attribution_rows, next_tokens, numbered,
+                       parse_layers, parse_positions, parse_target, print_attribution, print_targets, targets_json,
+                       targets_rows, write_csv)
 from .cli_prompt import prompt_options, prompt_text
 from .cli_sae import sae
 from .cli_sweep import sweep
@@ -387,11 +387,7 @@ def cli(ctx, model_path, prompt, prompt_file, escape, n_predict, ctx_size, threa
             with progress(len(layers), "drawing attention") as bar:
                 files += [str(p) for p in draw_attention(trace, draw, layers, on_layer=bar and (lambda _: bar.update(1)))]
         result["files"] = files
-        last = trace.logits[-1].astype(np.float64)
-        top = np.argsort(-last)[:5]
-        probs = np.exp(last - last.max())
-        probs /= probs.sum()
-        result["next_token"] = [{"id": int(i), "str": model.token_str(int(i)), "p": float(probs[i])} for i in top]
+        result["next_token"] = next_tokens(model, trace.logits[-1], 5)
 
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False, indent=1))

@@ -1,5 +1,5 @@
 """The command line's target lens (``--target``) and direct logit attribution (``--attribute``): parsing
-their arguments and writing their tables as text, JSON and CSV."""
+their arguments and writing their tables as text, JSON and CSV; and the next tokens a row of logits predicts."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
+import numpy as np
 
 from .errors import InputError, PyinterpError
 from .lens import resolve_target, single_token_variants
@@ -21,6 +22,14 @@ if TYPE_CHECKING:
     from .model import Model
 
 _INT = re.compile(r"[+-]?\d+")
+
+
+def next_tokens(model: Model, logits: np.ndarray, k: int) -> list[dict]:
+    """The ``k`` most likely next tokens of one row of logits ``[n_vocab]``: id, text and probability."""
+    x = logits.astype(np.float64)
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    return [{"id": int(i), "str": model.token_str(int(i)), "p": float(p[i])} for i in np.argsort(-x)[:k]]
 
 
 def parse_layers(spec: str, n_layer: int) -> list[int]:

@@ -9,6 +9,7 @@ import math
 import click
 import numpy as np
 
+from .cli_lens import next_tokens
 from .errors import InputError
 from .sae import SAE, SAEFeatures, sae_features, steer_features
 
@@ -34,14 +35,6 @@ def parse_edits(specs: tuple[str, ...], d_sae: int) -> dict[int, float]:
             raise InputError(f"--steer: feature {j} given twice")
         edits[j] = v
     return edits
-
-
-def next_tokens(model, logits: np.ndarray, k: int = NEXT_TOKENS) -> list[dict]:
-    """The ``k`` most likely next tokens of one row of logits: id, text and probability."""
-    x = logits.astype(np.float64)
-    p = np.exp(x - x.max())
-    p /= p.sum()
-    return [{"id": int(i), "str": model.token_str(int(i)), "p": float(p[i])} for i in np.argsort(-x)[:k]]
 
 
 def number(x: float) -> float | None:
@@ -141,7 +134,7 @@ def sae(sae_dir, model_path, prompt, ctx_size, threads, top_k, steer_specs, scal
             before = model.run(ids, logits="last").logits[-1]
             after = steer_features(model, sae_, ids, edits, scale=scale)[-1]
             steer = {"edits": edits, "scale": scale, "last_token": feats.token_strs[-1],
-                     "before": next_tokens(model, before), "after": next_tokens(model, after)}
+                     "before": next_tokens(model, before, NEXT_TOKENS), "after": next_tokens(model, after, NEXT_TOKENS)}
         name = model.path.name
     files = [str(save_png(heatmap(full, feats, sae_.d_sae, prompt), png))] if png is not None else []
     described = {"path": str(sae_dir), "hook_name": sae_.hook_name, "tensor": feats.tensor,
