@@ -142,8 +142,8 @@ def check_lens_tensor(model: Model, tensor: str, top_k: int, layers: Iterable[in
     return sorted({int(il) for il in layers})
 
 
-def check_positions(positions: Iterable[int] | None, n_tokens: int) -> list[int]:
-    """Token positions (negative from the end) as sorted non-negative indices, each once; None: all."""
+def positions_in(positions: Iterable[int] | None, n_tokens: int) -> list[int]:
+    """Token positions (negative from the end) as non-negative indices, in the order given; None: all."""
     if positions is None:
         return list(range(n_tokens))
     positions = as_list(positions, "positions")
@@ -152,7 +152,12 @@ def check_positions(positions: Iterable[int] | None, n_tokens: int) -> list[int]
     for p in positions:
         if not isinstance(p, (int, np.integer)) or isinstance(p, bool) or not -n_tokens <= p < n_tokens:
             raise InputError(f"position {p!r} out of range (the prompt has {n_tokens} tokens)")
-    return sorted({int(p) % n_tokens for p in positions})
+    return [int(p) % n_tokens for p in positions]
+
+
+def check_positions(positions: Iterable[int] | None, n_tokens: int) -> list[int]:
+    """Token positions (negative from the end) as sorted non-negative indices, each once; None: all."""
+    return sorted(set(positions_in(positions, n_tokens)))
 
 
 class _LensRun:

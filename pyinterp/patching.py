@@ -28,7 +28,7 @@ from .errors import InputError
 from .batch import run_variants
 from .hooks import as_list
 from .interventions import AblateHeads, Intervention, PatchHead, PatchRow
-from .lens import resolve_target
+from .lens import positions_in, resolve_target
 
 if TYPE_CHECKING:
     from .model import Model
@@ -136,18 +136,6 @@ def _layers(model: Model, layers: Iterable[int] | None) -> list[int]:
     return [int(il) for il in layers]
 
 
-def _positions(positions: Iterable[int] | None, n_tokens: int) -> list[int]:
-    if positions is None:
-        return list(range(n_tokens))
-    positions = as_list(positions, "positions")
-    if not positions:
-        raise InputError("positions is empty")
-    for pos in positions:
-        if not isinstance(pos, (int, np.integer)) or isinstance(pos, bool) or not -n_tokens <= pos < n_tokens:
-            raise InputError(f"position {pos!r} out of range (the prompts have {n_tokens} tokens)")
-    return [int(pos) % n_tokens for pos in positions]
-
-
 def patch_sweep(model: Model, clean: str | Sequence[int], corrupt: str | Sequence[int], *,
                 metric: Metric | MetricFn, tensor: str = "l_out", layers: Iterable[int] | None = None,
                 positions: Iterable[int] | None = None, batched: bool = True,
@@ -167,7 +155,7 @@ def patch_sweep(model: Model, clean: str | Sequence[int], corrupt: str | Sequenc
     fn = bind_metric(model, metric)
     clean_ids, corrupt_ids = _pair_ids(model, clean, corrupt)
     layers = _layers(model, layers)
-    positions = _positions(positions, len(clean_ids))
+    positions = positions_in(positions, len(clean_ids))
     info = model.tensor_info()
     if tensor in info.shapes and info.rank(tensor) != 2:
         raise InputError(f"patch_sweep: {tensor!r} is not a [n_tokens, width] tensor (ggml shape {info.shapes[tensor]}); "
@@ -209,7 +197,7 @@ def head_patch_scan(model: Model, clean: str | Sequence[int], corrupt: str | Seq
     fn = bind_metric(model, metric)
     clean_ids, corrupt_ids = _pair_ids(model, clean, corrupt)
     layers = _layers(model, layers)
-    chosen = None if positions is None else tuple(_positions(positions, len(clean_ids)))
+    chosen = None if positions is None else tuple(positions_in(positions, len(clean_ids)))
     trace = model.run(clean_ids, capture=[f"kqv_heads-{il}" for il in layers], logits=None)
     variants = [[PatchHead(il, h, trace["kqv_heads", il][:, h], chosen)] for il in layers for h in range(model.n_head)]
     _, values = evaluate(model, corrupt_ids, variants, fn, batched, on_cell)
