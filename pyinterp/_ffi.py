@@ -12,9 +12,12 @@ import json
 import logging
 import os
 import struct
+import sys
 from pathlib import Path
 
 import cffi
+
+from . import _backends
 
 # the part of llama.cpp's C API pyinterp calls; pyinterp's own is read from its header (pi_declarations)
 CDEF = """
@@ -54,8 +57,16 @@ CDEF = """
                              char * text, int32_t text_len_max, bool remove_special, bool unparse_special);
 
     typedef struct ggml_backend_device * ggml_backend_dev_t;
+    typedef struct ggml_backend_reg * ggml_backend_reg_t;
     ggml_backend_dev_t llama_model_layer_dev(const struct llama_model * model, int32_t il);
     const char * ggml_backend_dev_name(ggml_backend_dev_t device);
+    const char * ggml_backend_dev_description(ggml_backend_dev_t device);
+    size_t ggml_backend_dev_count(void);
+    ggml_backend_dev_t ggml_backend_dev_get(size_t index);
+    ggml_backend_reg_t ggml_backend_load(const char * path);
+    size_t ggml_backend_reg_count(void);
+    ggml_backend_reg_t ggml_backend_reg_get(size_t index);
+    const char * ggml_backend_reg_name(ggml_backend_reg_t reg);
 
     llama_memory_t llama_get_memory(const struct llama_context * ctx);
     void llama_memory_clear(llama_memory_t mem, bool data);
@@ -79,7 +90,13 @@ def pi_declarations(header: str) -> str:
 ffi = cffi.FFI()
 ffi.cdef(CDEF + pi_declarations(HEADER.read_text()))
 
-NATIVE = "libpyinterp_native.so"
+# file names of the shared libraries and of ggml's backend modules (CMake names modules *.so on macOS too)
+if sys.platform == "win32":
+    NATIVE, MODULE_PREFIX, MODULE_SUFFIX = "pyinterp_native.dll", "ggml-", ".dll"
+elif sys.platform == "darwin":
+    NATIVE, MODULE_PREFIX, MODULE_SUFFIX = "libpyinterp_native.dylib", "libggml-", ".so"
+else:
+    NATIVE, MODULE_PREFIX, MODULE_SUFFIX = "libpyinterp_native.so", "libggml-", ".so"
 
 
 def _lib_dir() -> Path:
@@ -137,9 +154,9 @@ def _share_cuda_runtime() -> None:
     local, so another llama.cpp in the same process does not bind to them.
     """
     cuda = LIB_DIR / "libggml-cuda.so"
-    if not cuda.is_file():
+    if not sys.platform.startswith("linux") or not cuda.is_file():
         return
-    ours = {p.name for p in LIB_DIR.glob("*.so")}
+    ours = {p.name for p in LIB_DIR.iterdir()}
     for soname in elf_needed(cuda):
         if soname in ours:
             continue
@@ -157,7 +174,7 @@ def _cuda_sums_in_f32() -> None:
     the CPU and from an fp32 reference (attention |diff| up to 0.013, 3x the CPU's, measured with F16 caches). ggml reads
     GGML_CUDA_CUBLAS_COMPUTE_TYPE at every such product; "f32" makes cuBLAS accumulate in F32.
     """
-    if (LIB_DIR / "libggml-cuda.so").is_file():
+    if (LIB_DIR / f"{MODULE_PREFIX}cuda{MODULE_SUFFIX}").is_file():
         os.environ.setdefault("GGML_CUDA_CUBLAS_COMPUTE_TYPE", "f32")
 
 
@@ -201,11 +218,19 @@ def _on_log(level: int, text, user_data) -> None:
 
 lib.llama_log_set(_on_log, ffi.NULL)
 lib.llama_backend_init()
+LOADED = _backends.load(ffi, lib, LIB_DIR, MODULE_PREFIX, MODULE_SUFFIX)
 
 
 def build_info() -> dict:
-    """Where the packaged llama.cpp came from, the patches applied to it and the ggml backends built."""
-    return json.loads((LIB_DIR / "build_info.json").read_text())
+    """Where the packaged llama.cpp came from, the patches applied to it, the ggml backends and CPU variants
+    built, and what this process loaded: ``cpu_variant``, ``loaded`` (backend names), ``devices``."""
+    info = json.loads((LIB_DIR / "build_info.json").read_text())
+    info["cpu_variant"] = LOADED.cpu_variant
+    info["loaded"] = list(LOADED.backends)
+    info["devices"] = [f"{ffi.string(lib.ggml_backend_dev_name(d)).decode()} "
+                       f"({ffi.string(lib.ggml_backend_dev_description(d)).decode()})"
+                       for d in (lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count()))]
+    return info
 
 
 def set_verbose(verbose: bool) -> None:

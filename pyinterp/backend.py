@@ -322,7 +322,10 @@ class Backend:
 
 
 def default_threads() -> int:
-    return len(os.sched_getaffinity(0))
+    """The cores this process may run on (the affinity mask where the OS has one, as on Linux), else all."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 class NativeSAE:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 import numpy as np
 
+from ._backends import cpu_has_amx
 from .arch import ARCHS, arch_of
 from .cli_cvector import cvector
 from .cli_fidelity import fidelity
@@ -171,9 +173,20 @@ def show_version(ctx: click.Context, param: click.Parameter, value: bool) -> Non
     from . import __version__, build_info
 
     info = build_info()
+    variants = info["cpu_variants"]
+    built = f"{len(variants)} CPU variants ({variants[0]} ... {variants[-1]})" if len(variants) > 1 else "native CPU"
     click.echo(f"pyinterp {__version__}\nllama.cpp: {info['llama_cpp_source']}\npatches: {', '.join(info['patches'])}\n"
-               f"backends: {', '.join(info['backends'])}")
+               f"built: {built}, backends {', '.join(info['backends'])}\n"
+               f"loaded: CPU variant {info['cpu_variant']}{amx_note(info)}; backends {', '.join(info['loaded'])}\n"
+               f"devices: {'; '.join(info['devices'])}")
     ctx.exit()
+
+
+def amx_note(info: dict) -> str:
+    """Whether AMX is in use, where the loaded CPU variant has it (patches 0006/0007: off unless GGML_CPU_AMX=1)."""
+    if info["cpu_variant"] not in ("sapphirerapids", "native") or not cpu_has_amx():
+        return ""
+    return " (AMX on)" if os.environ.get("GGML_CPU_AMX") == "1" else " (AMX off; GGML_CPU_AMX=1 turns it on)"
 
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

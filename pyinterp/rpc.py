@@ -15,7 +15,7 @@ import sys
 import click
 
 from ._ffi import set_verbose
-from .backend import has_rpc, rpc_serve
+from .backend import default_threads, has_rpc, rpc_serve
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,7 +28,7 @@ def main(endpoint: str, threads: int | None) -> None:
                    "CMAKE_ARGS=-DGGML_RPC=ON pip install .", err=True)
         sys.exit(1)
     set_verbose(True)  # a server's log is for its operator
-    rpc_serve(endpoint, threads or len(os.sched_getaffinity(0)))
+    rpc_serve(endpoint, threads or default_threads())
     click.echo(f"pyinterp: error: the RPC server at {endpoint} stopped", err=True)
     sys.exit(1)
 

@@ -2,10 +2,6 @@
 
 #include "internal.h"
 
-#ifdef PYINTERP_RPC
-#include "ggml-rpc.h"
-#endif
-
 int pi_fail(struct pi_state * st, const char * msg) {
     snprintf(st->error, sizeof(st->error), "%s", msg);
     return -1;
@@ -19,43 +15,44 @@ ggml_backend_buffer_type_t pi_layer_buft(const struct pi_state * st, int32_t il)
     return ggml_backend_dev_buffer_type(llama_model_layer_dev(st->model, il));
 }
 
+// the RPC backend is a module loaded at run time (GGML_BACKEND_DL): its functions come from its registry
+typedef ggml_backend_reg_t (*pi_rpc_add_server_t)(const char * endpoint);
+typedef void (*pi_rpc_start_server_t)(const char * endpoint, const char * cache_dir, size_t n_threads,
+                                      size_t n_devices, ggml_backend_dev_t * devices);
+
+static void * pi_rpc_proc(const char * name) {
+    ggml_backend_reg_t reg = ggml_backend_reg_by_name("RPC");
+    return reg != NULL ? ggml_backend_reg_get_proc_address(reg, name) : NULL;
+}
+
 // rpc_endpoint (host:port of a ggml RPC server, or NULL): offload to that server's first device only
 struct llama_model * pi_model_load(const char * path, int32_t n_gpu_layers, const char * rpc_endpoint) {
     struct llama_model_params params = llama_model_default_params();
     params.n_gpu_layers = n_gpu_layers;
     ggml_backend_dev_t devices[2] = { NULL, NULL };
     if (rpc_endpoint != NULL) {
-#ifdef PYINTERP_RPC
-        ggml_backend_reg_t reg = ggml_backend_rpc_add_server(rpc_endpoint);
+        pi_rpc_add_server_t add_server = (pi_rpc_add_server_t) pi_rpc_proc("ggml_backend_rpc_add_server");
+        ggml_backend_reg_t reg = add_server != NULL ? add_server(rpc_endpoint) : NULL;
         if (reg == NULL || ggml_backend_reg_dev_count(reg) == 0) {
             return NULL;
         }
         devices[0] = ggml_backend_reg_dev_get(reg, 0);
         params.devices = devices;
-#else
-        return NULL;
-#endif
     }
     return llama_model_load_from_file(path, params);
 }
 
 bool pi_has_rpc(void) {
-#ifdef PYINTERP_RPC
-    return true;
-#else
-    return false;
-#endif
+    return pi_rpc_proc("ggml_backend_rpc_add_server") != NULL;
 }
 
 // serve this process's CPU to ggml RPC clients at endpoint (host:port); returns only on failure
 void pi_rpc_serve(const char * endpoint, int32_t n_threads) {
-#ifdef PYINTERP_RPC
+    pi_rpc_start_server_t start_server = (pi_rpc_start_server_t) pi_rpc_proc("ggml_backend_rpc_start_server");
     ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-    ggml_backend_rpc_start_server(endpoint, NULL, n_threads, 1, &cpu);
-#else
-    (void) endpoint;
-    (void) n_threads;
-#endif
+    if (start_server != NULL && cpu != NULL) {
+        start_server(endpoint, NULL, (size_t) n_threads, 1, &cpu);
+    }
 }
 
 // flash_attn: -1 auto, 0 off (the explicit path on every layer), 1 on; type_k/type_v: enum ggml_type of the KV
