@@ -1,16 +1,47 @@
-"""pyinterp: mechanistic interpretability for local GGUF models on a patched llama.cpp."""
+"""pyinterp: mechanistic interpretability for local GGUF models on a patched llama.cpp.
 
-from . import steering
-from ._ffi import build_info
-from .attention import draw_attention
-from .errors import InputError, PyinterpError
-from .fidelity import Fidelity  # the function is pyinterp.fidelity.fidelity (the module keeps its name)
-from .heads import HeadScores, head_scores
-from .model import Generation, Model
-from .sae import SAE, SAEFeatures, sae_features
-from .steering import ControlVector
-from .trace import Trace
+The top-level names are imported on first use, so ``import pyinterp`` stays light and the native library is
+loaded by the first name that needs it (an error loading it is a ``NativeLibraryError``, one line).
+"""
 
-__all__ = ["ControlVector", "Fidelity", "Generation", "HeadScores", "InputError", "Model", "PyinterpError", "SAE", "SAEFeatures", "Trace",
-           "build_info", "draw_attention", "head_scores", "sae_features"]
+from __future__ import annotations
+
+import importlib
+
+from .errors import InputError, NativeLibraryError, PyinterpError
+
+# public name -> the module that defines it
+_LAZY = {
+    "build_info": "._ffi",
+    "draw_attention": ".attention",
+    "Fidelity": ".fidelity",  # the function is pyinterp.fidelity.fidelity (the module keeps its name)
+    "HeadScores": ".heads",
+    "head_scores": ".heads",
+    "Generation": ".model",
+    "Model": ".model",
+    "SAE": ".sae",
+    "SAEFeatures": ".sae",
+    "sae_features": ".sae",
+    "ControlVector": ".steering",
+    "Trace": ".trace",
+}
+
+__all__ = ["ControlVector", "Fidelity", "Generation", "HeadScores", "InputError", "Model", "NativeLibraryError",
+           "PyinterpError", "SAE", "SAEFeatures", "Trace", "build_info", "draw_attention", "head_scores",
+           "sae_features", "steering"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    elif name == "steering":
+        value = importlib.import_module(".steering", __name__)
+    else:
+        raise AttributeError(f"module 'pyinterp' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

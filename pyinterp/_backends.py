@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import NativeLibraryError
+
 NATIVE_VARIANT = "native"
 
 
@@ -55,18 +57,18 @@ def variant_score(path: Path) -> int:
 def choose_cpu_variant(variants: dict[str, Path], forced: str | None) -> str:
     """The variant to load: the forced one (checked), else the best this CPU runs."""
     if not variants:
-        raise ImportError("pyinterp ships no CPU backend (no libggml-cpu*); reinstall with `pip install .`")
+        raise NativeLibraryError("pyinterp ships no CPU backend (no libggml-cpu*); reinstall with `pip install .`")
     if forced:
         if forced not in variants:
-            raise ImportError(f"PYINTERP_CPU_VARIANT={forced}: no such CPU variant in this build "
+            raise NativeLibraryError(f"PYINTERP_CPU_VARIANT={forced}: no such CPU variant in this build "
                               f"(it has {', '.join(variants)})")
         if variant_score(variants[forced]) == 0:
-            raise ImportError(f"PYINTERP_CPU_VARIANT={forced}: this CPU lacks instructions that variant uses")
+            raise NativeLibraryError(f"PYINTERP_CPU_VARIANT={forced}: this CPU lacks instructions that variant uses")
         return forced
     scores = {name: variant_score(path) for name, path in variants.items()}
     best = max(scores, key=scores.get)
     if scores[best] == 0:
-        raise ImportError(f"no CPU variant of this build runs on this CPU (it has {', '.join(variants)})")
+        raise NativeLibraryError(f"no CPU variant of this build runs on this CPU (it has {', '.join(variants)})")
     return best
 
 
@@ -79,7 +81,7 @@ def load(ffi, lib, lib_dir: Path, prefix: str, suffix: str) -> Loaded:
     variants = cpu_modules(lib_dir, prefix, suffix)
     loaded.cpu_variant = choose_cpu_variant(variants, os.environ.get("PYINTERP_CPU_VARIANT"))
     if lib.ggml_backend_load(str(variants[loaded.cpu_variant]).encode()) == ffi.NULL:
-        raise ImportError(f"could not load the CPU backend {variants[loaded.cpu_variant]}")
+        raise NativeLibraryError(f"could not load the CPU backend {variants[loaded.cpu_variant]}")
     loaded.backends = [ffi.string(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i))).decode()
                        for i in range(lib.ggml_backend_reg_count())]
     return loaded

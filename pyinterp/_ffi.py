@@ -18,6 +18,7 @@ from pathlib import Path
 import cffi
 
 from . import _backends
+from .errors import NativeLibraryError
 
 # the part of llama.cpp's C API pyinterp calls; pyinterp's own is read from its header (pi_declarations)
 CDEF = """
@@ -92,11 +93,19 @@ ffi.cdef(CDEF + pi_declarations(HEADER.read_text()))
 
 # file names of the shared libraries and of ggml's backend modules (CMake names modules *.so on macOS too)
 if sys.platform == "win32":
-    NATIVE, MODULE_PREFIX, MODULE_SUFFIX = "pyinterp_native.dll", "ggml-", ".dll"
+    SHARED_PREFIX, SHARED_SUFFIX, MODULE_PREFIX, MODULE_SUFFIX = "", ".dll", "ggml-", ".dll"
 elif sys.platform == "darwin":
-    NATIVE, MODULE_PREFIX, MODULE_SUFFIX = "libpyinterp_native.dylib", "libggml-", ".so"
+    SHARED_PREFIX, SHARED_SUFFIX, MODULE_PREFIX, MODULE_SUFFIX = "lib", ".dylib", "libggml-", ".so"
 else:
-    NATIVE, MODULE_PREFIX, MODULE_SUFFIX = "libpyinterp_native.so", "libggml-", ".so"
+    SHARED_PREFIX, SHARED_SUFFIX, MODULE_PREFIX, MODULE_SUFFIX = "lib", ".so", "libggml-", ".so"
+
+
+def shared_library(name: str) -> str:
+    """The file name of one of pyinterp's shared libraries on this platform: "llama" -> libllama.so."""
+    return f"{SHARED_PREFIX}{name}{SHARED_SUFFIX}"
+
+
+NATIVE = shared_library("pyinterp_native")
 
 
 def _lib_dir() -> Path:
@@ -181,7 +190,7 @@ def _cuda_sums_in_f32() -> None:
 def _load():
     path = LIB_DIR / NATIVE
     if not path.is_file():
-        raise ImportError(f"pyinterp's native library is missing ({path}); install pyinterp with `pip install .`")
+        raise NativeLibraryError(f"pyinterp's native library is missing ({path}); install pyinterp with `pip install .`")
     _share_cuda_runtime()
     _cuda_sums_in_f32()
     return ffi.dlopen(str(path))

@@ -45,6 +45,11 @@ def _llama_error(what: str) -> PyinterpError:
     return PyinterpError(f"{what}: {detail}" if detail else what)
 
 
+def has_metal() -> bool:
+    """Whether ggml's Metal backend was loaded (an Apple build on a Mac with a GPU)."""
+    return "MTL" in _ffi.LOADED.backends  # the registry name of ggml-metal
+
+
 def has_rpc() -> bool:
     """Whether this build has ggml's RPC backend (``CMAKE_ARGS=-DGGML_RPC=ON``)."""
     return bool(lib.pi_has_rpc())

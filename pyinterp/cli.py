@@ -171,6 +171,7 @@ def show_version(ctx: click.Context, param: click.Parameter, value: bool) -> Non
     if not value or ctx.resilient_parsing:
         return
     from . import __version__, build_info
+    from .model import default_gpu_layers
 
     info = build_info()
     variants = info["cpu_variants"]
@@ -178,7 +179,8 @@ def show_version(ctx: click.Context, param: click.Parameter, value: bool) -> Non
     click.echo(f"pyinterp {__version__}\nllama.cpp: {info['llama_cpp_source']}\npatches: {', '.join(info['patches'])}\n"
                f"built: {built}, backends {', '.join(info['backends'])}\n"
                f"loaded: CPU variant {info['cpu_variant']}{amx_note(info)}; backends {', '.join(info['loaded'])}\n"
-               f"devices: {'; '.join(info['devices'])}")
+               f"devices: {'; '.join(info['devices'])}\n"
+               f"default -ngl: {default_gpu_layers()} ({'every layer on the GPU' if default_gpu_layers() else 'the CPU'})")
     ctx.exit()
 
 

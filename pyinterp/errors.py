@@ -7,3 +7,7 @@ class PyinterpError(Exception):
 
 class InputError(PyinterpError):
     """A bad argument: unknown tensor name, index out of range, vector of the wrong size, prompt too long."""
+
+
+class NativeLibraryError(PyinterpError, ImportError):
+    """pyinterp's native libraries or ggml's backends could not be loaded in this process."""

@@ -16,7 +16,7 @@ import numpy as np
 from . import _ffi, zoo
 from .arch import ARCHS
 from .attribution import Attribution, logit_attribution
-from .backend import KV_TYPES, Backend, default_threads
+from .backend import KV_TYPES, Backend, default_threads, has_metal
 from .errors import InputError, PyinterpError
 from .hooks import ATTENTION_TENSORS, Head, Patch, Planner, TensorInfo, as_list, as_tuple, split_name
 from .interventions import AblateHeads, Capture, Intervention, IsolateHead, Op, PatchRow, Target
@@ -54,8 +54,9 @@ def _check_gguf(path: Path) -> None:
 
 
 def default_gpu_layers() -> int:
-    """``n_gpu_layers`` when none is given: ``$PYINTERP_N_GPU_LAYERS`` (``-1``: every layer), else 0 (CPU)."""
-    value = os.environ.get("PYINTERP_N_GPU_LAYERS", "0")
+    """``n_gpu_layers`` when none is given: ``$PYINTERP_N_GPU_LAYERS`` (``-1``: every layer); else -1 where Metal
+    was loaded (Apple Silicon: every layer on the GPU, as llama.cpp's own tools do), 0 (the CPU) elsewhere."""
+    value = os.environ.get("PYINTERP_N_GPU_LAYERS", "-1" if has_metal() else "0")
     try:
         return int(value)
     except ValueError:

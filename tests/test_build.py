@@ -76,3 +76,4 @@ def test_build_info_names_source_and_series(capsys):
     assert main(["--version"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("pyinterp ") and "0001-llama-add-graph-build-hook.patch" in out
+    assert f"loaded: CPU variant {info['cpu_variant']}" in out

@@ -22,7 +22,7 @@ import pytest
 import pyinterp
 from conftest import corr, cosine
 from pyinterp import ControlVector, InputError
-from pyinterp._ffi import LIB_DIR
+from pyinterp._ffi import LIB_DIR, shared_library
 from pyinterp.cli import main
 from pyinterp.steering import contrastive, for_model, steered
 
@@ -119,7 +119,7 @@ def test_ggml_reads_our_file(tmp_path):
     """ggml's C GGUF parser, driven the way llama.cpp's common_control_vector_load_one drives it."""
     ffi = cffi.FFI()
     ffi.cdef(GGML_API)
-    ggml = ffi.dlopen(str(LIB_DIR / "libggml-base.so"))
+    ggml = ffi.dlopen(str(LIB_DIR / shared_library("ggml-base")))
     rng = np.random.default_rng(1)
     cv = ControlVector.from_layers({il: rng.standard_normal(32).astype(np.float32) for il in (2, 5)}, "qwen2")
     path = cv.save(tmp_path / "cv.gguf")

@@ -48,9 +48,14 @@ def test_torch_in_the_same_process(lines):
         f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF and readelf: Linux only")
 def test_elf_needed_matches_readelf():
     """The ELF reader that finds ggml-cuda's CUDA runtime libraries, against binutils on pyinterp's own libraries."""
-    for lib in sorted(Path(_ffi.LIB_DIR).glob("*.so")):
+    libs = sorted(Path(_ffi.LIB_DIR).glob("*.so"))
+    names = {lib.name for lib in libs}
+    assert {"libpyinterp_native.so", "libllama.so", "libggml-base.so"} <= names, names
+    assert any(name.startswith("libggml-cpu") for name in names), names
+    for lib in libs:
         out = subprocess.run(["readelf", "-d", str(lib)], stdout=subprocess.PIPE, text=True, check=True).stdout
         want = [line.split("[")[1].split("]")[0] for line in out.splitlines() if "(NEEDED)" in line]
         assert _ffi.elf_needed(lib) == want, lib.name

@@ -55,6 +55,18 @@ void pi_rpc_serve(const char * endpoint, int32_t n_threads) {
     }
 }
 
+// whether any layer (or the output) is on a device other than the CPU; a model kept on the CPU stays there:
+// llama.cpp would otherwise still send a large batch's products to a GPU backend (op_offload), so a CPU run of a
+// CUDA or Metal build would neither run on the CPU nor put the model on the GPU
+static bool pi_model_offloaded(const struct llama_model * model) {
+    for (int32_t il = -1; il < llama_model_n_layer(model); ++il) {
+        if (ggml_backend_dev_type(llama_model_layer_dev(model, il)) != GGML_BACKEND_DEVICE_TYPE_CPU) {
+            return true;
+        }
+    }
+    return false;
+}
+
 // flash_attn: -1 auto, 0 off (the explicit path on every layer), 1 on; type_k/type_v: enum ggml_type of the KV
 // cache; n_seq_max: sequences one decode may hold (they share one KV cache of n_ctx cells)
 struct llama_context * pi_context_new(struct llama_model * model, uint32_t n_ctx, int32_t n_threads, int32_t flash_attn,
@@ -73,6 +85,7 @@ struct llama_context * pi_context_new(struct llama_model * model, uint32_t n_ctx
                              flash_attn > 0 ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
     params.type_k          = (enum ggml_type) type_k;
     params.type_v          = (enum ggml_type) type_v;
+    params.op_offload      = pi_model_offloaded(model);
     return llama_init_from_model(model, params);
 }
 
