@@ -51,6 +51,18 @@ def pair(request):
     return request.getfixturevalue(request.param), request.getfixturevalue(f"ref_{request.param}")
 
 
+@pytest.fixture(scope="session", params=["smollm2", "gemma3"])
+def f32_pair(request):
+    """(model, reference) for each real architecture, the model loaded from the F32 twin of its GGUF (every weight
+    dequantized, pyinterp.dequant): the reference's own weights, so the engine must agree to float rounding on any
+    CPU, whatever the quantized kernels of its CPU variant round."""
+    from pyinterp.dequant import F32Copy
+
+    path = zoo.smollm2_path() if request.param == "smollm2" else zoo.gemma3_path()
+    with pyinterp.Model(F32Copy(path).write(), n_ctx=512) as model:
+        yield model, request.getfixturevalue(f"ref_{request.param}")
+
+
 def corr(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
 

@@ -12,18 +12,27 @@ PROMPT = "The Eiffel Tower is located in the city of"
 
 
 def test_terms_add_up_to_the_logit(pair):
+    """On the quantized file: activations are quantized term by term on their way into the unembedding, and the
+    kernels of the CPU variant round them, so the terms are near the reference's, not equal (the last FFN term moves
+    by up to 0.5 between CPUs); the F32 twin below checks the values themselves."""
     model, ref = pair
     a = model.logit_attribution(PROMPT)
     assert a.target_str == " Paris" and a.position == len(model.tokenize(PROMPT)) - 1
     assert a.values.shape == (1 + 2 * model.n_layer,) and a.attn.shape == a.ffn.shape == (model.n_layer,)
     assert a.labels[0] in ("embd", "inp_scaled") and a.labels[1].endswith("-0")
-    # activations are quantized term by term on their way into the unembedding, so the sum is close, not equal
     assert abs(a.values.sum() - a.logit) <= 0.05 * abs(a.logit) + 0.1
     want = ref.attribution(model.tokenize(PROMPT), a.target, a.position)
     assert corr(a.values, want) >= 0.99
-    np.testing.assert_allclose(a.values, want, atol=0.05 * np.abs(want).max())
     top = set(np.argsort(-np.abs(want))[:5])
     assert len(top & set(np.argsort(-np.abs(a.values))[:5])) >= 4
+
+
+def test_terms_equal_the_reference_on_f32_weights(f32_pair):
+    model, ref = f32_pair
+    a = model.logit_attribution(PROMPT)
+    want = ref.attribution(model.tokenize(PROMPT), a.target, a.position)
+    np.testing.assert_allclose(a.values, want, atol=1e-3 * np.abs(want).max())
+    assert abs(a.values.sum() - a.logit) <= 1e-3 * abs(a.logit) + 1e-3
 
 
 def test_target_and_position(smollm2):

