@@ -34,7 +34,7 @@ import numpy as np
 
 import pyinterp
 from pyinterp import zoo
-from pyinterp._ffi import LIB_DIR
+from pyinterp._ffi import LIB_DIR, shared_library
 from pyinterp.interventions import AblateHeads, AddVector
 from pyinterp.sae import random_sae, sae_features
 
@@ -134,7 +134,7 @@ def run(cmd: list[str], **kwargs) -> str:
 def build_stock() -> tuple[Path, Path]:
     """Unpatched llama.cpp from the same source; returns (include dirs root, lib dir)."""
     src, lib = STOCK / "src", STOCK / "build" / "bin"
-    if not (lib / "libllama.so").exists():
+    if not (lib / shared_library("llama")).exists():
         print("bench: building unpatched llama.cpp into build/stock (once, a few minutes)", flush=True)
         with tempfile.TemporaryDirectory() as no_patches:
             run([sys.executable, str(REPO / "scripts" / "llama_source.py"), "prepare",
@@ -142,8 +142,10 @@ def build_stock() -> tuple[Path, Path]:
         run(["cmake", "-S", str(src), "-B", str(STOCK / "build"), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
              "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_COMMON=OFF", "-DLLAMA_BUILD_TESTS=OFF",
              "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-             "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF"])
-        run(["ninja", "-C", str(STOCK / "build"), "llama"])
+             "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF",
+             # the same CPU backends as pyinterp's default build: modules, one per instruction-set level
+             "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON", "-DGGML_NATIVE=OFF"])
+        run(["ninja", "-C", str(STOCK / "build"), "llama", "ggml"])
     return src, lib
 
 
@@ -163,7 +165,8 @@ def bench_stock(model_path: Path, n_tokens: int, runs: int, threads: int) -> dic
         times: dict[str, list[float]] = {name: [] for name in binaries}
         for _ in range(3):  # alternate the two, several runs each, to share any drift
             for name, binary in binaries.items():
-                out = run([str(binary), str(model_path), str(n_tokens), str(runs), str(threads)])
+                lib_dir = stock_lib if binary == binaries["stock llama.cpp"] else patched_lib
+                out = run([str(binary), str(model_path), str(n_tokens), str(runs), str(threads), str(lib_dir)])
                 times[name].extend(float(x) / 1000 for x in out.split()[1:])  # first run is warm-up
     return {name: statistics.median(t) for name, t in times.items()}
 

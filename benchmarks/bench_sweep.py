@@ -142,7 +142,8 @@ def run_side(side: str, args: argparse.Namespace, out: Path, plan: Path | None =
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"the {side} side failed (exit status {os.waitstatus_to_exitcode(status)})")
     with np.load(out) as result:
-        return dict(result), usage.ru_maxrss / 1024  # Linux: KiB
+        # ru_maxrss is in KiB on Linux, in bytes on macOS
+        return dict(result), usage.ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1 << 10)
 
 
 def main() -> None:

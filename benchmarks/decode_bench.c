@@ -1,7 +1,9 @@
 // Times llama_decode of one prompt with the stock llama.h API only, so the same source builds
 // against pyinterp's patched libllama and against an unpatched one.
 //
-//   decode_bench MODEL N_TOKENS N_RUNS N_THREADS   -> one line per run: milliseconds
+//   decode_bench MODEL N_TOKENS N_RUNS N_THREADS BACKEND_DIR   -> one line per run: milliseconds
+//
+// Both builds load their ggml backends (the best CPU variant) from BACKEND_DIR, as llama.cpp's tools do.
 
 #include "llama.h"
 
@@ -13,8 +15,8 @@ static void quiet(enum ggml_log_level level, const char * text, void * user_data
 }
 
 int main(int argc, char ** argv) {
-    if (argc != 5) {
-        fprintf(stderr, "usage: %s MODEL N_TOKENS N_RUNS N_THREADS\n", argv[0]);
+    if (argc != 6) {
+        fprintf(stderr, "usage: %s MODEL N_TOKENS N_RUNS N_THREADS BACKEND_DIR\n", argv[0]);
         return 2;
     }
     const int n_tokens = atoi(argv[2]);
@@ -23,6 +25,7 @@ int main(int argc, char ** argv) {
 
     llama_log_set(quiet, NULL);
     llama_backend_init();
+    ggml_backend_load_all_from_path(argv[5]);
 
     struct llama_model * model = llama_model_load_from_file(argv[1], llama_model_default_params());
     if (model == NULL) {

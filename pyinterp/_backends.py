@@ -1,9 +1,9 @@
 """ggml's backend modules shipped in pyinterp/lib, and which of them this process loads.
 
 Every backend is a module loaded at run time (``GGML_BACKEND_DL``): ``libggml-cpu-<variant>.so``, one per
-instruction-set level (or a single ``libggml-cpu.so`` in a ``PYINTERP_NATIVE=ON`` build), and
-``libggml-{cuda,metal,blas,rpc}.so`` where they were built. Each CPU variant exports ``ggml_backend_score``:
-0 when this CPU lacks an instruction the variant was compiled for, else higher for a richer instruction set.
+instruction-set level, and ``libggml-{cuda,metal,blas,rpc}.so`` where they were built. A ``PYINTERP_NATIVE=ON``
+build links its backends into libggml instead (ggml cannot load a -march=native CPU backend as a module).
+Each CPU variant exports ``ggml_backend_score``: 0 when this CPU lacks an instruction the variant was compiled for, else higher for a richer instruction set.
 pyinterp loads the highest-scoring variant, as llama.cpp's ``ggml_backend_load_all`` does, and remembers its
 name; ``PYINTERP_CPU_VARIANT=<name>`` forces one (e.g. ``x64``, the baseline, to check a build on an older CPU).
 """
@@ -29,15 +29,9 @@ class Loaded:
 
 
 def cpu_modules(lib_dir: Path, prefix: str, suffix: str) -> dict[str, Path]:
-    """The CPU backend modules in lib_dir: {variant name: path}; a native build's single module is "native"."""
-    found = {}
-    for path in sorted(lib_dir.glob(f"{prefix}cpu*{suffix}")):
-        stem = path.name[len(prefix):-len(suffix)]
-        if stem == "cpu":
-            found[NATIVE_VARIANT] = path
-        elif stem.startswith("cpu-"):
-            found[stem[len("cpu-"):]] = path
-    return found
+    """The CPU backend modules in lib_dir: {variant name: path}."""
+    return {path.name[len(prefix) + len("cpu-"):-len(suffix)]: path
+            for path in sorted(lib_dir.glob(f"{prefix}cpu-*{suffix}"))}
 
 
 def other_modules(lib_dir: Path, prefix: str, suffix: str) -> list[Path]:
@@ -72,16 +66,20 @@ def choose_cpu_variant(variants: dict[str, Path], forced: str | None) -> str:
     return best
 
 
-def load(ffi, lib, lib_dir: Path, prefix: str, suffix: str) -> Loaded:
-    """Load the backends into ggml's registry: every non-CPU module that loads here, then the chosen CPU variant."""
-    loaded = Loaded()
-    for path in other_modules(lib_dir, prefix, suffix):
-        if lib.ggml_backend_load(str(path).encode()) == ffi.NULL:
-            loaded.failed.append(path.name)
-    variants = cpu_modules(lib_dir, prefix, suffix)
-    loaded.cpu_variant = choose_cpu_variant(variants, os.environ.get("PYINTERP_CPU_VARIANT"))
-    if lib.ggml_backend_load(str(variants[loaded.cpu_variant]).encode()) == ffi.NULL:
-        raise NativeLibraryError(f"could not load the CPU backend {variants[loaded.cpu_variant]}")
+def load(ffi, lib, lib_dir: Path, prefix: str, suffix: str, backend_dl: bool) -> Loaded:
+    """Load the backends into ggml's registry: every non-CPU module that loads here, then the chosen CPU variant.
+    A native build (``backend_dl`` false) links its backends into libggml: there is nothing to load."""
+    loaded = Loaded(cpu_variant=NATIVE_VARIANT)
+    if backend_dl:
+        for path in other_modules(lib_dir, prefix, suffix):
+            if lib.ggml_backend_load(str(path).encode()) == ffi.NULL:
+                loaded.failed.append(path.name)
+        variants = cpu_modules(lib_dir, prefix, suffix)
+        loaded.cpu_variant = choose_cpu_variant(variants, os.environ.get("PYINTERP_CPU_VARIANT"))
+        if lib.ggml_backend_load(str(variants[loaded.cpu_variant]).encode()) == ffi.NULL:
+            raise NativeLibraryError(f"could not load the CPU backend {variants[loaded.cpu_variant]}")
+    elif os.environ.get("PYINTERP_CPU_VARIANT"):
+        raise NativeLibraryError("PYINTERP_CPU_VARIANT: this is a native build (PYINTERP_NATIVE=ON), with one CPU backend")
     loaded.backends = [ffi.string(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i))).decode()
                        for i in range(lib.ggml_backend_reg_count())]
     return loaded

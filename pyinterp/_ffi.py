@@ -227,13 +227,14 @@ def _on_log(level: int, text, user_data) -> None:
 
 lib.llama_log_set(_on_log, ffi.NULL)
 lib.llama_backend_init()
-LOADED = _backends.load(ffi, lib, LIB_DIR, MODULE_PREFIX, MODULE_SUFFIX)
+BUILD_INFO = json.loads((LIB_DIR / "build_info.json").read_text())
+LOADED = _backends.load(ffi, lib, LIB_DIR, MODULE_PREFIX, MODULE_SUFFIX, BUILD_INFO["backend_dl"])
 
 
 def build_info() -> dict:
     """Where the packaged llama.cpp came from, the patches applied to it, the ggml backends and CPU variants
     built, and what this process loaded: ``cpu_variant``, ``loaded`` (backend names), ``devices``."""
-    info = json.loads((LIB_DIR / "build_info.json").read_text())
+    info = dict(BUILD_INFO)
     info["cpu_variant"] = LOADED.cpu_variant
     info["loaded"] = list(LOADED.backends)
     info["devices"] = [f"{ffi.string(lib.ggml_backend_dev_name(d)).decode()} "
