@@ -35,6 +35,7 @@ import numpy as np
 import pyinterp
 from pyinterp import zoo
 from pyinterp._ffi import LIB_DIR, shared_library
+from pyinterp.backend import default_threads
 from pyinterp.interventions import AblateHeads, AddVector
 from pyinterp.sae import random_sae, sae_features
 
@@ -182,7 +183,7 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--n-gpu-layers", type=int, default=None, help="default: $PYINTERP_N_GPU_LAYERS, else 0")
     parser.add_argument("--no-stock", action="store_true", help="skip the comparison with unpatched llama.cpp")
     args = parser.parse_args()

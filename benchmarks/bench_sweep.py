@@ -151,7 +151,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", help="a known model name or a GGUF path")
     parser.add_argument("--layers", type=int, default=10, help="layers swept, evenly spaced")
     parser.add_argument("--positions", type=int, default=None, help="positions swept, evenly spaced (default all)")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--corrupt", default=CORRUPT, help="the corrupted prompt (as many tokens as the clean one)")
     parser.add_argument("--side", choices=["pyinterp", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)

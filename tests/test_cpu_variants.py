@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -31,9 +32,11 @@ print(json.dumps({{"variant": info["cpu_variant"], "logits": logits.tolist()}}))
 """
 
 
-def child_logits(**env: str) -> tuple[str, np.ndarray, str]:
-    """(variant loaded, last logits [n_vocab], llama.cpp's log) of CHILD run with the extra environment."""
-    done = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=300,
+def child_logits(*, emulate: str | None = None, **env: str) -> tuple[str, np.ndarray, str]:
+    """(variant loaded, last logits [n_vocab], llama.cpp's log) of CHILD run with the extra environment; with
+    ``emulate``, on that CPU model under qemu's user-mode emulator."""
+    prefix = ["qemu-x86_64", "-cpu", emulate] if emulate else []
+    done = subprocess.run([*prefix, sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=900,
                           env={**os.environ, **env})
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stderr[-3000:]}"
     out = json.loads(done.stdout.strip().splitlines()[-1])
@@ -65,6 +68,18 @@ def test_the_baseline_variant_gives_the_same_answer():
     assert int(np.argmax(base)) == int(np.argmax(ref))
     assert np.corrcoef(base, ref)[0, 1] > 0.999
     assert np.abs(base - ref).max() < 1.0
+
+
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None or "haswell" not in pyinterp.build_info()["cpu_variants"],
+                    reason="needs qemu-user (apt-get install qemu-user; .ci/run installs it) and an x86-64 build")
+def test_runs_on_an_emulated_older_cpu():
+    """The library built here, run on an emulated Haswell (AVX2, no AVX512; qemu's user-mode emulator): it loads
+    the haswell variant and gives this CPU's answer. A -march=native build from an AVX512 machine dies there."""
+    _, ref, _ = child_logits()
+    variant, old, _ = child_logits(emulate="Haswell-v4")
+    assert variant == "haswell"
+    assert int(np.argmax(old)) == int(np.argmax(ref))
+    assert np.corrcoef(old, ref)[0, 1] > 0.999
 
 
 def test_a_variant_this_build_lacks_is_one_line():
