@@ -94,17 +94,23 @@ int pi_attribution_heads_read(struct pi_state * st, int32_t i, float * dst, int6
     return 0;
 }
 
-// every model weight `node` reads is on a device that runs `node` with the weight in its buffer. A backend may
-// keep a weight in a layout only some ops read (the CPU's repacked blocks: its matrix product with F32
-// activations); where none runs a node, ggml's scheduler aborts the process.
+// for every model weight `node` reads, some device reads the weight's buffer and runs `node` (the scheduler's
+// test, ggml_backend_sched_backend_from_buffer). A backend may keep a weight in a layout only some ops read (the
+// CPU's repacked blocks: its matrix product with F32 activations); where no device runs a node that reads a
+// weight, ggml's scheduler aborts the process.
 bool pi_weights_run(const struct ggml_tensor * node) {
     for (int i = 0; i < GGML_MAX_SRC; ++i) {
         const struct ggml_tensor * w = node->src[i];
         if (w == NULL || w->buffer == NULL || ggml_backend_buffer_get_usage(w->buffer) != GGML_BACKEND_BUFFER_USAGE_WEIGHTS) {
             continue;
         }
-        ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(w->buffer));
-        if (dev == NULL || !ggml_backend_dev_supports_op(dev, node)) {
+        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(w->buffer);
+        bool runs = false;
+        for (size_t d = 0; d < ggml_backend_dev_count() && !runs; ++d) {
+            ggml_backend_dev_t dev = ggml_backend_dev_get(d);
+            runs = ggml_backend_dev_supports_buft(dev, buft) && ggml_backend_dev_supports_op(dev, node);
+        }
+        if (!runs) {
             return false;
         }
     }
