@@ -79,6 +79,7 @@ class Backend:
     def __init__(self, path: Path, *, n_ctx: int, n_threads: int, n_gpu_layers: int, flash: int, type_k: str,
                  type_v: str, rpc: str | None) -> None:
         self._model = self._ctx = self._state = ffi.NULL
+        self._path = path
         if rpc is not None:
             check_rpc(rpc)
         _ffi.clear_errors()
@@ -293,7 +294,7 @@ class Backend:
 
     def set_attribution(self, terms: list[tuple[str, int]], by_head: list[bool], target: int) -> None:
         keep = [ffi.new("char[]", name.encode()) for name, _ in terms]
-        if lib.pi_set_attribution(self._state, ffi.new("const char *[]", keep), ffi.new("int32_t[]", [il for _, il in terms]),
+        if lib.pi_set_attribution(self._state, str(self._path).encode(), ffi.new("const char *[]", keep), ffi.new("int32_t[]", [il for _, il in terms]),
                                   ffi.new("bool[]", by_head), len(terms), ffi.new("int32_t[]", [target]), 1) != 0:
             raise self.error("logit attribution")
 

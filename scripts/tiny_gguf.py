@@ -6,17 +6,26 @@ projections, post-norms, sliding windows where the family has them) with Q8_0 ma
 and a byte-level BPE vocabulary (gpt2 style) that llama.cpp and transformers both accept. Weights are
 scaled so attention is far from uniform and activations stay finite. ``llama-1b`` has Llama 3.2 1B's
 layer shapes (16 layers, n_embd 2048, 32 heads, 8 KV heads, n_ff 8192) and the same tiny vocabulary.
+``llama-8b-shapes`` has two layers of Llama 3 8B's shapes (n_embd 4096, 32 heads, 8 KV heads, head_dim 128,
+n_ff 14336), its vocabulary size (128256: the tiny vocabulary padded with reserved control tokens) and an
+untied output.weight: the shapes at which llama.cpp's CPU backend repacks the unembedding.
 
-    python scripts/tiny_gguf.py qwen2 /tmp/qwen2.gguf [--seed N] [--type q8_0|q4_0|f32]
+Matrices of types the ``gguf`` package cannot quantize (the K-quants, IQ4_NL), and every matrix of a spec with
+``random_blocks``, are drawn directly as quantized blocks (random quants, scales set for the wanted spread):
+fast at real scale, where rounding normal weights takes minutes.
+
+    python scripts/tiny_gguf.py qwen2 /tmp/qwen2.gguf [--seed N] [--type q8_0|q4_0|q4_k|...|f32]
     python scripts/tiny_gguf.py llama-1b /tmp/llama-1b-q4_0.gguf --type q4_0     # 30 s, 0.55 GB
+    python scripts/tiny_gguf.py llama-8b-shapes /tmp/llama-8b-2l.gguf --type q4_0   # 10 s, 1 GB
 
-From Python: ``write(arch, path, seed=0, f32=False, quant="q8_0")``; ``SPECS`` lists the tiny
-architectures, ``BENCH_SPECS`` the benchmark models.
+From Python: ``write(arch, path, seed=0, f32=False, quant="q8_0")`` (arch: a key or a ``Spec``); ``SPECS``
+lists the tiny architectures, ``BENCH_SPECS`` the benchmark and real-shape models.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +33,15 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-QUANTS = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
-FILE_TYPES = {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+Q = gguf.GGMLQuantizationType
+F = gguf.LlamaFileType
+# every type some CPU repacks for its matrix kernels (ggml-cpu/repack.cpp: x86 AVX2 Q4_0, Q4_K, IQ4_NL, MXFP4,
+# AVX-512 Q2_K; ARM Q4_0, Q4_K, Q5_K, Q6_K, IQ4_NL, MXFP4, Q8_0)
+QUANTS = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K, "q2_k": Q.Q2_K,
+          "iq4_nl": Q.IQ4_NL, "mxfp4": Q.MXFP4}
+FILE_TYPES = {"q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0, "q4_k": F.MOSTLY_Q4_K_M, "q5_k": F.MOSTLY_Q5_K_M,
+              "q6_k": F.MOSTLY_Q6_K, "q2_k": F.MOSTLY_Q2_K, "iq4_nl": F.MOSTLY_IQ4_NL, "mxfp4": F.MOSTLY_MXFP4_MOE}
+ROUNDED = {"q8_0", "q4_0"}  # the types whose matrices are normal weights rounded by gguf.quants.quantize
 
 
 @dataclass(frozen=True)
@@ -46,6 +62,8 @@ class Spec:
     post_norms: bool = False    # gemma2: norms after attention and FFN, sqrt(n_embd)-scaled embedding
     sliding_window: int = 0     # gemma2: every other layer (from the first) sees this many keys
     n_ctx_train: int = 512      # context length: the tests want a small one, the benchmarks room for batches
+    n_vocab: int = 0            # 0: the tiny vocabulary; more: padded with reserved control tokens to this size
+    random_blocks: bool = False  # every matrix drawn as quantized blocks (fast), not rounded from normal weights
 
 
 # transformers reads neither qwen3's head_dim nor gemma2's query_pre_attn_scalar from GGUF: its defaults
@@ -62,6 +80,8 @@ SPECS: dict[str, Spec] = {
 BENCH_SPECS: dict[str, Spec] = {
     "llama-1b": Spec("llama", n_layer=16, n_embd=2048, n_head=32, n_head_kv=8, head_dim=64, n_ff=8192, tied=True,
                      n_ctx_train=4096),
+    "llama-8b-shapes": Spec("llama", n_layer=2, n_embd=4096, n_head=32, n_head_kv=8, head_dim=128, n_ff=14336,
+                            tied=False, n_vocab=128256, random_blocks=True),
 }
 
 
@@ -110,17 +130,60 @@ def vocabulary(n_merges: int = 40) -> tuple[list[str], list[str], list[int]]:
     return tokens, merges, [int(t) for t in types]
 
 
+@functools.cache
+def _unit_block(quant: gguf.GGMLQuantizationType) -> tuple[float, float]:
+    """(std, offset ratio) of random blocks of ``quant`` whose scale is 1: dequantized values have that std
+    when each block's minimum scale (K-quants with one) is the ratio times its scale, which centres them."""
+    rng = np.random.default_rng(0)
+    block, size = gguf.constants.GGML_QUANT_SIZES[quant]
+    raw = rng.integers(0, 256, (64, 4, size), dtype=np.uint8)
+    d, dmin = _SCALE_FIELDS[quant]
+    values = []
+    for m in (0.0, 1.0):
+        _set_scales(raw, quant, 1.0, m)
+        values.append(gguf.quants.dequantize(raw.reshape(64, -1), quant))
+    ratio = 0.0 if dmin is None else values[0].mean() / (values[0].mean() - values[1].mean())
+    _set_scales(raw, quant, 1.0, ratio)
+    return float(gguf.quants.dequantize(raw.reshape(64, -1), quant).std()), float(ratio)
+
+
+# byte offsets, within a block, of its F16 scale and of its F16 minimum scale (None: none); MXFP4 has an E8M0
+# exponent at 0 instead
+_SCALE_FIELDS = {Q.Q4_0: (0, None), Q.Q8_0: (0, None), Q.IQ4_NL: (0, None), Q.MXFP4: (0, None), Q.Q4_K: (0, 2),
+                 Q.Q5_K: (0, 2), Q.Q2_K: (80, 82), Q.Q6_K: (208, None)}
+
+
+def _set_scales(raw: np.ndarray, quant: gguf.GGMLQuantizationType, scale: float, min_scale: float) -> None:
+    """Set every block's scale fields in ``raw`` [..., block bytes]; MXFP4 rounds the scale to a power of 2."""
+    d, dmin = _SCALE_FIELDS[quant]
+    if quant == Q.MXFP4:
+        raw[..., 0] = 127 + int(round(np.log2(scale)))
+        return
+    raw[..., d:d + 2] = np.array([scale], np.float16).view(np.uint8)
+    if dmin is not None:
+        raw[..., dmin:dmin + 2] = np.array([min_scale * scale], np.float16).view(np.uint8)
+
+
 class _Weights:
     """Random tensors in GGUF layout (numpy [rows, cols] = ggml [cols, rows]), seeded."""
 
-    def __init__(self, writer: gguf.GGUFWriter, seed: int, quant: gguf.GGMLQuantizationType | None) -> None:
+    def __init__(self, writer: gguf.GGUFWriter, seed: int, quant: gguf.GGMLQuantizationType | None,
+                 random_blocks: bool = False) -> None:
         self.writer = writer
         self.rng = np.random.default_rng(seed)
         self.quant = quant  # None: F32
+        self.random_blocks = random_blocks
 
     def matrix(self, name: str, rows: int, cols: int, gain: float) -> None:
         """A quantized (or F32) matrix [rows, cols] with entries of std gain / sqrt(cols): a unit input gives
         outputs of std gain."""
+        if self.random_blocks:
+            block, size = gguf.constants.GGML_QUANT_SIZES[self.quant]
+            raw = np.frombuffer(self.rng.bytes(rows * cols // block * size), np.uint8).reshape(rows, -1, size).copy()
+            unit_std, ratio = _unit_block(self.quant)
+            _set_scales(raw, self.quant, gain / np.sqrt(cols) / unit_std, ratio)
+            self.writer.add_tensor(name, raw.reshape(rows, -1), raw_dtype=self.quant)
+            return
         w = (self.rng.standard_normal((rows, cols)) * gain / np.sqrt(cols)).astype(np.float32)
         if self.quant is None:
             self.writer.add_tensor(name, w)
@@ -154,16 +217,20 @@ def _metadata(w: gguf.GGUFWriter, spec: Spec, n_vocab: int, file_type: gguf.Llam
         w.add_final_logit_softcapping(30.0)
 
 
-def _tokenizer(w: gguf.GGUFWriter) -> int:
+def _tokenizer(w: gguf.GGUFWriter, n_vocab: int) -> int:
     tokens, merges, types = vocabulary()
+    eos = len(tokens) - 1
+    n_reserved = max(0, n_vocab - len(tokens))
+    tokens += [f"<|reserved_special_token_{i}|>" for i in range(n_reserved)]
+    types += [int(gguf.TokenType.CONTROL)] * n_reserved
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
     w.add_token_list(tokens)
     w.add_token_merges(merges)
     w.add_token_types(types)
-    w.add_bos_token_id(len(tokens) - 1)
-    w.add_eos_token_id(len(tokens) - 1)
-    w.add_pad_token_id(len(tokens) - 1)  # transformers' Phi3 default (32000) is outside this vocabulary
+    w.add_bos_token_id(eos)
+    w.add_eos_token_id(eos)
+    w.add_pad_token_id(eos)  # transformers' Phi3 default (32000) is outside this vocabulary
     w.add_add_bos_token(True)
     return len(tokens)
 
@@ -201,24 +268,27 @@ def _layer(t: _Weights, spec: Spec, i: int) -> None:
         t.vector(f"blk.{i}.post_ffw_norm.weight", d, 1.0, 0.1)
 
 
-def write(arch: str, path: str | Path, seed: int = 0, f32: bool = False, quant: str = "q8_0") -> Path:
-    """Write the model ``arch`` (a key of ``SPECS`` or ``BENCH_SPECS``) to ``path``; the same seed gives the
-    same file.
+def write(arch: str | Spec, path: str | Path, seed: int = 0, f32: bool = False, quant: str = "q8_0") -> Path:
+    """Write the model ``arch`` (a key of ``SPECS`` or ``BENCH_SPECS``, or a ``Spec``) to ``path``; the same
+    seed gives the same file.
 
-    ``quant``: the matrices' type, ``"q8_0"`` or ``"q4_0"`` (norms and biases are F32).
+    ``quant``: the matrices' type, a key of ``QUANTS`` (norms and biases are F32); types other than ``ROUNDED``
+    are drawn as random blocks.
     ``f32``: F32 matrices instead (the same weights before rounding). llama.cpp multiplies quantized matrices
     by activations it rounds to Q8_0, so only F32 weights let it agree with an fp32 reference to rounding.
     """
     specs = SPECS | BENCH_SPECS
-    if arch not in specs:
+    if not isinstance(arch, Spec) and arch not in specs:
         raise ValueError(f"no model for architecture {arch!r}; known: {', '.join(specs)}")
     if quant not in QUANTS:
         raise ValueError(f"no matrix type {quant!r}; known: {', '.join(QUANTS)}")
-    spec, path = specs[arch], Path(path)
+    spec, path = arch if isinstance(arch, Spec) else specs[arch], Path(path)
+    if f32 and spec.random_blocks:
+        raise ValueError("a spec with random_blocks has quantized matrices only")
     w = gguf.GGUFWriter(str(path), spec.arch)
-    n_vocab = _tokenizer(w)
+    n_vocab = _tokenizer(w, spec.n_vocab)
     _metadata(w, spec, n_vocab, gguf.LlamaFileType.ALL_F32 if f32 else FILE_TYPES[quant])
-    t = _Weights(w, seed, None if f32 else QUANTS[quant])
+    t = _Weights(w, seed, None if f32 else QUANTS[quant], not f32 and (spec.random_blocks or quant not in ROUNDED))
     # the embedding's scale sets the logits' when tied (std ~4); Gemma multiplies it by sqrt(n_embd)
     embd_std = 4.0 / np.sqrt(spec.n_embd)
     t.matrix("token_embd.weight", n_vocab, spec.n_embd, embd_std * np.sqrt(spec.n_embd))

@@ -13,21 +13,39 @@ void pi_attr_free(struct pi_state * st) {
 }
 
 // attribute the logits of `targets` to the tensors (names[i], layers[i]) of the residual stream; by_head (or NULL):
-// which terms are attention outputs to split by head as well
-int pi_set_attribution(struct pi_state * st, const char ** names, const int32_t * layers, const bool * by_head,
-                       int32_t n_terms, const int32_t * targets, int32_t n_targets) {
+// which terms are attention outputs to split by head as well. The targets' unembedding rows are read from the
+// model file (model_path) now, not from the weight in the graph: see rows.c.
+int pi_set_attribution(struct pi_state * st, const char * model_path, const char ** names, const int32_t * layers,
+                       const bool * by_head, int32_t n_terms, const int32_t * targets, int32_t n_targets) {
     pi_attr_free(st);
+    if (n_targets < 1) {
+        return pi_fail(st, "no target tokens");
+    }
+    // llama.cpp's unembedding: output.weight, or the token embedding when the model ties them
+    const char * of = "output.weight";
+    int64_t n_embd = 0;
+    float * rows = pi_read_rows(st, model_path, of, targets, n_targets, &n_embd);
+    if (rows == NULL) {
+        of = "token_embd.weight";
+        rows = pi_read_rows(st, model_path, of, targets, n_targets, &n_embd);
+    }
+    if (rows == NULL) {
+        return -1;
+    }
     struct ggml_init_params params = { ggml_tensor_overhead(), NULL, true };
-    st->attr.ctx     = ggml_init(params);
-    st->attr.targets = ggml_new_tensor_1d(st->attr.ctx, GGML_TYPE_I32, n_targets);
-    ggml_set_name(st->attr.targets, "pi_attribution_targets");
+    st->attr.ctx  = ggml_init(params);
+    st->attr.rows = ggml_new_tensor_2d(st->attr.ctx, GGML_TYPE_F32, n_embd, n_targets);
+    ggml_set_name(st->attr.rows, "pi_attribution_rows");
     st->attr.buf = ggml_backend_alloc_ctx_tensors_from_buft(st->attr.ctx, pi_layer_buft(st, -1));
     if (st->attr.buf == NULL) {
+        free(rows);
         ggml_free(st->attr.ctx);
         memset(&st->attr, 0, sizeof(st->attr));
-        return pi_fail(st, "could not allocate the attribution targets");
+        return pi_fail(st, "could not allocate the attribution's unembedding rows");
     }
-    ggml_backend_tensor_set(st->attr.targets, targets, 0, ggml_nbytes(st->attr.targets));
+    ggml_backend_tensor_set(st->attr.rows, rows, 0, ggml_nbytes(st->attr.rows));
+    free(rows);
+    snprintf(st->attr.rows_of, sizeof(st->attr.rows_of), "%s", of);
     st->attr.terms = calloc(n_terms, sizeof(struct pi_attr_term));
     for (int32_t i = 0; i < n_terms; ++i) {
         snprintf(st->attr.terms[i].name, PI_NAME_MAX, "%s", names[i]);
@@ -74,6 +92,29 @@ int pi_attribution_heads_read(struct pi_state * st, int32_t i, float * dst, int6
     }
     ggml_backend_tensor_get(term->heads, dst, 0, ggml_nbytes(term->heads));
     return 0;
+}
+
+// for every model weight `node` reads, some device reads the weight's buffer and runs `node` (the scheduler's
+// test, ggml_backend_sched_backend_from_buffer). A backend may keep a weight in a layout only some ops read (the
+// CPU's repacked blocks: its matrix product with F32 activations); where no device runs a node that reads a
+// weight, ggml's scheduler aborts the process.
+bool pi_weights_run(const struct ggml_tensor * node) {
+    for (int i = 0; i < GGML_MAX_SRC; ++i) {
+        const struct ggml_tensor * w = node->src[i];
+        if (w == NULL || w->buffer == NULL || ggml_backend_buffer_get_usage(w->buffer) != GGML_BACKEND_BUFFER_USAGE_WEIGHTS) {
+            continue;
+        }
+        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(w->buffer);
+        bool runs = false;
+        for (size_t d = 0; d < ggml_backend_dev_count() && !runs; ++d) {
+            ggml_backend_dev_t dev = ggml_backend_dev_get(d);
+            runs = ggml_backend_dev_supports_buft(dev, buft) && ggml_backend_dev_supports_op(dev, node);
+        }
+        if (!runs) {
+            return false;
+        }
+    }
+    return true;
 }
 
 // `heads` [n_embd, n_head, n_tokens] (each head's output through the projection) carried from the projection's
@@ -137,6 +178,11 @@ static struct ggml_tensor * pi_split_heads(struct pi_state * st, struct ggml_con
     struct ggml_tensor * apart = ggml_repeat_4d(ctx, ggml_reshape_4d(ctx, z, d, n_head, 1, n_tokens), d, n_head, n_head, n_tokens);
     apart = ggml_mul(ctx, apart, ggml_reshape_4d(ctx, st->layers[il].eye, 1, n_head, n_head, 1));
     struct ggml_tensor * out = ggml_mul_mat(ctx, mm->src[0], ggml_reshape_2d(ctx, apart, d * n_head, n_head * n_tokens));
+    if (!pi_weights_run(out)) {
+        st->attr.failed = "per-head logit attribution: no backend multiplies the heads by the attention output "
+                          "projection in the buffer that holds it";
+        return NULL;
+    }
     out = ggml_reshape_3d(ctx, out, out->ne[0], n_head, n_tokens);
     return pi_heads_replay(ctx, term, mm, out);
 }
@@ -155,8 +201,13 @@ void pi_build_attr(struct pi_state * st, struct ggml_context * ctx, struct ggml_
     }
     float eps;
     memcpy(&eps, normed->src[0]->op_params, sizeof(float));
+    if (strcmp(mm->src[0]->name, attr->rows_of) != 0 || mm->src[0]->ne[0] != attr->rows->ne[0]) {
+        attr->failed = "logit attribution: the unembedding in the graph is not the model file's output.weight "
+                       "(or token_embd.weight when tied)";
+        return;
+    }
     struct ggml_tensor * weight = normed->src[1];
-    struct ggml_tensor * rows   = ggml_get_rows(ctx, mm->src[0], attr->targets); // [n_embd, n_targets]
+    struct ggml_tensor * rows   = attr->rows; // [n_embd, n_targets]
     struct ggml_tensor * rms    = ggml_sqrt(ctx, ggml_scale_bias(ctx, ggml_mean(ctx, ggml_sqr(ctx, st->final_in)), 1.0f, eps));
     for (int32_t i = 0; i < attr->n_terms; ++i) {
         struct pi_attr_term * term = &attr->terms[i];

@@ -94,9 +94,10 @@ struct pi_attr_term {
 struct pi_attr {
     struct pi_attr_term * terms;
     int32_t n_terms;
-    struct ggml_context * ctx;      // owns targets
+    struct ggml_context * ctx;      // owns rows
     ggml_backend_buffer_t buf;      // on the output device
-    struct ggml_tensor * targets;   // [n_targets] I32 token ids
+    struct ggml_tensor * rows;      // [n_embd, n_targets] F32 the targets' unembedding rows, read from the model file
+    char rows_of[PI_NAME_MAX];      // the matrix they are rows of (output.weight, or token_embd.weight when tied)
     const char * failed;            // why the attribution could not be built (NULL: it was)
 };
 
@@ -209,7 +210,12 @@ extern const char * PI_NO_ROOM;
 
 // attribution.c
 void pi_attr_free(struct pi_state * st);
+bool pi_weights_run(const struct ggml_tensor * node);
 void pi_build_attr(struct pi_state * st, struct ggml_context * ctx, struct ggml_cgraph * gf, struct ggml_tensor * out);
+
+// rows.c
+float * pi_read_rows(struct pi_state * st, const char * path, const char * name, const int32_t * ids, int32_t n_ids,
+                     int64_t * width);
 
 // sae.c
 void pi_saes_free(struct pi_state * st);

@@ -80,8 +80,8 @@ PI_API int     pi_sae_read  (struct pi_state * st, int32_t i, int32_t * ids, flo
 PI_API int  pi_set_lens        (struct pi_state * st, const char * name, bool norm, int32_t k);
 PI_API int  pi_set_lens_targets(struct pi_state * st, const int32_t * targets, int32_t n_targets,
                                 const int32_t * positions, int32_t n_positions);
-PI_API int  pi_set_attribution (struct pi_state * st, const char ** names, const int32_t * layers, const bool * by_head,
-                                int32_t n_terms, const int32_t * targets, int32_t n_targets);
+PI_API int  pi_set_attribution (struct pi_state * st, const char * model_path, const char ** names, const int32_t * layers,
+                                const bool * by_head, int32_t n_terms, const int32_t * targets, int32_t n_targets);
 PI_API void pi_set_record      (struct pi_state * st, bool record);
 
 // decoding (decode.c): n_seq sequences one after the other in tokens, sequence i of n_tokens[i] tokens at
