@@ -13,6 +13,18 @@
 #include <limits.h>
 #include <sys/types.h>
 
+#ifndef PATH_MAX
+#define PATH_MAX 4096
+#endif
+
+#ifdef _WIN32
+#define pi_off_t  __int64
+#define pi_fseek  _fseeki64
+#else
+#define pi_off_t  off_t
+#define pi_fseek  fseeko
+#endif
+
 // the file of the split model `path` (its first part) that holds tensor `name`: its gguf context and metadata
 // context (shapes), or NULL when no part has it; *part: the part's path
 static struct gguf_context * pi_gguf_find(const char * path, const char * name, struct ggml_context ** meta,
@@ -62,7 +74,7 @@ float * pi_read_rows(struct pi_state * st, const char * path, const char * name,
     const struct ggml_tensor * t = ggml_get_tensor(meta, name);
     const struct ggml_type_traits * traits = ggml_get_type_traits(t->type);
     const size_t row_size = ggml_row_size(t->type, t->ne[0]);
-    const off_t start = (off_t) (gguf_get_data_offset(g) + gguf_get_tensor_offset(g, gguf_find_tensor(g, name)));
+    const pi_off_t start = (pi_off_t) (gguf_get_data_offset(g) + gguf_get_tensor_offset(g, gguf_find_tensor(g, name)));
     float * rows = NULL;
     void * raw = NULL;
     FILE * f = NULL;
@@ -82,7 +94,7 @@ float * pi_read_rows(struct pi_state * st, const char * path, const char * name,
     bool ok = f != NULL;
     for (int32_t i = 0; ok && i < n_ids; ++i) {
         float * dst = rows + (size_t) i * t->ne[0];
-        ok = fseeko(f, start + (off_t) ids[i] * (off_t) row_size, SEEK_SET) == 0 && fread(raw, 1, row_size, f) == row_size;
+        ok = pi_fseek(f, start + (pi_off_t) ids[i] * (pi_off_t) row_size, SEEK_SET) == 0 && fread(raw, 1, row_size, f) == row_size;
         if (ok && t->type == GGML_TYPE_F32) {
             memcpy(dst, raw, row_size);
         } else if (ok) {
