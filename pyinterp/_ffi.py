@@ -193,7 +193,10 @@ def _load():
         raise NativeLibraryError(f"pyinterp's native library is missing ({path}); install pyinterp with `pip install .`")
     _share_cuda_runtime()
     _cuda_sums_in_f32()
-    return ffi.dlopen(str(path))
+    try:
+        return ffi.dlopen(str(path))
+    except OSError as e:  # a partial or mismatched install: the dynamic linker's own message, on one line
+        raise NativeLibraryError(f"cannot load {path}: {str(e).split('.  Additionally')[0]}") from None
 
 
 lib = _load()

@@ -97,11 +97,21 @@ class Planner:
 
     def _alias(self, spec: str) -> str:
         """A TransformerLens hook name as the llama.cpp name it stands for: ``"blocks.5.hook_resid_post"`` ->
-        ``"l_out-5"``, ``"attn.hook_pattern"`` -> ``"attn_scores"``; any other spec as it is."""
+        ``"l_out-5"``, ``"attn.hook_pattern"`` -> ``"attn_scores"``, ``"blocks.5.hook_resid_pre"`` -> ``"l_out-4"``
+        (block 0's: the embedding); any other spec as it is."""
         m = _TL_BLOCK.match(spec)
+        if m and m.group("hook") == "hook_resid_pre" and "hook_embed" in self.aliases:
+            layer = int(m.group("layer"))
+            return self.aliases["hook_embed"] if layer == 0 else f"{self.aliases['hook_resid_post']}-{layer - 1}"
         if m and m.group("hook") in self.aliases:
             return f"{self.aliases[m.group('hook')]}-{m.group('layer')}"
         return self.aliases.get(spec, spec)
+
+    def key(self, spec: str) -> tuple[str, int]:
+        """The ``(name, layer)`` key a capture spec stands for, aliases resolved: ``"blocks.5.hook_resid_post"``
+        and ``"l_out-5"`` -> ``("l_out", 5)``; a name outside the layers (``"embd"``) -> ``(name, -1)``."""
+        name, layer = split_name(self._alias(spec))
+        return name, -1 if layer is None else layer
 
     def attention_layer(self, layer: int, what: str) -> int:
         """A layer that has attention heads: the graph names their output ``kqv_heads`` on that layer (hybrid

@@ -358,7 +358,7 @@ class Model:
         every = [*legacy_interventions(ablate, isolate, patch), *interventions]
         done = self._forward(ids, every, capture, rows="all" if logits == "all" else "last")
         out = None if logits is None else done.logits[-1:] if logits == "last" else done.logits
-        return Trace(ids, out, done.captured, [self.token_str(t) for t in ids])
+        return Trace(ids, out, done.captured, [self.token_str(t) for t in ids], resolve=self._planner().key)
 
     def generate(self, prompt: str | Sequence[int], n: int, *, temp: float = 0.0, seed: int | None = None,
                  ablate: Iterable[Head] = (), isolate: Head | None = None, patch: Iterable[Patch] = (),

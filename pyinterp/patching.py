@@ -55,12 +55,22 @@ class Metric:
 
     def bind(self, model: Model) -> MetricFn:
         """The metric as a function of the last token's logits ``[n_vocab] -> float``."""
-        ids = [resolve_target(model, t) for t in self.tokens]
+        return Metric(self.kind, tuple(resolve_target(model, t) for t in self.tokens))
+
+    def __call__(self, logits: np.ndarray) -> float:
+        """The metric of the last token's logits ``[n_vocab]``, for a metric named by token ids (text needs a
+        model to resolve it: :meth:`bind`)."""
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in self.tokens):
+            raise InputError(f"{self.kind}{self.tokens!r} names tokens by text: bind it to a model first "
+                             f"(metric.bind(model)), or name the tokens by id")
+        logits = np.asarray(logits).reshape(-1)
+        for t in self.tokens:
+            if not 0 <= t < logits.shape[0]:
+                raise InputError(f"{self.kind}: token id {t} out of range ({logits.shape[0]} logits)")
         if self.kind == "logit_diff":
-            good, bad = ids
-            return lambda logits: float(logits[good]) - float(logits[bad])
-        (target,) = ids
-        return lambda logits: float(np.exp(_log_softmax(logits)[target]))
+            good, bad = self.tokens
+            return float(logits[good]) - float(logits[bad])
+        return float(np.exp(_log_softmax(logits)[self.tokens[0]]))
 
     def describe(self, model: Model) -> str:
         """The metric in words, e.g. ``logit(' Paris') - logit(' Rome')``."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import PyinterpError
+from .hooks import split_name
 
 
 @dataclass
@@ -24,14 +26,20 @@ class Trace:
     logits: np.ndarray | None
     captured: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     token_strs: list[str] = field(default_factory=list)
+    # a name as run(capture=...) takes it -> its (name, layer) key (the model's aliases: TransformerLens names)
+    resolve: Callable[[str], tuple[str, int]] | None = field(default=None, repr=False, compare=False)
 
     def __getitem__(self, key: tuple[str, int] | str) -> np.ndarray:
-        """``trace["l_out", 5]`` or ``trace["l_out-5"]``."""
+        """``trace["l_out", 5]``, ``trace["l_out-5"]`` or any name ``capture`` took: ``trace["blocks.5.hook_resid_post"]``."""
         if isinstance(key, str):
-            from .hooks import split_name
-
-            name, layer = split_name(key)
-            key = (name, -1 if layer is None else layer)
+            if self.resolve is not None:
+                key = self.resolve(key)
+            else:
+                name, layer = split_name(key)
+                key = (name, -1 if layer is None else layer)
+        elif isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], str) and self.resolve is not None:
+            name, layer = self.resolve(key[0])
+            key = (name, key[1]) if layer == -1 else (name, layer)
         if key not in self.captured:
             name, layer = key
             label = name if layer < 0 else f"{name}-{layer}"
