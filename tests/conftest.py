@@ -32,6 +32,15 @@ def gemma3():
 
 
 @pytest.fixture(scope="session")
+def fresh_logits():
+    """prompt -> its logits from a SmolLM2 loaded apart from the shared one, on which no intervention was ever set:
+    what "nothing was left behind" on the shared model is compared with."""
+    with pyinterp.Model("smollm2", n_ctx=512) as model:
+        cache: dict[str, np.ndarray] = {}
+        yield lambda prompt: cache.setdefault(prompt, model.run(prompt).logits)
+
+
+@pytest.fixture(scope="session")
 def ref_smollm2():
     from reference import Reference
 

@@ -118,7 +118,7 @@ def test_patch_other_tensors(smollm2):
     np.testing.assert_allclose(t["l_out", 4][2], t["l_out", 3][2], atol=1e-5)
 
 
-def test_context_managers_and_generate(smollm2):
+def test_context_managers_and_generate(smollm2, fresh_logits):
     m = smollm2
     heads = [(il, h) for il in range(0, 12) for h in range(m.n_head)]
     ablated_run = m.run(PROMPT, ablate=heads)
@@ -132,17 +132,18 @@ def test_context_managers_and_generate(smollm2):
     full = m.run(ids, ablate=heads).logits
     n = len(gen.prompt_tokens)
     assert [int(t) for t in np.argmax(full[n - 1:-1], axis=-1)] == gen.tokens
-    # and it is gone after the block
-    np.testing.assert_array_equal(m.run(PROMPT).logits, smollm2.run(PROMPT).logits)
+    # and it is gone after the block: a fresh model's logits
+    np.testing.assert_array_equal(m.run(PROMPT).logits, fresh_logits(PROMPT))
     assert not np.array_equal(m.run(PROMPT).logits, ablated_run.logits)
 
 
-def test_isolated_and_patched_context_managers(smollm2):
+def test_isolated_and_patched_context_managers(smollm2, fresh_logits):
     m = smollm2
+    want = m.run(PROMPT, isolate=(5, 2)).logits
+    assert not np.array_equal(want, fresh_logits(PROMPT))
     with m.isolated(5, 2):
-        np.testing.assert_array_equal(m.run(PROMPT).logits, m.run(PROMPT, ablate=[]).logits)
-        iso = m.run(PROMPT).logits
-    np.testing.assert_array_equal(iso, m.run(PROMPT, isolate=(5, 2)).logits)
+        np.testing.assert_array_equal(m.run(PROMPT).logits, want)
+    np.testing.assert_array_equal(m.run(PROMPT).logits, fresh_logits(PROMPT))
     row = np.zeros(m.n_embd, dtype=np.float32)
     with m.patched([("l_out", 3, 1, row)]):
         p = m.run(PROMPT, capture=["l_out-3"])
@@ -163,11 +164,11 @@ def test_isolated_and_patched_context_managers(smollm2):
     (dict(patch=[("l_out", 3, 0, np.full(576, np.nan))]), "NaN"),
     (dict(patch=[("bogus", 3, 0, np.zeros(576))]), "unknown tensor name"),
 ])
-def test_bad_interventions(smollm2, kwargs, message):
+def test_bad_interventions(smollm2, fresh_logits, kwargs, message):
     with pytest.raises(PyinterpError, match=message):
         smollm2.run(PROMPT, **kwargs)
-    # a failed call leaves no intervention behind
-    np.testing.assert_array_equal(smollm2.run("Hi").logits, smollm2.run("Hi").logits)
+    # a failed call leaves no intervention behind: the shared model gives a fresh model's logits
+    np.testing.assert_array_equal(smollm2.run("Hi").logits, fresh_logits("Hi"))
 
 
 def test_gemma_names(gemma3):
