@@ -202,6 +202,7 @@ DRAW_PATH = "attention.png"
               help="Sampling seed; -1 = random.")
 @click.option("--temp", default=0.0, show_default=True, callback=temp_option,
               help="Sampling temperature; 0 (or less) = greedy.")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating after an end-of-generation token.")
 @click.option("--ll", "--logit-lens", "lens_name", default=None, metavar="NAME",
               help="Logit lens of tensor NAME (l_out, attn_out, ffn_out, ...) at every layer, or NAME-LAYER at one; "
                    "'embd' = the embedding; 'all' = every residual-stream term (embedding, attention, FFN, l_out).")
@@ -257,7 +258,7 @@ DRAW_PATH = "attention.png"
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=show_version,
               help="Show the version, the llama.cpp source, patches and backends, and exit.")
 @click.pass_context
-def cli(ctx, model_opts, prompt, prompt_file, escape, n_predict, seed, temp, lens_name, ll_topk, norm_lens, ll_png, target_specs, ll_layers,
+def cli(ctx, model_opts, prompt, prompt_file, escape, n_predict, seed, temp, ignore_eos, lens_name, ll_topk, norm_lens, ll_png, target_specs, ll_layers,
         ll_pos, target_png, attribute, attr_png, csv_path, decimals, draw, draw_path, draw_layers, ablate_spec, isolate,
         saves, loads, patch_specs, patch_avg, cvec_files, cvec_scaled, cvec_range, print_cgraph, as_json):
     """Run a GGUF model and look inside: logit lens, attention pictures, head ablation, activation patching."""
@@ -382,8 +383,8 @@ def cli(ctx, model_opts, prompt, prompt_file, escape, n_predict, seed, temp, len
             if not as_json:
                 click.echo(prompt, nl=False)
             with progress(n_predict if as_json else 0, "generating") as bar:  # the text streams, or a bar
-                gen = stream_generation(model, ids, n_predict, temp=temp, seed=seed, echo=not as_json,
-                                        on_token=bar and (lambda _: bar.update(1)))
+                gen = stream_generation(model, ids, n_predict, temp=temp, seed=seed, stop_at_eog=not ignore_eos,
+                                        echo=not as_json, on_token=bar and (lambda _: bar.update(1)))
             result["generated"] = {"tokens": gen.tokens, "text": gen.text}
 
     if as_json:

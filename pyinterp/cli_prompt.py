@@ -97,8 +97,8 @@ def temp_option(ctx: click.Context, param: click.Parameter, value: float) -> flo
     return max(value, 0.0)
 
 
-def stream_generation(model: Model, ids: list[int], n: int, *, temp: float, seed: int | None, echo: bool,
-                      on_token: Callable[[int], None] | None = None) -> Generation:
+def stream_generation(model: Model, ids: list[int], n: int, *, temp: float, seed: int | None, stop_at_eog: bool = True,
+                      echo: bool, on_token: Callable[[int], None] | None = None) -> Generation:
     """Generate ``n`` tokens after ``ids`` (as :meth:`Model.generate`); with ``echo``, write the text to stdout
     as it is produced, flushed per token (an incomplete UTF-8 character waits for its last byte), and a
     newline at the end. ``on_token`` is called with each new token too."""
@@ -118,7 +118,7 @@ def stream_generation(model: Model, ids: list[int], n: int, *, temp: float, seed
             sys.stdout.flush()
             shown = len(text)
 
-    gen = model.generate(ids, n, temp=temp, seed=seed, on_token=each)
+    gen = model.generate(ids, n, temp=temp, seed=seed, stop_at_eog=stop_at_eog, on_token=each)
     if echo:
         sys.stdout.write(gen.text[shown:] + "\n")
         sys.stdout.flush()
