@@ -234,10 +234,11 @@ def test_streaming_and_ctrl_c_in_a_process():
     """The generated text comes while the process still runs; SIGINT after it stops it with exit code 130,
     no traceback, and what was printed stays printed."""
     prompt = "The capital of France is"
-    cmd = [sys.executable, "-m", "pyinterp.cli", "-p", prompt, "-n", "2000", "--ignore-eos", "-t", "1"]
+    # 8000 tokens take minutes: text printed only at the end would not come within the minute waited
+    cmd = [sys.executable, "-m", "pyinterp.cli", "-p", prompt, "-n", "8000", "-c", "8192", "--ignore-eos", "-t", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     try:
-        first = read_until(proc, prompt.encode(), 120)
+        first = read_until(proc, prompt.encode(), 60)
         assert proc.poll() is None  # still generating: the text was streamed, not printed at the end
         proc.send_signal(signal.SIGINT)
         rest, err = proc.communicate(timeout=60)
