@@ -20,10 +20,10 @@ from .fidelity import fidelity as measure
               help="Write per-layer curves of the errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
 def fidelity(model_opts, prompt, prompt_file, escape, png, as_json):
-    """Compare a quantized model with the same weights dequantized to F32, layer by layer.
+    """Compare a quantized model (-m) with the same weights dequantized to F32, layer by layer.
 
     The F32 copy is written once into the cache ($PYINTERP_CACHE, default ~/.cache/pyinterp). Both models run
-    the prompt on the default settings; per layer: l_out cosine (mean and min over positions) and relative L2
+    the prompt with the same model options; per layer: l_out cosine (mean and min over positions) and relative L2
     error, attention mean and max |diff|; then the logits' correlation, KL(fp32 || quant) and top-1 agreement.
     """
     prompt = prompt_text(prompt, prompt_file, escape)

@@ -1,7 +1,7 @@
 """Quantization fidelity: how far a quantized model's activations are from the same weights in fp32.
 
 The reference is the same GGUF with every quantized tensor dequantized to F32 (:mod:`pyinterp.dequant`,
-cached), run by pyinterp on the same graph, default settings and token ids. Both runs capture ``l_out`` and
+cached), run by pyinterp on the same graph, same settings and token ids. Both runs capture ``l_out`` and
 ``attn_scores`` of every layer; per layer the report gives, for the residual stream ``l_out``
 (``[n_tokens, n_embd]``, q quantized, f fp32):
 
@@ -164,8 +164,8 @@ def fidelity(model_or_path: Model | str | os.PathLike | None, prompt: str | Sequ
     """Compare a quantized GGUF with the same weights dequantized to F32 on ``prompt`` (text or token ids).
 
     ``model_or_path``: a GGUF path or known name (None: the default model), or a :class:`Model`, which gives
-    its path and ``n_ctx``; both sides are loaded fresh with the default settings (``n_ctx`` default 2048),
-    so they run the same graph and no intervention of the Model applies. The F32 copy is written on first
+    its path and ``n_ctx``; both sides are loaded fresh with the same settings (``n_ctx`` default 2048, the
+    others :class:`Model`'s), so they run the same graph and no intervention of the Model applies. The F32 copy is written on first
     use (see :mod:`pyinterp.dequant`); ``on_write(n, total)`` is called after each tensor with the bytes
     just written and the total (progress). Raises :class:`InputError` for a model with nothing to compare
     (every weight already F32) and for a prompt the context cannot hold, before writing anything.
