@@ -144,7 +144,10 @@ class Backend:
         return bool(lib.llama_vocab_get_add_bos(self._vocab))
 
     def tokenize(self, text: str, add_bos: bool) -> list[int]:
-        data = text.encode("utf-8")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as e:  # undecodable bytes of a command line or file name, as surrogates
+            raise InputError(f"the text to tokenize is not UTF-8 (character {e.start} is {e.object[e.start]!r})") from None
         out, n = _with_buffer("llama_token", len(data) + 8,
                               lambda buf, cap: lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add_bos, True))
         if n < 0:

@@ -1,7 +1,7 @@
 """The ``pyinterp`` command: llama-cli habits plus Llama.MIA's interpretability flags.
 
-A thin layer over the Python API. Exit codes: 0 ok, 1 runtime error, 2 usage error; errors are one
-line on stderr (``--debug`` shows the traceback).
+A thin layer over the Python API. Exit codes: 0 ok, 1 runtime error, 2 usage error, 130 interrupted
+(Ctrl-C); errors are one line on stderr (``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from .cli_cvector import cvector
 from .cli_fidelity import fidelity
 from .cli_heads import heads
 from .cli_lens import (ATTRIBUTION_HEADER, TARGET_HEADER, attribution_json, attribution_rows, next_tokens, numbered,
-                       parse_layers, parse_positions, parse_target, print_attribution, print_targets, targets_json,
+                       parse_positions, parse_target, print_attribution, print_targets, targets_json,
                        targets_rows, write_csv)
-from .cli_prompt import prompt_options, prompt_text
+from .cli_options import LAYERS_HELP, LayerList, layer_list, model_options
+from .cli_prompt import prompt_options, prompt_text, seed_option, stream_generation, temp_option
 from .cli_sae import sae
 from .cli_sweep import sweep
 from .errors import InputError, PyinterpError
@@ -81,14 +82,14 @@ def lens_targets(spec: str, arch: str) -> list[tuple[str, list[int] | None]]:
     return [(name, None if layer is None else [layer])]
 
 
-def lens_layers(model, name: str, only: list[int] | None, spec: str) -> list[int] | None:
+def lens_layers(model, name: str, only: list[int] | None, spec: LayerList) -> list[int] | None:
     """The layers ``--ll-layers`` picks for tensor ``name``; a tensor outside the layers (the embedding) keeps
     its one row."""
     if only is not None:
         raise click.UsageError("--ll NAME-LAYER and --ll-layers both choose layers; give one")
     if model.tensor_info().layers.get(name) == {-1}:
         return None
-    return parse_layers(spec, model.n_layer)
+    return spec.resolve(model.n_layer)
 
 
 def layer_labels(lens, arch: str) -> list[int | str]:
@@ -196,24 +197,14 @@ DRAW_PATH = "attention.png"
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
-@click.option("-m", "--model", "model_path", default=None, metavar="PATH",
-              help="GGUF file, or a known name (smollm2, gemma3). Default: the bundled SmolLM2.")
+@model_options
 @prompt_options
 @click.option("-n", "--n-predict", default=0, show_default=True, help="Tokens to generate; 0 = only the prompt pass.")
-@click.option("-c", "--ctx-size", default=2048, show_default=True, help="Context size (tokens).")
-@click.option("-t", "--threads", default=None, type=int, help="Threads (default: all cores).")
-@click.option("--n-gpu-layers", "-ngl", default=None, type=int,
-              help="Layers to offload to the GPU (-1: all). Default: $PYINTERP_N_GPU_LAYERS, else 0.")
-@click.option("-fa", "--flash-attn", type=click.Choice(["on", "off", "auto"]), default="off", show_default=True,
-              help="Flash attention. pyinterp's default runs the explicit attention path on every layer (faithful).")
-@click.option("-ctk", "--cache-type-k", default="f32", show_default=True, metavar="TYPE",
-              help="KV cache type for K (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1).")
-@click.option("-ctv", "--cache-type-v", default="f32", show_default=True, metavar="TYPE",
-              help="KV cache type for V (quantized types need flash attention).")
-@click.option("--rpc", default=None, metavar="HOST:PORT",
-              help="Offload the --n-gpu-layers layers to a ggml RPC server (python -m pyinterp.rpc).")
-@click.option("--seed", default=None, type=int, help="Sampling seed.")
-@click.option("--temp", default=0.0, show_default=True, help="Sampling temperature; 0 = greedy.")
+@click.option("--seed", default=-1, show_default=True, type=int, callback=seed_option,
+              help="Sampling seed; -1 = random.")
+@click.option("--temp", default=0.0, show_default=True, callback=temp_option,
+              help="Sampling temperature; 0 (or less) = greedy.")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating after an end-of-generation token.")
 @click.option("--ll", "--logit-lens", "lens_name", default=None, metavar="NAME",
               help="Logit lens of tensor NAME (l_out, attn_out, ffn_out, ...) at every layer, or NAME-LAYER at one; "
                    "'embd' = the embedding; 'all' = every residual-stream term (embedding, attention, FFN, l_out).")
@@ -225,8 +216,8 @@ DRAW_PATH = "attention.png"
 @click.option("--target", "target_specs", multiple=True, metavar="TOKEN",
               help="Probability and rank of TOKEN (text, tokenized as given, or an integer id) at every layer, "
                    "under the --ll tensor's lens (default l_out); repeatable.")
-@click.option("--ll-layers", default=None, metavar="LIST",
-              help="Layers for --ll/--target: indices (negative from the end), 'last', depth fractions (0,1/6,1/2).")
+@click.option("--ll-layers", default=None, metavar="LIST", callback=layer_list,
+              help=f"Layers for --ll/--target: {LAYERS_HELP}.")
 @click.option("--ll-pos", default=None, metavar="LIST",
               help="Token positions (negative from the end) for --ll (default all), --target and --attribute "
                    "(default the last).")
@@ -245,7 +236,8 @@ DRAW_PATH = "attention.png"
               help=f"Draw the attention of every layer (a grid of heads per PNG) to PATH-L<layer>.png "
                    f"(PATH default {DRAW_PATH}).")
 @click.option("--draw-path", default=None, metavar="PATH", help="Same as --draw PATH.")
-@click.option("--draw-layers", default=None, metavar="LIST", help="Layers to draw (comma list; default all).")
+@click.option("--draw-layers", default=None, metavar="LIST", callback=layer_list,
+              help="Layers to draw, as --ll-layers (default all).")
 @click.option("-a", "--ablate", "ablate_spec", default=None, metavar="LIST",
               help="Ablate heads: global indices layer*n_head+head and/or LAYER:HEAD pairs, comma separated.")
 @click.option("-s", "--select", "isolate", type=(int, int), default=None, metavar="LAYER INDEX",
@@ -265,19 +257,14 @@ DRAW_PATH = "attention.png"
               help="Layers the control vectors apply to, inclusive (0 or less: the default, 1 and the last layer).")
 @click.option("--print-cgraph", is_flag=True, help="Print every node of the graph: name, op, type, shape, sources.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output of everything asked for.")
-@click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
-@click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=show_version,
               help="Show the version, the llama.cpp source, patches and backends, and exit.")
 @click.pass_context
-def cli(ctx, model_path, prompt, prompt_file, escape, n_predict, ctx_size, threads, n_gpu_layers, flash_attn,
-        cache_type_k, cache_type_v, rpc, seed, temp, lens_name, ll_topk, norm_lens, ll_png, target_specs, ll_layers,
+def cli(ctx, model_opts, prompt, prompt_file, escape, n_predict, seed, temp, ignore_eos, lens_name, ll_topk, norm_lens, ll_png, target_specs, ll_layers,
         ll_pos, target_png, attribute, attr_png, csv_path, decimals, draw, draw_path, draw_layers, ablate_spec, isolate,
-        saves, loads, patch_specs, patch_avg, cvec_files, cvec_scaled, cvec_range, print_cgraph, as_json, verbose,
-        debug):
+        saves, loads, patch_specs, patch_avg, cvec_files, cvec_scaled, cvec_range, print_cgraph, as_json):
     """Run a GGUF model and look inside: logit lens, attention pictures, head ablation, activation patching."""
     from .attention import draw_attention
-    from .model import Model
 
     prompt = prompt_text(prompt, prompt_file, escape)
     if n_predict < 0:
@@ -316,21 +303,15 @@ def cli(ctx, model_path, prompt, prompt_file, escape, n_predict, ctx_size, threa
     cvec: ControlVector | None = combine(cvec_files) if cvec_files else None
 
     result: dict = {}
-    flash = {"on": True, "off": False, "auto": None}[flash_attn]
-    with Model(model_path, n_ctx=ctx_size, n_threads=threads, n_gpu_layers=n_gpu_layers, flash_attn=flash,
-               type_k=cache_type_k, type_v=cache_type_v, rpc=rpc, verbose=verbose) as model:
+    with contextlib.ExitStack() as stack:
+        model = stack.enter_context(model_opts.open())
         ids = model.prompt_ids(prompt)
         ablate = parse_heads(ablate_spec, model.n_layer, model.n_head) if ablate_spec else []
         patches = []
         for action in actions:
             width = model.tensor_info().shapes.get(action.name, (model.n_embd,))[0]
             patches += action.patches(width, len(ids))
-        layers = list(range(model.n_layer))
-        if draw_layers:
-            try:
-                layers = [int(x) for x in draw_layers.split(",")]
-            except ValueError:
-                raise click.BadParameter(f"{draw_layers!r} is not a comma list of layers", param_hint="--draw-layers") from None
+        layers = draw_layers.resolve(model.n_layer) if draw_layers is not None else list(range(model.n_layer))
         capture = [f"{n}-{il}" for (n, il), _ in saves]
         if draw is not None:
             capture += [f"attn_scores-{il}" for il in layers]
@@ -338,45 +319,39 @@ def cli(ctx, model_path, prompt, prompt_file, escape, n_predict, ctx_size, threa
         result["model"] = {"path": str(model.path), "arch": model.arch, "n_layer": model.n_layer,
                            "n_head": model.n_head, "n_embd": model.n_embd}
         result["prompt_tokens"] = [{"id": t, "str": model.token_str(t)} for t in ids]
-        with contextlib.ExitStack() as interventions:  # on for every pass below
-            interventions.enter_context(model.ablated(ablate))
-            interventions.enter_context(model.patched(patches))
-            if isolate is not None:
-                interventions.enter_context(model.isolated(*isolate))
-            if cvec is not None:
-                start, end = steering_range(cvec_range, model.n_layer)
-                interventions.enter_context(steered(model, cvec, layers=(start, end)))
-                result["control_vector"] = {"files": [{"file": f, "scale": k} for f, k in cvec_files],
-                                            "layers": list(cvec.layers), "layer_range": [start, end]}
-            trace = model.run(ids, capture=capture)
-            if print_cgraph:
-                result["cgraph"] = model.graph(ids, capture=capture)
-            positions = parse_positions(ll_pos) if ll_pos is not None else None
-            lensed = lens_targets(lens_name or "l_out", model.arch)
-            if ll_layers is not None:
-                lensed = [(name, lens_layers(model, name, only, ll_layers)) for name, only in lensed]
-            if lens_name is not None:
-                lenses = [model.logit_lens(ids, tensor=name, layers=only, top_k=ll_topk, norm=norm_lens, positions=positions)
-                          for name, only in lensed]
-                result["lensed"] = [lens.tensor for lens in lenses]
-                result["logit_lens"] = [lens_json(lens, model.arch) for lens in lenses]
-            targets = [parse_target(model, spec) for spec in target_specs]
-            if targets:
-                target_lenses = [model.logit_lens(ids, tensor=name, layers=only, top_k=1, norm=norm_lens,
-                                                  targets=[t for t, _ in targets], positions=positions or [-1])
-                                 for name, only in lensed]
-                result["target_lens"] = [targets_json(lens, layer_labels(lens, model.arch)) for lens in target_lenses]
-            attributed = []
-            if attributing:
-                target = parse_target(model, attribute)[0] if attribute else None
-                attributed = [model.logit_attribution(ids, target, position) for position in positions or [-1]]
-                result["attribution"] = [attribution_json(a, model.token_str(ids[a.position])) for a in attributed]
-            if n_predict > 0:
-                with progress(n_predict, "generating") as bar:
-                    gen = model.generate(ids, n_predict, temp=temp, seed=seed,
-                                         on_token=bar and (lambda _: bar.update(1)))
-                result["generated"] = {"tokens": gen.tokens, "text": gen.text}
-
+        # the interventions: on for every pass and the generation below
+        stack.enter_context(model.ablated(ablate))
+        stack.enter_context(model.patched(patches))
+        if isolate is not None:
+            stack.enter_context(model.isolated(*isolate))
+        if cvec is not None:
+            start, end = steering_range(cvec_range, model.n_layer)
+            stack.enter_context(steered(model, cvec, layers=(start, end)))
+            result["control_vector"] = {"files": [{"file": f, "scale": k} for f, k in cvec_files],
+                                        "layers": list(cvec.layers), "layer_range": [start, end]}
+        trace = model.run(ids, capture=capture)
+        if print_cgraph:
+            result["cgraph"] = model.graph(ids, capture=capture)
+        positions = parse_positions(ll_pos) if ll_pos is not None else None
+        lensed = lens_targets(lens_name or "l_out", model.arch)
+        if ll_layers is not None:
+            lensed = [(name, lens_layers(model, name, only, ll_layers)) for name, only in lensed]
+        if lens_name is not None:
+            lenses = [model.logit_lens(ids, tensor=name, layers=only, top_k=ll_topk, norm=norm_lens, positions=positions)
+                      for name, only in lensed]
+            result["lensed"] = [lens.tensor for lens in lenses]
+            result["logit_lens"] = [lens_json(lens, model.arch) for lens in lenses]
+        targets = [parse_target(model, spec) for spec in target_specs]
+        if targets:
+            target_lenses = [model.logit_lens(ids, tensor=name, layers=only, top_k=1, norm=norm_lens,
+                                              targets=[t for t, _ in targets], positions=positions or [-1])
+                             for name, only in lensed]
+            result["target_lens"] = [targets_json(lens, layer_labels(lens, model.arch)) for lens in target_lenses]
+        attributed = []
+        if attributing:
+            target = parse_target(model, attribute)[0] if attribute else None
+            attributed = [model.logit_attribution(ids, target, position) for position in positions or [-1]]
+            result["attribution"] = [attribution_json(a, model.token_str(ids[a.position])) for a in attributed]
         files = []
         for (name, il), path in saves:
             files.append(str(save_tensor(path, trace[name, il], f"{name}-{il}")))
@@ -403,32 +378,45 @@ def cli(ctx, model_path, prompt, prompt_file, escape, n_predict, ctx_size, threa
                 files += [str(p) for p in draw_attention(trace, draw, layers, on_layer=bar and (lambda _: bar.update(1)))]
         result["files"] = files
         result["next_token"] = next_tokens(model, trace.logits[-1], 5)
+        if not as_json:
+            print_report(result, lenses if lens_name is not None else [], targets,
+                         target_lenses if targets else [], attributed, ll_topk, decimals)
+        if n_predict > 0:
+            if not as_json:
+                click.echo(prompt, nl=False)
+            with progress(n_predict if as_json else 0, "generating") as bar:  # the text streams, or a bar
+                gen = stream_generation(model, ids, n_predict, temp=temp, seed=seed, stop_at_eog=not ignore_eos,
+                                        echo=not as_json, on_token=bar and (lambda _: bar.update(1)))
+            result["generated"] = {"tokens": gen.tokens, "text": gen.text}
 
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False, indent=1))
         return
-    if print_cgraph:
-        click.echo("\n".join(result["cgraph"]))
-    for _, line in targets:
-        click.echo(line)
-    if lens_name is not None:
-        if len(lenses) > 1:
-            click.echo(f"lensed: {', '.join(result['lensed'])}\n")
-        for lens in lenses:
-            print_lens(lens, ll_topk, model.arch, decimals)
-    if targets:
-        click.echo("")
-        for lens in target_lenses:
-            print_targets(lens, layer_labels(lens, model.arch), decimals)
-    for a in attributed:
-        print_attribution(a, result["prompt_tokens"][a.position]["str"], decimals)
-    if "generated" in result:
-        click.echo(prompt + result["generated"]["text"])
-    else:
+    if "generated" not in result:
         tops = ", ".join(f"{t['str']!r} {t['p']:.{decimals}f}" for t in result["next_token"])
         click.echo(f"next token: {tops}")
     for path in files:
         click.echo(f"wrote {path}")
+
+
+def print_report(result: dict, lenses: list, targets: list[tuple[int, str]], target_lenses: list, attributed: list,
+                 top_k: int, decimals: int) -> None:
+    """The analyses as text, in the order the options list them (the generated text and files come after)."""
+    arch = result["model"]["arch"]
+    if "cgraph" in result:
+        click.echo("\n".join(result["cgraph"]))
+    for _, line in targets:
+        click.echo(line)
+    if len(lenses) > 1:
+        click.echo(f"lensed: {', '.join(result['lensed'])}\n")
+    for lens in lenses:
+        print_lens(lens, top_k, arch, decimals)
+    if targets:
+        click.echo("")
+        for lens in target_lenses:
+            print_targets(lens, layer_labels(lens, arch), decimals)
+    for a in attributed:
+        print_attribution(a, result["prompt_tokens"][a.position]["str"], decimals)
 
 
 def subcommands() -> dict[str, click.Command]:
@@ -438,6 +426,14 @@ def subcommands() -> dict[str, click.Command]:
 
 cli.epilog = ("More commands, each with its own --help: "
               + ", ".join(f"pyinterp {name}" for name in sorted(subcommands())) + ".")
+
+
+def interrupted() -> int:
+    """Ctrl-C: flush what was printed, say so on stderr, and exit as a shell does after SIGINT (130)."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+    click.echo("pyinterp: interrupted", err=True)
+    return 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -463,9 +459,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         click.echo(f"pyinterp: error: {e}", err=True)
         return 1
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:
+        if isinstance(e.__cause__, KeyboardInterrupt):  # Ctrl-C: what was printed stays, no traceback
+            return interrupted()
         click.echo("pyinterp: aborted", err=True)
         return 1
+    except KeyboardInterrupt:  # outside click's own handler (argument parsing)
+        return interrupted()
     except Exception as e:  # a bug: still one line, unless --debug
         if debug:
             raise

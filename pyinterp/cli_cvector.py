@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from .cli_options import model_options
 from .cli_prompt import process_escapes
 from .errors import InputError
 from .steering import METHODS, TOKENS, contrastive
@@ -26,8 +27,7 @@ def read_prompts(path: str) -> list[str]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("-m", "--model", "model_path", default=None, metavar="PATH",
-              help="GGUF file, or a known name (smollm2, gemma3). Default: the bundled SmolLM2.")
+@model_options
 @click.option("--positive-file", required=True, metavar="FILE", help="Positive prompts, one per line.")
 @click.option("--negative-file", required=True, metavar="FILE", help="Negative prompts, one per line (as many).")
 @click.option("-o", "--output", default="control_vector.gguf", show_default=True, metavar="FILE",
@@ -36,13 +36,8 @@ def read_prompts(path: str) -> list[str]:
               help="mean: mean difference (CAA); pca: its first principal axis.")
 @click.option("--tokens", type=click.Choice(TOKENS), default="last", show_default=True,
               help="Compare the residual at the last token, or its mean over the tokens after BOS.")
-@click.option("-c", "--ctx-size", default=2048, show_default=True, help="Context size (tokens).")
-@click.option("-t", "--threads", default=None, type=int, help="Threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
-@click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
-@click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
-def cvector(model_path, positive_file, negative_file, output, method, tokens, ctx_size, threads, as_json, verbose,
-            debug):
+def cvector(model_opts, positive_file, negative_file, output, method, tokens, as_json):
     """Build a control vector from prompt pairs by contrastive activation addition.
 
     Line i of the positive file pairs with line i of the negative file. Direction L is the mean over
@@ -50,12 +45,11 @@ def cvector(model_path, positive_file, negative_file, output, method, tokens, ct
     llama-cli --control-vector (or pyinterp --control-vector) adds it back there.
     """
     from .cli import progress
-    from .model import Model
 
     positives, negatives = read_prompts(positive_file), read_prompts(negative_file)
     if len(positives) != len(negatives):
         raise InputError(f"{positive_file} has {len(positives)} prompts, {negative_file} {len(negatives)}: they must pair up")
-    with Model(model_path, n_ctx=ctx_size, n_threads=threads, verbose=verbose) as model:
+    with model_opts.open() as model:
         with progress(len(positives), "prompt pairs") as bar:
             cv = contrastive(model, positives, negatives, method=method, tokens=tokens,
                              on_pair=bar and (lambda _: bar.update(1)))

@@ -8,26 +8,22 @@ import sys
 
 import click
 
+from .cli_options import model_options
 from .cli_prompt import prompt_options, prompt_text
 from .fidelity import fidelity as measure
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("-m", "--model", "model_path", default=None, metavar="PATH",
-              help="Quantized GGUF file, or a known name (smollm2, gemma3). Default: the bundled SmolLM2.")
+@model_options
 @prompt_options
-@click.option("-c", "--ctx-size", default=2048, show_default=True, help="Context size (tokens).")
-@click.option("-t", "--threads", default=None, type=int, help="Threads (default: all cores).")
 @click.option("--png", default=None, type=click.Path(dir_okay=False), metavar="PATH",
               help="Write per-layer curves of the errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
-@click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
-@click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
-def fidelity(model_path, prompt, prompt_file, escape, ctx_size, threads, png, as_json, verbose, debug):
-    """Compare a quantized model with the same weights dequantized to F32, layer by layer.
+def fidelity(model_opts, prompt, prompt_file, escape, png, as_json):
+    """Compare a quantized model (-m) with the same weights dequantized to F32, layer by layer.
 
     The F32 copy is written once into the cache ($PYINTERP_CACHE, default ~/.cache/pyinterp). Both models run
-    the prompt on the default settings; per layer: l_out cosine (mean and min over positions) and relative L2
+    the prompt with the same model options; per layer: l_out cosine (mean and min over positions) and relative L2
     error, attention mean and max |diff|; then the logits' correlation, KL(fp32 || quant) and top-1 agreement.
     """
     prompt = prompt_text(prompt, prompt_file, escape)
@@ -40,7 +36,7 @@ def fidelity(model_path, prompt, prompt_file, escape, ctx_size, threads, png, as
                 bar = stack.enter_context(click.progressbar(length=total, label="writing the F32 copy", file=sys.stderr))
             bar.update(n)
 
-        report = measure(model_path, prompt, n_ctx=ctx_size, n_threads=threads, verbose=verbose,
+        report = measure(model_opts.path, prompt, **model_opts.kwargs(),
                          on_write=on_write if sys.stderr.isatty() else None)
     files = [str(report.to_png(png))] if png is not None else []
     if as_json:

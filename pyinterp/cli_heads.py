@@ -6,6 +6,7 @@ import json
 
 import click
 
+from .cli_options import model_options
 from .heads import KINDS, HeadScores, head_scores
 
 COLUMN = 20  # characters per kind in the table
@@ -21,31 +22,24 @@ def print_top(scores: HeadScores, k: int) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("-m", "--model", "model_path", default=None, metavar="PATH",
-              help="GGUF file, or a known name (smollm2, gemma3). Default: the bundled SmolLM2.")
+@model_options
 @click.option("--seq-len", default=50, show_default=True, type=click.IntRange(min=2),
               help="Random tokens per copy (the run is BOS, where the model adds one, and two copies).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the random tokens.")
 @click.option("-p", "--prompt", default=None, help="Score the heads on this text instead of random tokens.")
-@click.option("-c", "--ctx-size", default=2048, show_default=True, help="Context size (tokens).")
-@click.option("-t", "--threads", default=None, type=int, help="Threads (default: all cores).")
 @click.option("--top", "top_k", default=5, show_default=True, type=click.IntRange(min=1),
               help="Heads listed per kind.")
 @click.option("--png", default=None, type=click.Path(dir_okay=False), metavar="PATH",
               help="Write the three scores as layers x heads heatmaps.")
 @click.option("--json", "as_json", is_flag=True, help="Print every score as JSON instead of the table.")
-@click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
-@click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
-def heads(model_path, seq_len, seed, prompt, ctx_size, threads, top_k, png, as_json, verbose, debug):
+def heads(model_opts, seq_len, seed, prompt, top_k, png, as_json):
     """Score every attention head as a previous-token, duplicate-token and induction head.
 
     Scores are in 0..1: the mean attention a head puts, from each query, on the previous token, on
     earlier copies of the query's token, and on the token after an earlier copy (induction). The run
     is SEQ_LEN random tokens repeated twice, or --prompt.
     """
-    from .model import Model
-
-    with Model(model_path, n_ctx=ctx_size, n_threads=threads, verbose=verbose) as model:
+    with model_opts.open() as model:
         scores = head_scores(model, seq_len=seq_len, seed=seed, prompt=prompt)
     files = [str(scores.to_png(png))] if png is not None else []
     if as_json:

@@ -4,9 +4,7 @@ their arguments and writing their tables as text, JSON and CSV; and the next tok
 from __future__ import annotations
 
 import csv
-import math
 import re
-from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,33 +28,6 @@ def next_tokens(model: Model, logits: np.ndarray, k: int) -> list[dict]:
     p = np.exp(x - x.max())
     p /= p.sum()
     return [{"id": int(i), "str": model.token_str(int(i)), "p": float(p[i])} for i in np.argsort(-x)[:k]]
-
-
-def parse_layers(spec: str, n_layer: int) -> list[int]:
-    """``--ll-layers``: comma list of layer indices (negative from the end), ``last``, and depth fractions
-    (``1/2``, ``0.25``: layer floor(f * n_layer), 1 meaning the last); sorted, each once."""
-    layers = set()
-    for item in spec.split(","):
-        item = item.strip()
-        if item == "last":
-            layers.add(n_layer - 1)
-            continue
-        if _INT.fullmatch(item):
-            il = int(item)
-            if not -n_layer <= il < n_layer:
-                raise InputError(f"--ll-layers: layer {il} out of range (the model has {n_layer} layers: "
-                                 f"0..{n_layer - 1}, or -1 for the last)")
-            layers.add(il % n_layer)
-            continue
-        try:
-            f = Fraction(item)
-        except (ValueError, ZeroDivisionError):
-            raise click.BadParameter(f"{item!r} is neither a layer, 'last' nor a depth fraction like 1/2",
-                                     param_hint="--ll-layers") from None
-        if not 0 <= f <= 1:
-            raise click.BadParameter(f"depth fraction {item} is not in 0..1", param_hint="--ll-layers")
-        layers.add(min(math.floor(f * n_layer), n_layer - 1))
-    return sorted(layers)
 
 
 def parse_positions(spec: str) -> list[int]:

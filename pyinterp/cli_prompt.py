@@ -1,14 +1,22 @@
 """The prompt of a command, as llama-cli takes it: ``-p TEXT`` or ``-f FILE`` (one trailing newline dropped),
-escapes expanded unless ``--no-escape``."""
+escapes expanded unless ``--no-escape``; llama-cli's sampling options; the generated text, streamed."""
 
 from __future__ import annotations
 
+import math
 import re
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import click
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from .model import Generation, Model
+
+MAX_SEED = 2**32 - 1
 
 # llama-cli's escapes (common.cpp, string_process_escapes): a backslash and one byte, or \x and two hex digits
 _ESCAPE = re.compile(rb"\\(x[0-9a-fA-F]{2}|.)", re.DOTALL)
@@ -60,4 +68,58 @@ def prompt_text(prompt: str | None, prompt_file: str | None, escape: bool) -> st
         raise click.UsageError("give the prompt with exactly one of -p/--prompt and -f/--file")
     if prompt_file is not None:
         prompt = read_prompt_file(prompt_file)
-    return process_escapes(prompt) if escape else prompt
+    return process_escapes(prompt) if escape else check_utf8(prompt)
+
+
+def check_utf8(text: str, what: str = "the prompt") -> str:
+    """``text`` when it is UTF-8 text; the command line hands undecodable bytes over as surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{what} is not UTF-8 text (byte 0x{ord(e.object[e.start]) & 0xFF:02x} at character "
+                         f"{e.start})") from None
+    return text
+
+
+def seed_option(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    """``--seed`` as llama-cli reads it: -1 (its default) is a random seed, else 0..2^32-1."""
+    if value is None or value == -1:
+        return None
+    if not 0 <= value <= MAX_SEED:
+        raise click.BadParameter(f"{value} is not -1 (random) nor in 0..{MAX_SEED}", ctx, param)
+    return value
+
+
+def temp_option(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """``--temp`` as llama-cli reads it: 0 or less is greedy; NaN and infinities are errors."""
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", ctx, param)
+    return max(value, 0.0)
+
+
+def stream_generation(model: Model, ids: list[int], n: int, *, temp: float, seed: int | None, stop_at_eog: bool = True,
+                      echo: bool, on_token: Callable[[int], None] | None = None) -> Generation:
+    """Generate ``n`` tokens after ``ids`` (as :meth:`Model.generate`); with ``echo``, write the text to stdout
+    as it is produced, flushed per token (an incomplete UTF-8 character waits for its last byte), and a
+    newline at the end. ``on_token`` is called with each new token too."""
+    tokens: list[int] = []
+    shown = 0
+
+    def each(token: int) -> None:
+        nonlocal shown
+        if on_token is not None:
+            on_token(token)
+        if not echo:
+            return
+        tokens.append(token)
+        text = model.detokenize(tokens).rstrip("\ufffd")
+        if len(text) > shown:
+            sys.stdout.write(text[shown:])
+            sys.stdout.flush()
+            shown = len(text)
+
+    gen = model.generate(ids, n, temp=temp, seed=seed, stop_at_eog=stop_at_eog, on_token=each)
+    if echo:
+        sys.stdout.write(gen.text[shown:] + "\n")
+        sys.stdout.flush()
+    return gen

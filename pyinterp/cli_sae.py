@@ -10,6 +10,7 @@ import click
 import numpy as np
 
 from .cli_lens import next_tokens
+from .cli_options import model_options
 from .errors import InputError
 from .sae import SAE, SAEFeatures, sae_features, steer_features
 
@@ -92,11 +93,8 @@ def heatmap(full: SAEFeatures, top: SAEFeatures, d_sae: int, prompt: str) -> np.
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("sae_dir", metavar="SAE_DIR")
-@click.option("-m", "--model", "model_path", default=None, metavar="PATH",
-              help="GGUF file, or a known name (smollm2, gemma3). Default: the bundled SmolLM2.")
+@model_options
 @click.option("-p", "--prompt", required=True, help="Prompt text.")
-@click.option("-c", "--ctx-size", default=2048, show_default=True, help="Context size (tokens).")
-@click.option("-t", "--threads", default=None, type=int, help="Threads (default: all cores).")
 @click.option("--top", "top_k", default=5, show_default=True, type=click.IntRange(min=1),
               help="Features listed per token (at most the SAE's d_sae).")
 @click.option("--steer", "steer_specs", multiple=True, metavar="FEATURE=VALUE",
@@ -105,9 +103,7 @@ def heatmap(full: SAEFeatures, top: SAEFeatures, d_sae: int, prompt: str) -> np.
 @click.option("--png", default=None, type=click.Path(dir_okay=False), metavar="PATH",
               help="Write a features x tokens heatmap of the activations (every token's top features).")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON instead of the table.")
-@click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
-@click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
-def sae(sae_dir, model_path, prompt, ctx_size, threads, top_k, steer_specs, scale, png, as_json, verbose, debug):
+def sae(sae_dir, model_opts, prompt, top_k, steer_specs, scale, png, as_json):
     """The features of the SAE in SAE_DIR (SAELens's format: cfg.json and sae_weights.safetensors) on a prompt.
 
     Per token: the --top most active features (id:value), L0 (active features), the relative error
@@ -115,7 +111,6 @@ def sae(sae_dir, model_path, prompt, ctx_size, threads, top_k, steer_specs, scal
     names. With --steer: the last token's next-token probabilities of the plain run and of the run with
     the features edited (the SAE's error term kept, so only the edited features change).
     """
-    from .model import Model
     from .plot import save_png
 
     if scale and not steer_specs:
@@ -124,7 +119,7 @@ def sae(sae_dir, model_path, prompt, ctx_size, threads, top_k, steer_specs, scal
     if top_k > sae_.d_sae:
         raise click.BadParameter(f"{top_k} is more than the SAE's {sae_.d_sae} features", param_hint="--top")
     edits = parse_edits(steer_specs, sae_.d_sae)
-    with Model(model_path, n_ctx=ctx_size, n_threads=threads, verbose=verbose) as model:
+    with model_opts.open() as model:
         ids = model.prompt_ids(prompt)
         # the heatmap needs every feature's value at every token, not only each token's top ones
         full = sae_features(model, sae_, ids, top_k=sae_.d_sae if png is not None else top_k)

@@ -5,25 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
+
 import click
 import numpy as np
 
+from .cli_options import LAYERS_HELP, layer_list, model_options
 from .errors import PyinterpError
 from .patching import Metric, bind_metric, head_ablation_scan, head_patch_scan, logit_diff, patch_sweep, prob, run_metric
-
-
-def parse_layers(spec: str, n_layer: int) -> list[int]:
-    """``"0,3,10-12"`` -> ``[0, 3, 10, 11, 12]``, each in 0..n_layer-1."""
-    layers: list[int] = []
-    for part in spec.split(","):
-        first, _, last = part.strip().partition("-")
-        if not first.isdigit() or (last and not last.isdigit()):
-            raise click.BadParameter(f"{spec!r} is not a list of layers like 0,3,10-12", param_hint="--layers")
-        span = range(int(first), int(last or first) + 1)
-        if not span or span[-1] >= n_layer:
-            raise click.BadParameter(f"{part.strip()!r} is not a layer range within 0..{n_layer - 1}", param_hint="--layers")
-        layers.extend(span)
-    return list(dict.fromkeys(layers))
 
 
 def top_token(model, text: str) -> int:
@@ -66,8 +54,7 @@ def print_table(values: np.ndarray, layers: list[int], columns: list[str]) -> No
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("-m", "--model", "model_path", default=None, metavar="PATH",
-              help="GGUF file, or a known name (smollm2, gemma3). Default: the bundled SmolLM2.")
+@model_options
 @click.option("--clean", required=True, help="The clean prompt (its activations are patched in).")
 @click.option("--corrupt", default=None, help="The corrupted prompt (patched into); as many tokens as --clean.")
 @click.option("--heads", "heads_scan", is_flag=True,
@@ -80,17 +67,14 @@ def print_table(values: np.ndarray, layers: list[int], columns: list[str]) -> No
 @click.option("--good", default=None, metavar="TOKEN", help="Single-token text. Default: the clean prompt's top prediction.")
 @click.option("--bad", default=None, metavar="TOKEN",
               help="Single-token text. Default: the corrupted prompt's top prediction.")
-@click.option("--layers", "layer_spec", default=None, metavar="LIST", help="Layers, e.g. 0,3,10-12 (default all).")
-@click.option("-c", "--ctx-size", default=2048, show_default=True, help="Context size (tokens).")
-@click.option("-t", "--threads", default=None, type=int, help="Threads (default: all cores).")
+@click.option("--layers", "layer_spec", default=None, metavar="LIST", callback=layer_list,
+              help=f"Layers (default all): {LAYERS_HELP}.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of the table.")
 @click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False), metavar="PATH",
               help="Write the table as CSV.")
 @click.option("--png", default=None, type=click.Path(dir_okay=False), metavar="PATH", help="Write the heatmap.")
-@click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
-@click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
-def sweep(model_path, clean, corrupt, heads_scan, patch_heads, tensor, metric_kind, good, bad, layer_spec, ctx_size, threads,
-          as_json, csv_path, png, verbose, debug):
+def sweep(model_opts, clean, corrupt, heads_scan, patch_heads, tensor, metric_kind, good, bad, layer_spec, as_json,
+          csv_path, png):
     """Activation patching: for each layer and token, run --corrupt with that token's row of --tensor taken
     from the --clean run, and record the metric of the last token's logits (layers x tokens).
 
@@ -99,7 +83,6 @@ def sweep(model_path, clean, corrupt, heads_scan, patch_heads, tensor, metric_ki
     the prompt's unchanged prefix.
     """
     from .cli import progress
-    from .model import Model
     from .plot import sanitize_label, save_png, value_grid
 
     if heads_scan == (corrupt is not None):
@@ -108,8 +91,8 @@ def sweep(model_path, clean, corrupt, heads_scan, patch_heads, tensor, metric_ki
         raise click.UsageError("--tensor goes with a patching sweep of rows, not --heads or --patch-heads")
     if heads_scan and patch_heads:
         raise click.UsageError("--patch-heads patches from --corrupt; --heads ablates: choose one")
-    with Model(model_path, n_ctx=ctx_size, n_threads=threads, verbose=verbose) as model:
-        layers = parse_layers(layer_spec, model.n_layer) if layer_spec is not None else list(range(model.n_layer))
+    with model_opts.open() as model:
+        layers = layer_spec.resolve(model.n_layer) if layer_spec is not None else list(range(model.n_layer))
         metric = choose_metric(model, metric_kind, good, bad, clean, corrupt)
         fn = bind_metric(model, metric)
         clean_ids = model.prompt_ids(clean)

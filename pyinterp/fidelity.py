@@ -1,7 +1,7 @@
 """Quantization fidelity: how far a quantized model's activations are from the same weights in fp32.
 
 The reference is the same GGUF with every quantized tensor dequantized to F32 (:mod:`pyinterp.dequant`,
-cached), run by pyinterp on the same graph, default settings and token ids. Both runs capture ``l_out`` and
+cached), run by pyinterp on the same graph, same settings and token ids. Both runs capture ``l_out`` and
 ``attn_scores`` of every layer; per layer the report gives, for the residual stream ``l_out``
 (``[n_tokens, n_embd]``, q quantized, f fp32):
 
@@ -21,7 +21,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -160,28 +160,29 @@ def compare(quant: Trace, ref: Trace, model: str, types: dict[str, int], referen
 
 def fidelity(model_or_path: Model | str | os.PathLike | None, prompt: str | Sequence[int], *, n_ctx: int | None = None,
              n_threads: int | None = None, on_write: Callable[[int, int], None] | None = None,
-             verbose: bool = False) -> Fidelity:
+             verbose: bool = False, **settings: Any) -> Fidelity:
     """Compare a quantized GGUF with the same weights dequantized to F32 on ``prompt`` (text or token ids).
 
     ``model_or_path``: a GGUF path or known name (None: the default model), or a :class:`Model`, which gives
-    its path and ``n_ctx``; both sides are loaded fresh with the default settings (``n_ctx`` default 2048),
-    so they run the same graph and no intervention of the Model applies. The F32 copy is written on first
+    its path and ``n_ctx``; both sides are loaded fresh with the same settings (``n_ctx`` default 2048, the
+    others :class:`Model`'s), so they run the same graph and no intervention of the Model applies. The F32 copy is written on first
     use (see :mod:`pyinterp.dequant`); ``on_write(n, total)`` is called after each tensor with the bytes
     just written and the total (progress). Raises :class:`InputError` for a model with nothing to compare
     (every weight already F32) and for a prompt the context cannot hold, before writing anything.
-    ``verbose`` shows llama.cpp's log.
+    ``verbose`` shows llama.cpp's log. ``settings``: more :class:`Model` keyword arguments (``n_gpu_layers``,
+    ``flash_attn``, ``type_k``, ``type_v``, ``rpc``), the same for both sides.
     """
     if isinstance(model_or_path, Model):
-        path, n_ctx = model_or_path.path, n_ctx or model_or_path.n_ctx
+        path, n_ctx = model_or_path.path, model_or_path.n_ctx if n_ctx is None else n_ctx
     else:
         path = zoo.resolve(model_or_path)
-    n_ctx = n_ctx or 2048
+    n_ctx = 2048 if n_ctx is None else n_ctx
     copy = F32Copy(path)
-    with Model(path, n_ctx=n_ctx, n_threads=n_threads, verbose=verbose) as model:
+    with Model(path, n_ctx=n_ctx, n_threads=n_threads, verbose=verbose, **settings) as model:
         ids = model.prompt_ids(prompt)
         quant = model.run(ids, capture=CAPTURE)
     total = copy.nbytes
     reference = copy.write(None if on_write is None else lambda n: on_write(n, total))
-    with Model(reference, n_ctx=n_ctx, n_threads=n_threads, verbose=verbose) as model:
+    with Model(reference, n_ctx=n_ctx, n_threads=n_threads, verbose=verbose, **settings) as model:
         ref = model.run(ids, capture=CAPTURE)
     return compare(quant, ref, path.name, type_counts(copy.tensors), str(reference))

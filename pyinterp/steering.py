@@ -37,6 +37,7 @@ ARCH = "controlvector"
 DIRECTION = re.compile(r"direction\.(\d+)")
 METHODS = ("mean", "pca")
 TOKENS = ("last", "mean")
+LLAMA_MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS: no model has a layer beyond
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,6 +65,8 @@ class ControlVector:
         """A control vector from ``{layer: [n_embd] vector}``."""
         if not vectors:
             raise InputError("a control vector needs at least one layer")
+        if max(vectors) >= LLAMA_MAX_LAYERS:
+            raise InputError(f"control vector layer {max(vectors)} is beyond llama.cpp's {LLAMA_MAX_LAYERS} layers")
         n_embd = {np.asarray(v).shape for v in vectors.values()}
         if len(n_embd) != 1 or len(next(iter(n_embd))) != 1:
             raise InputError(f"control vector directions must be 1-D of one width, got shapes {sorted(n_embd)}")

@@ -187,9 +187,9 @@ def test_cli_sweep_outputs(capsys, tmp_path, tiny, tiny_path):
 @pytest.mark.parametrize("args, message", [
     (["--heads", "--corrupt", "x"], "not both"),
     ([], "not both"),
-    (["--corrupt", "abd daf", "--layers", "0-9"], "within 0..3"),
-    (["--corrupt", "abd daf", "--layers", "2-1"], "within 0..3"),
-    (["--corrupt", "abd daf", "--layers", "a"], "not a list of layers"),
+    (["--corrupt", "abd daf", "--layers", "0-9"], "--layers: layer 9 out of range (the model has 4 layers: 0..3"),
+    (["--corrupt", "abd daf", "--layers", "2-1"], "--layers: range 2-1 is empty"),
+    (["--corrupt", "abd daf", "--layers", "a"], "'a' is neither a layer, 'last' nor a depth fraction"),
     (["--corrupt", "abd daf", "--metric", "prob", "--bad", "a"], "--bad goes with"),
     (["--heads"], "needs --bad TOKEN"),
     (["--corrupt", "abd", "--good", "a", "--bad", "b"], "tokens"),
