@@ -49,17 +49,18 @@ def _fsync(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, wait: bool = True) -> Iterator[Path]:
     """Yields a temporary path for a writer that opens files itself; when the block ends normally the file is
-    fsynced and renamed to ``path`` (at the end of the enclosing :func:`together` block, if any). On any
-    error the temporary file is removed and ``path`` is untouched."""
+    fsynced and renamed to ``path``: at the end of the enclosing :func:`together` block, if any and ``wait``
+    (False: at once, for a cache that later steps read). On any error the temporary file is removed and
+    ``path`` is untouched."""
     path = Path(path)
     tmp = _reserve(path)
     try:
         yield tmp
         _fsync(tmp)
         pending = getattr(_state, "pending", None)
-        if pending is None:
+        if pending is None or not wait:
             os.replace(tmp, path)
         else:
             pending.append((tmp, path))

@@ -136,7 +136,7 @@ class F32Copy:
             return self.path
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with atomic_path(self.path) as partial:
+            with atomic_path(self.path, wait=False) as partial:  # a cache the comparison reads next
                 self._write(partial, on_bytes)
         except (ValueError, NotImplementedError, OSError) as e:
             raise PyinterpError(f"cannot write the F32 copy of {self.source.name} to {self.path}: {e}") from None

@@ -7,7 +7,7 @@ and a byte-level BPE vocabulary (gpt2 style) that llama.cpp and transformers bot
 scaled so attention is far from uniform and activations stay finite. ``llama-1b`` has Llama 3.2 1B's
 layer shapes (16 layers, n_embd 2048, 32 heads, 8 KV heads, n_ff 8192) and the same tiny vocabulary.
 
-    python scripts/tiny_gguf.py qwen2 /tmp/qwen2.gguf [--seed N] [--type q8_0|q4_0|f32]
+    python scripts/tiny_gguf.py qwen2 /tmp/qwen2.gguf [--seed N] [--type q8_0|q4_0|f32] [--nan]
     python scripts/tiny_gguf.py llama-1b /tmp/llama-1b-q4_0.gguf --type q4_0     # 30 s, 0.55 GB
 
 From Python: ``write(arch, path, seed=0, f32=False, quant="q8_0")``; ``SPECS`` lists the tiny
@@ -201,13 +201,14 @@ def _layer(t: _Weights, spec: Spec, i: int) -> None:
         t.vector(f"blk.{i}.post_ffw_norm.weight", d, 1.0, 0.1)
 
 
-def write(arch: str, path: str | Path, seed: int = 0, f32: bool = False, quant: str = "q8_0") -> Path:
+def write(arch: str, path: str | Path, seed: int = 0, f32: bool = False, quant: str = "q8_0", nan: bool = False) -> Path:
     """Write the model ``arch`` (a key of ``SPECS`` or ``BENCH_SPECS``) to ``path``; the same seed gives the
     same file.
 
     ``quant``: the matrices' type, ``"q8_0"`` or ``"q4_0"`` (norms and biases are F32).
     ``f32``: F32 matrices instead (the same weights before rounding). llama.cpp multiplies quantized matrices
     by activations it rounds to Q8_0, so only F32 weights let it agree with an fp32 reference to rounding.
+    ``nan``: the final norm's weights are NaN (a broken model, for the error it must give); the rest unchanged.
     """
     specs = SPECS | BENCH_SPECS
     if arch not in specs:
@@ -224,7 +225,7 @@ def write(arch: str, path: str | Path, seed: int = 0, f32: bool = False, quant: 
     t.matrix("token_embd.weight", n_vocab, spec.n_embd, embd_std * np.sqrt(spec.n_embd))
     for i in range(spec.n_layer):
         _layer(t, spec, i)
-    t.vector("output_norm.weight", spec.n_embd, 1.0, 0.1)
+    t.vector("output_norm.weight", spec.n_embd, np.nan if nan else 1.0, 0.1)
     if not spec.tied:
         t.matrix("output.weight", n_vocab, spec.n_embd, 4.0)
     w.write_header_to_file()
@@ -240,9 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="the GGUF file to write")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--type", choices=[*QUANTS, "f32"], default="q8_0", help="the matrices' type")
+    parser.add_argument("--nan", action="store_true", help="NaN final-norm weights (a broken model)")
     args = parser.parse_args(argv)
     f32 = args.type == "f32"
-    print(write(args.arch, args.out, args.seed, f32=f32, quant="q8_0" if f32 else args.type))
+    print(write(args.arch, args.out, args.seed, f32=f32, quant="q8_0" if f32 else args.type, nan=args.nan))
     return 0
 
 
