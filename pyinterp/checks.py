@@ -30,9 +30,10 @@ def check_int(value: object, what: str, lo: int | None = None, hi: int | None = 
     if not is_int(value):
         raise InputError(f"{what} must be an integer, got {show(value)}")
     value = int(value)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f"at least {lo}" if hi is None else f"at most {hi}" if lo is None else f"in {lo}..{hi}"
-        raise InputError(f"{what} must be {bounds}, got {value}")
+    if lo is not None and value < lo:
+        raise InputError(f"{what} must be at least {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise InputError(f"{what} must be at most {hi}, got {value}")
     return value
 
 

@@ -70,7 +70,8 @@ def scores_from_attention(attn: np.ndarray, ids: Sequence[int]) -> dict[str, np.
 def repeated_random_tokens(model: Model, seq_len: int, seed: int) -> list[int]:
     """BOS (where the model adds one), then ``seq_len`` distinct random ordinary tokens, then the same again."""
     ordinary = model.ordinary_tokens()
-    seq_len = check_int(seq_len, "seq_len", 2, len(ordinary))
+    if not 2 <= check_int(seq_len, "seq_len", None, None) <= len(ordinary):
+        raise InputError(f"seq_len must be in 2..{len(ordinary)}, got {seq_len}")
     if check_int(seed, "seed", None, None) < 0:
         raise InputError(f"seed must be >= 0, got {seed}")
     tokens = np.random.default_rng(seed).choice(ordinary, size=seq_len, replace=False).tolist()

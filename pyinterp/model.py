@@ -111,7 +111,7 @@ class Model:
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise InputError(f"a model is a GGUF path or a known name, got {show(path)}")
         n_gpu_layers = default_gpu_layers() if n_gpu_layers is None else check_int(n_gpu_layers, "n_gpu_layers", -C_INT_MAX)
-        n_ctx = check_int(n_ctx, "n_ctx", 8)
+        n_ctx = check_int(n_ctx, "n_ctx", 8, None)  # the model's training context bounds it
         n_threads = default_threads() if n_threads is None else check_int(n_threads, "n_threads", 1)
         if flash_attn is not None:
             check_bool(flash_attn, "flash_attn")
