@@ -64,13 +64,6 @@ def default_gpu_layers() -> int:
         raise InputError(f"PYINTERP_N_GPU_LAYERS must be an integer, got {value!r}") from None
 
 
-def _listed(value: object, what: str) -> list:
-    """A list-valued argument as a list: a string, a number or None is an InputError."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise InputError(f"{what} must be a list, got {show(value)}")
-    return list(value)
-
-
 def legacy_interventions(ablate: Iterable[Head] = (), isolate: Head | None = None,
                          patch: Iterable[Patch] = ()) -> list[Intervention]:
     """The ``ablate``/``isolate``/``patch`` arguments of :meth:`Model.run` as intervention objects."""
@@ -274,7 +267,7 @@ class Model:
                  capture: Iterable[str]) -> tuple[list[Op], list[Op], set[int]]:
         """The run's intervention ops (the context managers' first) and capture ops, and the layers that run
         the explicit attention path."""
-        interventions = [check_intervention(iv) for iv in _listed(interventions, "interventions")]
+        interventions = [check_intervention(iv) for iv in as_list(interventions, "interventions")]
         planner = self._planner()
         capture = [capture] if isinstance(capture, str) else as_list(capture, "capture")
         captures = list(dict.fromkeys(op for spec in capture for op in Capture(spec).ops(Target(planner, n_tokens))))
@@ -365,7 +358,7 @@ class Model:
         name, op, type, ggml shape and the sources it reads."""
         self._live()
         ids = self.prompt_ids(tokens_or_text)
-        every = [*legacy_interventions(ablate, isolate, patch), *_listed(interventions, "interventions")]
+        every = [*legacy_interventions(ablate, isolate, patch), *as_list(interventions, "interventions")]
         return self._forward(ids, every, capture, graph=True).graph
 
     def run(self, tokens_or_text: str | Sequence[int], *, capture: Iterable[str] = (), ablate: Iterable[Head] = (),
@@ -387,7 +380,7 @@ class Model:
         if logits not in ("all", "last", None):
             raise InputError(f"logits must be 'all', 'last' or None, got {logits!r}")
         ids = self.prompt_ids(tokens_or_text)
-        every = [*legacy_interventions(ablate, isolate, patch), *_listed(interventions, "interventions")]
+        every = [*legacy_interventions(ablate, isolate, patch), *as_list(interventions, "interventions")]
         done = self._forward(ids, every, capture, rows="all" if logits == "all" else "last")
         out = None if logits is None else done.logits[-1:] if logits == "last" else done.logits
         return Trace(ids, out, done.captured, [self.token_str(t) for t in ids])
@@ -412,7 +405,7 @@ class Model:
         ids = self.prompt_ids(prompt)
         if len(ids) + n > self.n_ctx:
             raise InputError(f"prompt ({len(ids)} tokens) plus {n} new tokens exceed the context of {self.n_ctx}")
-        every = [*legacy_interventions(ablate, isolate, patch), *_listed(interventions, "interventions")]
+        every = [*legacy_interventions(ablate, isolate, patch), *as_list(interventions, "interventions")]
         with self._lock:
             self._live()
             out = self._generate(ids, n, temp, np.random.default_rng(seed), every, stop_at_eog, on_token)

@@ -80,7 +80,7 @@ API_CASES = [
     ("run a 2-D id array", lambda m, p: m.run(np.array([[1, 2]])), r"must be 1-D"),
     ("run an int", lambda m, p: m.run(5), r"a prompt is a text or a list of token ids, got 5"),
     ("interventions of strings", lambda m, p: m.run("a b", interventions=["bogus"]), r"pyinterp\.interventions objects"),
-    ("interventions None", lambda m, p: m.run("a b", interventions=None), r"interventions must be a list, got None"),
+    ("interventions None", lambda m, p: m.run("a b", interventions=None), r"interventions: expected a list like \[AddVector"),
     ("generate n a float", lambda m, p: m.generate("a b", 2.5), r"n must be an integer, got 2\.5"),
     ("generate n None", lambda m, p: m.generate("a b", None), r"n must be an integer, got None"),
     ("generate temp NaN", lambda m, p: m.generate("a b", 2, temp=NAN), r"temp must be a finite number, got nan"),
