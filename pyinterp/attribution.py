@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from .arch import arch_of
+from .checks import check_bool, check_int
 from .errors import InputError, PyinterpError
 from .lens import resolve_target
 
@@ -94,7 +95,9 @@ def logit_attribution(model: Model, tokens_or_text: str | Sequence[int], target:
     """
     model._live()
     ids = model.prompt_ids(tokens_or_text)
-    if not isinstance(position, (int, np.integer)) or not -len(ids) <= position < len(ids):
+    check_int(position, "position")
+    check_bool(heads, "heads")
+    if not -len(ids) <= position < len(ids):
         raise InputError(f"position {position} out of range (the prompt has {len(ids)} tokens)")
     position = int(position) % len(ids)
     arch = arch_of(model.arch)

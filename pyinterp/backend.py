@@ -241,9 +241,14 @@ class Backend:
             raise _llama_error(f"llama_decode failed with code {ret}")
 
     def logits(self, n_rows: int) -> np.ndarray:
-        """The logits of the last decode's output rows, ``[n_rows, n_vocab]``."""
+        """The logits of the last decode's output rows, ``[n_rows, n_vocab]``; a PyinterpError when any is NaN or
+        infinite (every pass reads its logits here, so no such number reaches a result)."""
         ptr = lib.llama_get_logits(self._ctx)
-        return np.frombuffer(ffi.buffer(ptr, n_rows * self.n_vocab * 4), dtype=np.float32).reshape(n_rows, self.n_vocab).copy()
+        out = np.frombuffer(ffi.buffer(ptr, n_rows * self.n_vocab * 4), dtype=np.float32).reshape(n_rows, self.n_vocab).copy()
+        if not np.all(np.isfinite(out)):
+            raise PyinterpError("the model produced NaN/inf logits: its weights (or the values an intervention or "
+                                "control vector put in) are not finite or overflow float32")
+        return out
 
     def op_result(self, i: int, rank: int, n0: int | None = None) -> np.ndarray | None:
         """What capture op ``i`` kept in the last graph in numpy order (ggml's ``ne`` reversed, ``rank`` axes),

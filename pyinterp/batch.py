@@ -57,10 +57,17 @@ def run_variants(model: Model, prompt: str | Sequence[int], variants: Sequence[S
 
     Every variant also has the interventions of the model's context managers, as the plain run does.
     Results equal one :meth:`Model.run` per variant up to float rounding. ``on_variant`` is called once per
-    variant done (progress).
+    variant done (progress). Holds the model's lock throughout.
     """
     model._live()
     ids = model.prompt_ids(prompt)
+    with model._lock:
+        model._live()
+        return _run_locked(model, ids, variants, on_variant)
+
+
+def _run_locked(model: Model, ids: list[int], variants: Sequence[Sequence[Intervention]],
+                on_variant: Callable[[], None] | None) -> tuple[np.ndarray, np.ndarray]:
     n = len(ids)
     b = model._backend
     base_ops, _, _ = model._compile(n, [], ())

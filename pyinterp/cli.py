@@ -18,6 +18,7 @@ import numpy as np
 
 from ._backends import cpu_has_amx
 from .arch import ARCHS, arch_of
+from .atomic import together
 from .cli_cvector import cvector
 from .cli_fidelity import fidelity
 from .cli_heads import heads
@@ -445,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         command, prog = subcommands()[args[0]], f"pyinterp {args[0]}"
         args = args[1:]
     try:
-        command.main(args=args, prog_name=prog, standalone_mode=False)
+        with together():  # a command that fails writes no file
+            command.main(args=args, prog_name=prog, standalone_mode=False)
     except click.UsageError as e:
         click.echo(f"pyinterp: error: {e.format_message()}", err=True)
         return 2

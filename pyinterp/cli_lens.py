@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import click
 import numpy as np
 
+from .atomic import atomic_write
 from .errors import InputError, PyinterpError
 from .lens import resolve_target, single_token_variants
 
@@ -133,7 +134,7 @@ def attribution_rows(a: Attribution) -> list[list]:
 def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
     """Write ``rows`` under ``header``; a one-line error when the file cannot be written."""
     try:
-        with open(path, "w", newline="", encoding="utf-8") as f:
+        with atomic_write(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(header)
             writer.writerows(rows)

@@ -9,6 +9,7 @@ import json
 import click
 import numpy as np
 
+from .atomic import atomic_write
 from .cli_options import LAYERS_HELP, layer_list, model_options
 from .errors import PyinterpError
 from .patching import Metric, bind_metric, head_ablation_scan, head_patch_scan, logit_diff, patch_sweep, prob, run_metric
@@ -36,7 +37,7 @@ def choose_metric(model, kind: str, good: str | None, bad: str | None, clean: st
 def write_csv(path: str, values: np.ndarray, layers: list[int], columns: list[str]) -> None:
     """One row per layer: the layer, then one value per column (token or head)."""
     try:
-        with open(path, "w", newline="", encoding="utf-8") as f:
+        with atomic_write(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["layer", *columns])
             for label, row in zip(layers, values, strict=True):

@@ -22,6 +22,7 @@ import gguf
 import numpy as np
 
 from . import zoo
+from .atomic import atomic_path, check_complete
 from .errors import InputError, PyinterpError
 
 F32 = gguf.GGMLQuantizationType.F32
@@ -134,14 +135,11 @@ class F32Copy:
         if self.exists:
             return self.path
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.partial")
         try:
-            self._write(partial, on_bytes)
-            os.replace(partial, self.path)
+            with atomic_path(self.path, wait=False) as partial:  # a cache the comparison reads next
+                self._write(partial, on_bytes)
         except (ValueError, NotImplementedError, OSError) as e:
             raise PyinterpError(f"cannot write the F32 copy of {self.source.name} to {self.path}: {e}") from None
-        finally:
-            partial.unlink(missing_ok=True)
         return self.path
 
     def _write(self, out: Path, on_bytes: Callable[[int], None] | None) -> None:
@@ -183,6 +181,7 @@ class F32Copy:
                 writer.write_padding(fout, entry.f32_nbytes)
                 if on_bytes is not None:
                     on_bytes(entry.f32_nbytes)
+            check_complete(fout)
         finally:
             writer.close()
 

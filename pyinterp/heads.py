@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from .checks import check_int
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -69,9 +70,9 @@ def scores_from_attention(attn: np.ndarray, ids: Sequence[int]) -> dict[str, np.
 def repeated_random_tokens(model: Model, seq_len: int, seed: int) -> list[int]:
     """BOS (where the model adds one), then ``seq_len`` distinct random ordinary tokens, then the same again."""
     ordinary = model.ordinary_tokens()
-    if not 2 <= seq_len <= len(ordinary):
+    if not 2 <= check_int(seq_len, "seq_len", None, None) <= len(ordinary):
         raise InputError(f"seq_len must be in 2..{len(ordinary)}, got {seq_len}")
-    if seed < 0:
+    if check_int(seed, "seed", None, None) < 0:
         raise InputError(f"seed must be >= 0, got {seed}")
     tokens = np.random.default_rng(seed).choice(ordinary, size=seq_len, replace=False).tolist()
     return model.tokenize("") + tokens + tokens

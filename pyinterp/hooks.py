@@ -39,7 +39,7 @@ class TensorInfo:
 
 # what each list-valued argument looks like, for its error message
 EXAMPLES = {"capture": "['l_out', 'attn_scores-3']", "ablate": "[(3, 4)]", "patch": "[('l_out', 12, 5, vector)]",
-            "layers": "[5, 6]"}
+            "layers": "[5, 6]", "positions": "[0, -1]", "interventions": "[AddVector('l_out', 5, vector)]", "targets": "[' Paris', 1234]"}
 
 
 def as_list(value: object, what: str) -> list:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
+from .checks import check_bool, check_int
 from .errors import InputError
 from .hooks import as_list, split_name
 
@@ -128,8 +129,7 @@ def check_lens_tensor(model: Model, tensor: str, top_k: int, layers: Iterable[in
     if info.rank(tensor) != 2 or width != model.n_embd:
         raise InputError(f"logit lens: {tensor} is not a residual-width tensor "
                          f"(ggml shape {info.shapes[tensor]}, the model's n_embd is {model.n_embd})")
-    if not 1 <= top_k <= model.n_vocab:
-        raise InputError(f"logit lens: top_k must be in 1..{model.n_vocab}, got {top_k}")
+    check_int(top_k, "logit lens: top_k", 1, model.n_vocab)
     if layers is None:
         return None
     on, layers = info.layers[tensor], as_list(layers, "layers")
@@ -201,6 +201,7 @@ def logit_lens(model: Model, tokens_or_text: str | Sequence[int], tensor: str = 
     model._live()
     ids = model.prompt_ids(tokens_or_text)
     layers = check_lens_tensor(model, tensor, top_k, layers)
+    top_k, norm = int(top_k), check_bool(norm, "logit lens: norm")
     targets = [resolve_target(model, t) for t in as_list(targets, "targets")]
     positions = check_positions(positions, len(ids))
     lens = model._forward(ids, analysis=_LensRun(model, tensor, norm, top_k, targets, positions)).extra

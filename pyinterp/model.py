@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
@@ -17,6 +18,7 @@ from . import _ffi, zoo
 from .arch import ARCHS
 from .attribution import Attribution, logit_attribution
 from .backend import KV_TYPES, Backend, default_threads, has_metal
+from .checks import C_INT_MAX, check_bool, check_callable, check_float, check_int, check_intervention, check_prompt, check_str, show
 from .errors import InputError, PyinterpError
 from .hooks import ATTENTION_TENSORS, Head, Patch, Planner, TensorInfo, as_list, as_tuple, split_name
 from .interventions import AblateHeads, Capture, Intervention, IsolateHead, Op, PatchRow, Target
@@ -98,20 +100,20 @@ class Model:
     def __init__(self, path: str | os.PathLike | None = None, *, n_ctx: int = 2048, n_threads: int | None = None,
                  n_gpu_layers: int | None = None, flash_attn: bool | None = False, type_k: str = "f32", type_v: str = "f32",
                  rpc: str | None = None, verbose: bool = False) -> None:
-        _ffi.set_verbose(verbose)
-        if n_gpu_layers is None:
-            n_gpu_layers = default_gpu_layers()
+        self._lock = threading.RLock()  # one pass (or with-block of interventions) at a time: see _locked
+        _ffi.set_verbose(check_bool(verbose, "verbose"))
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise InputError(f"a model is a GGUF path or a known name, got {show(path)}")
+        n_gpu_layers = default_gpu_layers() if n_gpu_layers is None else check_int(n_gpu_layers, "n_gpu_layers", -C_INT_MAX)
+        n_ctx = check_int(n_ctx, "n_ctx", 8, None)  # the model's training context bounds it
+        n_threads = default_threads() if n_threads is None else check_int(n_threads, "n_threads", 1)
+        if flash_attn is not None:
+            check_bool(flash_attn, "flash_attn")
+        type_k, type_v = check_str(type_k, "type_k", list(KV_TYPES)), check_str(type_v, "type_v", list(KV_TYPES))
+        if rpc is not None:
+            check_str(rpc, "rpc")
         self.path = zoo.resolve(path)
         _check_gguf(self.path)
-        if n_ctx < 8:
-            raise InputError(f"n_ctx must be at least 8, got {n_ctx}")
-        if n_threads is None:
-            n_threads = default_threads()
-        if n_threads < 1:
-            raise InputError(f"n_threads must be at least 1, got {n_threads}")
-        for what, kv_type in (("type_k", type_k), ("type_v", type_v)):
-            if kv_type not in KV_TYPES:
-                raise InputError(f"{what} must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
         if type_v not in ("f32", "f16", "bf16") and flash_attn is False:
             raise InputError(f"a quantized V cache ({type_v}) needs flash attention (flash_attn=None or True)")
         flash = -1 if flash_attn is None else int(bool(flash_attn))
@@ -130,9 +132,10 @@ class Model:
     # lifetime
 
     def close(self) -> None:
-        """Free the context and the model (idempotent)."""
+        """Free the context and the model (idempotent); waits for a pass running in another thread."""
         if getattr(self, "_backend", None) is not None:
-            self._backend.close()
+            with self._lock:
+                self._backend.close()
 
     def __enter__(self) -> "Model":
         return self
@@ -154,7 +157,7 @@ class Model:
     def layer_device(self, layer: int) -> str:
         """The ggml device that computes ``layer`` (-1: the output layer), e.g. ``CPU``, ``CUDA0``, ``RPC0[host:port]``."""
         self._live()
-        if not -1 <= layer < self.n_layer:
+        if not -1 <= check_int(layer, "layer") < self.n_layer:
             raise InputError(f"layer {layer} out of range (the model has {self.n_layer} layers: 0..{self.n_layer - 1}, or -1)")
         return self._backend.layer_device(layer)
 
@@ -162,11 +165,17 @@ class Model:
 
     def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of ``text``; ``add_bos`` None follows the model's metadata. Special tokens are parsed."""
-        self._live()
-        return self._backend.tokenize(text, self._backend.add_bos() if add_bos is None else add_bos)
+        check_str(text, "text")
+        if add_bos is not None:
+            check_bool(add_bos, "add_bos")
+        with self._lock:
+            self._live()
+            return self._backend.tokenize(text, self._backend.add_bos() if add_bos is None else add_bos)
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
-        ids = [int(i) for i in ids]
+        ids = check_prompt(ids)
+        if isinstance(ids, str):
+            raise InputError(f"token ids must be integers, got the text {show(ids)}")
         bad = [i for i in ids if not 0 <= i < self.n_vocab]
         if bad:
             raise InputError(f"token id {bad[0]} out of range (vocabulary has {self.n_vocab} tokens)")
@@ -174,14 +183,17 @@ class Model:
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """Text of token ids (special tokens rendered)."""
-        self._live()
-        return self._backend.detokenize(self._check_ids(ids))
+        ids = self._check_ids(ids)
+        with self._lock:
+            self._live()
+            return self._backend.detokenize(ids)
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes of one token's piece (special tokens rendered); may be part of a UTF-8 character."""
-        self._live()
         (token,) = self._check_ids([token])
-        return self._backend.token_bytes(token)
+        with self._lock:
+            self._live()
+            return self._backend.token_bytes(token)
 
     def token_str(self, token: int) -> str:
         """The text piece of one token (special tokens rendered, partial UTF-8 characters replaced)."""
@@ -196,7 +208,8 @@ class Model:
     def prompt_ids(self, tokens_or_text: str | Sequence[int]) -> list[int]:
         """The token ids a run would use: text tokenized (BOS as the model wants), or ids checked against
         the vocabulary; either way non-empty and no longer than the context."""
-        ids = self.tokenize(tokens_or_text) if isinstance(tokens_or_text, str) else self._check_ids(tokens_or_text)
+        prompt = check_prompt(tokens_or_text)
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
         if not ids:
             raise InputError("the prompt is empty")
         if len(ids) > self.n_ctx:
@@ -208,30 +221,35 @@ class Model:
 
     def tensor_info(self) -> TensorInfo:
         """Names (and ggml shapes) of the tensors this model's graph offers to captures and interventions."""
-        if self._info is None:
-            self._live()
-            b = self._backend
-            b.clear_plan()
-            b.set_explicit(set(range(self.n_layer)))
-            b.set_record(True)
-            try:
-                ids = self.tokenize("a b", add_bos=False)[:1] * 2
-                b.clear_memory()
-                b.decode([ids], [0], 0, True)
-                layers: dict[str, set[int]] = {}
-                shapes: dict[str, tuple[int, ...]] = {}
-                for full, ne in b.seen():
-                    name, layer = split_name(full)
-                    layers.setdefault(name, set()).add(-1 if layer is None else layer)
-                    while len(ne) > 1 and ne[-1] == 1:
-                        ne.pop()
-                    shapes.setdefault(name, tuple(ne))  # a name given twice in a layer: the first
-            finally:
-                b.set_record(False)
-                b.set_explicit(set())
-                b.clear_memory()
-            self._info = TensorInfo({k: frozenset(v) for k, v in layers.items()}, shapes)
+        with self._lock:
+            if self._info is None:
+                self._info = self._probe_tensors()
         return self._info
+
+    def _probe_tensors(self) -> TensorInfo:
+        """Decode a 2-token probe recording every tensor the graph offers: names, layers and ggml shapes."""
+        self._live()
+        b = self._backend
+        b.clear_plan()
+        b.set_explicit(set(range(self.n_layer)))
+        b.set_record(True)
+        try:
+            ids = self.tokenize("a b", add_bos=False)[:1] * 2
+            b.clear_memory()
+            b.decode([ids], [0], 0, True)
+            layers: dict[str, set[int]] = {}
+            shapes: dict[str, tuple[int, ...]] = {}
+            for full, ne in b.seen():
+                name, layer = split_name(full)
+                layers.setdefault(name, set()).add(-1 if layer is None else layer)
+                while len(ne) > 1 and ne[-1] == 1:
+                    ne.pop()
+                shapes.setdefault(name, tuple(ne))  # a name given twice in a layer: the first
+        finally:
+            b.set_record(False)
+            b.set_explicit(set())
+            b.clear_memory()
+        return TensorInfo({k: frozenset(v) for k, v in layers.items()}, shapes)
 
     def tensor_names(self) -> list[str]:
         """Base names of the tensors in this model's graph (``l_out``, ``attn_scores``, ...)."""
@@ -250,6 +268,7 @@ class Model:
                  capture: Iterable[str]) -> tuple[list[Op], list[Op], set[int]]:
         """The run's intervention ops (the context managers' first) and capture ops, and the layers that run
         the explicit attention path."""
+        interventions = [check_intervention(iv) for iv in as_list(interventions, "interventions")]
         planner = self._planner()
         capture = [capture] if isinstance(capture, str) else as_list(capture, "capture")
         captures = list(dict.fromkeys(op for spec in capture for op in Capture(spec).ops(Target(planner, n_tokens))))
@@ -288,7 +307,14 @@ class Model:
         logits (of every token, or with ``rows`` "last" of the last unless the plan captures on the last
         layer), captures, the lines describing every node
         of the graph (when ``graph``) and what ``analysis`` read. ``analysis`` (the lens, the attribution) has
-        ``setup(backend)``, called once the plan is set, and ``read(backend, n_tokens)``, after the decode."""
+        ``setup(backend)``, called once the plan is set, and ``read(backend, n_tokens)``, after the decode.
+        Holds the model's lock: every pass goes through here, :meth:`generate` or :func:`pyinterp.batch.run_variants`."""
+        with self._lock:
+            self._live()
+            return self._forward_locked(ids, interventions, capture, graph, analysis, rows)
+
+    def _forward_locked(self, ids: list[int], interventions: Iterable[Intervention], capture: Iterable[str],
+                        graph: bool, analysis, rows: str) -> _Pass:
         ops, captures, explicit = self._compile(len(ids), interventions, capture)
         if self._needs_every_row(captures):
             rows = "all"
@@ -333,7 +359,7 @@ class Model:
         name, op, type, ggml shape and the sources it reads."""
         self._live()
         ids = self.prompt_ids(tokens_or_text)
-        every = [*legacy_interventions(ablate, isolate, patch), *interventions]
+        every = [*legacy_interventions(ablate, isolate, patch), *as_list(interventions, "interventions")]
         return self._forward(ids, every, capture, graph=True).graph
 
     def run(self, tokens_or_text: str | Sequence[int], *, capture: Iterable[str] = (), ablate: Iterable[Head] = (),
@@ -355,7 +381,7 @@ class Model:
         if logits not in ("all", "last", None):
             raise InputError(f"logits must be 'all', 'last' or None, got {logits!r}")
         ids = self.prompt_ids(tokens_or_text)
-        every = [*legacy_interventions(ablate, isolate, patch), *interventions]
+        every = [*legacy_interventions(ablate, isolate, patch), *as_list(interventions, "interventions")]
         done = self._forward(ids, every, capture, rows="all" if logits == "all" else "last")
         out = None if logits is None else done.logits[-1:] if logits == "last" else done.logits
         return Trace(ids, out, done.captured, [self.token_str(t) for t in ids], resolve=self._planner().key)
@@ -371,15 +397,25 @@ class Model:
         for the first generated token, then reused. ``on_token`` is called with each new token (progress).
         """
         self._live()
-        if n < 0:
-            raise InputError(f"n must be >= 0, got {n}")
-        if temp < 0:
-            raise InputError(f"temp must be >= 0, got {temp}")
+        n = check_int(n, "n", 0)
+        temp = check_float(temp, "temp", 0)
+        if seed is not None:
+            check_int(seed, "seed", 0, None)
+        check_bool(stop_at_eog, "stop_at_eog")
+        check_callable(on_token, "on_token")
         ids = self.prompt_ids(prompt)
         if len(ids) + n > self.n_ctx:
             raise InputError(f"prompt ({len(ids)} tokens) plus {n} new tokens exceed the context of {self.n_ctx}")
-        rng = np.random.default_rng(seed)
-        ops, _, explicit = self._compile(len(ids), [*legacy_interventions(ablate, isolate, patch), *interventions], ())
+        every = [*legacy_interventions(ablate, isolate, patch), *as_list(interventions, "interventions")]
+        with self._lock:
+            self._live()
+            out = self._generate(ids, n, temp, np.random.default_rng(seed), every, stop_at_eog, on_token)
+        return Generation(ids, out, self.detokenize(out))
+
+    def _generate(self, ids: list[int], n: int, temp: float, rng: np.random.Generator, interventions: list[Intervention],
+                  stop_at_eog: bool, on_token: Callable[[int], None] | None) -> list[int]:
+        """The tokens :meth:`generate` produces (the lock held)."""
+        ops, _, explicit = self._compile(len(ids), interventions, ())
         b = self._backend
         self._set_plan(ops, explicit)
         out: list[int] = []
@@ -402,18 +438,22 @@ class Model:
                     b.decode([[token]], [0], len(ids) + step, False)
         finally:
             b.clear_plan()
-        return Generation(ids, out, self.detokenize(out))
+        return out
 
     # interventions that stay on
 
     @contextlib.contextmanager
     def intervened(self, *interventions: Intervention) -> Iterator["Model"]:
-        """Within the block, every run and generation has these interventions (checked at each run)."""
-        self._interventions.extend(interventions)
-        try:
-            yield self
-        finally:
-            del self._interventions[len(self._interventions) - len(interventions):]
+        """Within the block, every run and generation has these interventions (checked at each run). The block
+        holds the model's lock: another thread's passes wait for its end."""
+        for iv in interventions:
+            check_intervention(iv)
+        with self._lock:
+            self._interventions.extend(interventions)
+            try:
+                yield self
+            finally:
+                del self._interventions[len(self._interventions) - len(interventions):]
 
     @contextlib.contextmanager
     def ablated(self, heads: Iterable[Head]) -> Iterator["Model"]:
@@ -427,12 +467,13 @@ class Model:
     @contextlib.contextmanager
     def isolated(self, layer: int, head: int) -> Iterator["Model"]:
         """Within the block, only ``head`` of ``layer`` contributes to that layer's attention output."""
-        if any(isinstance(iv, IsolateHead) for iv in self._interventions):
-            raise InputError("a head is already isolated")
-        iv = IsolateHead(layer, head)
-        iv.ops(Target(self._planner(), 1))
-        with self.intervened(iv):
-            yield self
+        with self._lock:
+            if any(isinstance(iv, IsolateHead) for iv in self._interventions):
+                raise InputError("a head is already isolated")
+            iv = IsolateHead(layer, head)
+            iv.ops(Target(self._planner(), 1))
+            with self.intervened(iv):
+                yield self
 
     @contextlib.contextmanager
     def patched(self, patches: Iterable[Patch]) -> Iterator["Model"]:
@@ -444,14 +485,15 @@ class Model:
     def _control_vector(self, directions: np.ndarray, start: int, end: int) -> Iterator[None]:
         """Within the block llama.cpp adds row L of ``directions`` (``[n_layer, n_embd]`` float32) to ``l_out-L`` for L in
         ``start..end`` (never 0) in every decode (``llama_set_adapter_cvec``; see ``pyinterp.steering.steered``)."""
-        self._live()
-        if self._steering:
-            raise InputError("a control vector is already applied: steered blocks do not nest (sum the vectors)")
-        self._backend.set_control_vector(directions[1:], start, end)  # llama.cpp's buffer starts at layer 1
-        self._steering = True
-        try:
-            yield
-        finally:
-            self._steering = False
-            if not self._backend.closed:
-                self._backend.set_control_vector(None, -1, -1)
+        with self._lock:  # the whole block: another thread's passes must not see the vector
+            self._live()
+            if self._steering:
+                raise InputError("a control vector is already applied: steered blocks do not nest (sum the vectors)")
+            self._backend.set_control_vector(directions[1:], start, end)  # llama.cpp's buffer starts at layer 1
+            self._steering = True
+            try:
+                yield
+            finally:
+                self._steering = False
+                if not self._backend.closed:
+                    self._backend.set_control_vector(None, -1, -1)

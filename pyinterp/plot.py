@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .atomic import atomic_write
 from .errors import PyinterpError
 from .text import cap_height, draw_text, line_extent, text_width
 
@@ -390,10 +391,11 @@ def _with_colorbar(tables: list[np.ndarray], heat_top: int, heat_h: int, title: 
 
 
 def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write ``image`` with ``cv2.imwrite`` (format from the extension) and return the path.
+    """Write ``image`` encoded by ``cv2.imencode`` (format from the extension), whole or not at all (see
+    :mod:`pyinterp.atomic`), and return the path.
 
-    Raises :class:`PyinterpError` when the directory does not exist, the path is a directory, or
-    OpenCV cannot write the file (unwritable location, unknown extension).
+    Raises :class:`PyinterpError` when the directory does not exist, the path is a directory, OpenCV cannot
+    encode the image (unknown extension) or the file cannot be written.
     """
     path = Path(path)
     if not path.parent.is_dir():
@@ -401,12 +403,17 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     if path.is_dir():
         raise PyinterpError(f"cannot write PNG to {path}: it is a directory")
     try:
-        ok = cv2.imwrite(str(path), image)
+        ok, encoded = cv2.imencode(path.suffix, image)
     except cv2.error as exc:
         reason = " ".join(str(getattr(exc, "err", exc)).split())
         raise PyinterpError(f"cannot write PNG to {path}: {reason}") from None
     if not ok:
-        raise PyinterpError(f"cannot write PNG to {path}: OpenCV could not write the file")
+        raise PyinterpError(f"cannot write PNG to {path}: OpenCV could not encode the image")
+    try:
+        with atomic_write(path) as f:
+            f.write(encoded.tobytes())
+    except OSError as e:
+        raise PyinterpError(f"cannot write PNG to {path}: {e.strerror or e}") from None
     return path
 
 

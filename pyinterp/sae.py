@@ -46,7 +46,9 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from .atomic import atomic_write, together
 from .backend import NativeSAE, attach_sae, sae_result
+from .checks import is_int
 from .errors import InputError
 from .safetensors_io import read_safetensors, rounded, write_safetensors
 
@@ -105,9 +107,13 @@ class SAE:
             if value is None or value.shape != shape or d_in < 1:
                 raise InputError(f"SAE {name} must be {list(shape)} (W_enc is [d_in, d_sae]), got "
                                  f"{None if value is None else list(value.shape)}")
+        for name in want:
+            if not np.all(np.isfinite(getattr(self, name))):
+                raise InputError(f"SAE {name} has NaN or infinite values")
         if self.architecture == "topk":
-            if not isinstance(self.k, int) or isinstance(self.k, bool) or not 1 <= self.k <= d_sae:
+            if not is_int(self.k) or not 1 <= self.k <= d_sae:
                 raise InputError(f"a topk SAE needs k in 1..d_sae ({d_sae}), got {self.k!r}")
+            object.__setattr__(self, "k", int(self.k))
         elif self.k is not None:
             raise InputError(f"k is the number of features a topk SAE keeps; this SAE is {self.architecture}")
 
@@ -180,9 +186,10 @@ class SAE:
         """The weights on the device of ``layer``, uploaded once per model."""
         cache = self.__dict__.setdefault("_uploaded", {})
         key = (id(model._backend), layer)
-        if key not in cache:
-            cache[key] = NativeSAE(model._backend, layer, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold,
-                                   self.architecture, self.k, self.apply_b_dec_to_input)
+        with model._lock:
+            if key not in cache:
+                cache[key] = NativeSAE(model._backend, layer, self.W_enc, self.b_enc, self.W_dec, self.b_dec,
+                                       self.threshold, self.architecture, self.k, self.apply_b_dec_to_input)
         return cache[key]
 
     @classmethod
@@ -222,11 +229,13 @@ class SAE:
         tensors = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
         if self.threshold is not None:
             tensors["threshold"] = self.threshold
-        write_safetensors(path / WEIGHTS_FILE, tensors, DTYPES[self.dtype])
-        try:
-            (path / CFG_FILE).write_text(json.dumps(cfg, indent=2))
-        except OSError as e:
-            raise InputError(f"cannot write {path / CFG_FILE}: {e.strerror or e}") from None
+        with together():  # both files or neither
+            write_safetensors(path / WEIGHTS_FILE, tensors, DTYPES[self.dtype])
+            try:
+                with atomic_write(path / CFG_FILE, "w", encoding="utf-8") as f:
+                    f.write(json.dumps(cfg, indent=2))
+            except OSError as e:
+                raise InputError(f"cannot write {path / CFG_FILE}: {e.strerror or e}") from None
         return path
 
 
@@ -390,9 +399,9 @@ class _SAERun:
 
 
 def _check_top_k(sae: SAE, top_k: object) -> int:
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= sae.d_sae:
+    if not is_int(top_k) or not 1 <= top_k <= sae.d_sae:
         raise InputError(f"top_k must be an integer in 1..{sae.d_sae} (the SAE's features), got {top_k!r}")
-    return top_k
+    return int(top_k)
 
 
 def _rows(model: "Model", layer: int) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write
 from .errors import InputError
 
 # safetensors dtype -> numpy storage type (little-endian)
@@ -96,7 +97,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], d
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     try:
-        with open(path, "wb") as f:
+        with atomic_write(path) as f:
             f.write(struct.pack("<Q", len(text)))
             f.write(text)
             for blob in blobs:

@@ -28,7 +28,10 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 
-from .errors import InputError
+from .atomic import atomic_path, check_complete
+from .checks import check_finite, check_float, check_int, is_int, show
+from .errors import InputError, PyinterpError
+from .hooks import as_list
 
 if TYPE_CHECKING:
     from .model import Model
@@ -54,9 +57,11 @@ class ControlVector:
 
     def __post_init__(self) -> None:
         d = self.directions
-        if d.ndim != 2 or d.dtype != np.float32:
-            raise InputError(f"directions must be a [n_layer, n_embd] float32 array, got {d.dtype} {d.shape}")
-        if 0 in self.layers or any(not 0 < il < d.shape[0] for il in self.layers):
+        if not isinstance(d, np.ndarray) or d.ndim != 2 or d.dtype != np.float32:
+            got = f"{d.dtype} {d.shape}" if isinstance(d, np.ndarray) else show(d)
+            raise InputError(f"directions must be a [n_layer, n_embd] float32 array, got {got}")
+        check_finite(d, "control vector directions")
+        if not all(is_int(il) for il in self.layers) or 0 in self.layers or any(not 0 < il < d.shape[0] for il in self.layers):
             raise InputError(f"control vector layers must be in 1..{d.shape[0] - 1} (llama.cpp never steers "
                              f"layer 0), got {list(self.layers)}")
 
@@ -70,17 +75,21 @@ class ControlVector:
         n_embd = {np.asarray(v).shape for v in vectors.values()}
         if len(n_embd) != 1 or len(next(iter(n_embd))) != 1:
             raise InputError(f"control vector directions must be 1-D of one width, got shapes {sorted(n_embd)}")
-        directions = np.zeros((max(vectors) + 1, next(iter(n_embd))[0]), dtype=np.float32)
-        for il, v in vectors.items():
-            directions[il] = v
-        return cls(directions, tuple(sorted(vectors)), model_hint)
+        layers = [check_int(il, "control vector layer", 1, None) for il in vectors]
+        directions = np.zeros((max(layers) + 1, next(iter(n_embd))[0]), dtype=np.float32)
+        for il, v in zip(layers, vectors.values()):
+            directions[il] = check_finite(v, f"control vector direction {il}")
+        return cls(directions, tuple(sorted(layers)), model_hint)
 
     @property
     def n_embd(self) -> int:
         return self.directions.shape[1]
 
     def __mul__(self, scale: float) -> "ControlVector":
-        return ControlVector((self.directions * np.float32(scale)).astype(np.float32), self.layers, self.model_hint)
+        scale = check_float(scale, "control vector scale")
+        with np.errstate(over="ignore"):  # a product beyond float32: the directions' check says so
+            directions = (self.directions * np.float32(scale)).astype(np.float32)
+        return ControlVector(directions, self.layers, self.model_hint)
 
     __rmul__ = __mul__
 
@@ -98,21 +107,27 @@ class ControlVector:
         return ControlVector(directions, tuple(sorted({*self.layers, *other.layers})), self.model_hint or other.model_hint)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write llama.cpp's control-vector GGUF: one ``direction.L`` F32 tensor per layer present."""
+        """Write llama.cpp's control-vector GGUF: one ``direction.L`` F32 tensor per layer present, whole or not
+        at all (see :mod:`pyinterp.atomic`)."""
         import gguf
 
         path = Path(path)
-        writer = gguf.GGUFWriter(path, ARCH)
-        writer.add_string(f"{ARCH}.model_hint", self.model_hint)
-        writer.add_int32(f"{ARCH}.layer_count", len(self.layers))
-        for il in self.layers:
-            writer.add_tensor(f"direction.{il}", np.ascontiguousarray(self.directions[il]))
         try:
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
+            with atomic_path(path) as tmp:
+                writer = gguf.GGUFWriter(tmp, ARCH)
+                writer.add_string(f"{ARCH}.model_hint", self.model_hint)
+                writer.add_int32(f"{ARCH}.layer_count", len(self.layers))
+                for il in self.layers:
+                    writer.add_tensor(f"direction.{il}", np.ascontiguousarray(self.directions[il]))
+                try:
+                    writer.write_header_to_file()
+                    writer.write_kv_data_to_file()
+                    writer.write_tensors_to_file()
+                    check_complete(writer.fout[0])
+                finally:
+                    writer.close()
+        except OSError as e:
+            raise PyinterpError(f"cannot write control vector {path}: {e.strerror or e}") from None
         return path
 
     @classmethod
@@ -158,7 +173,7 @@ VectorSpec = Union[ControlVector, str, os.PathLike, tuple[Union[str, os.PathLike
 
 def _is_scaled_file(item: object) -> bool:
     return (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], (str, os.PathLike))
-            and isinstance(item[1], (int, float)))
+            and isinstance(item[1], (int, float, np.integer, np.floating)) and not isinstance(item[1], bool))
 
 
 def combine(vectors: VectorSpec | Sequence[VectorSpec]) -> ControlVector:
@@ -257,7 +272,8 @@ def contrastive(model: Model, positives: Sequence[str | Sequence[int]], negative
         raise InputError(f"{len(positives)} positive and {len(negatives)} negative prompts: they must pair up")
     if not positives:
         raise InputError("no prompt pairs")
-    layers = list(range(1, model.n_layer)) if layers is None else sorted({int(il) for il in layers})
+    layers = list(range(1, model.n_layer)) if layers is None else \
+        sorted({check_int(il, "layer") for il in as_list(layers, "layers")})
     if not layers or not all(0 < il < model.n_layer for il in layers):
         raise InputError(f"layers must be in 1..{model.n_layer - 1} (llama.cpp never steers layer 0), got {layers}")
     diffs = np.empty((len(layers), len(positives), model.n_embd))  # [layer, pair, n_embd]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write
 from .errors import InputError, PyinterpError
 
 # .npz keys that name no tensor: save_tensor's default and numpy's for an unnamed array (np.savez(path, a))
@@ -27,17 +28,19 @@ def _kind(path: Path) -> str:
 
 
 def save_tensor(path: str | os.PathLike, array: np.ndarray, name: str = "tensor") -> Path:
-    """Write ``array`` (converted to float32) to ``path`` in the format its name says."""
+    """Write ``array`` (converted to float32) to ``path`` in the format its name says (the extension in any
+    case; nothing is appended to the name), whole or not at all; returns the path written."""
     path = Path(path)
     array = np.ascontiguousarray(array, dtype=np.float32)
     try:
         kind = _kind(path)
-        if kind == ".npy":
-            np.save(path, array)
-        elif kind == ".npz":
-            np.savez(path, **{name: array})
-        else:
-            array.tofile(path)
+        with atomic_write(path) as f:
+            if kind == ".npy":
+                np.save(f, array)
+            elif kind == ".npz":
+                np.savez(f, **{name: array})
+            else:
+                f.write(array.tobytes())
     except OSError as e:
         raise PyinterpError(f"cannot write {path}: {e.strerror or e}") from None
     return path

@@ -14,7 +14,7 @@ Matrices of types the ``gguf`` package cannot quantize (the K-quants, IQ4_NL), a
 ``random_blocks``, are drawn directly as quantized blocks (random quants, scales set for the wanted spread):
 fast at real scale, where rounding normal weights takes minutes.
 
-    python scripts/tiny_gguf.py qwen2 /tmp/qwen2.gguf [--seed N] [--type q8_0|q4_0|q4_k|...|f32]
+    python scripts/tiny_gguf.py qwen2 /tmp/qwen2.gguf [--seed N] [--type q8_0|q4_0|q4_k|...|f32] [--nan]
     python scripts/tiny_gguf.py llama-1b /tmp/llama-1b-q4_0.gguf --type q4_0     # 30 s, 0.55 GB
     python scripts/tiny_gguf.py llama-8b-shapes /tmp/llama-8b-2l.gguf --type q4_0   # 10 s, 1 GB
 
@@ -268,7 +268,8 @@ def _layer(t: _Weights, spec: Spec, i: int) -> None:
         t.vector(f"blk.{i}.post_ffw_norm.weight", d, 1.0, 0.1)
 
 
-def write(arch: str | Spec, path: str | Path, seed: int = 0, f32: bool = False, quant: str = "q8_0") -> Path:
+def write(arch: str | Spec, path: str | Path, seed: int = 0, f32: bool = False, quant: str = "q8_0",
+          nan: bool = False) -> Path:
     """Write the model ``arch`` (a key of ``SPECS`` or ``BENCH_SPECS``, or a ``Spec``) to ``path``; the same
     seed gives the same file.
 
@@ -276,6 +277,7 @@ def write(arch: str | Spec, path: str | Path, seed: int = 0, f32: bool = False, 
     are drawn as random blocks.
     ``f32``: F32 matrices instead (the same weights before rounding). llama.cpp multiplies quantized matrices
     by activations it rounds to Q8_0, so only F32 weights let it agree with an fp32 reference to rounding.
+    ``nan``: the final norm's weights are NaN (a broken model, for the error it must give); the rest unchanged.
     """
     specs = SPECS | BENCH_SPECS
     if not isinstance(arch, Spec) and arch not in specs:
@@ -294,7 +296,7 @@ def write(arch: str | Spec, path: str | Path, seed: int = 0, f32: bool = False, 
     t.matrix("token_embd.weight", n_vocab, spec.n_embd, embd_std * np.sqrt(spec.n_embd))
     for i in range(spec.n_layer):
         _layer(t, spec, i)
-    t.vector("output_norm.weight", spec.n_embd, 1.0, 0.1)
+    t.vector("output_norm.weight", spec.n_embd, np.nan if nan else 1.0, 0.1)
     if not spec.tied:
         t.matrix("output.weight", n_vocab, spec.n_embd, 4.0)
     w.write_header_to_file()
@@ -310,9 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="the GGUF file to write")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--type", choices=[*QUANTS, "f32"], default="q8_0", help="the matrices' type")
+    parser.add_argument("--nan", action="store_true", help="NaN final-norm weights (a broken model)")
     args = parser.parse_args(argv)
     f32 = args.type == "f32"
-    print(write(args.arch, args.out, args.seed, f32=f32, quant="q8_0" if f32 else args.type))
+    print(write(args.arch, args.out, args.seed, f32=f32, quant="q8_0" if f32 else args.type, nan=args.nan))
     return 0
 
 

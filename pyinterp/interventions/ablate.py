@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..hooks import as_list
 from .base import Op, Target
 
 
@@ -27,7 +28,7 @@ class AblateHeads:
     def ops(self, target: Target) -> list[Op]:
         planner = target.planner
         masks: dict[int, np.ndarray] = {}
-        for item in self.heads:
+        for item in as_list(self.heads, "ablate"):
             layer, head = planner.pair(item, "ablate", "(layer, head) pairs like [(3, 4)]")
             layer = planner.attention_layer(layer, "ablate")
             masks.setdefault(layer, np.ones(planner.n_head, dtype=np.float32))[planner.head(head, "ablate")] = 0.0

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import InputError
+from ..checks import check_finite, check_float
+from ..hooks import as_list
 from .base import Op, Target
 
 
@@ -23,11 +24,13 @@ class AddVector:
 
     def ops(self, target: Target) -> list[Op]:
         planner = target.planner
-        if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool) or not np.isfinite(self.scale):
-            raise InputError(f"add {self.name}-{self.layer}: scale must be a finite number, got {self.scale!r}")
+        scale = check_float(self.scale, f"add {self.name}-{self.layer}: scale")
         name, layer, width = planner.row_tensor(self.name, self.layer, "add")
-        row = planner.vector(self.vector, width, f"add {name}-{layer}") * np.float32(self.scale)
+        with np.errstate(over="ignore"):  # a product beyond float32 is caught just below
+            row = planner.vector(self.vector, width, f"add {name}-{layer}") * np.float32(scale)
+        check_finite(row, f"add {name}-{layer}: scale times vector")
         if self.positions is None:
             return [Op("add", name, layer, seq=target.seq, data=row)]
-        positions = tuple(planner.position(p, target.n_tokens, f"add {name}-{layer}") for p in self.positions)
+        positions = tuple(planner.position(p, target.n_tokens, f"add {name}-{layer}")
+                          for p in as_list(self.positions, "positions"))
         return [Op("add", name, layer, seq=target.seq, positions=positions, data=row)]

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..checks import check_finite
 from ..errors import InputError
+from ..hooks import as_list
 from .base import Op, Target
 
 
@@ -29,12 +31,12 @@ class PatchHead:
         layer = planner.attention_layer(self.layer, what)
         head = planner.head(self.head, what)
         head_dim, n_head = planner.info.shapes["kqv_heads"][:2]
-        values = np.asarray(self.values, dtype=np.float32)
+        values = check_finite(self.values, f"{what}: values")
         if values.shape != (target.n_tokens, head_dim):
             raise InputError(f"{what}: values must be [{target.n_tokens}, {head_dim}] (n_tokens, head_dim), "
                              f"got {list(values.shape)}")
         positions = tuple(range(target.n_tokens)) if self.positions is None else \
-            tuple(planner.position(p, target.n_tokens, what) for p in self.positions)
+            tuple(planner.position(p, target.n_tokens, what) for p in as_list(self.positions, "positions"))
         rows = np.zeros((len(positions), n_head, head_dim), dtype=np.float32)
         rows[:, head] = values[list(positions)]
         mask = np.ones((1, n_head, 1), dtype=np.float32)  # ne [1, n_head, 1]: one token's [head_dim, n_head] slice
