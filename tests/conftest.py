@@ -6,17 +6,41 @@ never a skip.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import pyinterp
 from pyinterp import zoo
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import tiny_gguf  # noqa: E402
+
 PROMPTS = [
     "The capital of France is",
     "When Mary and John went to the store, John gave a drink to",
     "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 1 2 3 4 5 6 7",
 ]
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory):
+    """The one way tests get a tiny random model (scripts/tiny_gguf.py): ``tiny_path("llama", f32=True)`` is the path
+    of that model, written once per session. Options: ``seed``, ``f32``, ``quant`` (a key of tiny_gguf.QUANTS),
+    ``nan`` (NaN final-norm weights)."""
+    root = tmp_path_factory.mktemp("tiny-gguf")
+    made: dict[tuple, Path] = {}
+
+    def path(arch: str = "llama", *, seed: int = 0, f32: bool = False, quant: str = "q8_0", nan: bool = False) -> Path:
+        key = (arch, seed, f32, quant, nan)
+        if key not in made:
+            name = f"{arch}-s{seed}-{'f32' if f32 else quant}{'-nan' if nan else ''}.gguf"
+            made[key] = tiny_gguf.write(arch, root / name, seed=seed, f32=f32, quant=quant, nan=nan)
+        return made[key]
+
+    return path
 
 
 @pytest.fixture(scope="session")

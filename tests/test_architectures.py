@@ -25,11 +25,6 @@ ARCHS = sorted(tiny_gguf.SPECS)
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny-gguf")
-
-
-@pytest.fixture(scope="session")
 def one_thread():
     """Tiny graphs on one thread: on a busy 2-core machine, syncing two threads per op cost ~1 s a pass
     (measured), one thread ~1 ms. Threads split rows, not sums, so the numbers compared do not change."""
@@ -47,11 +42,11 @@ def _open(path: Path, **settings) -> pyinterp.Model:
 
 
 @pytest.fixture(scope="session", params=ARCHS)
-def tiny(request, tiny_dir, one_thread):
+def tiny(request, tiny_path, one_thread):
     """(model, reference) of one tiny architecture."""
     from reference import Reference
 
-    path = tiny_gguf.write(request.param, tiny_dir / f"{request.param}.gguf", seed=0)
+    path = tiny_path(request.param)
     with _open(path) as model:
         assert model.arch == tiny_gguf.SPECS[request.param].arch
         yield model, Reference(path)
@@ -147,13 +142,13 @@ def test_activation_patching(tiny):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_f32_weights_agree_to_rounding(tiny_dir, one_thread, arch):
+def test_f32_weights_agree_to_rounding(tiny_path, one_thread, arch):
     """With F32 weights and an F32 KV cache nothing is quantized or rounded to F16 on either side: the graphs
     must agree to float rounding (gemma2 to ~1e-4: ggml's CPU GELU reads an F16 table), interventions
     included. This separates a graph discrepancy from the Q8_0 noise the tests above allow for."""
     from reference import Reference
 
-    path = tiny_gguf.write(arch, tiny_dir / f"{arch}-f32.gguf", seed=0, f32=True)
+    path = tiny_path(arch, f32=True)
     ref = Reference(path)
     with _open(path, type_k="f32", type_v="f32") as model:
         ids = _prompts(model)[2]

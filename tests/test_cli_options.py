@@ -32,10 +32,10 @@ LONG = "a b c d " * 10  # more than 16 tokens
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, tiny_path):
     """The tiny model (4 layers, Q8_0), an SAE on it, prompt pairs for cvector, and F32-copy cache."""
     root = tmp_path_factory.mktemp("cli_options")
-    gguf = tiny_gguf.write("llama", root / "llama.gguf", seed=0)
+    (root / "llama.gguf").symlink_to(tiny_path("llama"))
     random_sae(tiny_gguf.SPECS["llama"].n_embd, 20, hook_name="blocks.1.hook_resid_post").save(root / "sae")
     (root / "pos.txt").write_text("I love this\nA fine day\n")
     (root / "neg.txt").write_text("I hate this\nA grim day\n")

@@ -27,10 +27,10 @@ DEAD = 7  # a feature whose encoder bias keeps it at 0 on every token
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, tiny_path):
     """The tiny model's GGUF and SAE directories: the SAE under test, one of the wrong width, a broken cfg."""
     root = tmp_path_factory.mktemp("cli_sae")
-    gguf = tiny_gguf.write("llama", root / "llama.gguf", seed=0)
+    gguf = tiny_path("llama")
     sae = random_sae(tiny_gguf.SPECS["llama"].n_embd, D_SAE, "standard", seed=4, hook_name=HOOK)
     b_enc = sae.b_enc.copy()
     b_enc[DEAD] = -1e3

@@ -11,39 +11,34 @@ import errno
 import json
 import os
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-
-import tiny_gguf  # noqa: E402
-
-from pyinterp import InputError, Model, PyinterpError  # noqa: E402
-from pyinterp import heads, patching, sae as sae_mod, steering  # noqa: E402
-from pyinterp.cli import main  # noqa: E402
-from pyinterp.cli_lens import write_csv as write_target_csv  # noqa: E402
-from pyinterp.cli_sweep import write_csv as write_sweep_csv  # noqa: E402
-from pyinterp.interventions import AblateHeads, AddVector, PatchHead, PatchRow  # noqa: E402
-from pyinterp.plot import save_png  # noqa: E402
-from pyinterp.safetensors_io import write_safetensors  # noqa: E402
-from pyinterp.tensor_io import load_tensor, save_tensor  # noqa: E402
+from pyinterp import InputError, Model, PyinterpError
+from pyinterp import heads, patching, sae as sae_mod, steering
+from pyinterp.cli import main
+from pyinterp.cli_lens import write_csv as write_target_csv
+from pyinterp.cli_sweep import write_csv as write_sweep_csv
+from pyinterp.interventions import AblateHeads, AddVector, PatchHead, PatchRow
+from pyinterp.plot import save_png
+from pyinterp.safetensors_io import write_safetensors
+from pyinterp.tensor_io import load_tensor, save_tensor
 
 N_CTX = 64
 NAN, INF = float("nan"), float("inf")
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory) -> Path:
-    return tiny_gguf.write("llama", tmp_path_factory.mktemp("faults") / "llama.gguf", seed=0)
+def llama_path(tiny_path) -> Path:
+    return tiny_path("llama")
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_path):
-    with Model(tiny_path, n_ctx=N_CTX, n_threads=1) as model:
+def tiny(llama_path):
+    with Model(llama_path, n_ctx=N_CTX, n_threads=1) as model:
         yield model
 
 
@@ -132,9 +127,9 @@ API_CASES = [
 
 
 @pytest.mark.parametrize("description, call, message", API_CASES, ids=[c[0] for c in API_CASES])
-def test_bad_argument_is_one_line_input_error(tiny, tiny_path, description, call, message):
+def test_bad_argument_is_one_line_input_error(tiny, llama_path, description, call, message):
     with pytest.raises(InputError, match=message) as info:
-        call(tiny, tiny_path)
+        call(tiny, llama_path)
     assert "\n" not in str(info.value)
 
 
@@ -148,8 +143,8 @@ def test_numpy_scalars_are_numbers(tiny):
     np.testing.assert_array_equal(tiny.run(np.array(ids, dtype=np.int32)).logits, tiny.run(ids).logits)
 
 
-def test_nan_weights_are_an_error_not_numbers(tmp_path):
-    path = tiny_gguf.write("llama", tmp_path / "nan.gguf", seed=0, nan=True)
+def test_nan_weights_are_an_error_not_numbers(tiny_path):
+    path = tiny_path("llama", nan=True)
     with Model(path, n_ctx=N_CTX, n_threads=1) as model:
         for call in (lambda: model.run("a b"), lambda: model.logit_lens("a b"), lambda: model.generate("a b", 2),
                      lambda: model.run("a b", logits=None)):
@@ -157,8 +152,8 @@ def test_nan_weights_are_an_error_not_numbers(tmp_path):
                 call()
 
 
-def test_nan_model_on_the_command_line(capsys, tmp_path):
-    path = tiny_gguf.write("llama", tmp_path / "nan.gguf", seed=0, nan=True)
+def test_nan_model_on_the_command_line(capsys, tiny_path):
+    path = tiny_path("llama", nan=True)
     code = main(["-m", str(path), "-c", str(N_CTX), "-p", "a b"])
     out, err = capsys.readouterr()
     assert code != 0 and "nan" not in out.lower()
@@ -267,18 +262,18 @@ def test_full_disk_control_vector(tiny, small_disk):
 # the command line: a run that fails writes nothing it would have reported
 
 
-def test_a_failed_save_leaves_no_earlier_save(capsys, tiny_path, tmp_path):
+def test_a_failed_save_leaves_no_earlier_save(capsys, llama_path, tmp_path):
     first = tmp_path / "first.npy"
-    code = main(["-m", str(tiny_path), "-c", str(N_CTX), "-p", "a b", "--save", "l_out-1", str(first),
+    code = main(["-m", str(llama_path), "-c", str(N_CTX), "-p", "a b", "--save", "l_out-1", str(first),
                  "--save", "l_out-2", str(tmp_path / "missing" / "second.npy")])
     err = capsys.readouterr().err
     assert code != 0 and err.startswith("pyinterp: error: cannot write") and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
 
 
-def test_save_extension_in_capitals(capsys, tiny, tiny_path, tmp_path):
+def test_save_extension_in_capitals(capsys, tiny, llama_path, tmp_path):
     path = tmp_path / "X.NPY"
-    code = main(["-m", str(tiny_path), "-c", str(N_CTX), "-p", "a b", "--save", "l_out-1", str(path), "--json"])
+    code = main(["-m", str(llama_path), "-c", str(N_CTX), "-p", "a b", "--save", "l_out-1", str(path), "--json"])
     out = capsys.readouterr().out
     assert code == 0
     assert json.loads(out)["files"] == [str(path)]

@@ -51,11 +51,9 @@ def smollm2_report(cache_dir):
 
 
 @pytest.fixture(scope="session")
-def tiny_paths(tmp_path_factory):
+def tiny_paths(tiny_path):
     """Tiny llama and qwen2 models, Q8_0 (seed 0), and the llama one with F32 weights."""
-    root = tmp_path_factory.mktemp("fidelity-tiny")
-    return {"llama": tiny_gguf.write("llama", root / "llama.gguf"), "qwen2": tiny_gguf.write("qwen2", root / "qwen2.gguf"),
-            "f32": tiny_gguf.write("llama", root / "llama-f32.gguf", f32=True)}
+    return {"llama": tiny_path("llama"), "qwen2": tiny_path("qwen2"), "f32": tiny_path("llama", f32=True)}
 
 
 def tiny_ids(model: pyinterp.Model) -> list[int]:

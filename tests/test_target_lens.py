@@ -129,11 +129,18 @@ def test_heads_against_reference(pair):
     assert a.heads.shape == (model.n_layer, model.n_head)
     np.testing.assert_allclose(a.heads.sum(1), a.attn, atol=2e-3 * np.abs(a.attn).max())
     want = ref.head_attribution(model.tokenize(PROMPT), a.target, a.position)
+    # on the quantized file the CPU variant's kernels round the activations: near the reference, not equal
     assert corr(a.heads, want) >= 0.99
-    np.testing.assert_allclose(a.heads, want, atol=0.05 * np.abs(want).max())
     top = set(zip(*np.unravel_index(np.argsort(-np.abs(want), axis=None)[:5], want.shape)))
     got = set(zip(*np.unravel_index(np.argsort(-np.abs(a.heads), axis=None)[:5], want.shape)))
     assert len(top & got) >= 4
+
+
+def test_heads_equal_the_reference_on_f32_weights(f32_pair):
+    model, ref = f32_pair
+    a = model.logit_attribution(PROMPT)
+    want = ref.head_attribution(model.tokenize(PROMPT), a.target, a.position)
+    np.testing.assert_allclose(a.heads, want, atol=1e-3 * np.abs(want).max())
 
 
 def test_heads_follow_ablation(smollm2):
