@@ -70,12 +70,12 @@ class ControlVector:
         """A control vector from ``{layer: [n_embd] vector}``."""
         if not vectors:
             raise InputError("a control vector needs at least one layer")
-        if max(vectors) >= LLAMA_MAX_LAYERS:
-            raise InputError(f"control vector layer {max(vectors)} is beyond llama.cpp's {LLAMA_MAX_LAYERS} layers")
+        layers = [check_int(il, "control vector layer", 1, None) for il in vectors]
+        if max(layers) >= LLAMA_MAX_LAYERS:
+            raise InputError(f"control vector layer {max(layers)} is beyond llama.cpp's {LLAMA_MAX_LAYERS} layers")
         n_embd = {np.asarray(v).shape for v in vectors.values()}
         if len(n_embd) != 1 or len(next(iter(n_embd))) != 1:
             raise InputError(f"control vector directions must be 1-D of one width, got shapes {sorted(n_embd)}")
-        layers = [check_int(il, "control vector layer", 1, None) for il in vectors]
         directions = np.zeros((max(layers) + 1, next(iter(n_embd))[0]), dtype=np.float32)
         for il, v in zip(layers, vectors.values()):
             directions[il] = check_finite(v, f"control vector direction {il}")

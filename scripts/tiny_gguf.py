@@ -287,6 +287,10 @@ def write(arch: str | Spec, path: str | Path, seed: int = 0, f32: bool = False, 
     spec, path = arch if isinstance(arch, Spec) else specs[arch], Path(path)
     if f32 and spec.random_blocks:
         raise ValueError("a spec with random_blocks has quantized matrices only")
+    block = gguf.GGML_QUANT_SIZES[QUANTS[quant]][0]
+    if not f32 and any(width % block for width in (spec.n_embd, spec.n_head * spec.head_dim, spec.n_ff)):
+        raise ValueError(f"{quant} needs widths that are multiples of {block} (its block), "
+                         f"got n_embd {spec.n_embd}, n_head * head_dim {spec.n_head * spec.head_dim}, n_ff {spec.n_ff}")
     w = gguf.GGUFWriter(str(path), spec.arch)
     n_vocab = _tokenizer(w, spec.n_vocab)
     _metadata(w, spec, n_vocab, gguf.LlamaFileType.ALL_F32 if f32 else FILE_TYPES[quant])

@@ -84,16 +84,31 @@ def pair(request):
     return request.getfixturevalue(request.param), request.getfixturevalue(f"ref_{request.param}")
 
 
-@pytest.fixture(scope="session", params=["smollm2", "gemma3"])
-def f32_pair(request):
-    """(model, reference) for each real architecture, the model loaded from the F32 twin of its GGUF (every weight
-    dequantized, pyinterp.dequant): the reference's own weights, so the engine must agree to float rounding on any
-    CPU, whatever the quantized kernels of its CPU variant round."""
+def _f32_twin(path):
+    """The model loaded from the F32 twin of the GGUF at ``path`` (every weight dequantized, pyinterp.dequant): the
+    reference's own weights, so the engine must agree with it to float rounding on any CPU, whatever the quantized
+    kernels of its CPU variant round."""
     from pyinterp.dequant import F32Copy
 
-    path = zoo.smollm2_path() if request.param == "smollm2" else zoo.gemma3_path()
-    with pyinterp.Model(F32Copy(path).write(), n_ctx=512) as model:
-        yield model, request.getfixturevalue(f"ref_{request.param}")
+    return pyinterp.Model(F32Copy(path).write(), n_ctx=512)
+
+
+@pytest.fixture(scope="session")
+def smollm2_f32():
+    with _f32_twin(zoo.smollm2_path()) as model:
+        yield model
+
+
+@pytest.fixture(scope="session")
+def gemma3_f32():
+    with _f32_twin(zoo.gemma3_path()) as model:
+        yield model
+
+
+@pytest.fixture(scope="session", params=["smollm2", "gemma3"])
+def f32_pair(request):
+    """(model on the F32 twin, reference) for each real architecture."""
+    return request.getfixturevalue(f"{request.param}_f32"), request.getfixturevalue(f"ref_{request.param}")
 
 
 def corr(a: np.ndarray, b: np.ndarray) -> float:

@@ -50,9 +50,10 @@ def test_isolation(pair, prompt):
         want = ref.run(ids, isolate=(layer, head)).logits[-1]
         assert corr(got, want) >= 0.995, (layer, head)
         # measured on the same case (gemma3, head 0:0, first prompt): 0.931 with flash attention, 0.925 on the
-        # explicit path over an F16 cache, 0.872 over the default F32 cache; 0.95-0.997 on every other case
-        # and path: quantization noise downstream of a large change, not the path
-        assert corr(got - base, want - want_base) >= 0.85, (layer, head)
+        # explicit path over an F16 cache, 0.872 over the default F32 cache with a native AVX512 build, 0.835 with the
+        # zen4 variant; 0.95-0.997 on every other case and path: quantization noise downstream of a large change,
+        # which the CPU's kernels round their own way (test_interventions_on_f32_weights checks the change strictly)
+        assert corr(got - base, want - want_base) >= 0.8, (layer, head)
 
 
 def test_activation_patching(pair):
@@ -71,6 +72,30 @@ def test_activation_patching(pair):
         assert corr(got, want) >= 0.995, (layer, pos)
         assert np.abs(got - base).max() > 1e-2
         assert corr(got - base, want - want_base) >= 0.75, (layer, pos)  # measured 0.84-0.99
+
+
+def test_interventions_on_f32_weights(f32_pair):
+    """On the F32 twin nothing is quantized: the change each intervention causes must be the reference's, to float
+    rounding, on any CPU (the quantized tests above allow for the CPU kernels' rounding)."""
+    model, ref = f32_pair
+    ids = model.tokenize(PROMPTS[1])
+    base, want_base = model.run(ids).logits[-1], ref.run(ids).logits[-1]
+    np.testing.assert_allclose(base, want_base, rtol=0, atol=2e-3 * np.abs(want_base).max())
+    for layer, head in _heads(model):
+        got = model.run(ids, ablate=[(layer, head)]).logits[-1]
+        want = ref.run(ids, ablate=[(layer, head)]).logits[-1]
+        assert corr(got - base, want - want_base) >= 0.99, ("ablate", layer, head)
+        got = model.run(ids, isolate=(layer, head)).logits[-1]
+        want = ref.run(ids, isolate=(layer, head)).logits[-1]
+        assert corr(got - base, want - want_base) >= 0.99, ("isolate", layer, head)
+    source = model.run(ids, capture=["l_out"])
+    corrupt = model.tokenize(PROMPTS[0])
+    n = min(len(ids), len(corrupt))
+    base, want_base = model.run(corrupt).logits[-1], ref.run(corrupt).logits[-1]
+    row = source.act("l_out", 2)[n - 1]
+    got = model.run(corrupt, patch=[("l_out", 2, len(corrupt) - 1, row)]).logits[-1]
+    want = ref.run(corrupt, patch=[(2, len(corrupt) - 1, row)]).logits[-1]
+    assert corr(got - base, want - want_base) >= 0.99, "patch"
 
 
 def test_gemma_sliding_window(ref_gemma3):

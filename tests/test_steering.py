@@ -298,10 +298,26 @@ def test_against_the_reference_smollm2(smollm2, ref_smollm2, caa, layers, scale)
         got = smollm2.run(ids).logits[-1]
     d = for_model(applied, smollm2)
     want = ref_smollm2.run(ids, steer={il: d[il] for il in range(layers[0], layers[1] + 1)}).logits[-1]
-    assert np.argmax(got) == np.argmax(want)
+    # quantized weights: near ties at the top move with the CPU variant's rounding (3468 against 216 on a zen4
+    # variant at layers 1-29, scale 0.2), so the reference's top token is among ours, not necessarily first
+    assert np.argmax(want) in np.argsort(-got)[:3]
     assert corr(got, want) >= 0.995
     assert np.abs(got - base).max() > 1.0
     assert corr(got - base, want - want_base) >= 0.75
+
+
+@pytest.mark.parametrize("layers, scale", [((10, 10), 1.0), ((1, 29), 0.2)])
+def test_against_the_reference_on_f32_weights(smollm2_f32, ref_smollm2, caa, layers, scale):
+    """The same steering on SmolLM2's F32 twin: the reference's numbers to float rounding."""
+    ids = smollm2_f32.tokenize("The weather today is")
+    base, want_base = smollm2_f32.run(ids).logits[-1], ref_smollm2.run(ids).logits[-1]
+    with steered(smollm2_f32, caa, scale=scale, layers=layers) as applied:
+        got = smollm2_f32.run(ids).logits[-1]
+    d = for_model(applied, smollm2_f32)
+    want = ref_smollm2.run(ids, steer={il: d[il] for il in range(layers[0], layers[1] + 1)}).logits[-1]
+    assert np.argmax(got) == np.argmax(want)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * np.abs(want).max())
+    assert corr(got - base, want - want_base) >= 0.999
 
 
 def test_with_ablation_patching_and_captures(smollm2, ref_smollm2, caa):

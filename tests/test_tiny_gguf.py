@@ -72,5 +72,9 @@ def test_q4_0_agrees_with_reference(tmp_path):
 
 
 def test_unknown_type_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="no matrix type 'q5_k'"):
+    with pytest.raises(ValueError, match="no matrix type 'q3_k'"):
+        tiny_gguf.write("llama", tmp_path / "x.gguf", quant="q3_k")
+    # a K-quant block is 256 values: the tiny widths (64, 176) are not rows of whole blocks
+    with pytest.raises(ValueError, match="q5_k needs widths that are multiples of 256"):
         tiny_gguf.write("llama", tmp_path / "x.gguf", quant="q5_k")
+    assert not (tmp_path / "x.gguf").exists()
