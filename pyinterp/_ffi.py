@@ -236,10 +236,12 @@ LOADED = _backends.load(ffi, lib, LIB_DIR, MODULE_PREFIX, MODULE_SUFFIX, BUILD_I
 
 def build_info() -> dict:
     """Where the packaged llama.cpp came from, the patches applied to it, the ggml backends and CPU variants
-    built, and what this process loaded: ``cpu_variant``, ``loaded`` (backend names), ``devices``."""
+    built, and what this process loaded: ``cpu_variant``, ``loaded`` (backend names), ``devices``; and whether this
+    CPU has AMX (``cpu_has_amx``)."""
     info = dict(BUILD_INFO)
     info["cpu_variant"] = LOADED.cpu_variant
     info["loaded"] = list(LOADED.backends)
+    info["cpu_has_amx"] = _backends.cpu_has_amx()
     info["devices"] = [f"{ffi.string(lib.ggml_backend_dev_name(d)).decode()} "
                        f"({ffi.string(lib.ggml_backend_dev_description(d)).decode()})"
                        for d in (lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count()))]

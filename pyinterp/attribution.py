@@ -12,12 +12,12 @@ from .arch import arch_of
 from .checks import check_bool, check_int
 from .errors import InputError, PyinterpError
 from .lens import resolve_target
+from .readouts import AttributionReadout
 
 if TYPE_CHECKING:
     import os
     from pathlib import Path
 
-    from .backend import Backend
     from .model import Model
 
 
@@ -59,28 +59,6 @@ class Attribution:
         return save_png(image, path)
 
 
-class _AttributionRun:
-    """Attribution of one decode: set in the native plan before it, read back after it (see Model._forward)."""
-
-    def __init__(self, model: Model, terms: list[tuple[str, int]], by_head: list[bool], target: int) -> None:
-        self.model, self.terms, self.by_head, self.target = model, terms, by_head, target
-
-    def setup(self, backend: Backend) -> None:
-        backend.set_attribution(self.terms, self.by_head, self.target)
-
-    def read(self, backend: Backend, n_tokens: int) -> tuple[list[np.ndarray], dict[int, np.ndarray]]:
-        """Each term's contribution ``[n_tokens]`` and, for the terms split by head, each head's ``[n_tokens, n_head]``."""
-        values, heads = [], {}
-        for i, (name, il) in enumerate(self.terms):
-            out = backend.attribution_result(i, n_tokens)
-            if out is None:
-                raise PyinterpError(f"logit attribution: {name}-{il} was not in the graph")
-            values.append(out)
-            if self.by_head[i]:
-                heads[i] = backend.attribution_heads(i, n_tokens)
-        return values, heads
-
-
 def logit_attribution(model: Model, tokens_or_text: str | Sequence[int], target: int | str | None = None,
                       position: int = -1, heads: bool = True) -> Attribution:
     """Direct logit attribution: how much each term of the residual stream adds to one logit.
@@ -93,7 +71,10 @@ def logit_attribution(model: Model, tokens_or_text: str | Sequence[int], target:
     Gemma's post-norm, its scale frozen too). ``target``: a token id or single-token text; default the
     model's top prediction at ``position``. Interventions of the context managers apply.
     """
-    model._live()
+    engine = model.engine
+    engine.check_live()
+    if engine.steering:
+        raise InputError("logit attribution under a control vector: its directions are a residual term the attribution lacks")
     ids = model.prompt_ids(tokens_or_text)
     check_int(position, "position")
     check_bool(heads, "heads")
@@ -108,10 +89,10 @@ def logit_attribution(model: Model, tokens_or_text: str | Sequence[int], target:
     terms = [(arch.embedding, -1)] + [(name, il) for il in range(model.n_layer) for name in (arch.attn_term, arch.ffn_term)]
     by_head = [heads and name == arch.attn_term and il >= 0 for name, il in terms]
     if target is None:
-        target = int(np.argmax(model._forward(ids).logits[position]))
+        target = int(np.argmax(engine.run(ids).logits[position]))
     target = resolve_target(model, target)
-    done = model._forward(ids, analysis=_AttributionRun(model, terms, by_head, target))
-    values, split = done.extra
+    done = engine.run(ids, readout=AttributionReadout(terms, by_head, target))
+    values, split = done.readout
     values = np.array([term[position] for term in values], dtype=np.float32)
     return Attribution(
         target=target, target_str=model.token_str(target), position=position, logit=float(done.logits[position, target]),

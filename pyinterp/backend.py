@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from . import _ffi
-from ._ffi import ffi, lib
+from ._ffi import ffi, lib, set_verbose  # noqa: F401  (set_verbose: for the façade, which does not import _ffi)
 from .errors import InputError, PyinterpError
 from .interventions.base import Op
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ._backends import cpu_has_amx
 from .arch import ARCHS, arch_of
 from .atomic import together
 from .cli_cvector import cvector
@@ -188,7 +187,7 @@ def show_version(ctx: click.Context, param: click.Parameter, value: bool) -> Non
 
 def amx_note(info: dict) -> str:
     """Whether AMX is in use, where the loaded CPU variant has it (patches 0006/0007: off unless GGML_CPU_AMX=1)."""
-    if info["cpu_variant"] not in ("sapphirerapids", "native") or not cpu_has_amx():
+    if info["cpu_variant"] not in ("sapphirerapids", "native") or not info["cpu_has_amx"]:
         return ""
     return " (AMX on)" if os.environ.get("GGML_CPU_AMX") == "1" else " (AMX off; GGML_CPU_AMX=1 turns it on)"
 

@@ -13,9 +13,9 @@ import numpy as np
 from .checks import check_bool, check_int
 from .errors import InputError
 from .hooks import as_list, split_name
+from .readouts import LensReadout
 
 if TYPE_CHECKING:
-    from .backend import Backend
     from .model import Model
 
 
@@ -85,7 +85,7 @@ def resolve_target(model: Model, target: int | str) -> int:
     """A target token: an id, or a text that is exactly one token (tokenized as given, no BOS). A text of
     several tokens is a one-line error that names the variants (leading space or not, case) that are one."""
     if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
-        return model._check_ids([target])[0]
+        return model.engine.check_ids([target])[0]
     if not isinstance(target, str):
         raise InputError(f"a target is a token id or a text, got {target!r}")
     pieces = model.tokenize(target, add_bos=False)
@@ -124,7 +124,7 @@ def check_lens_tensor(model: Model, tensor: str, top_k: int, layers: Iterable[in
     if layer is not None:
         raise InputError(f"logit lens: tensor takes a base name; for one layer: tensor={name!r}, layers=[{layer}]")
     if tensor not in info.layers:
-        model._planner().captures([tensor])  # raises the unknown-name error
+        model.engine.planner().captures([tensor])  # raises the unknown-name error
     width = info.shapes[tensor][0]
     if info.rank(tensor) != 2 or width != model.n_embd:
         raise InputError(f"logit lens: {tensor} is not a residual-width tensor "
@@ -160,30 +160,6 @@ def check_positions(positions: Iterable[int] | None, n_tokens: int) -> list[int]
     return sorted(set(positions_in(positions, n_tokens)))
 
 
-class _LensRun:
-    """The lens of one decode: set in the native plan before it, read back after it (see Model._forward)."""
-
-    def __init__(self, model: Model, tensor: str, norm: bool, top_k: int, targets: list[int], positions: list[int]) -> None:
-        self.model, self.tensor, self.norm, self.top_k = model, tensor, norm, top_k
-        self.targets, self.positions = targets, positions
-
-    def setup(self, backend: Backend) -> None:
-        backend.set_lens(self.tensor, self.norm, self.top_k, self.targets, self.positions)
-
-    def read(self, backend: Backend, n_tokens: int) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Per layer present: top-k ids and probabilities ``[n_tokens, k]`` (most probable first) and the
-        targets' statistics ``[n_positions, n_targets, 3]`` (logit, probability, number of greater logits)."""
-        out = {}
-        for il in range(-1, self.model.n_layer):  # -1: a tensor outside the layers (the embedding)
-            layer = backend.lens_result(il, n_tokens, self.top_k, len(self.targets), len(self.positions))
-            if layer is None:
-                continue
-            ids, probs, stats = layer
-            order = np.argsort(-probs, axis=1, kind="stable")
-            out[il] = (np.take_along_axis(ids, order, 1), np.take_along_axis(probs, order, 1), stats)
-        return out
-
-
 def logit_lens(model: Model, tokens_or_text: str | Sequence[int], tensor: str = "l_out", top_k: int = 10,
                norm: bool = True, layers: Iterable[int] | None = None, targets: Iterable[int | str] = (),
                positions: Iterable[int] | None = None) -> LogitLens:
@@ -198,13 +174,13 @@ def logit_lens(model: Model, tokens_or_text: str | Sequence[int], tensor: str = 
     The rank compares every logit with every target's at every kept position: a
     ``[n_vocab, n_targets, n_positions]`` temporary per layer.
     """
-    model._live()
+    model.engine.check_live()
     ids = model.prompt_ids(tokens_or_text)
     layers = check_lens_tensor(model, tensor, top_k, layers)
     top_k, norm = int(top_k), check_bool(norm, "logit lens: norm")
     targets = [resolve_target(model, t) for t in as_list(targets, "targets")]
     positions = check_positions(positions, len(ids))
-    lens = model._forward(ids, analysis=_LensRun(model, tensor, norm, top_k, targets, positions)).extra
+    lens = model.engine.run(ids, readout=LensReadout(model.n_layer, tensor, norm, top_k, targets, positions)).readout
     layers = sorted(lens) if layers is None else layers
     top_ids = np.stack([lens[il][0][positions] for il in layers])
     stats = np.stack([lens[il][2] for il in layers])  # [n_layers, n_positions, n_targets, 3]

@@ -1,42 +1,35 @@
-"""A GGUF model on the patched llama.cpp: tokenization, forward passes with captures and
-interventions inside the ggml graph, and generation. A thin façade: the native work is
-:class:`pyinterp.backend.Backend`'s, the interventions are :mod:`pyinterp.interventions` objects, and the
-analyses (lens, attribution, patching, steering, heads, fidelity) are modules of their own."""
+"""A GGUF model on the patched llama.cpp, as its user sees it: tokens, forward passes with captures and
+interventions inside the ggml graph, generation, and interventions that stay on in a with-block. A façade: the
+passes are :class:`pyinterp.engine.Engine`'s (``model.engine``), the interventions are
+:mod:`pyinterp.interventions` objects, and the analyses (lens, attribution, patching, steering, heads, SAEs,
+fidelity) are modules of their own over the engine."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from . import _ffi, zoo
-from .arch import ARCHS
-from .attribution import Attribution, logit_attribution
-from .backend import KV_TYPES, Backend, default_threads, has_metal
+from . import zoo
+from .backend import KV_TYPES, Backend, default_threads, has_metal, set_verbose
 from .checks import C_INT_MAX, check_bool, check_callable, check_float, check_int, check_intervention, check_prompt, check_str, show
+from .engine import Engine
 from .errors import InputError, PyinterpError
-from .hooks import ATTENTION_TENSORS, Head, Patch, Planner, TensorInfo, as_list, as_tuple, split_name
-from .interventions import AblateHeads, Capture, Intervention, IsolateHead, Op, PatchRow, Target
-from .lens import LogitLens, logit_lens
+from .hooks import Head, Patch, Planner, TensorInfo, as_list, as_tuple
+from .interventions import AblateHeads, Intervention, IsolateHead, PatchRow, Target
 from .trace import Trace
+
+if TYPE_CHECKING:
+    from .attribution import Attribution
+    from .lens import LogitLens
 
 GGUF_MAGIC = b"GGUF"
 
 TOKEN_ATTR_NORMAL = 1 << 2  # enum llama_token_attr's flag of an ordinary token (control, byte, ... have others)
-
-
-class _Pass(NamedTuple):
-    """What one decode under a plan returns (see Model._forward)."""
-
-    logits: np.ndarray
-    captured: dict[tuple[str, int], np.ndarray]
-    graph: list[str]
-    extra: object  # what the analysis read, or None
 
 
 @dataclass
@@ -92,16 +85,16 @@ class Model:
     numbers whether or not it captures attention. ``flash_attn=None`` lets llama.cpp decide and ``True``
     forces flash attention (faster; K and V go in as F16 and, on the CPU, V is summed in F16; layers whose
     attention weights are captured still run the explicit path). ``"f16"`` is llama.cpp's KV cache type:
-    half the memory, and the explicit path then rounds the attention weights to F16 before multiplying V. ``rpc`` ("host:port" of a ggml RPC server, see ``pyinterp.rpc``)
-    offloads ``n_gpu_layers`` layers to that server (builds with ``-DGGML_RPC=ON``). C memory is freed by
-    :meth:`close` (or ``with Model() as m:``).
+    half the memory, and the explicit path then rounds the attention weights to F16 before multiplying V.
+    ``rpc`` ("host:port" of a ggml RPC server, see ``pyinterp.rpc``) offloads ``n_gpu_layers`` layers to that
+    server (builds with ``-DGGML_RPC=ON``). C memory is freed by :meth:`close` (or ``with Model() as m:``).
+    ``model.engine`` is the :class:`pyinterp.engine.Engine` that runs its passes.
     """
 
     def __init__(self, path: str | os.PathLike | None = None, *, n_ctx: int = 2048, n_threads: int | None = None,
                  n_gpu_layers: int | None = None, flash_attn: bool | None = False, type_k: str = "f32", type_v: str = "f32",
                  rpc: str | None = None, verbose: bool = False) -> None:
-        self._lock = threading.RLock()  # one pass (or with-block of interventions) at a time: see _locked
-        _ffi.set_verbose(check_bool(verbose, "verbose"))
+        set_verbose(check_bool(verbose, "verbose"))
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise InputError(f"a model is a GGUF path or a known name, got {show(path)}")
         n_gpu_layers = default_gpu_layers() if n_gpu_layers is None else check_int(n_gpu_layers, "n_gpu_layers", -C_INT_MAX)
@@ -117,25 +110,20 @@ class Model:
         if type_v not in ("f32", "f16", "bf16") and flash_attn is False:
             raise InputError(f"a quantized V cache ({type_v}) needs flash attention (flash_attn=None or True)")
         flash = -1 if flash_attn is None else int(bool(flash_attn))
-        self._backend = Backend(self.path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, flash=flash,
-                                type_k=type_k, type_v=type_v, rpc=rpc)
-        b = self._backend
-        self.arch: str = b.arch
-        self.n_layer, self.n_head, self.n_head_kv, self.n_embd = b.n_layer, b.n_head, b.n_head_kv, b.n_embd
-        self.n_vocab: int = b.n_vocab
-        self.n_ctx: int = b.n_ctx
-        self._flash_attn = flash_attn
-        self._info: TensorInfo | None = None
-        self._interventions: list[Intervention] = []  # from the context managers, for every run
-        self._steering = False
+        backend = Backend(self.path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, flash=flash,
+                          type_k=type_k, type_v=type_v, rpc=rpc)
+        self.engine = Engine(backend, flash_attn)
+        self.arch: str = backend.arch
+        self.n_layer, self.n_head, self.n_head_kv, self.n_embd = backend.n_layer, backend.n_head, backend.n_head_kv, backend.n_embd
+        self.n_vocab: int = backend.n_vocab
+        self.n_ctx: int = backend.n_ctx
 
     # lifetime
 
     def close(self) -> None:
         """Free the context and the model (idempotent); waits for a pass running in another thread."""
-        if getattr(self, "_backend", None) is not None:
-            with self._lock:
-                self._backend.close()
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()
 
     def __enter__(self) -> "Model":
         return self
@@ -146,20 +134,15 @@ class Model:
     def __del__(self) -> None:
         self.close()
 
-    def _live(self) -> None:
-        if self._backend.closed:
-            raise PyinterpError("the model is closed")
-
     def __repr__(self) -> str:
         return (f"Model({self.path.name!r}, arch={self.arch}, n_layer={self.n_layer}, n_head={self.n_head}, "
                 f"n_head_kv={self.n_head_kv}, n_embd={self.n_embd}, n_vocab={self.n_vocab}, n_ctx={self.n_ctx})")
 
     def layer_device(self, layer: int) -> str:
         """The ggml device that computes ``layer`` (-1: the output layer), e.g. ``CPU``, ``CUDA0``, ``RPC0[host:port]``."""
-        self._live()
         if not -1 <= check_int(layer, "layer") < self.n_layer:
             raise InputError(f"layer {layer} out of range (the model has {self.n_layer} layers: 0..{self.n_layer - 1}, or -1)")
-        return self._backend.layer_device(layer)
+        return self.engine.layer_device(layer)
 
     # tokens
 
@@ -168,32 +151,16 @@ class Model:
         check_str(text, "text")
         if add_bos is not None:
             check_bool(add_bos, "add_bos")
-        with self._lock:
-            self._live()
-            return self._backend.tokenize(text, self._backend.add_bos() if add_bos is None else add_bos)
-
-    def _check_ids(self, ids: Sequence[int]) -> list[int]:
-        ids = check_prompt(ids)
-        if isinstance(ids, str):
-            raise InputError(f"token ids must be integers, got the text {show(ids)}")
-        bad = [i for i in ids if not 0 <= i < self.n_vocab]
-        if bad:
-            raise InputError(f"token id {bad[0]} out of range (vocabulary has {self.n_vocab} tokens)")
-        return ids
+        return self.engine.tokenize(text, add_bos)
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """Text of token ids (special tokens rendered)."""
-        ids = self._check_ids(ids)
-        with self._lock:
-            self._live()
-            return self._backend.detokenize(ids)
+        return self.engine.detokenize(self.engine.check_ids(ids))
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes of one token's piece (special tokens rendered); may be part of a UTF-8 character."""
-        (token,) = self._check_ids([token])
-        with self._lock:
-            self._live()
-            return self._backend.token_bytes(token)
+        (token,) = self.engine.check_ids([token])
+        return self.engine.token_bytes(token)
 
     def token_str(self, token: int) -> str:
         """The text piece of one token (special tokens rendered, partial UTF-8 characters replaced)."""
@@ -202,14 +169,13 @@ class Model:
     def ordinary_tokens(self) -> np.ndarray:
         """Ids of the ordinary text tokens, ``[n]`` int32: attribute NORMAL, so no control, byte, user-defined,
         unused or unknown tokens."""
-        self._live()
-        return np.flatnonzero(self._backend.token_attrs() & TOKEN_ATTR_NORMAL).astype(np.int32)
+        return np.flatnonzero(self.engine.token_attrs() & TOKEN_ATTR_NORMAL).astype(np.int32)
 
     def prompt_ids(self, tokens_or_text: str | Sequence[int]) -> list[int]:
         """The token ids a run would use: text tokenized (BOS as the model wants), or ids checked against
         the vocabulary; either way non-empty and no longer than the context."""
         prompt = check_prompt(tokens_or_text)
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else self.engine.check_ids(prompt)
         if not ids:
             raise InputError("the prompt is empty")
         if len(ids) > self.n_ctx:
@@ -221,119 +187,12 @@ class Model:
 
     def tensor_info(self) -> TensorInfo:
         """Names (and ggml shapes) of the tensors this model's graph offers to captures and interventions."""
-        with self._lock:
-            if self._info is None:
-                self._info = self._probe_tensors()
-        return self._info
-
-    def _probe_tensors(self) -> TensorInfo:
-        """Decode a 2-token probe recording every tensor the graph offers: names, layers and ggml shapes."""
-        self._live()
-        b = self._backend
-        b.clear_plan()
-        b.set_explicit(set(range(self.n_layer)))
-        b.set_record(True)
-        try:
-            ids = self.tokenize("a b", add_bos=False)[:1] * 2
-            b.clear_memory()
-            b.decode([ids], [0], 0, True)
-            layers: dict[str, set[int]] = {}
-            shapes: dict[str, tuple[int, ...]] = {}
-            for full, ne in b.seen():
-                name, layer = split_name(full)
-                layers.setdefault(name, set()).add(-1 if layer is None else layer)
-                while len(ne) > 1 and ne[-1] == 1:
-                    ne.pop()
-                shapes.setdefault(name, tuple(ne))  # a name given twice in a layer: the first
-        finally:
-            b.set_record(False)
-            b.set_explicit(set())
-            b.clear_memory()
-        return TensorInfo({k: frozenset(v) for k, v in layers.items()}, shapes)
+        self.engine.check_live()
+        return self.engine.tensor_info()
 
     def tensor_names(self) -> list[str]:
         """Base names of the tensors in this model's graph (``l_out``, ``attn_scores``, ...)."""
         return sorted(self.tensor_info().layers)
-
-    def _planner(self) -> Planner:
-        aliases = ARCHS[self.arch].tl_aliases if self.arch in ARCHS else None
-        return Planner(self.n_layer, self.n_head, self.tensor_info(), aliases)
-
-    def _target(self, n_tokens: int, explicit: set[int], seq: int = -1) -> Target:
-        """What interventions compile against; ``explicit``: the layers a capture needs the attention weights of."""
-        scores = set(range(self.n_layer)) if self._flash_attn is False else explicit
-        return Target(self._planner(), n_tokens, seq, frozenset(scores))
-
-    def _compile(self, n_tokens: int, interventions: Iterable[Intervention],
-                 capture: Iterable[str]) -> tuple[list[Op], list[Op], set[int]]:
-        """The run's intervention ops (the context managers' first) and capture ops, and the layers that run
-        the explicit attention path."""
-        interventions = [check_intervention(iv) for iv in as_list(interventions, "interventions")]
-        planner = self._planner()
-        capture = [capture] if isinstance(capture, str) else as_list(capture, "capture")
-        captures = list(dict.fromkeys(op for spec in capture for op in Capture(spec).ops(Target(planner, n_tokens))))
-        explicit = {op.layer for op in captures if op.name in ATTENTION_TENSORS}
-        target = self._target(n_tokens, explicit)
-        ops = [op for iv in [*self._interventions, *interventions] for op in iv.ops(target)]
-        return ops, captures, explicit
-
-    def _needs_every_row(self, ops: Iterable[Op]) -> bool:
-        """Whether ``ops`` capture on the last layer, whose tensors after attention keep only the rows of the tokens
-        whose logits are wanted: such a decode must want every token's."""
-        return any(op.kind == "capture" and op.layer == self.n_layer - 1 for op in ops)
-
-    def _set_plan(self, ops: list[Op], explicit: set[int]) -> list[int]:
-        """The native plan: these ops (their indices returned) on a graph with ``explicit`` attention layers."""
-        b = self._backend
-        b.clear_plan()
-        b.set_explicit(explicit)
-        return [b.add_op(op) for op in ops]
-
-    def _read_captures(self, captures: list[Op], indices: list[int], n_tokens: int) -> dict[tuple[str, int], np.ndarray]:
-        out = {}
-        info = self.tensor_info()
-        for op, i in zip(captures, indices):
-            # the KV axis of the attention weights is padded; keep the cells of this prompt
-            n0 = n_tokens if op.name in ATTENTION_TENSORS else None
-            arr = self._backend.op_result(i, info.rank(op.name), n0)
-            if arr is None:
-                raise PyinterpError(f"{op.name}-{op.layer} was not in the graph of this run")
-            out[op.name, op.layer] = arr
-        return out
-
-    def _forward(self, ids: list[int], interventions: Iterable[Intervention] = (), capture: Iterable[str] = (),
-                 graph: bool = False, analysis=None, rows: str = "all") -> _Pass:
-        """Decode ``ids`` from an empty cache under these interventions (and the context managers'); returns
-        logits (of every token, or with ``rows`` "last" of the last unless the plan captures on the last
-        layer), captures, the lines describing every node
-        of the graph (when ``graph``) and what ``analysis`` read. ``analysis`` (the lens, the attribution) has
-        ``setup(backend)``, called once the plan is set, and ``read(backend, n_tokens)``, after the decode.
-        Holds the model's lock: every pass goes through here, :meth:`generate` or :func:`pyinterp.batch.run_variants`."""
-        with self._lock:
-            self._live()
-            return self._forward_locked(ids, interventions, capture, graph, analysis, rows)
-
-    def _forward_locked(self, ids: list[int], interventions: Iterable[Intervention], capture: Iterable[str],
-                        graph: bool, analysis, rows: str) -> _Pass:
-        ops, captures, explicit = self._compile(len(ids), interventions, capture)
-        if self._needs_every_row(captures):
-            rows = "all"
-        b = self._backend
-        indices = self._set_plan(ops + captures, explicit)
-        try:
-            if analysis is not None:
-                analysis.setup(b)
-            if graph:
-                b.set_record(True)  # keeps the hook set, so the graph is seen
-            b.clear_memory()
-            b.decode([ids], [0], 0, rows == "all")
-            logits = b.logits(len(ids) if rows == "all" else 1)
-            captured = self._read_captures(captures, indices[len(ops):], len(ids))
-            lines = b.graph_lines() if graph else []
-            extra = analysis.read(b, len(ids)) if analysis is not None else None
-        finally:
-            b.clear_plan()
-        return _Pass(logits, captured, lines, extra)
 
     # forward passes
 
@@ -342,14 +201,16 @@ class Model:
                    positions: Iterable[int] | None = None) -> LogitLens:
         """The logit lens of ``tensor``: top-k tokens and the targets' probabilities and ranks per layer and
         position, computed in the graph; see :func:`pyinterp.lens.logit_lens`."""
+        from .lens import logit_lens
+
         return logit_lens(self, tokens_or_text, tensor, top_k, norm, layers, targets, positions)
 
     def logit_attribution(self, tokens_or_text: str | Sequence[int], target: int | str | None = None,
                           position: int = -1, heads: bool = True) -> Attribution:
         """Direct logit attribution of ``target`` (default the top prediction) at ``position`` to the residual
         stream's terms and each attention head; see :func:`pyinterp.attribution.logit_attribution`."""
-        if self._steering:
-            raise InputError("logit attribution under a control vector: its directions are a residual term the attribution lacks")
+        from .attribution import logit_attribution
+
         return logit_attribution(self, tokens_or_text, target, position, heads)
 
     def graph(self, tokens_or_text: str | Sequence[int], *, capture: Iterable[str] = (), ablate: Iterable[Head] = (),
@@ -357,17 +218,18 @@ class Model:
               interventions: Iterable[Intervention] = ()) -> list[str]:
         """One line per node of the graph llama.cpp builds for this prompt (with these interventions):
         name, op, type, ggml shape and the sources it reads."""
-        self._live()
+        self.engine.check_live()
         ids = self.prompt_ids(tokens_or_text)
         every = [*legacy_interventions(ablate, isolate, patch), *as_list(interventions, "interventions")]
-        return self._forward(ids, every, capture, graph=True).graph
+        return self.engine.run(ids, every, capture, graph=True).graph
 
     def run(self, tokens_or_text: str | Sequence[int], *, capture: Iterable[str] = (), ablate: Iterable[Head] = (),
             isolate: Head | None = None, patch: Iterable[Patch] = (), interventions: Iterable[Intervention] = (),
             logits: str | None = "all") -> Trace:
         """One forward pass over a prompt (text or token ids) from an empty KV cache.
 
-        capture: tensor names (``"l_out"``, ``"attn_scores"``, ...) for every layer, or ``"name-layer"``.
+        capture: tensor names (``"l_out"``, ``"attn_scores"``, ...) for every layer, or ``"name-layer"``, or
+        TransformerLens names (``"blocks.5.hook_resid_post"``); the trace takes the same names as keys.
         ablate: ``(layer, head)`` pairs whose attention weights are zeroed (so their output is zero).
         isolate: ``(layer, head)``: ablate every other head of that layer.
         patch: ``(name, layer, position, vector)``: replace that row of ``name-layer`` with ``vector``.
@@ -377,14 +239,14 @@ class Model:
         None (``trace.logits`` is None).
         Interventions of the ``ablated``/``isolated``/``patched``/``intervened`` context managers apply too.
         """
-        self._live()
+        self.engine.check_live()
         if logits not in ("all", "last", None):
             raise InputError(f"logits must be 'all', 'last' or None, got {logits!r}")
         ids = self.prompt_ids(tokens_or_text)
         every = [*legacy_interventions(ablate, isolate, patch), *as_list(interventions, "interventions")]
-        done = self._forward(ids, every, capture, rows="all" if logits == "all" else "last")
+        done = self.engine.run(ids, every, capture, logits="all" if logits == "all" else "last")
         out = None if logits is None else done.logits[-1:] if logits == "last" else done.logits
-        return Trace(ids, out, done.captured, [self.token_str(t) for t in ids], resolve=self._planner().key)
+        return Trace(ids, out, done.captured, [self.token_str(t) for t in ids], resolve=self.engine.planner().key)
 
     def generate(self, prompt: str | Sequence[int], n: int, *, temp: float = 0.0, seed: int | None = None,
                  ablate: Iterable[Head] = (), isolate: Head | None = None, patch: Iterable[Patch] = (),
@@ -396,7 +258,7 @@ class Model:
         positions apply to the prompt positions they name. The graph is built once for the prompt and once
         for the first generated token, then reused. ``on_token`` is called with each new token (progress).
         """
-        self._live()
+        self.engine.check_live()
         n = check_int(n, "n", 0)
         temp = check_float(temp, "temp", 0)
         if seed is not None:
@@ -407,38 +269,8 @@ class Model:
         if len(ids) + n > self.n_ctx:
             raise InputError(f"prompt ({len(ids)} tokens) plus {n} new tokens exceed the context of {self.n_ctx}")
         every = [*legacy_interventions(ablate, isolate, patch), *as_list(interventions, "interventions")]
-        with self._lock:
-            self._live()
-            out = self._generate(ids, n, temp, np.random.default_rng(seed), every, stop_at_eog, on_token)
+        out = self.engine.generate_tokens(ids, n, temp, np.random.default_rng(seed), every, stop_at_eog, on_token)
         return Generation(ids, out, self.detokenize(out))
-
-    def _generate(self, ids: list[int], n: int, temp: float, rng: np.random.Generator, interventions: list[Intervention],
-                  stop_at_eog: bool, on_token: Callable[[int], None] | None) -> list[int]:
-        """The tokens :meth:`generate` produces (the lock held)."""
-        ops, _, explicit = self._compile(len(ids), interventions, ())
-        b = self._backend
-        self._set_plan(ops, explicit)
-        out: list[int] = []
-        try:
-            b.clear_memory()
-            b.decode([ids], [0], 0, False)
-            for step in range(n):
-                logits = b.logits(1)[0].astype(np.float64)
-                if temp == 0:
-                    token = int(np.argmax(logits))
-                else:
-                    p = np.exp((logits - logits.max()) / temp)
-                    token = int(rng.choice(self.n_vocab, p=p / p.sum()))
-                if stop_at_eog and b.is_eog(token):
-                    break
-                out.append(token)
-                if on_token is not None:
-                    on_token(token)
-                if step < n - 1:
-                    b.decode([[token]], [0], len(ids) + step, False)
-        finally:
-            b.clear_plan()
-        return out
 
     # interventions that stay on
 
@@ -448,30 +280,26 @@ class Model:
         holds the model's lock: another thread's passes wait for its end."""
         for iv in interventions:
             check_intervention(iv)
-        with self._lock:
-            self._interventions.extend(interventions)
-            try:
-                yield self
-            finally:
-                del self._interventions[len(self._interventions) - len(interventions):]
+        with self.engine.pushed(*interventions):
+            yield self
 
     @contextlib.contextmanager
     def ablated(self, heads: Iterable[Head]) -> Iterator["Model"]:
         """Within the block, every run and generation has these ``(layer, head)`` pairs ablated."""
         every = legacy_interventions(ablate=heads)
         for iv in every:
-            iv.ops(Target(self._planner(), 1))
+            iv.ops(Target(self.engine.planner(), 1))
         with self.intervened(*every):
             yield self
 
     @contextlib.contextmanager
     def isolated(self, layer: int, head: int) -> Iterator["Model"]:
         """Within the block, only ``head`` of ``layer`` contributes to that layer's attention output."""
-        with self._lock:
-            if any(isinstance(iv, IsolateHead) for iv in self._interventions):
+        with self.engine.lock:
+            if any(isinstance(iv, IsolateHead) for iv in self.engine.interventions):
                 raise InputError("a head is already isolated")
             iv = IsolateHead(layer, head)
-            iv.ops(Target(self._planner(), 1))
+            iv.ops(Target(self.engine.planner(), 1))
             with self.intervened(iv):
                 yield self
 
@@ -480,20 +308,3 @@ class Model:
         """Within the block, every run and generation has these rows replaced (checked at each run)."""
         with self.intervened(*legacy_interventions(patch=patches)):
             yield self
-
-    @contextlib.contextmanager
-    def _control_vector(self, directions: np.ndarray, start: int, end: int) -> Iterator[None]:
-        """Within the block llama.cpp adds row L of ``directions`` (``[n_layer, n_embd]`` float32) to ``l_out-L`` for L in
-        ``start..end`` (never 0) in every decode (``llama_set_adapter_cvec``; see ``pyinterp.steering.steered``)."""
-        with self._lock:  # the whole block: another thread's passes must not see the vector
-            self._live()
-            if self._steering:
-                raise InputError("a control vector is already applied: steered blocks do not nest (sum the vectors)")
-            self._backend.set_control_vector(directions[1:], start, end)  # llama.cpp's buffer starts at layer 1
-            self._steering = True
-            try:
-                yield
-            finally:
-                self._steering = False
-                if not self._backend.closed:
-                    self._backend.set_control_vector(None, -1, -1)

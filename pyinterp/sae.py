@@ -47,13 +47,12 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from .atomic import atomic_write, together
-from .backend import NativeSAE, attach_sae, sae_result
 from .checks import is_int
 from .errors import InputError
+from .readouts import SAEReadout, upload_sae
 from .safetensors_io import read_safetensors, rounded, write_safetensors
 
 if TYPE_CHECKING:
-    from .backend import Backend
     from .model import Model
 
 ARCHITECTURES = ("standard", "jumprelu", "topk")
@@ -162,7 +161,7 @@ class SAE:
             layer = int(m.group("layer"))
             spec = f"blocks.{layer - 1}.hook_resid_post" if layer > 0 else "hook_embed"
         try:
-            found = model._planner().captures([spec])
+            found = model.engine.planner().captures([spec])
         except InputError as e:
             raise InputError(f"SAE hook {self.hook_name!r}: {e}") from None
         if len(found) != 1:
@@ -181,16 +180,6 @@ class SAE:
         return name, layer
 
     # files
-
-    def _native(self, model: "Model", layer: int) -> "NativeSAE":
-        """The weights on the device of ``layer``, uploaded once per model."""
-        cache = self.__dict__.setdefault("_uploaded", {})
-        key = (id(model._backend), layer)
-        with model._lock:
-            if key not in cache:
-                cache[key] = NativeSAE(model._backend, layer, self.W_enc, self.b_enc, self.W_dec, self.b_dec,
-                                       self.threshold, self.architecture, self.k, self.apply_b_dec_to_input)
-        return cache[key]
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SAE":
@@ -383,19 +372,10 @@ def top_features(f: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(values > 0, ids, -1).astype(np.int64), values.astype(np.float32)
 
 
-class _SAERun:
-    """An SAE encoding its tensor inside one decode (see Model._forward), with optional feature edits."""
-
-    def __init__(self, model: "Model", sae: SAE, top_k: int, edits: dict[int, float], scale: bool) -> None:
-        self.name, self.layer = sae.hook_tensor(model)
-        self.sae, self.top_k, self.edits, self.scale = sae, top_k, edits, scale
-        self.native = sae._native(model, self.layer)
-
-    def setup(self, backend: "Backend") -> None:
-        self.index = attach_sae(backend, self.native, self.name, self.layer, self.top_k, self.edits, self.scale)
-
-    def read(self, backend: "Backend", n_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return sae_result(backend, self.index, n_tokens, self.top_k)
+def _readout(model: "Model", sae: SAE, top_k: int, edits: dict[int, float], scale: bool) -> SAEReadout:
+    """The SAE encoding its tensor inside the next pass of ``model``, with optional feature edits."""
+    name, layer = sae.hook_tensor(model)
+    return SAEReadout(upload_sae(model.engine, sae, layer), name, layer, top_k, edits, scale)
 
 
 def _check_top_k(sae: SAE, top_k: object) -> int:
@@ -412,9 +392,9 @@ def _rows(model: "Model", layer: int) -> str:
 def sae_features(model: "Model", sae: SAE, tokens_or_text: str | Sequence[int], top_k: int = 10) -> SAEFeatures:
     """Encode every token's row of the SAE's hook tensor inside the graph: top-k features, L0 and reconstruction
     error per token (:class:`SAEFeatures`); only those leave the device."""
-    run = _SAERun(model, sae, _check_top_k(sae, top_k), {}, False)
+    run = _readout(model, sae, _check_top_k(sae, top_k), {}, False)
     ids = model.prompt_ids(tokens_or_text)
-    top, values, stats = model._forward(ids, analysis=run, rows=_rows(model, run.layer)).extra
+    top, values, stats = model.engine.run(ids, readout=run, logits=_rows(model, run.layer)).readout
     order = np.argsort(-values, axis=1, kind="stable")
     top, values = np.take_along_axis(top, order, 1), np.take_along_axis(values, order, 1)
     err, norm, dot, norm_hat, l0 = (stats[:, i].astype(np.float64) for i in range(5))
@@ -439,5 +419,5 @@ def steer_features(model: "Model", sae: SAE, tokens_or_text: str | Sequence[int]
             raise InputError(f"feature {j!r} out of range (the SAE has {sae.d_sae} features)")
         if not isinstance(v, (int, float, np.floating)) or not np.isfinite(v):
             raise InputError(f"feature {j}: the value must be a finite number, got {v!r}")
-    run = _SAERun(model, sae, 1, {int(j): float(v) for j, v in edits.items()}, scale)
-    return model._forward(model.prompt_ids(tokens_or_text), analysis=run).logits
+    run = _readout(model, sae, 1, {int(j): float(v) for j, v in edits.items()}, scale)
+    return model.engine.run(model.prompt_ids(tokens_or_text), readout=run).logits

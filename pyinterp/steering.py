@@ -233,7 +233,7 @@ def steered(model: Model, vectors: VectorSpec | Sequence[VectorSpec], scale: flo
     layer it holds)."""
     cv = combine(vectors) * scale
     start, end = layer_range(model, layers)
-    with model._control_vector(for_model(cv, model), start, end):
+    with model.engine.control_vector(for_model(cv, model), start, end):
         yield cv
 
 
