@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from pyinterp import _ffi
+from pyinterp.interventions.base import OP_KINDS
 
 
 def test_every_declared_function_is_exported():
@@ -14,3 +15,10 @@ def test_every_declared_function_is_exported():
     for name in names:
         assert callable(getattr(_ffi.lib, name)), name
 
+
+
+def test_op_kinds_are_the_c_enum():
+    """The op kinds are declared once, in interp.h's enum pi_op_kind; the Python names come from it."""
+    enum = _ffi.ffi.typeof("enum pi_op_kind").relements
+    assert OP_KINDS == {name.removeprefix("PI_OP_").lower(): value for name, value in enum.items()}
+    assert set(OP_KINDS) == {"capture", "mul", "set", "add", "inject"}
