@@ -15,10 +15,12 @@
 //   1. pyinterp/csrc/<name>.c: its state struct, its API functions (set it up, read its results; each
 //      finds its state with pi_self(st, &pi_recipe_<name>)), and `const struct pi_recipe pi_recipe_<name>`.
 //   2. its API declarations in interp.h (cffi reads them from there);
-//   3. one line in recipes.c (extern + table entry) and one in CMakeLists.txt's source list;
-//   4. one Python module calling it through pyinterp/backend.py's state (lib.pi_...).
-// Nothing in the core changes: pi_state_new allocates its state, pi_plan_clear and pi_state_free clear and
-// release it, the hook is set while any recipe is active, and every decode and graph build goes through it.
+//   3. two lines in recipes.c (its extern and its table entry) and one in CMakeLists.txt's source list;
+//   4. Python: an analysis module (setup before Model._forward's decode, read after) and its calls in
+//      pyinterp/backend.py (see docs/internals.md).
+// Nothing in the core or in another recipe changes: pi_state_new allocates its state, pi_plan_clear and
+// pi_state_free clear and release it, the hook is set while any recipe is active, and every decode and
+// graph build goes through it.
 #pragma once
 
 #include "interp.h"
