@@ -18,15 +18,12 @@ import numpy as np
 from . import _ffi
 from ._ffi import ffi, lib, set_verbose  # noqa: F401  (set_verbose: for the façade, which does not import _ffi)
 from .errors import InputError, PyinterpError
-from .interventions.base import Op
+from .interventions.base import OP_KINDS, Op
 
 # KV cache types llama.cpp accepts (-ctk/-ctv), as enum ggml_type values
 KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7}
 
 N_SEQ_MAX = 64  # sequences one decode may hold (llama.cpp allows 256), fewer when n_ctx is smaller
-
-OP_KINDS = {"capture": lib.PI_OP_CAPTURE, "mul": lib.PI_OP_MUL, "set": lib.PI_OP_SET, "add": lib.PI_OP_ADD,
-            "inject": lib.PI_OP_INJECT}
 
 
 def _with_buffer(ctype: str, cap: int, call) -> tuple[object, int]:

@@ -3,13 +3,48 @@
 
 #include "internal.h"
 
-void pi_attr_free(struct pi_state * st) {
-    if (st->attr.buf) {
-        ggml_backend_buffer_free(st->attr.buf);
-        ggml_free(st->attr.ctx);
+struct pi_attr_term {
+    char    name[PI_NAME_MAX];
+    int32_t il;
+    bool    by_head;                // also split the term (an attention output) by head
+    struct ggml_tensor * in;        // the term, recorded during the build
+    struct ggml_tensor * out;       // [n_targets, n_tokens] F32 its logit contribution to each target
+    struct ggml_tensor * heads;     // [n_targets, n_head, n_tokens] F32 each head's share of it (when by_head)
+};
+
+// the attribution a plan asked for
+struct pi_attr_plan {
+    struct pi_attr_term * terms;
+    int32_t n_terms;                // active when n_terms > 0
+    struct ggml_context * ctx;      // owns rows
+    ggml_backend_buffer_t buf;      // on the output device
+    struct ggml_tensor * rows;      // [n_embd, n_targets] F32 the targets' unembedding rows, read from the model file
+    char rows_of[PI_NAME_MAX];      // the matrix they are rows of (output.weight, or token_embd.weight when tied)
+    const char * failed;            // why the attribution could not be built (NULL: it was)
+};
+
+// one per layer, kept with the state
+struct pi_attr_layer {
+    struct ggml_context * ctx;
+    ggml_backend_buffer_t buf;
+    struct ggml_tensor * eye;       // [1, n_head, n_head] F32 identity: spreads the heads apart (per-head attribution)
+};
+
+struct pi_attr {
+    struct pi_attr_plan plan;
+    struct pi_attr_layer * layers;  // [n_layer]
+};
+
+extern const struct pi_recipe pi_recipe_attribution;
+
+static void pi_attr_clear(struct pi_state * st, void * data) {
+    struct pi_attr_plan * plan = &((struct pi_attr *) data)->plan;
+    if (plan->buf) {
+        ggml_backend_buffer_free(plan->buf);
+        ggml_free(plan->ctx);
     }
-    free(st->attr.terms);
-    memset(&st->attr, 0, sizeof(st->attr));
+    free(plan->terms);
+    memset(plan, 0, sizeof(*plan));
 }
 
 // attribute the logits of `targets` to the tensors (names[i], layers[i]) of the residual stream; by_head (or NULL):
@@ -17,7 +52,9 @@ void pi_attr_free(struct pi_state * st) {
 // model file (model_path) now, not from the weight in the graph: see rows.c.
 int pi_set_attribution(struct pi_state * st, const char * model_path, const char ** names, const int32_t * layers,
                        const bool * by_head, int32_t n_terms, const int32_t * targets, int32_t n_targets) {
-    pi_attr_free(st);
+    struct pi_attr * self = pi_self(st, &pi_recipe_attribution);
+    struct pi_attr_plan * plan = &self->plan;
+    pi_attr_clear(st, self);
     if (n_targets < 1) {
         return pi_fail(st, "no target tokens");
     }
@@ -33,26 +70,26 @@ int pi_set_attribution(struct pi_state * st, const char * model_path, const char
         return -1;
     }
     struct ggml_init_params params = { ggml_tensor_overhead(), NULL, true };
-    st->attr.ctx  = ggml_init(params);
-    st->attr.rows = ggml_new_tensor_2d(st->attr.ctx, GGML_TYPE_F32, n_embd, n_targets);
-    ggml_set_name(st->attr.rows, "pi_attribution_rows");
-    st->attr.buf = ggml_backend_alloc_ctx_tensors_from_buft(st->attr.ctx, pi_layer_buft(st, -1));
-    if (st->attr.buf == NULL) {
+    plan->ctx  = ggml_init(params);
+    plan->rows = ggml_new_tensor_2d(plan->ctx, GGML_TYPE_F32, n_embd, n_targets);
+    ggml_set_name(plan->rows, "pi_attribution_rows");
+    plan->buf = ggml_backend_alloc_ctx_tensors_from_buft(plan->ctx, pi_layer_buft(st, -1));
+    if (plan->buf == NULL) {
         free(rows);
-        ggml_free(st->attr.ctx);
-        memset(&st->attr, 0, sizeof(st->attr));
+        ggml_free(plan->ctx);
+        memset(plan, 0, sizeof(*plan));
         return pi_fail(st, "could not allocate the attribution's unembedding rows");
     }
-    ggml_backend_tensor_set(st->attr.rows, rows, 0, ggml_nbytes(st->attr.rows));
+    ggml_backend_tensor_set(plan->rows, rows, 0, ggml_nbytes(plan->rows));
     free(rows);
-    snprintf(st->attr.rows_of, sizeof(st->attr.rows_of), "%s", of);
-    st->attr.terms = calloc(n_terms, sizeof(struct pi_attr_term));
+    snprintf(plan->rows_of, sizeof(plan->rows_of), "%s", of);
+    plan->terms = calloc(n_terms, sizeof(struct pi_attr_term));
     for (int32_t i = 0; i < n_terms; ++i) {
-        snprintf(st->attr.terms[i].name, PI_NAME_MAX, "%s", names[i]);
-        st->attr.terms[i].il = layers[i];
-        st->attr.terms[i].by_head = by_head != NULL && by_head[i];
+        snprintf(plan->terms[i].name, PI_NAME_MAX, "%s", names[i]);
+        plan->terms[i].il = layers[i];
+        plan->terms[i].by_head = by_head != NULL && by_head[i];
     }
-    st->attr.n_terms = n_terms;
+    plan->n_terms = n_terms;
     pi_update_hook(st);
     pi_drop_graph(st);
     return 0;
@@ -61,10 +98,11 @@ int pi_set_attribution(struct pi_state * st, const char * model_path, const char
 // contribution of term i to the targets after the last decode: n = n_tokens*n_targets floats, token-major;
 // returns 1 when the term was not in the graph
 int pi_attribution_read(struct pi_state * st, int32_t i, float * dst, int64_t n) {
-    if (st->attr.failed) {
-        return pi_fail(st, st->attr.failed);
+    const struct pi_attr * self = pi_self(st, &pi_recipe_attribution);
+    if (self->plan.failed) {
+        return pi_fail(st, self->plan.failed);
     }
-    const struct ggml_tensor * t = st->attr.terms[i].out;
+    const struct ggml_tensor * t = self->plan.terms[i].out;
     if (t == NULL) {
         return 1;
     }
@@ -78,7 +116,8 @@ int pi_attribution_read(struct pi_state * st, int32_t i, float * dst, int64_t n)
 // each head's share of term i (split by head) after the last decode: n = n_tokens*n_head*n_targets floats,
 // token-major, then head
 int pi_attribution_heads_read(struct pi_state * st, int32_t i, float * dst, int64_t n) {
-    const struct pi_attr_term * term = &st->attr.terms[i];
+    const struct pi_attr * self = pi_self(st, &pi_recipe_attribution);
+    const struct pi_attr_term * term = &self->plan.terms[i];
     if (!term->by_head) {
         return pi_fail(st, "this term was not split by head");
     }
@@ -98,7 +137,7 @@ int pi_attribution_heads_read(struct pi_state * st, int32_t i, float * dst, int6
 // test, ggml_backend_sched_backend_from_buffer). A backend may keep a weight in a layout only some ops read (the
 // CPU's repacked blocks: its matrix product with F32 activations); where no device runs a node that reads a
 // weight, ggml's scheduler aborts the process.
-bool pi_weights_run(const struct ggml_tensor * node) {
+static bool pi_weights_run(const struct ggml_tensor * node) {
     for (int i = 0; i < GGML_MAX_SRC; ++i) {
         const struct ggml_tensor * w = node->src[i];
         if (w == NULL || w->buffer == NULL || ggml_backend_buffer_get_usage(w->buffer) != GGML_BACKEND_BUFFER_USAGE_WEIGHTS) {
@@ -155,8 +194,8 @@ static struct ggml_tensor * pi_heads_replay(struct ggml_context * ctx, struct gg
 // biases, or NULL when the term is not the output projection of the heads through the ops pi_heads_replay knows.
 // Each head's rows of the projection input are copied apart (the rest zero) and go through the model's own
 // projection matrix, so every head is multiplied by its slice of W_O, in the weight's own type.
-static struct ggml_tensor * pi_split_heads(struct pi_state * st, struct ggml_context * ctx, struct ggml_tensor * term,
-                                           int32_t il) {
+static struct ggml_tensor * pi_split_heads(struct pi_state * st, struct pi_attr * self, struct ggml_context * ctx,
+                                           struct ggml_tensor * term, int32_t il) {
     struct ggml_tensor * mm = term;
     while (mm != NULL && mm->op != GGML_OP_MUL_MAT) {
         mm = mm->src[0];
@@ -176,10 +215,10 @@ static struct ggml_tensor * pi_split_heads(struct pi_state * st, struct ggml_con
     }
     // [d, n_head (slot), n_head (which head is kept), n_tokens]
     struct ggml_tensor * apart = ggml_repeat_4d(ctx, ggml_reshape_4d(ctx, z, d, n_head, 1, n_tokens), d, n_head, n_head, n_tokens);
-    apart = ggml_mul(ctx, apart, ggml_reshape_4d(ctx, st->layers[il].eye, 1, n_head, n_head, 1));
+    apart = ggml_mul(ctx, apart, ggml_reshape_4d(ctx, self->layers[il].eye, 1, n_head, n_head, 1));
     struct ggml_tensor * out = ggml_mul_mat(ctx, mm->src[0], ggml_reshape_2d(ctx, apart, d * n_head, n_head * n_tokens));
     if (!pi_weights_run(out)) {
-        st->attr.failed = "per-head logit attribution: no backend multiplies the heads by the attention output "
+        self->plan.failed = "per-head logit attribution: no backend multiplies the heads by the attention output "
                           "projection in the buffer that holds it";
         return NULL;
     }
@@ -189,9 +228,10 @@ static struct ggml_tensor * pi_split_heads(struct pi_state * st, struct ggml_con
 
 // at result_output: each term's contribution to the target logits, the final norm's scale frozen
 //   contribution = (term / rms(final residual) * norm weight) . unembedding row of the target
-void pi_build_attr(struct pi_state * st, struct ggml_context * ctx, struct ggml_cgraph * gf,
-                          struct ggml_tensor * out) {
-    struct pi_attr * attr = &st->attr;
+static void pi_attr_output(struct pi_state * st, void * data, struct ggml_context * ctx, struct ggml_cgraph * gf,
+                           struct ggml_tensor * out) {
+    struct pi_attr * self = data;
+    struct pi_attr_plan * attr = &self->plan;
     struct ggml_tensor * mm = pi_unembedding(out);
     struct ggml_tensor * normed = mm ? mm->src[1] : NULL;
     if (st->final_in == NULL || normed == NULL || normed->op != GGML_OP_MUL || normed->src[0]->op != GGML_OP_RMS_NORM ||
@@ -214,7 +254,7 @@ void pi_build_attr(struct pi_state * st, struct ggml_context * ctx, struct ggml_
         if (term->in == NULL || term->in->ne[0] != st->final_in->ne[0]) {
             continue;
         }
-        if (!pi_room(gf)) {
+        if (!pi_room(gf, PI_ROOM)) {
             attr->failed = PI_NO_ROOM;
             return;
         }
@@ -226,7 +266,7 @@ void pi_build_attr(struct pi_state * st, struct ggml_context * ctx, struct ggml_
         if (!term->by_head || term->il < 0 || term->il >= st->n_layer) {
             continue;
         }
-        struct ggml_tensor * heads = pi_split_heads(st, ctx, term->in, term->il); // [n_embd, n_head, n_tokens]
+        struct ggml_tensor * heads = pi_split_heads(st, self, ctx, term->in, term->il); // [n_embd, n_head, n_tokens]
         if (heads == NULL) {
             continue;
         }
@@ -239,3 +279,81 @@ void pi_build_attr(struct pi_state * st, struct ggml_context * ctx, struct ggml_
     }
 }
 
+// the identity that spreads the heads apart, on every layer's device
+static bool pi_attr_init(struct pi_state * st, void * data) {
+    struct pi_attr * self = data;
+    self->layers = calloc(st->n_layer, sizeof(struct pi_attr_layer));
+    float * eye = calloc((size_t) st->n_head * st->n_head, sizeof(float));
+    for (int32_t h = 0; h < st->n_head; ++h) {
+        eye[h * st->n_head + h] = 1.0f;
+    }
+    bool ok = true;
+    for (int32_t il = 0; il < st->n_layer && ok; ++il) {
+        struct pi_attr_layer * layer = &self->layers[il];
+        struct ggml_init_params params = { ggml_tensor_overhead(), NULL, true };
+        layer->ctx = ggml_init(params);
+        layer->eye = ggml_new_tensor_3d(layer->ctx, GGML_TYPE_F32, 1, st->n_head, st->n_head);
+        ggml_format_name(layer->eye, "pi_eye-%d", il);
+        layer->buf = ggml_backend_alloc_ctx_tensors_from_buft(layer->ctx, pi_layer_buft(st, il));
+        ok = layer->buf != NULL;
+        if (ok) {
+            ggml_backend_tensor_set(layer->eye, eye, 0, ggml_nbytes(layer->eye));
+        }
+    }
+    free(eye);
+    return ok;
+}
+
+static void pi_attr_release(struct pi_state * st, void * data) {
+    struct pi_attr * self = data;
+    for (int32_t il = 0; il < st->n_layer && self->layers != NULL; ++il) {
+        if (self->layers[il].buf) {
+            ggml_backend_buffer_free(self->layers[il].buf);
+        }
+        if (self->layers[il].ctx) {
+            ggml_free(self->layers[il].ctx);
+        }
+    }
+    free(self->layers);
+}
+
+static bool pi_attr_active(const struct pi_state * st, const void * data) {
+    const struct pi_attr * self = data;
+    return self->plan.n_terms > 0;
+}
+
+static void pi_attr_begin(struct pi_state * st, void * data) {
+    struct pi_attr_plan * plan = &((struct pi_attr *) data)->plan;
+    for (int32_t i = 0; i < plan->n_terms; ++i) {
+        plan->terms[i].in    = NULL;
+        plan->terms[i].out   = NULL;
+        plan->terms[i].heads = NULL;
+    }
+    plan->failed = NULL;
+}
+
+// note the terms, as the interventions left them
+static struct ggml_tensor * pi_attr_tensor(struct pi_state * st, void * data, struct ggml_context * ctx,
+                                           struct ggml_cgraph * gf, struct ggml_tensor * cur, const char * name,
+                                           int32_t il) {
+    struct pi_attr_plan * plan = &((struct pi_attr *) data)->plan;
+    for (int32_t i = 0; i < plan->n_terms; ++i) {
+        struct pi_attr_term * term = &plan->terms[i];
+        if (term->in == NULL && term->il == il && strcmp(term->name, name) == 0) {
+            term->in = cur;
+        }
+    }
+    return cur;
+}
+
+const struct pi_recipe pi_recipe_attribution = {
+    .name    = "attribution",
+    .size    = sizeof(struct pi_attr),
+    .init    = pi_attr_init,
+    .clear   = pi_attr_clear,
+    .release = pi_attr_release,
+    .active  = pi_attr_active,
+    .begin   = pi_attr_begin,
+    .tensor  = pi_attr_tensor,
+    .output  = pi_attr_output,
+};

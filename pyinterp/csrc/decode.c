@@ -1,4 +1,4 @@
-// pyinterp native layer: decoding a batch of sequences under the op table, and reading what it captured.
+// pyinterp native layer: decoding a batch of sequences under the recipes, and reading what a graph output holds.
 
 #include "internal.h"
 
@@ -23,8 +23,13 @@ int32_t pi_decode(struct pi_state * st, const llama_token * tokens, int32_t n_se
         pi_fail(st, "batch does not fit the context");
         return -100;
     }
-    if (pi_ops_prepare(st, n_seq, n_tokens, pos0, seq_ids, all_logits) != 0) {
-        return -100;
+    st->n_ubatch  = (int32_t) n;
+    st->n_outputs = all_logits ? st->n_ubatch : n_seq;
+    const struct pi_batch seqs = { n_seq, n_tokens, pos0, seq_ids, all_logits };
+    for (int32_t i = 0; i < pi_n_recipes; ++i) {
+        if (pi_recipes[i]->prepare != NULL && pi_recipes[i]->prepare(st, st->self[i], &seqs) != 0) {
+            return -100;
+        }
     }
     st->n_nodes = INT_MAX; // the next hook call, if llama.cpp builds a graph, begins a build
 
@@ -57,24 +62,9 @@ int32_t pi_n_builds(const struct pi_state * st) {
     return st->n_builds;
 }
 
-// shape of what op i captured in the last graph, in ggml order (ne[0] fastest); false when it captured nothing
-bool pi_op_shape(const struct pi_state * st, int32_t i, int64_t * ne) {
-    if (i < 0 || i >= st->n_ops || st->ops[i].out == NULL) {
-        return false;
-    }
-    for (int d = 0; d < 4; ++d) {
-        ne[d] = st->ops[i].out->ne[d];
-    }
-    return true;
-}
-
-// copy what op i captured to dst (room for n_dst floats) as float32, keeping the first n0 of ne[0] elements of
+// copy the graph output t to dst (room for n_dst floats) as float32, keeping the first n0 of ne[0] elements of
 // every row
-int pi_op_read(struct pi_state * st, int32_t i, float * dst, int64_t n_dst, int64_t n0) {
-    if (i < 0 || i >= st->n_ops || st->ops[i].out == NULL) {
-        return pi_fail(st, "tensor was not captured");
-    }
-    const struct ggml_tensor * t = st->ops[i].out;
+int pi_read_f32(struct pi_state * st, const struct ggml_tensor * t, float * dst, int64_t n_dst, int64_t n0) {
     if (n0 <= 0 || n0 > t->ne[0]) {
         return pi_fail(st, "bad row length");
     }

@@ -1,87 +1,37 @@
 // pyinterp native layer: the graph-build hook. llama.cpp offers it every named tensor while it builds a
-// graph; it applies the op table, records what the lens and the attribution need, and adds their outputs
-// at the unembedding.
+// graph; it hands each to the recipes in turn (recipes.c), lets them add their outputs at the logits, and
+// leaves out of the computation what an injected tensor made useless.
 
 #include "internal.h"
 
-#include <limits.h>
+const char * PI_NO_ROOM = "the graph llama.cpp allocated has no room for this on every layer";
 
-static void pi_record(struct pi_state * st, const struct ggml_tensor * cur, const char * name, int32_t il) {
-    if (st->n_seen == st->cap_seen) {
-        st->cap_seen = st->cap_seen ? 2*st->cap_seen : 256;
-        st->seen = realloc(st->seen, st->cap_seen * sizeof(*st->seen));
+bool pi_room(struct ggml_cgraph * gf, int n) {
+    return ggml_graph_size(gf) - ggml_graph_n_nodes(gf) >= n;
+}
+
+struct ggml_tensor * pi_unembedding(struct ggml_tensor * out) {
+    while (out != NULL && out->op != GGML_OP_MUL_MAT) {
+        out = out->src[0];
     }
-    struct pi_seen * seen = &st->seen[st->n_seen++];
-    if (il >= 0) {
-        snprintf(seen->name, sizeof(seen->name), "%s-%d", name, il);
-    } else {
-        snprintf(seen->name, sizeof(seen->name), "%s", name);
-    }
-    for (int d = 0; d < 4; ++d) {
-        seen->ne[d] = cur->ne[d];
-    }
+    return out;
 }
 
 // forget what the previous graph build did
-void pi_build_begin(struct pi_state * st) {
-    for (int32_t i = 0; i < st->n_ops; ++i) {
-        st->ops[i].done = false;
-        st->ops[i].out  = NULL;
-    }
-    for (int32_t i = 0; i < st->n_saes; ++i) {
-        st->saes[i].done   = false;
-        st->saes[i].ids    = NULL;
-        st->saes[i].values = NULL;
-        st->saes[i].stats  = NULL;
-    }
-    for (int32_t slot = 0; slot <= st->n_layer; ++slot) {
-        st->lens.in[slot]    = NULL;
-        st->lens.ids[slot]   = NULL;
-        st->lens.probs[slot] = NULL;
-        st->lens.stats[slot] = NULL;
-    }
-    for (int32_t i = 0; i < st->attr.n_terms; ++i) {
-        st->attr.terms[i].in    = NULL;
-        st->attr.terms[i].out   = NULL;
-        st->attr.terms[i].heads = NULL;
+static void pi_build_begin(struct pi_state * st) {
+    for (int32_t i = 0; i < pi_n_recipes; ++i) {
+        if (pi_recipes[i]->begin != NULL) {
+            pi_recipes[i]->begin(st, st->self[i]);
+        }
     }
     ggml_reset(st->meta);
-    st->final_in    = NULL;
-    st->lens.failed = NULL;
-    st->attr.failed = NULL;
-    st->n_seen       = 0;
+    st->final_in     = NULL;
     st->build_failed = NULL;
     st->injected     = NULL;
     st->n_skipped    = 0;
     st->n_builds    += 1;
 }
 
-// the lens and the attribution read tensors as the interventions left them
-static void pi_analyses(struct pi_state * st, struct ggml_cgraph * gf, struct ggml_tensor * cur, const char * name,
-                        int32_t il) {
-    if (il == st->n_layer - 1 && st->final_in == NULL && strcmp(name, "l_out") == 0) {
-        st->final_in = cur;
-    }
-    if (il >= -1 && il < st->n_layer && st->lens.k > 0 && st->lens.in[il + 1] == NULL && strcmp(name, st->lens.name) == 0) {
-        st->lens.in[il + 1] = cur;
-    }
-    for (int32_t i = 0; i < st->attr.n_terms; ++i) {
-        struct pi_attr_term * term = &st->attr.terms[i];
-        if (term->in == NULL && term->il == il && strcmp(term->name, name) == 0) {
-            term->in = cur;
-        }
-    }
-    if (il == -1 && strcmp(name, "result_output") == 0) {
-        if (st->lens.k > 0) {
-            pi_build_lens(st, st->meta, gf, cur);
-        }
-        if (st->attr.n_terms > 0) {
-            pi_build_attr(st, st->meta, gf, cur);
-        }
-    }
-}
-
-// index of node t of gf in an open-addressing table of n_slots (a power of 2), or -1
 // the slot of t in an open-addressing table of n_slots (a power of 2): its own, or the empty one it would take
 static size_t pi_slot(struct ggml_tensor * const * keys, size_t n_slots, const struct ggml_tensor * t) {
     size_t h = ((uintptr_t) t >> 4) & (n_slots - 1);
@@ -167,7 +117,7 @@ static void pi_skip_unneeded(struct pi_state * st, struct ggml_cgraph * gf) {
 }
 
 // Some names are given to several tensors of a layer (llama names both the FFN output and the residual
-// sum after it "ffn_out"; Qcur is named before and after RoPE): ops act on the first.
+// sum after it "ffn_out"; Qcur is named before and after RoPE): recipes act on the first.
 struct ggml_tensor * pi_hook(struct ggml_context * ctx, struct ggml_cgraph * gf, struct ggml_tensor * cur,
                              const char * name, int32_t il, void * user_data) {
     struct pi_state * st = user_data;
@@ -182,39 +132,24 @@ struct ggml_tensor * pi_hook(struct ggml_context * ctx, struct ggml_cgraph * gf,
     st->n_nodes = n_nodes;
     st->gf      = gf;
 
-    if (st->record) {
-        pi_record(st, cur, name, il);
-    }
-    for (int32_t i = 0; i < st->n_ops; ++i) {
-        struct pi_op * op = &st->ops[i];
-        if (op->done || op->il != il || strcmp(op->name, name) != 0) {
-            continue;
+    for (int32_t i = 0; i < pi_n_recipes; ++i) {
+        if (pi_recipes[i]->tensor != NULL) {
+            cur = pi_recipes[i]->tensor(st, st->self[i], st->meta, gf, cur, name, il);
         }
-        op->done = true;
-        if (ggml_graph_size(gf) - ggml_graph_n_nodes(gf) < PI_OP_ROOM) {
-            st->build_failed = PI_NO_ROOM;
-            continue;
-        }
-        cur = pi_op_apply(st, st->meta, gf, op, cur);
     }
-    for (int32_t i = 0; i < st->n_saes; ++i) {
-        struct pi_sae_use * use = &st->saes[i];
-        if (use->done || use->il != il || strcmp(use->name, name) != 0) {
-            continue;
-        }
-        use->done = true;
-        if (ggml_graph_size(gf) - ggml_graph_n_nodes(gf) < PI_ROOM) {
-            st->build_failed = PI_NO_ROOM;
-            continue;
-        }
-        cur = pi_sae_apply(st, st->meta, gf, use, cur);
+    if (il == st->n_layer - 1 && st->final_in == NULL && strcmp(name, "l_out") == 0) {
+        st->final_in = cur;
     }
-    if (st->lens.k > 0 || st->attr.n_terms > 0) {
-        pi_analyses(st, gf, cur, name, il);
-    }
-    if (st->injected != NULL && il == -1 && strcmp(name, "result_output") == 0) {
-        ggml_build_forward_expand(gf, cur); // llama.cpp does next; the graph is then complete
-        pi_skip_unneeded(st, gf);
+    if (il == -1 && strcmp(name, "result_output") == 0) {
+        for (int32_t i = 0; i < pi_n_recipes; ++i) {
+            if (pi_recipes[i]->output != NULL && pi_recipes[i]->active(st, st->self[i])) {
+                pi_recipes[i]->output(st, st->self[i], st->meta, gf, cur);
+            }
+        }
+        if (st->injected != NULL) {
+            ggml_build_forward_expand(gf, cur); // llama.cpp does next; the graph is then complete
+            pi_skip_unneeded(st, gf);
+        }
     }
     return cur;
 }
@@ -238,15 +173,4 @@ const char * pi_graph_node_line(struct pi_state * st, int32_t i) {
 
 int32_t pi_n_skipped(const struct pi_state * st) {
     return st->n_skipped;
-}
-
-int32_t pi_n_seen(const struct pi_state * st) {
-    return st->n_seen;
-}
-
-const char * pi_seen_name(const struct pi_state * st, int32_t i, int64_t * ne) {
-    for (int d = 0; d < 4; ++d) {
-        ne[d] = st->seen[i].ne[d];
-    }
-    return st->seen[i].name;
 }

@@ -1,5 +1,7 @@
 // pyinterp native layer: the C API. pyinterp/_ffi.py reads this file to declare it to cffi, so it is
-// declared once; keep it to plain declarations (one per line group, no macros other than PI_API).
+// declared once; keep it to plain declarations (one per line group, no macros other than PI_API). Every feature
+// (a recipe: see internal.h) declares its functions in a group of its own, which names its file. The op kinds
+// are declared once too, in enum pi_op_kind: pyinterp/interventions/base.py reads their names from this file.
 #pragma once
 
 #include "llama.h"
@@ -11,7 +13,8 @@
 
 struct pi_state;
 
-// model and context (state.c)
+// model, context and the state of the hook (state.c); pi_plan_clear drops what every feature was asked to do
+// (the ops, the SAEs attached, the lens, the attribution, the record)
 PI_API struct llama_model   * pi_model_load(const char * path, int32_t n_gpu_layers, const char * rpc_endpoint);
 PI_API bool                   pi_has_rpc(void);
 PI_API void                   pi_rpc_serve(const char * endpoint, int32_t n_threads);
@@ -21,6 +24,7 @@ PI_API struct llama_context * pi_context_new(struct llama_model * model, uint32_
 PI_API struct pi_state * pi_state_new(struct llama_context * ctx);
 PI_API void              pi_state_free(struct pi_state * st);
 PI_API const char *      pi_last_error(const struct pi_state * st);
+PI_API void              pi_plan_clear(struct pi_state * st);
 
 // the op table (ops.c): what the graph-build hook does to the tensor `name` of layer `il` (-1: outside the
 // layers) in sequence `seq` (-1: every sequence), at the token positions `positions` (NULL: every token).
@@ -35,7 +39,7 @@ PI_API const char *      pi_last_error(const struct pi_state * st);
 // data has the ggml shape ne[4]; per_row: data is [width, n] and the row for position p is row i where
 // positions[i] == p, or row p when positions is NULL. Without per_row, data broadcasts over the tensor, or
 // with a sequence or positions over one token's slice of it ([.., n_tokens] tensors). Ops apply in the
-// order they were added.
+// order they were added. Results: pi_op_shape, pi_op_read.
 enum pi_op_kind {
     PI_OP_CAPTURE = 0,
     PI_OP_MUL     = 1,
@@ -44,10 +48,14 @@ enum pi_op_kind {
     PI_OP_INJECT  = 4,
 };
 
-PI_API void    pi_plan_clear(struct pi_state * st);
 PI_API int32_t pi_op_add    (struct pi_state * st, int32_t kind, const char * name, int32_t il, int32_t seq,
                              const int32_t * positions, int32_t n_positions, const float * data, const int64_t * ne,
                              bool per_row);
+// shape of what op `op` captured in the last graph, in ggml order (ne[0] fastest); false when it captured nothing
+PI_API bool    pi_op_shape  (const struct pi_state * st, int32_t op, int64_t * ne);
+// copy what op `op` captured to dst (room for n_dst floats) as float32, keeping the first n0 of ne[0] elements
+// of every row
+PI_API int     pi_op_read   (struct pi_state * st, int32_t op, float * dst, int64_t n_dst, int64_t n0);
 
 // sparse autoencoders in the graph (sae.c). pi_sae_load keeps an SAE's weights on the device of layer il
 // until pi_sae_free: w_enc_t [d_sae][d_in] (W_enc transposed), w_dec [d_sae][d_in], w_dec_t [d_in][d_sae],
@@ -76,13 +84,24 @@ PI_API int32_t pi_sae_attach(struct pi_state * st, struct pi_sae * sae, const ch
                              const int32_t * edit_ids, const float * edit_values, int32_t n_edits, bool edit_scale);
 PI_API int     pi_sae_read  (struct pi_state * st, int32_t i, int32_t * ids, float * values, float * stats, int64_t n_rows);
 
-// analyses at the unembedding (lens.c, attribution.c)
-PI_API int  pi_set_lens        (struct pi_state * st, const char * name, bool norm, int32_t k);
-PI_API int  pi_set_lens_targets(struct pi_state * st, const int32_t * targets, int32_t n_targets,
-                                const int32_t * positions, int32_t n_positions);
-PI_API int  pi_set_attribution (struct pi_state * st, const char * model_path, const char ** names, const int32_t * layers,
-                                const bool * by_head, int32_t n_terms, const int32_t * targets, int32_t n_targets);
-PI_API void pi_set_record      (struct pi_state * st, bool record);
+// the logit lens (lens.c), results of the last decode per layer
+PI_API int  pi_set_lens         (struct pi_state * st, const char * name, bool norm, int32_t k);
+PI_API int  pi_set_lens_targets (struct pi_state * st, const int32_t * targets, int32_t n_targets,
+                                 const int32_t * positions, int32_t n_positions);
+PI_API int  pi_lens_read        (struct pi_state * st, int32_t il, int32_t * ids, float * probs, int64_t n);
+PI_API int  pi_lens_targets_read(struct pi_state * st, int32_t il, float * dst, int64_t n);
+
+// direct logit attribution (attribution.c), results of the last decode per term
+PI_API int  pi_set_attribution       (struct pi_state * st, const char * model_path, const char ** names,
+                                      const int32_t * layers, const bool * by_head, int32_t n_terms,
+                                      const int32_t * targets, int32_t n_targets);
+PI_API int  pi_attribution_read      (struct pi_state * st, int32_t i, float * dst, int64_t n);
+PI_API int  pi_attribution_heads_read(struct pi_state * st, int32_t i, float * dst, int64_t n);
+
+// the record (record.c): the name and shape of every tensor offered to the hook in the last build
+PI_API void         pi_set_record(struct pi_state * st, bool record);
+PI_API int32_t      pi_n_seen    (const struct pi_state * st);
+PI_API const char * pi_seen_name (const struct pi_state * st, int32_t i, int64_t * ne);
 
 // decoding (decode.c): n_seq sequences one after the other in tokens, sequence i of n_tokens[i] tokens at
 // positions pos0[i].. in llama.cpp sequence seq_ids[i]; logits of every token (all_logits) or of each
@@ -90,17 +109,9 @@ PI_API void pi_set_record      (struct pi_state * st, bool record);
 PI_API int32_t pi_decode(struct pi_state * st, const llama_token * tokens, int32_t n_seq, const int32_t * n_tokens,
                          const int32_t * pos0, const int32_t * seq_ids, bool all_logits);
 PI_API int32_t pi_n_builds(const struct pi_state * st);
-// graph nodes the last build left out of the computation (PI_OP_INJECT)
+// graph nodes the last build left out of the computation (PI_OP_INJECT; hook.c)
 PI_API int32_t pi_n_skipped(const struct pi_state * st);
 
-// results of the last decode
-PI_API int32_t      pi_n_seen          (const struct pi_state * st);
-PI_API const char * pi_seen_name       (const struct pi_state * st, int32_t i, int64_t * ne);
-PI_API bool         pi_op_shape        (const struct pi_state * st, int32_t op, int64_t * ne);
-PI_API int          pi_op_read         (struct pi_state * st, int32_t op, float * dst, int64_t n_dst, int64_t n0);
-PI_API int          pi_lens_read       (struct pi_state * st, int32_t il, int32_t * ids, float * probs, int64_t n);
-PI_API int          pi_lens_targets_read(struct pi_state * st, int32_t il, float * dst, int64_t n);
-PI_API int          pi_attribution_read(struct pi_state * st, int32_t i, float * dst, int64_t n);
-PI_API int          pi_attribution_heads_read(struct pi_state * st, int32_t i, float * dst, int64_t n);
-PI_API int32_t      pi_graph_n_nodes   (const struct pi_state * st);
-PI_API const char * pi_graph_node_line (struct pi_state * st, int32_t i);
+// the graph of the last decode (hook.c)
+PI_API int32_t      pi_graph_n_nodes  (const struct pi_state * st);
+PI_API const char * pi_graph_node_line(struct pi_state * st, int32_t i);

@@ -3,45 +3,62 @@
 
 #include "internal.h"
 
-const char * PI_NO_ROOM = "the graph llama.cpp allocated has no room for this on every layer";
+// every layer's `name` tensor through the model's final norm (or not) and unembedding, reduced to the top-k
+// probabilities per token inside the graph, and to the logit, log-probability and rank of chosen target tokens
+struct pi_lens {
+    char  name[PI_NAME_MAX];
+    bool  norm;
+    int32_t k;                      // active when k > 0
+    // per slot il+1: slot 0 is the tensor outside the layers (the embedding), slot il+1 layer il
+    struct ggml_tensor ** in;       // [n_layer+1] the tensor to unembed
+    struct ggml_tensor ** ids;      // [n_layer+1] [k, n_tokens] I32, top-k token ids (unordered)
+    struct ggml_tensor ** probs;    // [n_layer+1] [1, k, n_tokens] F32, their probabilities
+    struct ggml_tensor ** stats;    // [n_layer+1] [3, n_targets, n_positions] F32: each target's logit, probability, rank
+    const char * failed;            // why the lens could not be built (NULL: it was)
+    int32_t n_targets;              // 0: no target statistics
+    int32_t max_position;           // the last of the positions
+    struct ggml_context * ctx;      // owns targets and positions
+    ggml_backend_buffer_t buf;      // on the output device
+    struct ggml_tensor * targets;   // [n_targets, n_positions] I32: the target ids, repeated for every position
+    struct ggml_tensor * positions; // [n_positions] I32: the tokens (rows) the statistics are computed at
+};
 
-// the graph llama.cpp allocated (for its own nodes) has room for another PI_ROOM
-bool pi_room(struct ggml_cgraph * gf) {
-    return ggml_graph_size(gf) - ggml_graph_n_nodes(gf) >= PI_ROOM;
-}
+extern const struct pi_recipe pi_recipe_lens;
 
 int pi_set_lens(struct pi_state * st, const char * name, bool norm, int32_t k) {
+    struct pi_lens * lens = pi_self(st, &pi_recipe_lens);
     if (strlen(name) >= PI_NAME_MAX) {
         return pi_fail(st, "tensor name too long");
     }
     if (k < 1 || k > llama_vocab_n_tokens(llama_model_get_vocab(st->model))) {
         return pi_fail(st, "top-k out of range");
     }
-    snprintf(st->lens.name, sizeof(st->lens.name), "%s", name);
-    st->lens.norm = norm;
-    st->lens.k    = k;
+    snprintf(lens->name, sizeof(lens->name), "%s", name);
+    lens->norm = norm;
+    lens->k    = k;
     pi_update_hook(st);
     pi_drop_graph(st);
     return 0;
 }
 
-void pi_lens_targets_free(struct pi_state * st) {
-    if (st->lens.buf) {
-        ggml_backend_buffer_free(st->lens.buf);
-        ggml_free(st->lens.ctx);
+static void pi_lens_targets_free(struct pi_lens * lens) {
+    if (lens->buf) {
+        ggml_backend_buffer_free(lens->buf);
+        ggml_free(lens->ctx);
     }
-    st->lens.buf       = NULL;
-    st->lens.ctx       = NULL;
-    st->lens.targets   = NULL;
-    st->lens.positions = NULL;
-    st->lens.n_targets = 0;
+    lens->buf       = NULL;
+    lens->ctx       = NULL;
+    lens->targets   = NULL;
+    lens->positions = NULL;
+    lens->n_targets = 0;
 }
 
 // with the lens (pi_set_lens first): also the logit, probability and rank of these tokens at every layer, at the
 // token positions `positions` (rows of the prompt)
 int pi_set_lens_targets(struct pi_state * st, const int32_t * targets, int32_t n_targets, const int32_t * positions,
                         int32_t n_positions) {
-    pi_lens_targets_free(st);
+    struct pi_lens * lens = pi_self(st, &pi_recipe_lens);
+    pi_lens_targets_free(lens);
     const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(st->model));
     if (n_targets < 1 || n_positions < 1) {
         return pi_fail(st, "no target tokens or no positions");
@@ -59,26 +76,26 @@ int pi_set_lens_targets(struct pi_state * st, const int32_t * targets, int32_t n
         max_position = positions[p] > max_position ? positions[p] : max_position;
     }
     struct ggml_init_params params = { 2*ggml_tensor_overhead(), NULL, true };
-    st->lens.ctx       = ggml_init(params);
-    st->lens.targets   = ggml_new_tensor_2d(st->lens.ctx, GGML_TYPE_I32, n_targets, n_positions);
-    st->lens.positions = ggml_new_tensor_1d(st->lens.ctx, GGML_TYPE_I32, n_positions);
-    ggml_set_name(st->lens.targets, "pi_lens_targets");
-    ggml_set_name(st->lens.positions, "pi_lens_positions");
-    st->lens.buf = ggml_backend_alloc_ctx_tensors_from_buft(st->lens.ctx, pi_layer_buft(st, -1));
-    if (st->lens.buf == NULL) {
-        ggml_free(st->lens.ctx);
-        st->lens.ctx = NULL;
+    lens->ctx       = ggml_init(params);
+    lens->targets   = ggml_new_tensor_2d(lens->ctx, GGML_TYPE_I32, n_targets, n_positions);
+    lens->positions = ggml_new_tensor_1d(lens->ctx, GGML_TYPE_I32, n_positions);
+    ggml_set_name(lens->targets, "pi_lens_targets");
+    ggml_set_name(lens->positions, "pi_lens_positions");
+    lens->buf = ggml_backend_alloc_ctx_tensors_from_buft(lens->ctx, pi_layer_buft(st, -1));
+    if (lens->buf == NULL) {
+        ggml_free(lens->ctx);
+        lens->ctx = NULL;
         return pi_fail(st, "could not allocate the lens targets");
     }
     int32_t * ids = malloc((size_t) n_targets * n_positions * sizeof(int32_t));
     for (int32_t p = 0; p < n_positions; ++p) {
         memcpy(ids + (size_t) p * n_targets, targets, n_targets * sizeof(int32_t));
     }
-    ggml_backend_tensor_set(st->lens.targets, ids, 0, ggml_nbytes(st->lens.targets));
-    ggml_backend_tensor_set(st->lens.positions, positions, 0, ggml_nbytes(st->lens.positions));
+    ggml_backend_tensor_set(lens->targets, ids, 0, ggml_nbytes(lens->targets));
+    ggml_backend_tensor_set(lens->positions, positions, 0, ggml_nbytes(lens->positions));
     free(ids);
-    st->lens.n_targets    = n_targets;
-    st->lens.max_position = max_position;
+    lens->n_targets    = n_targets;
+    lens->max_position = max_position;
     pi_drop_graph(st);
     return 0;
 }
@@ -111,24 +128,16 @@ static struct ggml_tensor * pi_replay(struct ggml_context * ctx, struct ggml_ten
     }
 }
 
-// the unembedding matrix product under result_output (after it may come soft-capping)
-struct ggml_tensor * pi_unembedding(struct ggml_tensor * out) {
-    while (out != NULL && out->op != GGML_OP_MUL_MAT) {
-        out = out->src[0];
-    }
-    return out;
-}
-
 // the logit, probability and rank of the lens targets at the lens positions, from `logits` and `probs` [n_vocab,
 // n_tokens]: [3, n_targets, n_positions]; rank = how many logits of the row are greater than the target's
-static struct ggml_tensor * pi_target_stats(struct pi_state * st, struct ggml_context * ctx, struct ggml_tensor * logits,
+static struct ggml_tensor * pi_target_stats(const struct pi_lens * lens, struct ggml_context * ctx, struct ggml_tensor * logits,
                                             struct ggml_tensor * probs) {
-    struct ggml_tensor * idx = st->lens.targets;    // [n_targets, n_positions]
+    struct ggml_tensor * idx = lens->targets;    // [n_targets, n_positions]
     const int64_t n_vocab = logits->ne[0];
     const int64_t n_targets = idx->ne[0];
     const int64_t n_pos = idx->ne[1];
-    struct ggml_tensor * l = ggml_get_rows(ctx, logits, st->lens.positions); // [n_vocab, n_positions]
-    struct ggml_tensor * p = ggml_get_rows(ctx, probs, st->lens.positions);
+    struct ggml_tensor * l = ggml_get_rows(ctx, logits, lens->positions); // [n_vocab, n_positions]
+    struct ggml_tensor * p = ggml_get_rows(ctx, probs, lens->positions);
     struct ggml_tensor * tl = ggml_get_rows(ctx, ggml_reshape_3d(ctx, l, 1, n_vocab, n_pos), idx); // [1, n_targets, n_positions]
     struct ggml_tensor * tp = ggml_get_rows(ctx, ggml_reshape_3d(ctx, p, 1, n_vocab, n_pos), idx);
     struct ggml_tensor * every = ggml_repeat_4d(ctx, ggml_reshape_3d(ctx, l, n_vocab, 1, n_pos), n_vocab, n_targets, n_pos, 1);
@@ -137,9 +146,9 @@ static struct ggml_tensor * pi_target_stats(struct pi_state * st, struct ggml_co
 }
 
 // at result_output: unembed every recorded layer the way the model unembeds its last layer
-void pi_build_lens(struct pi_state * st, struct ggml_context * ctx, struct ggml_cgraph * gf,
-                          struct ggml_tensor * out) {
-    struct pi_lens * lens = &st->lens;
+static void pi_lens_output(struct pi_state * st, void * data, struct ggml_context * ctx, struct ggml_cgraph * gf,
+                           struct ggml_tensor * out) {
+    struct pi_lens * lens = data;
     struct ggml_tensor * from = st->final_in;
     if (!lens->norm) {
         // the raw lens starts at the unembedding matrix product, after the final norm
@@ -155,7 +164,7 @@ void pi_build_lens(struct pi_state * st, struct ggml_context * ctx, struct ggml_
         if (x == NULL || x->ne[0] != from->ne[0]) {
             continue;
         }
-        if (!pi_room(gf)) {
+        if (!pi_room(gf, PI_ROOM)) {
             lens->failed = PI_NO_ROOM;
             return;
         }
@@ -176,7 +185,7 @@ void pi_build_lens(struct pi_state * st, struct ggml_context * ctx, struct ggml_
         lens->ids[slot]   = ids;
         lens->probs[slot] = top;
         if (lens->n_targets > 0 && lens->max_position < logits->ne[1]) {
-            struct ggml_tensor * stats = pi_target_stats(st, ctx, logits, probs);
+            struct ggml_tensor * stats = pi_target_stats(lens, ctx, logits, probs);
             ggml_format_name(stats, "lens_targets-%d", slot - 1);
             ggml_set_output(stats);
             ggml_build_forward_expand(gf, stats);
@@ -189,13 +198,14 @@ void pi_build_lens(struct pi_state * st, struct ggml_context * ctx, struct ggml_
 // decode: ids and probs hold n = k*n_tokens values, token-major, unordered within a token; returns 1 when the
 // layer had no such tensor
 int pi_lens_read(struct pi_state * st, int32_t il, int32_t * ids, float * probs, int64_t n) {
-    if (st->lens.failed) {
-        return pi_fail(st, st->lens.failed);
+    const struct pi_lens * lens = pi_self(st, &pi_recipe_lens);
+    if (lens->failed) {
+        return pi_fail(st, lens->failed);
     }
     if (il < -1 || il >= st->n_layer) {
         return pi_fail(st, "layer out of range");
     }
-    const struct ggml_tensor * t_ids = st->lens.ids[il + 1];
+    const struct ggml_tensor * t_ids = lens->ids[il + 1];
     if (t_ids == NULL) {
         return 1;
     }
@@ -203,7 +213,7 @@ int pi_lens_read(struct pi_state * st, int32_t il, int32_t * ids, float * probs,
         return pi_fail(st, "destination size does not match the lens");
     }
     ggml_backend_tensor_get(t_ids, ids, 0, ggml_nbytes(t_ids));
-    ggml_backend_tensor_get(st->lens.probs[il + 1], probs, 0, ggml_nbytes(st->lens.probs[il + 1]));
+    ggml_backend_tensor_get(lens->probs[il + 1], probs, 0, ggml_nbytes(lens->probs[il + 1]));
     return 0;
 }
 
@@ -211,15 +221,16 @@ int pi_lens_read(struct pi_state * st, int32_t il, int32_t * ids, float * probs,
 // n_positions*n_targets*3 floats, position-major, then target, then (logit, probability, rank = how many logits
 // are greater); returns 1 when the layer had no such tensor
 int pi_lens_targets_read(struct pi_state * st, int32_t il, float * dst, int64_t n) {
-    if (st->lens.failed) {
-        return pi_fail(st, st->lens.failed);
+    const struct pi_lens * lens = pi_self(st, &pi_recipe_lens);
+    if (lens->failed) {
+        return pi_fail(st, lens->failed);
     }
     if (il < -1 || il >= st->n_layer) {
         return pi_fail(st, "layer out of range");
     }
-    const struct ggml_tensor * t = st->lens.stats[il + 1];
+    const struct ggml_tensor * t = lens->stats[il + 1];
     if (t == NULL) {
-        return st->lens.ids[il + 1] == NULL ? 1 : pi_fail(st, "no lens targets were set, or a position is past the prompt");
+        return lens->ids[il + 1] == NULL ? 1 : pi_fail(st, "no lens targets were set, or a position is past the prompt");
     }
     if (ggml_nelements(t) != n) {
         return pi_fail(st, "destination size does not match the lens targets");
@@ -228,3 +239,64 @@ int pi_lens_targets_read(struct pi_state * st, int32_t il, float * dst, int64_t 
     return 0;
 }
 
+static bool pi_lens_init(struct pi_state * st, void * data) {
+    struct pi_lens * lens = data;
+    lens->in    = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
+    lens->ids   = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
+    lens->probs = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
+    lens->stats = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
+    return true;
+}
+
+static void pi_lens_clear(struct pi_state * st, void * data) {
+    struct pi_lens * lens = data;
+    lens->k = 0;
+    pi_lens_targets_free(lens);
+}
+
+static void pi_lens_release(struct pi_state * st, void * data) {
+    struct pi_lens * lens = data;
+    free(lens->in);
+    free(lens->ids);
+    free(lens->probs);
+    free(lens->stats);
+}
+
+static bool pi_lens_active(const struct pi_state * st, const void * data) {
+    const struct pi_lens * lens = data;
+    return lens->k > 0;
+}
+
+static void pi_lens_begin(struct pi_state * st, void * data) {
+    struct pi_lens * lens = data;
+    for (int32_t slot = 0; slot <= st->n_layer; ++slot) {
+        lens->in[slot]    = NULL;
+        lens->ids[slot]   = NULL;
+        lens->probs[slot] = NULL;
+        lens->stats[slot] = NULL;
+    }
+    lens->failed = NULL;
+}
+
+// note each layer's first tensor of the lens's name, as the interventions left it
+static struct ggml_tensor * pi_lens_tensor(struct pi_state * st, void * data, struct ggml_context * ctx,
+                                           struct ggml_cgraph * gf, struct ggml_tensor * cur, const char * name,
+                                           int32_t il) {
+    struct pi_lens * lens = data;
+    if (lens->k > 0 && il >= -1 && il < st->n_layer && lens->in[il + 1] == NULL && strcmp(name, lens->name) == 0) {
+        lens->in[il + 1] = cur;
+    }
+    return cur;
+}
+
+const struct pi_recipe pi_recipe_lens = {
+    .name    = "lens",
+    .size    = sizeof(struct pi_lens),
+    .init    = pi_lens_init,
+    .clear   = pi_lens_clear,
+    .release = pi_lens_release,
+    .active  = pi_lens_active,
+    .begin   = pi_lens_begin,
+    .tensor  = pi_lens_tensor,
+    .output  = pi_lens_output,
+};

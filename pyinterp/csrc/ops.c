@@ -4,9 +4,55 @@
 
 #include "internal.h"
 
-void pi_ops_free(struct pi_state * st) {
-    for (int32_t i = 0; i < st->n_ops; ++i) {
-        struct pi_op * op = &st->ops[i];
+#define PI_OP_ROOM 16           // graph nodes one op may add, at most
+
+// rows of a [.., n_rows] tensor an op acts on; n -1: the whole tensor, 0: none (inactive)
+struct pi_rows {
+    int32_t n;
+    int32_t * dst_host;             // [n] rows of the tensor
+    int32_t * src_host;             // [n] rows of the op's data (per_row)
+    struct ggml_tensor * dst;       // [n] I32, in the rows pool
+    struct ggml_tensor * src;       // [n] I32
+};
+
+struct pi_op {
+    int32_t kind;                   // enum pi_op_kind
+    char    name[PI_NAME_MAX];      // base name, e.g. "l_out"
+    int32_t il;                     // layer, -1 for tensors outside the layers
+    int32_t seq;                    // llama.cpp sequence, -1 every sequence
+    int32_t * positions;            // [n_positions] token positions, NULL: every token
+    int32_t n_positions;
+    bool    per_row;                // data holds one row per position
+    float * host;                   // data until it is uploaded (NULL for captures)
+    int64_t ne[4];
+    ggml_backend_buffer_type_t buft; // the device of the layer
+
+    struct ggml_tensor * data;      // ne, F32, in the ops pool
+    // the rows of the current ubatch the op acts on, and the same among the output rows (the last layer's
+    // tensors after llama.cpp drops the rows whose logits are not wanted)
+    struct pi_rows rows;
+    struct pi_rows out_rows;
+
+    bool done;                      // applied in the current build (the first tensor of that name only)
+    struct ggml_tensor * out;       // the captured tensor of the last build
+};
+
+struct pi_ops {
+    struct pi_op * ops;
+    int32_t n_ops;
+    bool    uploaded;               // the ops' data is in the ops pool
+    struct ggml_context * data_ctx; // the ops' data tensors
+    struct ggml_context * rows_ctx; // the ops' row tensors
+    struct pi_pool data_pool[PI_MAX_POOLS];
+    struct pi_pool rows_pool[PI_MAX_POOLS];
+};
+
+extern const struct pi_recipe pi_recipe_ops;
+
+static void pi_ops_clear(struct pi_state * st, void * data) {
+    struct pi_ops * self = data;
+    for (int32_t i = 0; i < self->n_ops; ++i) {
+        struct pi_op * op = &self->ops[i];
         free(op->positions);
         free(op->host);
         free(op->rows.dst_host);
@@ -14,22 +60,34 @@ void pi_ops_free(struct pi_state * st) {
         free(op->out_rows.dst_host);
         free(op->out_rows.src_host);
     }
-    free(st->ops);
-    st->ops          = NULL;
-    st->n_ops        = 0;
-    st->ops_uploaded = false;
-    if (st->ops_ctx) {
-        ggml_free(st->ops_ctx);
-        st->ops_ctx = NULL;
+    free(self->ops);
+    self->ops      = NULL;
+    self->n_ops    = 0;
+    self->uploaded = false;
+    if (self->data_ctx) {
+        ggml_free(self->data_ctx);
+        self->data_ctx = NULL;
     }
-    if (st->rows_ctx) {
-        ggml_free(st->rows_ctx);
-        st->rows_ctx = NULL;
+    if (self->rows_ctx) {
+        ggml_free(self->rows_ctx);
+        self->rows_ctx = NULL;
     }
+}
+
+static void pi_ops_release(struct pi_state * st, void * data) {
+    struct pi_ops * self = data;
+    pi_pools_free(self->data_pool);
+    pi_pools_free(self->rows_pool);
+}
+
+static bool pi_ops_active(const struct pi_state * st, const void * data) {
+    const struct pi_ops * self = data;
+    return self->n_ops > 0;
 }
 
 int32_t pi_op_add(struct pi_state * st, int32_t kind, const char * name, int32_t il, int32_t seq,
                   const int32_t * positions, int32_t n_positions, const float * data, const int64_t * ne, bool per_row) {
+    struct pi_ops * self = pi_self(st, &pi_recipe_ops);
     if (kind < PI_OP_CAPTURE || kind > PI_OP_INJECT) {
         return pi_fail(st, "unknown op kind");
     }
@@ -54,8 +112,8 @@ int32_t pi_op_add(struct pi_state * st, int32_t kind, const char * name, int32_t
     if (per_row && (data == NULL || ne[2] != 1 || ne[3] != 1 || (positions != NULL && ne[1] != n_positions))) {
         return pi_fail(st, "per-row data must be [width, n_positions]");
     }
-    st->ops = realloc(st->ops, (st->n_ops + 1) * sizeof(struct pi_op));
-    struct pi_op * op = &st->ops[st->n_ops];
+    self->ops = realloc(self->ops, (self->n_ops + 1) * sizeof(struct pi_op));
+    struct pi_op * op = &self->ops[self->n_ops];
     memset(op, 0, sizeof(*op));
     op->kind = kind;
     snprintf(op->name, sizeof(op->name), "%s", name);
@@ -74,93 +132,68 @@ int32_t pi_op_add(struct pi_state * st, int32_t kind, const char * name, int32_t
         memcpy(op->host, data, n * sizeof(float));
         memcpy(op->ne, ne, sizeof(op->ne));
     }
-    st->ops_uploaded = false;
-    st->n_ops += 1;
+    self->uploaded = false;
+    self->n_ops += 1;
     pi_update_hook(st);
-    return st->n_ops - 1;
+    return self->n_ops - 1;
 }
 
-// place `tensors` (of a no_alloc context) in the pools of their buffer types, growing a pool when it is too small
-bool pi_pools_place(struct pi_state * st, struct pi_pool * pools, struct ggml_tensor ** tensors,
-                    const ggml_backend_buffer_type_t * bufts, int32_t n) {
-    (void) st;
-    size_t need[PI_MAX_POOLS] = {0};
-    for (int32_t i = 0; i < n; ++i) {
-        int p = 0;
-        while (p < PI_MAX_POOLS && pools[p].buft != NULL && pools[p].buft != bufts[i]) {
-            ++p;
-        }
-        if (p == PI_MAX_POOLS) {
-            return false;
-        }
-        pools[p].buft = bufts[i];
-        const size_t align = ggml_backend_buft_get_alignment(bufts[i]);
-        need[p] += GGML_PAD(ggml_backend_buft_get_alloc_size(bufts[i], tensors[i]), align);
+// shape of what op i captured in the last graph, in ggml order (ne[0] fastest); false when it captured nothing
+bool pi_op_shape(const struct pi_state * st, int32_t i, int64_t * ne) {
+    const struct pi_ops * self = pi_self(st, &pi_recipe_ops);
+    if (i < 0 || i >= self->n_ops || self->ops[i].out == NULL) {
+        return false;
     }
-    struct ggml_tallocr talloc[PI_MAX_POOLS];
-    for (int p = 0; p < PI_MAX_POOLS && pools[p].buft != NULL; ++p) {
-        if (need[p] == 0) {
-            continue;
-        }
-        need[p] += ggml_backend_buft_get_alignment(pools[p].buft);
-        const size_t have = pools[p].buf ? ggml_backend_buffer_get_size(pools[p].buf) : 0;
-        if (have < need[p]) {
-            if (pools[p].buf) {
-                ggml_backend_buffer_free(pools[p].buf);
-            }
-            pools[p].buf = ggml_backend_buft_alloc_buffer(pools[p].buft, need[p] > 2*have ? need[p] : 2*have);
-            if (pools[p].buf == NULL) {
-                return false;
-            }
-        }
-        talloc[p] = ggml_tallocr_new(pools[p].buf);
-    }
-    for (int32_t i = 0; i < n; ++i) {
-        int p = 0;
-        while (pools[p].buft != bufts[i]) {
-            ++p;
-        }
-        if (ggml_tallocr_alloc(&talloc[p], tensors[i]) != GGML_STATUS_SUCCESS) {
-            return false;
-        }
+    for (int d = 0; d < 4; ++d) {
+        ne[d] = self->ops[i].out->ne[d];
     }
     return true;
 }
 
-// the ops' data, to device memory (once per plan)
-static int pi_ops_upload(struct pi_state * st) {
-    if (st->ops_ctx) {
-        ggml_free(st->ops_ctx);
+// copy what op i captured to dst (room for n_dst floats) as float32, keeping the first n0 of ne[0] elements of
+// every row
+int pi_op_read(struct pi_state * st, int32_t i, float * dst, int64_t n_dst, int64_t n0) {
+    const struct pi_ops * self = pi_self(st, &pi_recipe_ops);
+    if (i < 0 || i >= self->n_ops || self->ops[i].out == NULL) {
+        return pi_fail(st, "tensor was not captured");
     }
-    struct ggml_init_params params = { (st->n_ops + 1) * ggml_tensor_overhead(), NULL, true };
-    st->ops_ctx = ggml_init(params);
-    struct ggml_tensor ** tensors = malloc((st->n_ops + 1) * sizeof(*tensors));
-    ggml_backend_buffer_type_t * bufts = malloc((st->n_ops + 1) * sizeof(*bufts));
+    return pi_read_f32(st, self->ops[i].out, dst, n_dst, n0);
+}
+
+// the ops' data, to device memory (once per plan)
+static int pi_ops_upload(struct pi_state * st, struct pi_ops * self) {
+    if (self->data_ctx) {
+        ggml_free(self->data_ctx);
+    }
+    struct ggml_init_params params = { (self->n_ops + 1) * ggml_tensor_overhead(), NULL, true };
+    self->data_ctx = ggml_init(params);
+    struct ggml_tensor ** tensors = malloc((self->n_ops + 1) * sizeof(*tensors));
+    ggml_backend_buffer_type_t * bufts = malloc((self->n_ops + 1) * sizeof(*bufts));
     int32_t n = 0;
-    for (int32_t i = 0; i < st->n_ops; ++i) {
-        struct pi_op * op = &st->ops[i];
+    for (int32_t i = 0; i < self->n_ops; ++i) {
+        struct pi_op * op = &self->ops[i];
         op->data = NULL;
         if (op->host == NULL) {
             continue;
         }
-        op->data = ggml_new_tensor_4d(st->ops_ctx, GGML_TYPE_F32, op->ne[0], op->ne[1], op->ne[2], op->ne[3]);
+        op->data = ggml_new_tensor_4d(self->data_ctx, GGML_TYPE_F32, op->ne[0], op->ne[1], op->ne[2], op->ne[3]);
         ggml_format_name(op->data, "pi_op_data-%d", i);
         tensors[n] = op->data;
         bufts[n++] = op->buft;
     }
-    const bool placed = pi_pools_place(st, st->ops_pool, tensors, bufts, n);
+    const bool placed = pi_pools_place(self->data_pool, tensors, bufts, n);
     free(tensors);
     free(bufts);
     if (!placed) {
         return pi_fail(st, "could not allocate device memory for the ops' data");
     }
-    for (int32_t i = 0; i < st->n_ops; ++i) {
-        struct pi_op * op = &st->ops[i];
+    for (int32_t i = 0; i < self->n_ops; ++i) {
+        struct pi_op * op = &self->ops[i];
         if (op->data) {
             ggml_backend_tensor_set(op->data, op->host, 0, ggml_nbytes(op->data));
         }
     }
-    st->ops_uploaded = true;
+    self->uploaded = true;
     return 0;
 }
 
@@ -172,8 +205,11 @@ static void pi_rows_reserve(struct pi_rows * rows, int32_t cap) {
 // the rows of a ubatch (sequence s: n_tokens[s] tokens at pos0[s].., one after the other) op acts on, among
 // all its rows and among its output rows (every row with all_logits, else the last of each sequence);
 // returns false when per-row data lacks a row
-static bool pi_op_rows(struct pi_op * op, int32_t n_seq, const int32_t * n_tokens, const int32_t * pos0,
-                       const int32_t * seq_ids, bool all_logits) {
+static bool pi_op_rows(struct pi_op * op, const struct pi_batch * batch) {
+    const int32_t n_seq = batch->n_seq;
+    const int32_t * n_tokens = batch->n_tokens;
+    const int32_t * pos0 = batch->pos0;
+    const bool all_logits = batch->all_logits;
     if (op->seq < 0 && op->positions == NULL && !op->per_row) {
         op->rows.n = op->out_rows.n = -1;
         return true;
@@ -186,7 +222,7 @@ static bool pi_op_rows(struct pi_op * op, int32_t n_seq, const int32_t * n_token
     pi_rows_reserve(&op->out_rows, cap);
     int32_t n = 0, n_out = 0, first = 0;
     for (int32_t s = 0; s < n_seq; first += n_tokens[s], ++s) {
-        if (op->seq >= 0 && seq_ids[s] != op->seq) {
+        if (op->seq >= 0 && batch->seq_ids[s] != op->seq) {
             continue;
         }
         const int32_t count = op->positions ? op->n_positions : n_tokens[s];
@@ -236,26 +272,47 @@ static void pi_rows_upload(const struct pi_rows * rows) {
     }
 }
 
+// the row tensors of every op, placed in the rows pool
+static int pi_ops_place_rows(struct pi_state * st, struct pi_ops * self) {
+    if (self->rows_ctx) {
+        ggml_free(self->rows_ctx);
+    }
+    const int32_t cap = 4*self->n_ops + 1;
+    struct ggml_init_params params = { cap * ggml_tensor_overhead(), NULL, true };
+    self->rows_ctx = ggml_init(params);
+    struct ggml_tensor ** tensors = malloc(cap * sizeof(*tensors));
+    ggml_backend_buffer_type_t * bufts = malloc(cap * sizeof(*bufts));
+    int32_t n = 0;
+    for (int32_t i = 0; i < self->n_ops; ++i) {
+        struct pi_op * op = &self->ops[i];
+        const int32_t first = n;
+        n += pi_rows_tensors(self->rows_ctx, &op->rows, i, "rows", tensors + n);
+        n += pi_rows_tensors(self->rows_ctx, &op->out_rows, i, "out_rows", tensors + n);
+        for (int32_t j = first; j < n; ++j) {
+            bufts[j] = op->buft;
+        }
+    }
+    const bool placed = pi_pools_place(self->rows_pool, tensors, bufts, n);
+    free(tensors);
+    free(bufts);
+    return placed ? 0 : pi_fail(st, "could not allocate device memory for the ops' rows");
+}
+
 // before a decode: data uploaded, and every op's rows of this ubatch in device memory. When an op now
 // acts on a different number of rows the graph changes, so the previous one is dropped.
-int pi_ops_prepare(struct pi_state * st, int32_t n_seq, const int32_t * n_tokens, const int32_t * pos0,
-                   const int32_t * seq_ids, bool all_logits) {
-    st->n_ubatch = 0;
-    for (int32_t s = 0; s < n_seq; ++s) {
-        st->n_ubatch += n_tokens[s];
-    }
-    st->n_outputs = all_logits ? st->n_ubatch : n_seq;
+static int pi_ops_prepare(struct pi_state * st, void * data, const struct pi_batch * batch) {
+    struct pi_ops * self = data;
     bool changed = false;
-    if (!st->ops_uploaded) {
-        if (pi_ops_upload(st) != 0) {
+    if (!self->uploaded) {
+        if (pi_ops_upload(st, self) != 0) {
             return -1;
         }
         changed = true;
     }
-    for (int32_t i = 0; i < st->n_ops; ++i) {
-        struct pi_op * op = &st->ops[i];
+    for (int32_t i = 0; i < self->n_ops; ++i) {
+        struct pi_op * op = &self->ops[i];
         const int32_t before = op->rows.n, before_out = op->out_rows.n;
-        if (!pi_op_rows(op, n_seq, n_tokens, pos0, seq_ids, all_logits)) {
+        if (!pi_op_rows(op, batch)) {
             snprintf(st->error, sizeof(st->error), "op %d on %s-%d: its data has no row for a position of this decode",
                      i, op->name, op->il);
             return -1;
@@ -264,35 +321,14 @@ int pi_ops_prepare(struct pi_state * st, int32_t n_seq, const int32_t * n_tokens
                   (op->rows.n > 0 && op->rows.dst == NULL) || (op->out_rows.n > 0 && op->out_rows.dst == NULL);
     }
     if (changed) {
-        if (st->rows_ctx) {
-            ggml_free(st->rows_ctx);
-        }
-        const int32_t cap = 4*st->n_ops + 1;
-        struct ggml_init_params params = { cap * ggml_tensor_overhead(), NULL, true };
-        st->rows_ctx = ggml_init(params);
-        struct ggml_tensor ** tensors = malloc(cap * sizeof(*tensors));
-        ggml_backend_buffer_type_t * bufts = malloc(cap * sizeof(*bufts));
-        int32_t n = 0;
-        for (int32_t i = 0; i < st->n_ops; ++i) {
-            struct pi_op * op = &st->ops[i];
-            const int32_t first = n;
-            n += pi_rows_tensors(st->rows_ctx, &op->rows, i, "rows", tensors + n);
-            n += pi_rows_tensors(st->rows_ctx, &op->out_rows, i, "out_rows", tensors + n);
-            for (int32_t j = first; j < n; ++j) {
-                bufts[j] = op->buft;
-            }
-        }
-        const bool placed = pi_pools_place(st, st->rows_pool, tensors, bufts, n);
-        free(tensors);
-        free(bufts);
-        if (!placed) {
-            return pi_fail(st, "could not allocate device memory for the ops' rows");
+        if (pi_ops_place_rows(st, self) != 0) {
+            return -1;
         }
         pi_drop_graph(st);
     }
-    for (int32_t i = 0; i < st->n_ops; ++i) {
-        pi_rows_upload(&st->ops[i].rows);
-        pi_rows_upload(&st->ops[i].out_rows);
+    for (int32_t i = 0; i < self->n_ops; ++i) {
+        pi_rows_upload(&self->ops[i].rows);
+        pi_rows_upload(&self->ops[i].out_rows);
     }
     return 0;
 }
@@ -338,7 +374,7 @@ static bool pi_has_rows(const struct ggml_tensor * cur, int64_t n) {
 }
 
 // apply op to cur (the first tensor named op->name in layer op->il of this build); returns what takes its place
-struct ggml_tensor * pi_op_apply(struct pi_state * st, struct ggml_context * ctx, struct ggml_cgraph * gf,
+static struct ggml_tensor * pi_op_apply(struct pi_state * st, struct ggml_context * ctx, struct ggml_cgraph * gf,
                                  struct pi_op * op, struct ggml_tensor * cur) {
     if (op->rows.n == 0) {
         return cur;
@@ -407,3 +443,42 @@ struct ggml_tensor * pi_op_apply(struct pi_state * st, struct ggml_context * ctx
     ggml_format_name(out, "%s (%s rows)", cur->name, op->kind == PI_OP_SET ? "set" : op->kind == PI_OP_ADD ? "added" : "scaled");
     return out;
 }
+
+static void pi_ops_begin(struct pi_state * st, void * data) {
+    struct pi_ops * self = data;
+    for (int32_t i = 0; i < self->n_ops; ++i) {
+        self->ops[i].done = false;
+        self->ops[i].out  = NULL;
+    }
+}
+
+// the ops on (name, il), in the order they were added
+static struct ggml_tensor * pi_ops_tensor(struct pi_state * st, void * data, struct ggml_context * ctx,
+                                          struct ggml_cgraph * gf, struct ggml_tensor * cur, const char * name,
+                                          int32_t il) {
+    struct pi_ops * self = data;
+    for (int32_t i = 0; i < self->n_ops; ++i) {
+        struct pi_op * op = &self->ops[i];
+        if (op->done || op->il != il || strcmp(op->name, name) != 0) {
+            continue;
+        }
+        op->done = true;
+        if (!pi_room(gf, PI_OP_ROOM)) {
+            st->build_failed = PI_NO_ROOM;
+            continue;
+        }
+        cur = pi_op_apply(st, ctx, gf, op, cur);
+    }
+    return cur;
+}
+
+const struct pi_recipe pi_recipe_ops = {
+    .name    = "ops",
+    .size    = sizeof(struct pi_ops),
+    .clear   = pi_ops_clear,
+    .release = pi_ops_release,
+    .active  = pi_ops_active,
+    .prepare = pi_ops_prepare,
+    .begin   = pi_ops_begin,
+    .tensor  = pi_ops_tensor,
+};

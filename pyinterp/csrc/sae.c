@@ -3,6 +3,45 @@
 
 #include "internal.h"
 
+struct pi_sae {
+    struct ggml_context * ctx;
+    ggml_backend_buffer_t buf;
+    struct ggml_tensor * w_enc_t;   // [d_in, d_sae] ggml: one row of d_in per feature
+    struct ggml_tensor * b_enc;     // [d_sae]
+    struct ggml_tensor * w_dec;     // [d_in, d_sae]: one decoder row per feature
+    struct ggml_tensor * w_dec_t;   // [d_sae, d_in]
+    struct ggml_tensor * b_dec;     // [d_in]
+    struct ggml_tensor * threshold; // [d_sae] (JumpReLU)
+    int32_t activation;
+    int32_t k;
+    bool    apply_b_dec;
+};
+
+// one SAE encoding a tensor in this plan
+struct pi_sae_use {
+    struct pi_sae * sae;
+    char    name[PI_NAME_MAX];
+    int32_t il;
+    int32_t top_k;
+    int32_t n_edits;
+    bool    edit_scale;
+    struct ggml_context * ctx;      // owns edit_ids, edit_values
+    ggml_backend_buffer_t buf;
+    struct ggml_tensor * edit_ids;    // [n_edits] I32
+    struct ggml_tensor * edit_values; // [1, n_edits] F32
+    bool done;
+    struct ggml_tensor * ids;       // [top_k, n_rows] I32 of the last build
+    struct ggml_tensor * values;    // [1, top_k, n_rows]
+    struct ggml_tensor * stats;     // [5, n_rows]
+};
+
+struct pi_saes {
+    struct pi_sae_use * uses;
+    int32_t n_uses;
+};
+
+extern const struct pi_recipe pi_recipe_sae;
+
 struct pi_sae * pi_sae_load(struct pi_state * st, int32_t il, int32_t d_in, int32_t d_sae, const float * w_enc_t,
                             const float * b_enc, const float * w_dec, const float * w_dec_t, const float * b_dec,
                             const float * threshold, int32_t activation, int32_t k, bool apply_b_dec) {
@@ -49,16 +88,22 @@ void pi_sae_free(struct pi_sae * sae) {
     }
 }
 
-void pi_saes_free(struct pi_state * st) {
-    for (int32_t i = 0; i < st->n_saes; ++i) {
-        if (st->saes[i].buf) {
-            ggml_backend_buffer_free(st->saes[i].buf);
-            ggml_free(st->saes[i].ctx);
+static void pi_saes_clear(struct pi_state * st, void * data) {
+    struct pi_saes * self = data;
+    for (int32_t i = 0; i < self->n_uses; ++i) {
+        if (self->uses[i].buf) {
+            ggml_backend_buffer_free(self->uses[i].buf);
+            ggml_free(self->uses[i].ctx);
         }
     }
-    free(st->saes);
-    st->saes   = NULL;
-    st->n_saes = 0;
+    free(self->uses);
+    self->uses   = NULL;
+    self->n_uses = 0;
+}
+
+static bool pi_saes_active(const struct pi_state * st, const void * data) {
+    const struct pi_saes * self = data;
+    return self->n_uses > 0;
 }
 
 int32_t pi_sae_attach(struct pi_state * st, struct pi_sae * sae, const char * name, int32_t il, int32_t top_k,
@@ -95,11 +140,12 @@ int32_t pi_sae_attach(struct pi_state * st, struct pi_sae * sae, const char * na
         ggml_backend_tensor_set(use.edit_ids, edit_ids, 0, ggml_nbytes(use.edit_ids));
         ggml_backend_tensor_set(use.edit_values, edit_values, 0, ggml_nbytes(use.edit_values));
     }
-    st->saes = realloc(st->saes, (st->n_saes + 1) * sizeof(struct pi_sae_use));
-    st->saes[st->n_saes++] = use;
+    struct pi_saes * self = pi_self(st, &pi_recipe_sae);
+    self->uses = realloc(self->uses, (self->n_uses + 1) * sizeof(struct pi_sae_use));
+    self->uses[self->n_uses++] = use;
     pi_update_hook(st);
     pi_drop_graph(st);
-    return st->n_saes - 1;
+    return self->n_uses - 1;
 }
 
 // f = act(pre) as [d_sae, n]
@@ -127,7 +173,7 @@ static void pi_sae_output(struct ggml_cgraph * gf, struct ggml_tensor * t, const
     ggml_build_forward_expand(gf, t);
 }
 
-struct ggml_tensor * pi_sae_apply(struct pi_state * st, struct ggml_context * ctx, struct ggml_cgraph * gf,
+static struct ggml_tensor * pi_sae_apply(struct pi_state * st, struct ggml_context * ctx, struct ggml_cgraph * gf,
                                   struct pi_sae_use * use, struct ggml_tensor * cur) {
     const struct pi_sae * sae = use->sae;
     const int64_t d_in  = sae->b_dec->ne[0];
@@ -175,10 +221,11 @@ struct ggml_tensor * pi_sae_apply(struct pi_state * st, struct ggml_context * ct
 // SAE i's output of the last decode: ids and values [n_rows, top_k] (the top_k features of each row, unordered)
 // and stats [n_rows, 5] (|x - x_hat|^2, |x|^2, x.x_hat, |x_hat|^2, active features)
 int pi_sae_read(struct pi_state * st, int32_t i, int32_t * ids, float * values, float * stats, int64_t n_rows) {
-    if (i < 0 || i >= st->n_saes) {
+    const struct pi_saes * self = pi_self(st, &pi_recipe_sae);
+    if (i < 0 || i >= self->n_uses) {
         return pi_fail(st, "no such SAE");
     }
-    const struct pi_sae_use * use = &st->saes[i];
+    const struct pi_sae_use * use = &self->uses[i];
     if (use->ids == NULL) {
         return pi_fail(st, "the SAE's tensor was not in the graph");
     }
@@ -190,3 +237,42 @@ int pi_sae_read(struct pi_state * st, int32_t i, int32_t * ids, float * values, 
     ggml_backend_tensor_get(use->stats, stats, 0, ggml_nbytes(use->stats));
     return 0;
 }
+
+static void pi_saes_begin(struct pi_state * st, void * data) {
+    struct pi_saes * self = data;
+    for (int32_t i = 0; i < self->n_uses; ++i) {
+        self->uses[i].done   = false;
+        self->uses[i].ids    = NULL;
+        self->uses[i].values = NULL;
+        self->uses[i].stats  = NULL;
+    }
+}
+
+// the SAEs attached to (name, il), in the order they were attached
+static struct ggml_tensor * pi_saes_tensor(struct pi_state * st, void * data, struct ggml_context * ctx,
+                                           struct ggml_cgraph * gf, struct ggml_tensor * cur, const char * name,
+                                           int32_t il) {
+    struct pi_saes * self = data;
+    for (int32_t i = 0; i < self->n_uses; ++i) {
+        struct pi_sae_use * use = &self->uses[i];
+        if (use->done || use->il != il || strcmp(use->name, name) != 0) {
+            continue;
+        }
+        use->done = true;
+        if (!pi_room(gf, PI_ROOM)) {
+            st->build_failed = PI_NO_ROOM;
+            continue;
+        }
+        cur = pi_sae_apply(st, ctx, gf, use, cur);
+    }
+    return cur;
+}
+
+const struct pi_recipe pi_recipe_sae = {
+    .name   = "sae",
+    .size   = sizeof(struct pi_saes),
+    .clear  = pi_saes_clear,
+    .active = pi_saes_active,
+    .begin  = pi_saes_begin,
+    .tensor = pi_saes_tensor,
+};

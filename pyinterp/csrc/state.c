@@ -95,42 +95,18 @@ struct pi_state * pi_state_new(struct llama_context * ctx) {
     st->model   = llama_get_model(ctx);
     st->n_layer = llama_model_n_layer(st->model);
     st->n_head  = llama_model_n_head(st->model);
-    st->layers  = calloc(st->n_layer, sizeof(struct pi_layer));
-    st->lens.in    = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
-    st->lens.ids   = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
-    st->lens.probs = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
-    st->lens.stats = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
     struct ggml_init_params meta_params = { PI_META_TENSORS * ggml_tensor_overhead(), NULL, true };
     st->meta = ggml_init(meta_params);
-
-    float * eye = calloc((size_t) st->n_head * st->n_head, sizeof(float));
-    for (int32_t h = 0; h < st->n_head; ++h) {
-        eye[h * st->n_head + h] = 1.0f;
-    }
-    for (int32_t il = 0; il < st->n_layer; ++il) {
-        struct pi_layer * layer = &st->layers[il];
-        struct ggml_init_params params = { ggml_tensor_overhead(), NULL, true };
-        layer->ctx = ggml_init(params);
-        layer->eye = ggml_new_tensor_3d(layer->ctx, GGML_TYPE_F32, 1, st->n_head, st->n_head);
-        ggml_format_name(layer->eye, "pi_eye-%d", il);
-        layer->buf = ggml_backend_alloc_ctx_tensors_from_buft(layer->ctx, pi_layer_buft(st, il));
-        if (layer->buf == NULL) {
-            free(eye);
+    st->self = calloc(pi_n_recipes, sizeof(void *));
+    for (int32_t i = 0; i < pi_n_recipes; ++i) {
+        const struct pi_recipe * recipe = pi_recipes[i];
+        st->self[i] = calloc(1, recipe->size);
+        if (recipe->init != NULL && !recipe->init(st, st->self[i])) {
             pi_state_free(st);
             return NULL;
         }
-        ggml_backend_tensor_set(layer->eye, eye, 0, ggml_nbytes(layer->eye));
     }
-    free(eye);
     return st;
-}
-
-static void pi_pools_free(struct pi_pool * pools) {
-    for (int i = 0; i < PI_MAX_POOLS; ++i) {
-        if (pools[i].buf) {
-            ggml_backend_buffer_free(pools[i].buf);
-        }
-    }
 }
 
 void pi_state_free(struct pi_state * st) {
@@ -140,43 +116,34 @@ void pi_state_free(struct pi_state * st) {
     if (st->hook_set) {
         llama_set_graph_hook(st->ctx, NULL, NULL);
     }
-    for (int32_t il = 0; il < st->n_layer; ++il) {
-        if (st->layers[il].buf) {
-            ggml_backend_buffer_free(st->layers[il].buf);
+    for (int32_t i = 0; i < pi_n_recipes && st->self[i] != NULL; ++i) {
+        const struct pi_recipe * recipe = pi_recipes[i];
+        recipe->clear(st, st->self[i]);
+        if (recipe->release != NULL) {
+            recipe->release(st, st->self[i]);
         }
-        if (st->layers[il].ctx) {
-            ggml_free(st->layers[il].ctx);
-        }
+        free(st->self[i]);
     }
-    pi_ops_free(st);
-    pi_saes_free(st);
-    pi_pools_free(st->ops_pool);
-    pi_pools_free(st->rows_pool);
-    pi_attr_free(st);
-    pi_lens_targets_free(st);
-    free(st->lens.in);
-    free(st->lens.ids);
-    free(st->lens.probs);
-    free(st->lens.stats);
+    free(st->self);
     if (st->meta) {
         ggml_free(st->meta);
     }
-    free(st->layers);
-    free(st->seen);
     free(st);
 }
 
-// the hook is set on the context only while there is something for it to do, so a run without
-// interventions is stock llama.cpp
+// the hook is set on the context only while a recipe has something to do, so a run without interventions
+// or readouts is stock llama.cpp
 void pi_update_hook(struct pi_state * st) {
-    const bool want = st->n_ops > 0 || st->n_saes > 0 || st->record || st->lens.k > 0 || st->attr.n_terms > 0;
+    bool want = false;
+    for (int32_t i = 0; i < pi_n_recipes; ++i) {
+        want = want || pi_recipes[i]->active(st, st->self[i]);
+    }
     if (want != st->hook_set) {
         llama_set_graph_hook(st->ctx, want ? pi_hook : NULL, want ? st : NULL);
         st->hook_set = want;
     }
 }
 
-// the next decode builds a new graph: what the hook would add has changed
 void pi_drop_graph(struct pi_state * st) {
     if (st->hook_set) {
         llama_set_graph_hook(st->ctx, pi_hook, st);
@@ -184,20 +151,10 @@ void pi_drop_graph(struct pi_state * st) {
 }
 
 void pi_plan_clear(struct pi_state * st) {
-    pi_ops_free(st);
-    pi_saes_free(st);
-    st->record = false;
-    st->lens.k = 0;
-    pi_lens_targets_free(st);
-    pi_attr_free(st);
-    st->gf     = NULL; // removing the hook drops the graph
+    for (int32_t i = 0; i < pi_n_recipes; ++i) {
+        pi_recipes[i]->clear(st, st->self[i]);
+    }
+    st->gf = NULL; // removing the hook drops the graph
     pi_drop_graph(st);
     pi_update_hook(st);
-}
-
-void pi_set_record(struct pi_state * st, bool record) {
-    st->record = record;
-    st->n_seen = 0;
-    pi_update_hook(st);
-    pi_drop_graph(st);
 }

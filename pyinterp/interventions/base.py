@@ -9,14 +9,24 @@ what led only to it). Ops on one tensor apply in order; two head masks multiply.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from ..hooks import Planner
 
-OP_KINDS = ("capture", "mul", "set", "add", "inject")
+
+def op_kinds(header: str) -> dict[str, int]:
+    """The op kinds ``enum pi_op_kind`` of the native header declares: name ("capture") -> value."""
+    enum = re.search(r"enum pi_op_kind \{(.*?)\};", header, re.S)
+    return {name.lower(): int(value) for name, value in re.findall(r"PI_OP_(\w+)\s*=\s*(\d+)", enum.group(1))}
+
+
+# declared once, in C; read from the header so that this module does not load the native library
+OP_KINDS = op_kinds((Path(__file__).resolve().parents[1] / "csrc" / "interp.h").read_text())
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,30 @@
+// pyinterp native layer: the recipe table. The hook applies the recipes in this order to every tensor: the
+// record sees the tensors as llama.cpp made them, the ops and SAEs change them, the lens and the attribution
+// read them as the interventions left them.
+
+#include "internal.h"
+
+extern const struct pi_recipe pi_recipe_record;
+extern const struct pi_recipe pi_recipe_ops;
+extern const struct pi_recipe pi_recipe_sae;
+extern const struct pi_recipe pi_recipe_lens;
+extern const struct pi_recipe pi_recipe_attribution;
+
+const struct pi_recipe * const pi_recipes[] = {
+    &pi_recipe_record,
+    &pi_recipe_ops,
+    &pi_recipe_sae,
+    &pi_recipe_lens,
+    &pi_recipe_attribution,
+};
+
+const int32_t pi_n_recipes = sizeof(pi_recipes) / sizeof(pi_recipes[0]);
+
+void * pi_self(const struct pi_state * st, const struct pi_recipe * recipe) {
+    for (int32_t i = 0; i < pi_n_recipes; ++i) {
+        if (pi_recipes[i] == recipe) {
+            return st->self[i];
+        }
+    }
+    return NULL;
+}
