@@ -2,8 +2,8 @@
 """An activation-patching sweep of l_out (layers x positions, logit difference of two answers) in pyinterp
 and in a TransformerLens-style hook loop on transformers, on the same GGUF, each side in its own process.
 
-pyinterp: :func:`pyinterp.patching.patch_sweep` on the GGUF as it is, batched (variants share decodes and the
-prompt's unchanged prefix), and again as one run per cell (``batched=False``).
+pyinterp: :func:`pyinterp.patching.patch_sweep` on the GGUF as it is, batched (variants reuse the plain
+run's unchanged positions and layers), and again as one run per cell (``batched=False``; bit-identical).
 transformers: the GGUF dequantized to fp32, eager attention; the clean run's decoder-layer outputs cached
 by forward hooks, then per cell one forward of the corrupted ids with a hook replacing that row of that
 layer's output (``logits_to_keep=1``, the last row only, as pyinterp). Both on the same number of threads,
@@ -182,8 +182,9 @@ def main() -> None:
           f"= {cells} cells ({len(ours['clean'])}-token prompt), {args.threads} threads")
     loop_s = float(ours["loop_seconds"])
     print(f"pyinterp      {1000 * ours_s / cells:8.1f} ms/cell   peak RSS {ours_rss:7.0f} MiB   (batched, shared prefixes)")
-    print(f"pyinterp loop {1000 * loop_s / cells:8.1f} ms/cell   (one run per cell; max |difference| from batched "
-          f"{np.abs(ours['loop'] - ours['grid']).max():.2e})")
+    same = "bit-identical" if np.array_equal(ours["loop"], ours["grid"]) else \
+        f"NOT bit-identical: max |difference| {np.abs(ours['loop'] - ours['grid']).max():.2e}"
+    print(f"pyinterp loop {1000 * loop_s / cells:8.1f} ms/cell   (one run per cell; {same})")
     print(f"transformers  {1000 * hf_s / cells:8.1f} ms/cell   peak RSS {hf_rss:7.0f} MiB")
     print(f"pyinterp / transformers: time {ours_s / hf_s:.2f} ({hf_s / ours_s:.1f}x faster), peak RSS {ours_rss / hf_rss:.2f}")
     print(f"pyinterp batched / loop: time {ours_s / loop_s:.2f} ({loop_s / ours_s:.1f}x faster)")

@@ -265,12 +265,9 @@ class Backend:
     def clear_memory(self) -> None:
         lib.llama_memory_clear(self._memory, True)
 
-    def copy_sequence(self, src: int, dst: int, n_positions: int) -> None:
-        """Sequence ``dst`` shares ``src``'s cells of positions ``0..n_positions-1`` (stored once)."""
-        lib.llama_memory_seq_cp(self._memory, src, dst, 0, n_positions)
-
-    def drop_sequence(self, seq: int) -> None:
-        lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
+    def drop_positions(self, seq: int, start: int) -> None:
+        """Free sequence ``seq``'s cells of positions ``start..``; the next decode refills them in order."""
+        lib.llama_memory_seq_rm(self._memory, seq, start, -1)
 
     # analyses at the unembedding
 

@@ -80,8 +80,8 @@ def sweep(model_opts, clean, corrupt, heads_scan, patch_heads, tensor, metric_ki
     from the --clean run, and record the metric of the last token's logits (layers x tokens).
 
     With --patch-heads: patch each head's output alone instead (layers x heads). With --heads: ablate each head
-    of --clean alone and record metric(ablated) - metric(plain) (layers x heads). Variants run batched, sharing
-    the prompt's unchanged prefix.
+    of --clean alone and record metric(ablated) - metric(plain) (layers x heads). Each cell reuses the plain
+    run's unchanged positions and layers and equals a run of its own bit for bit.
     """
     from .cli import progress
     from .plot import sanitize_label, save_png, value_grid

@@ -1,5 +1,6 @@
 """Activation-patching sweeps and head scans: one metric of the final logits per cell, the cells run as
-variants in batched decodes that share the prompt's unchanged prefix (:mod:`pyinterp.batch`).
+variants that reuse the plain run's unchanged positions and layers (:mod:`pyinterp.batch`), each cell bit
+for bit the :meth:`Model.run` it stands for.
 
 - :func:`patch_sweep`: run the clean prompt once capturing a ``[n_tokens, width]`` tensor (``l_out`` by
   default), then for every (layer, position) run the corrupted prompt with that one row replaced by the
@@ -13,8 +14,8 @@ A metric is any callable on the last token's logits ``[n_vocab] -> float``, or o
 (:func:`logit_diff`, :func:`prob`), which names its tokens by id or single-token text. Every sweep goes
 through :func:`evaluate`, the one place that runs the variants.
 
-``batched=False`` runs one :meth:`Model.run` per cell instead (the reference loop; same numbers up to
-float rounding).
+``batched=False`` runs one :meth:`Model.run` per cell instead (the reference loop: the same numbers,
+slower).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The batched engine: many variants of a prompt in one decode (each on its own sequence, sharing the
-unchanged prefix's KV cells), per-head patching and additions at chosen positions (generic native ops),
-and graph reuse while interventions stay on. Checked against loops of single runs and the reference."""
+"""The variant engine: many variants of a prompt, each decoding only the positions and layers its interventions
+can change and each bit for bit its own single run (on the F32 test models and on the quantized real ones);
+per-head patching and additions at chosen positions (generic native ops), and graph reuse while
+interventions stay on. Checked against loops of single runs and the reference."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from conftest import corr
 from pyinterp import InputError
 from pyinterp.batch import run_variants
 from pyinterp.interventions import AblateHeads, AddVector, PatchHead, PatchRow
-from pyinterp.patching import head_patch_scan, logit_diff
+from pyinterp.patching import head_ablation_scan, head_patch_scan, logit_diff, patch_sweep
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import tiny_gguf  # noqa: E402
@@ -42,22 +43,21 @@ def test_variants_equal_single_runs(tiny):
                 [AddVector("l_out", 0, rows[2], positions=(6,))], [PatchRow("attn_out", 3, 7, rows[1])],
                 [PatchRow("l_out", 0, 5, rows[0]), AblateHeads(((2, 1), (3, 0)))], []]
     plain, got = run_variants(tiny, IDS, variants)
-    np.testing.assert_allclose(plain, tiny.run(IDS, logits="last").logits[-1], atol=1e-4)
+    np.testing.assert_array_equal(plain, tiny.run(IDS, logits="last").logits[-1])
     for variant, logits in zip(variants, got):
         want = tiny.run(IDS, interventions=variant, logits="last").logits[-1]
-        np.testing.assert_allclose(logits, want, atol=1e-4)
+        np.testing.assert_array_equal(logits, want)
         if variant:
             assert np.abs(want - plain).max() > 1e-3  # every variant changes the logits
 
 
-def test_more_variants_than_one_decode_holds(tiny):
+def test_many_variants(tiny):
     rng = np.random.default_rng(1)
     variants = [[PatchRow("l_out", il % tiny.n_layer, pos, rng.normal(size=tiny.n_embd))]
-                for il in range(8) for pos in range(len(IDS))]  # 64: more than one batch of 32
+                for il in range(8) for pos in range(len(IDS))]  # 64, every start and first layer
     _, got = run_variants(tiny, IDS, variants)
-    for i in (0, 31, 32, 63):
-        want = tiny.run(IDS, interventions=variants[i], logits="last").logits[-1]
-        np.testing.assert_allclose(got[i], want, atol=1e-4)
+    for variant, logits in zip(variants, got):
+        np.testing.assert_array_equal(logits, tiny.run(IDS, interventions=variant, logits="last").logits[-1])
 
 
 def test_layers_before_the_first_intervened_one_are_skipped(tiny):
@@ -68,21 +68,19 @@ def test_layers_before_the_first_intervened_one_are_skipped(tiny):
         variant = [PatchRow("l_out", layer, 4, vec)]
         _, got = run_variants(tiny, IDS, [variant])
         skipped[layer] = tiny._backend.n_skipped()
-        np.testing.assert_allclose(got[0], tiny.run(IDS, interventions=variant, logits="last").logits[-1], atol=1e-4)
+        np.testing.assert_array_equal(got[0], tiny.run(IDS, interventions=variant, logits="last").logits[-1])
     assert skipped[0] == 0 and skipped[2] > 0
 
 
-def test_a_small_context_holds_fewer_sequences(tmp_path):
-    """A context of 12 cells holds at most 12 sequences (llama.cpp keeps one output per sequence): the variants
-    go in as many decodes as the cells allow, and still equal single runs."""
+def test_a_small_context(tmp_path):
+    """A context of 12 cells for a prompt of 8: each variant decodes in the cells of a run of its own."""
     path = tiny_gguf.write("llama", tmp_path / "llama.gguf", seed=0)
     with pyinterp.Model(path, n_ctx=12, n_threads=1) as small:
         rng = np.random.default_rng(3)
         variants = [[PatchRow("l_out", 1, pos, rng.normal(size=small.n_embd))] for pos in (0, 4, 7, 7, 7)]
         _, got = run_variants(small, IDS, variants)
         for variant, logits in zip(variants, got):
-            np.testing.assert_allclose(logits, small.run(IDS, interventions=variant, logits="last").logits[-1],
-                                       atol=1e-4)
+            np.testing.assert_array_equal(logits, small.run(IDS, interventions=variant, logits="last").logits[-1])
 
 
 def test_context_manager_interventions_apply_to_every_variant(tiny):
@@ -92,8 +90,8 @@ def test_context_manager_interventions_apply_to_every_variant(tiny):
         plain, got = run_variants(tiny, IDS, variants)
         want_plain = tiny.run(IDS, logits="last").logits[-1]
         want = tiny.run(IDS, interventions=variants[0], logits="last").logits[-1]
-    np.testing.assert_allclose(plain, want_plain, atol=1e-4)
-    np.testing.assert_allclose(got[0], want, atol=1e-4)
+    np.testing.assert_array_equal(plain, want_plain)
+    np.testing.assert_array_equal(got[0], want)
     assert np.abs(want_plain - tiny.run(IDS, logits="last").logits[-1]).max() > 1e-3
 
 
@@ -173,18 +171,14 @@ def test_head_patch_scan_against_the_reference(smollm2, ref_smollm2):
     good, bad = smollm2.tokenize(" Paris", add_bos=False)[0], smollm2.tokenize(" Rome", add_bos=False)[0]
     layers = [3, 20]
     batched = head_patch_scan(smollm2, CLEAN, CORRUPT, logit_diff(" Paris", " Rome"), layers=layers)
-    loop = head_patch_scan(smollm2, CLEAN, CORRUPT, logit_diff(" Paris", " Rome"), layers=layers, batched=False)
     heads = ref_smollm2.head_outputs(clean)
     want = np.empty_like(batched)
     for i, il in enumerate(layers):
         for h in range(smollm2.n_head):
             logits = ref_smollm2.run(corrupt, patch_heads=[(il, h, range(len(clean)), heads[il][:, h])]).logits[-1]
             want[i, h] = logits[good] - logits[bad]
-    # batched and looped differ by rounding (other KV cells, other summation order) that an int8 activation
-    # rounding now and then amplifies on this Q4_1 model; both must match the reference equally well
-    for got in (batched, loop):
-        assert corr(got, want) >= 0.9
-        assert np.abs(got - want).max() <= 1.0
+    assert corr(batched, want) >= 0.9
+    assert np.abs(batched - want).max() <= 1.0
     assert np.abs(want - want.mean()).max() >= 2.0  # some head matters: the scan is not flat
 
 
@@ -197,3 +191,45 @@ def test_add_at_positions_against_the_reference(smollm2, ref_smollm2):
     np.testing.assert_allclose(got[:3], base[:3], atol=1e-4)  # earlier positions see nothing
     assert corr(got[3:], want[3:]) >= 0.99
     assert corr(got[3:] - base[3:], want[3:] - want_base[3:]) >= 0.9
+
+
+IOI_CLEAN = "When Mary and John went to the store, John gave a drink to"
+IOI_CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_sweep_cells_are_their_own_runs_bit_for_bit(request, name):
+    """On the quantized models (Q4_1, Q4_K with repacked weights): a patch of a row by an identical row leaves
+    the metric bit-identical to the corrupted run's, and every cell of the sweep is bit for bit the metric of
+    one Model.run with that patch, whatever start and first layer it shares a call with."""
+    model = request.getfixturevalue(name)
+    clean, corrupt = model.tokenize(IOI_CLEAN), model.tokenize(IOI_CORRUPT)
+    same = next(i for i, (a, b) in enumerate(zip(clean, corrupt)) if a != b)  # rows before it are equal
+    metric = logit_diff(" Mary", " John").bind(model)
+    layers = [1, model.n_layer // 2, model.n_layer - 2]
+    grid = patch_sweep(model, clean, corrupt, metric=metric, layers=layers)
+    base = metric(model.run(corrupt, logits="last").logits[-1])
+    assert same >= 8
+    np.testing.assert_array_equal(grid[:, :same], np.full((len(layers), same), base))
+    rows = model.run(clean, capture=[f"l_out-{il}" for il in layers])
+    want = np.array([[metric(model.run(corrupt, interventions=[PatchRow("l_out", il, pos, rows["l_out", il][pos])],
+                                       logits="last").logits[-1]) for pos in range(len(clean))] for il in layers])
+    np.testing.assert_array_equal(grid, want)
+    assert np.abs(grid[0, same] - base) > 0.5  # the changed token's row matters
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_head_scans_are_their_own_runs_bit_for_bit(request, name):
+    model = request.getfixturevalue(name)
+    metric = logit_diff(" Mary", " John").bind(model)
+    layers = [2, model.n_layer - 3]
+    patched = head_patch_scan(model, IOI_CLEAN, IOI_CORRUPT, metric, layers=layers, positions=range(8, 14))
+    ablated = head_ablation_scan(model, IOI_CLEAN, metric, layers=layers)
+    heads = model.run(IOI_CLEAN, capture=[f"kqv_heads-{il}" for il in layers])
+    base = metric(model.run(IOI_CLEAN, logits="last").logits[-1])
+    for i, il in enumerate(layers):
+        for h in range(model.n_head):
+            patch = PatchHead(il, h, heads["kqv_heads", il][:, h], tuple(range(8, 14)))
+            assert patched[i, h] == metric(model.run(IOI_CORRUPT, interventions=[patch], logits="last").logits[-1])
+            one = metric(model.run(IOI_CLEAN, interventions=[AblateHeads(((il, h),))], logits="last").logits[-1])
+            assert ablated[i, h] == one - base

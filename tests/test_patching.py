@@ -53,17 +53,17 @@ def test_patch_sweep_equals_a_loop_of_runs(tiny):
     for il in layers:
         for pos in range(len(clean)):
             logits = model.run(corrupt, patch=[("l_out", il, pos, rows["l_out", il][pos])]).logits[-1]
-            want[il, pos] = logits[good] - logits[bad]
+            want[il, pos] = float(logits[good]) - float(logits[bad])  # as the metric: in float64
             if il == 0 and pos in (2, len(clean) - 1):
                 p = softmax(logits)[good]
                 assert got_p[len(layers) - 1, 1 if pos == 2 else 0] == pytest.approx(p, rel=1e-5)
     assert got.shape == (model.n_layer, len(clean))
-    np.testing.assert_allclose(got, want, atol=1e-4)
+    np.testing.assert_array_equal(got, want)  # each cell is its own run, bit for bit
     plain = model.run(corrupt).logits[-1]
     clean_logits = model.run(clean).logits[-1]
     # a position where the prompts agree changes nothing; one where they differ does, before the last layer; in the
     # last layer only the last row reaches the logits, and it brings the clean ones
-    np.testing.assert_allclose(got[:, 0], plain[good] - plain[bad], atol=1e-4)
+    np.testing.assert_array_equal(got[:, 0], float(plain[good]) - float(plain[bad]))
     assert abs(got[0, 2] - (plain[good] - plain[bad])) > 1e-2
     np.testing.assert_allclose(got[-1, :-1], plain[good] - plain[bad], atol=1e-4)
     assert got[-1, -1] == pytest.approx(clean_logits[good] - clean_logits[bad], abs=1e-4)

@@ -67,7 +67,7 @@ def test_interventions_match_the_cpu(remote, smollm2):
 
 
 def test_batched_sweep_matches_the_cpu(remote, smollm2):
-    """Several sequences of their own lengths in one decode, layers skipped (no-op nodes) on the server."""
+    """Variants from their own first positions, layers skipped (no-op nodes) on the server."""
     from pyinterp.patching import logit_diff, patch_sweep
 
     clean, corrupt = "The Eiffel Tower is located in the city of", "The Colosseum is located in the city of"
