@@ -250,11 +250,11 @@ def build_info() -> dict:
 
 def set_verbose(verbose: bool) -> None:
     """Show llama.cpp's own log on stderr (or hide it again)."""
-    for handler in [h for h in log.handlers if getattr(h, "_pyinterp", False)]:
+    for handler in [h for h in log.handlers if h.get_name() == "pyinterp"]:
         log.removeHandler(handler)
     if verbose:
         handler = logging.StreamHandler()
-        handler._pyinterp = True
+        handler.set_name("pyinterp")
         log.addHandler(handler)
         log.setLevel(logging.DEBUG)
     else:

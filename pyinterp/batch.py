@@ -55,30 +55,31 @@ def run_variants(model: Model, prompt: str | Sequence[int], variants: Sequence[S
     Each row equals the last row of ``Model.run(prompt, interventions=variant).logits`` bit for bit.
     ``on_variant`` is called once per variant done (progress). Holds the model's lock throughout.
     """
-    model._live()
+    engine = model.engine
+    engine.check_live()
     ids = model.prompt_ids(prompt)
-    with model._lock:
-        model._live()
+    with engine.lock:
+        engine.check_live()
         return _run_locked(model, ids, variants, on_variant)
 
 
 def _run_locked(model: Model, ids: list[int], variants: Sequence[Sequence[Intervention]],
                 on_variant: Callable[[], None] | None) -> tuple[np.ndarray, np.ndarray]:
     n = len(ids)
-    b = model._backend
-    base_ops, _, _ = model._compile(n, [], ())
+    b = model.engine.backend
+    base_ops, _, _ = model.engine.compile(n, [], ())
     # each variant's ops as Model.run compiles them (the context managers' first)
-    compiled = [model._compile(n, list(v), ())[0] for v in variants]
+    compiled = [model.engine.compile(n, list(v), ())[0] for v in variants]
     arch = ARCHS.get(model.arch)
     starts = [first_changed(ops[len(base_ops):]) // ROW_BLOCK * ROW_BLOCK for ops in compiled]
     # the first layer each variant computes: where the plain run's residual stream is injected
     layers = [first_layer(ops[len(base_ops):]) if arch else 0 for ops in compiled]
-    last_layer = any(model._needs_every_row(ops) for ops in compiled)
+    last_layer = any(model.engine.needs_every_row(ops) for ops in compiled)
     out = np.empty((len(variants), model.n_vocab), dtype=np.float32)
     injected = sorted({layer for layer in layers if layer > 0})
     try:
         keep = [Op("capture", arch.residual, layer - 1) for layer in injected] if arch else []
-        indices = model._set_plan(base_ops + keep, set())[len(base_ops):]
+        indices = model.engine.set_plan(base_ops + keep, set())[len(base_ops):]
         b.clear_memory()
         b.decode([ids], [0], 0, False)
         plain = b.logits(1)[0]
@@ -100,8 +101,8 @@ def _decode_variant(model: Model, ids: list[int], start: int, ops: list[Op], las
     """The last token's logits ``[n_vocab]`` of ``ids`` decoded from position ``start`` on under ``ops``, over the
     cache's cells of positions ``0..start-1`` (cells of later positions are dropped first, so the new tokens
     take cells ``start..``, where a run of its own puts them)."""
-    b = model._backend
+    b = model.engine.backend
     b.drop_positions(0, start)
-    model._set_plan(ops, set())
+    model.engine.set_plan(ops, set())
     b.decode([ids[start:]], [0], start, last_layer)
     return b.logits(len(ids) - start if last_layer else 1)[-1]

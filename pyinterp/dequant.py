@@ -58,9 +58,8 @@ class TensorEntry(NamedTuple):
 def scan(path: Path) -> list[TensorEntry]:
     """The tensors of a (little-endian) GGUF file from its header, skipping the metadata values: fast where
     :class:`gguf.GGUFReader`, which parses every value (every token of the vocabulary), takes seconds."""
-    from .model import _check_gguf
 
-    _check_gguf(path)
+    zoo.check_gguf(path)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         pos = 0
 

@@ -27,7 +27,9 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Protocol, Sequence
 import numpy as np
 
 from .arch import ARCHS
-from .backend import Backend
+from pathlib import Path
+
+from .backend import KV_TYPES, Backend, default_threads, has_metal, set_verbose  # noqa: F401  (for the façade)
 from .checks import check_intervention, check_prompt, show
 from .errors import InputError, PyinterpError
 from .hooks import ATTENTION_TENSORS, Planner, TensorInfo, as_list, split_name
@@ -57,6 +59,7 @@ class Engine:
 
     def __init__(self, backend: Backend, flash_attn: bool | None) -> None:
         self.backend = backend
+        self.n_head_kv, self.n_embd = backend.n_head_kv, backend.n_embd
         self.lock = threading.RLock()  # one pass, or one with-block of pushed interventions, at a time
         self.n_layer, self.n_head, self.n_vocab, self.n_ctx = backend.n_layer, backend.n_head, backend.n_vocab, backend.n_ctx
         self.arch = backend.arch
@@ -65,6 +68,15 @@ class Engine:
         self.steering = False                        # a control vector is set (control_vector)
         self.uploads: dict[object, object] = {}      # device-side data of readouts (SAE weights), freed with the engine
         self._info: TensorInfo | None = None
+
+    @classmethod
+    def load(cls, path: Path, *, n_ctx: int, n_threads: int, n_gpu_layers: int, flash_attn: bool | None, type_k: str,
+             type_v: str, rpc: str | None) -> "Engine":
+        """Load the GGUF at ``path`` and make its context (arguments checked by the caller, as Model does)."""
+        flash = -1 if flash_attn is None else int(bool(flash_attn))
+        backend = Backend(path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, flash=flash,
+                          type_k=type_k, type_v=type_v, rpc=rpc)
+        return cls(backend, flash_attn)
 
     # lifetime
 

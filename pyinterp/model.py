@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from . import zoo
-from .backend import KV_TYPES, Backend, default_threads, has_metal, set_verbose
 from .checks import C_INT_MAX, check_bool, check_callable, check_float, check_int, check_intervention, check_prompt, check_str, show
-from .engine import Engine
+from .engine import KV_TYPES, Engine, default_threads, has_metal, set_verbose
 from .errors import InputError, PyinterpError
 from .hooks import Head, Patch, Planner, TensorInfo, as_list, as_tuple
 from .interventions import AblateHeads, Intervention, IsolateHead, PatchRow, Target
@@ -26,8 +25,6 @@ from .trace import Trace
 if TYPE_CHECKING:
     from .attribution import Attribution
     from .lens import LogitLens
-
-GGUF_MAGIC = b"GGUF"
 
 TOKEN_ATTR_NORMAL = 1 << 2  # enum llama_token_attr's flag of an ordinary token (control, byte, ... have others)
 
@@ -39,13 +36,6 @@ class Generation:
     prompt_tokens: list[int]
     tokens: list[int]
     text: str
-
-
-def _check_gguf(path: Path) -> None:
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head != GGUF_MAGIC:
-        raise PyinterpError(f"{path} is not a GGUF file (it starts with {head!r}, not {GGUF_MAGIC!r})")
 
 
 def default_gpu_layers() -> int:
@@ -106,17 +96,16 @@ class Model:
         if rpc is not None:
             check_str(rpc, "rpc")
         self.path = zoo.resolve(path)
-        _check_gguf(self.path)
+        zoo.check_gguf(self.path)
         if type_v not in ("f32", "f16", "bf16") and flash_attn is False:
             raise InputError(f"a quantized V cache ({type_v}) needs flash attention (flash_attn=None or True)")
-        flash = -1 if flash_attn is None else int(bool(flash_attn))
-        backend = Backend(self.path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, flash=flash,
-                          type_k=type_k, type_v=type_v, rpc=rpc)
-        self.engine = Engine(backend, flash_attn)
-        self.arch: str = backend.arch
-        self.n_layer, self.n_head, self.n_head_kv, self.n_embd = backend.n_layer, backend.n_head, backend.n_head_kv, backend.n_embd
-        self.n_vocab: int = backend.n_vocab
-        self.n_ctx: int = backend.n_ctx
+        self.engine = Engine.load(self.path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                                  flash_attn=flash_attn, type_k=type_k, type_v=type_v, rpc=rpc)
+        e = self.engine
+        self.arch: str = e.arch
+        self.n_layer, self.n_head, self.n_head_kv, self.n_embd = e.n_layer, e.n_head, e.n_head_kv, e.n_embd
+        self.n_vocab: int = e.n_vocab
+        self.n_ctx: int = e.n_ctx
 
     # lifetime
 

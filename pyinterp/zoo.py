@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import PyinterpError
 
 DEFAULT_MODEL = "smollm2"
+GGUF_MAGIC = b"GGUF"
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HINT = (
@@ -70,3 +71,11 @@ def resolve(model: str | os.PathLike | None) -> Path:
     if not path.is_file():
         raise PyinterpError(f"model path is not a file: {path}")
     return path
+
+
+def check_gguf(path: Path) -> None:
+    """A one-line error unless ``path`` starts with the GGUF magic."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != GGUF_MAGIC:
+        raise PyinterpError(f"{path} is not a GGUF file (it starts with {head!r}, not {GGUF_MAGIC!r})")

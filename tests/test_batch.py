@@ -67,7 +67,7 @@ def test_layers_before_the_first_intervened_one_are_skipped(tiny):
     for layer in (0, 2):
         variant = [PatchRow("l_out", layer, 4, vec)]
         _, got = run_variants(tiny, IDS, [variant])
-        skipped[layer] = tiny._backend.n_skipped()
+        skipped[layer] = tiny.engine.backend.n_skipped()
         np.testing.assert_array_equal(got[0], tiny.run(IDS, interventions=variant, logits="last").logits[-1])
     assert skipped[0] == 0 and skipped[2] > 0
 
@@ -155,9 +155,9 @@ def test_generation_reuses_the_graph_and_matches_full_runs(tiny):
     the greedy choices of full runs of the same prompt under the same interventions."""
     vec = np.random.default_rng(4).normal(size=tiny.n_embd).astype(np.float32)
     interventions = [AblateHeads(((1, 0),)), AddVector("l_out", 2, vec, scale=0.3)]
-    before = tiny._backend.n_builds()
+    before = tiny.engine.backend.n_builds()
     gen = tiny.generate(IDS, 8, interventions=interventions, stop_at_eog=False)
-    assert tiny._backend.n_builds() - before <= 3  # the prompt, the first token (and a reserve); not one per token
+    assert tiny.engine.backend.n_builds() - before <= 3  # the prompt, the first token (and a reserve); not one per token
     ids = list(IDS)
     for token in gen.tokens:
         assert int(np.argmax(tiny.run(ids, interventions=interventions, logits="last").logits[-1])) == token

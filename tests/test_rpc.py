@@ -74,7 +74,7 @@ def test_batched_sweep_matches_the_cpu(remote, smollm2):
     metric = logit_diff(" Paris", " Rome")
     got = patch_sweep(remote, clean, corrupt, metric=metric, layers=[0, 8, 20])
     want = patch_sweep(smollm2, clean, corrupt, metric=metric, layers=[0, 8, 20])
-    assert remote._backend.n_skipped() > 0
+    assert remote.engine.backend.n_skipped() > 0
     assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.99
     assert np.abs(got - want).max() <= 1.0
 
