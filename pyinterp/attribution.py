@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     import os
     from pathlib import Path
 
-    from .model import Model
+    from .engine import ModelLike
+
 
 
 @dataclass
@@ -59,7 +60,7 @@ class Attribution:
         return save_png(image, path)
 
 
-def logit_attribution(model: Model, tokens_or_text: str | Sequence[int], target: int | str | None = None,
+def logit_attribution(model: ModelLike, tokens_or_text: str | Sequence[int], target: int | str | None = None,
                       position: int = -1, heads: bool = True) -> Attribution:
     """Direct logit attribution: how much each term of the residual stream adds to one logit.
 

@@ -23,13 +23,14 @@ from .cli_fidelity import fidelity
 from .cli_heads import heads
 from .cli_lens import (ATTRIBUTION_HEADER, TARGET_HEADER, attribution_json, attribution_rows, next_tokens, numbered,
                        parse_positions, parse_target, print_attribution, print_targets, targets_json,
-                       targets_rows, write_csv)
-from .cli_options import LAYERS_HELP, LayerList, layer_list, model_options
+                       targets_rows)
+from .cli_options import LAYERS_HELP, LayerList, layer_list, model_options, progress
 from .cli_prompt import prompt_options, prompt_text, seed_option, stream_generation, temp_option
 from .cli_sae import sae
 from .cli_sweep import sweep
+from .csv_io import write_csv
 from .errors import InputError, PyinterpError
-from .hooks import split_name
+from .names import split_name
 from .steering import ControlVector, combine, steered
 from .tensor_io import load_tensor, save_tensor
 
@@ -59,13 +60,6 @@ def name_layer(spec: str, option: str) -> tuple[str, int]:
     if layer is None:
         raise click.BadParameter(f"expected NAME-LAYER (e.g. l_out-12), got {spec!r}", param_hint=option)
     return name, layer
-
-
-def progress(length: int, label: str):
-    """A progress bar on stderr when it is a terminal; nothing otherwise (pipes and --json stay clean)."""
-    if sys.stderr.isatty() and length > 1:
-        return click.progressbar(length=length, label=label, file=sys.stderr)
-    return contextlib.nullcontext(None)
 
 
 def lens_targets(spec: str, arch: str) -> list[tuple[str, list[int] | None]]:

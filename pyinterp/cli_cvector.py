@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .cli_options import model_options
+from .cli_options import model_options, progress
 from .cli_prompt import process_escapes
 from .errors import InputError
 from .steering import METHODS, TOKENS, contrastive
@@ -44,7 +44,6 @@ def cvector(model_opts, positive_file, negative_file, output, method, tokens, as
     pairs of the difference of their residual streams (l_out) after layer L, for every layer but 0;
     llama-cli --control-vector (or pyinterp --control-vector) adds it back there.
     """
-    from .cli import progress
 
     positives, negatives = read_prompts(positive_file), read_prompts(negative_file)
     if len(positives) != len(negatives):

@@ -3,7 +3,6 @@ their arguments and writing their tables as text, JSON and CSV; and the next tok
 
 from __future__ import annotations
 
-import csv
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,7 +10,6 @@ from typing import TYPE_CHECKING
 import click
 import numpy as np
 
-from .atomic import atomic_write
 from .errors import InputError, PyinterpError
 from .lens import resolve_target, single_token_variants
 
@@ -129,18 +127,6 @@ def attribution_rows(a: Attribution) -> list[list]:
         if a.heads is not None:
             rows += [[*head, il, "head", h, float(v)] for h, v in enumerate(a.heads[il])]
     return rows
-
-
-def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
-    """Write ``rows`` under ``header``; a one-line error when the file cannot be written."""
-    try:
-        with atomic_write(path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            writer.writerows(rows)
-    except OSError as e:
-        raise PyinterpError(f"cannot write CSV to {path}: {e.strerror}") from None
-    return path
 
 
 def numbered(base: Path, suffix: str, n: int, what: str) -> Path:

@@ -3,9 +3,11 @@ function that opens the Model from them, and the one syntax of a list of layers.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import re
+import sys
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Callable
@@ -172,3 +174,10 @@ def parse_layers(spec: str, n_layer: int, option: str = "--layers") -> list[int]
 def layer_list(ctx: click.Context, param: click.Parameter, value: str | None) -> LayerList | None:
     """A click callback: the option's layer list, its syntax checked before the model loads."""
     return None if value is None else LayerList.parse(value, param.opts[-1] if param.opts else "--layers")
+
+
+def progress(length: int, label: str):
+    """A progress bar on stderr when it is a terminal; nothing otherwise (pipes and --json stay clean)."""
+    if sys.stderr.isatty() and length > 1:
+        return click.progressbar(length=length, label=label, file=sys.stderr)
+    return contextlib.nullcontext(None)

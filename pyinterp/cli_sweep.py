@@ -3,14 +3,13 @@ as a table, JSON, CSV and a heatmap (see pyinterp.patching)."""
 
 from __future__ import annotations
 
-import csv
 import json
 
 import click
 import numpy as np
 
-from .atomic import atomic_write
-from .cli_options import LAYERS_HELP, layer_list, model_options
+from .cli_options import LAYERS_HELP, layer_list, model_options, progress
+from .csv_io import write_csv
 from .errors import PyinterpError
 from .patching import Metric, bind_metric, head_ablation_scan, head_patch_scan, logit_diff, patch_sweep, prob, run_metric
 
@@ -32,18 +31,6 @@ def choose_metric(model, kind: str, good: str | None, bad: str | None, clean: st
         raise click.UsageError("--metric logit-diff needs --bad TOKEN (or --corrupt, whose top prediction it then is)")
     bad_token = bad if bad is not None else top_token(model, corrupt)
     return logit_diff(good_token, bad_token)
-
-
-def write_csv(path: str, values: np.ndarray, layers: list[int], columns: list[str]) -> None:
-    """One row per layer: the layer, then one value per column (token or head)."""
-    try:
-        with atomic_write(path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["layer", *columns])
-            for label, row in zip(layers, values, strict=True):
-                writer.writerow([label, *(f"{v:.6g}" for v in row)])
-    except OSError as e:
-        raise PyinterpError(f"cannot write CSV to {path}: {e.strerror}") from None
 
 
 def print_table(values: np.ndarray, layers: list[int], columns: list[str]) -> None:
@@ -83,7 +70,6 @@ def sweep(model_opts, clean, corrupt, heads_scan, patch_heads, tensor, metric_ki
     of --clean alone and record metric(ablated) - metric(plain) (layers x heads). Each cell reuses the plain
     run's unchanged positions and layers and equals a run of its own bit for bit.
     """
-    from .cli import progress
     from .plot import sanitize_label, save_png, value_grid
 
     if heads_scan == (corrupt is not None):
@@ -122,7 +108,8 @@ def sweep(model_opts, clean, corrupt, heads_scan, patch_heads, tensor, metric_ki
     result |= {"kind": kind, "columns": columns, "values": values.round(6).tolist()}
     files = []
     if csv_path is not None:
-        write_csv(csv_path, values, layers, columns)
+        write_csv(csv_path, ["layer", *columns], [[label, *(f"{v:.6g}" for v in row)]
+                                                  for label, row in zip(layers, values, strict=True)])
         files.append(csv_path)
     if png is not None:
         pair = repr(clean) if heads_scan else f"{clean!r} -> {corrupt!r}"

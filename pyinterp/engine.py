@@ -32,7 +32,7 @@ from pathlib import Path
 from .backend import KV_TYPES, Backend, default_threads, has_metal, set_verbose  # noqa: F401  (for the façade)
 from .checks import check_intervention, check_prompt, show
 from .errors import InputError, PyinterpError
-from .hooks import ATTENTION_TENSORS, Planner, TensorInfo, as_list, split_name
+from .names import ATTENTION_TENSORS, Planner, TensorInfo, as_list, split_name
 from .interventions import Capture, Intervention, Op, Target
 
 
@@ -43,6 +43,28 @@ class Readout(Protocol):
     def setup(self, backend: Backend) -> None: ...
 
     def read(self, backend: Backend, n_tokens: int) -> object: ...
+
+
+class ModelLike(Protocol):
+    """What an analysis uses of a model: its engine, sizes and tokens. :class:`pyinterp.Model` is one; analyses
+    annotate with this, so they depend on the engine layer and not on the façade above them."""
+
+    engine: Engine
+    path: Path
+    arch: str
+    n_layer: int
+    n_head: int
+    n_embd: int
+    n_vocab: int
+    n_ctx: int
+
+    def prompt_ids(self, tokens_or_text: str | Sequence[int]) -> list[int]: ...
+
+    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]: ...
+
+    def token_str(self, token: int) -> str: ...
+
+    def tensor_info(self) -> TensorInfo: ...
 
 
 class PassResult(NamedTuple):

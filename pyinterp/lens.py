@@ -12,11 +12,11 @@ import numpy as np
 
 from .checks import check_bool, check_int
 from .errors import InputError
-from .hooks import as_list, split_name
+from .names import as_list, split_name
 from .readouts import LensReadout
 
 if TYPE_CHECKING:
-    from .model import Model
+    from .engine import ModelLike
 
 
 @dataclass
@@ -81,7 +81,7 @@ class LogitLens:
         return save_png(image, path)
 
 
-def resolve_target(model: Model, target: int | str) -> int:
+def resolve_target(model: ModelLike, target: int | str) -> int:
     """A target token: an id, or a text that is exactly one token (tokenized as given, no BOS). A text of
     several tokens is a one-line error that names the variants (leading space or not, case) that are one."""
     if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
@@ -100,7 +100,7 @@ def resolve_target(model: Model, target: int | str) -> int:
     raise InputError(f"target {target!r} is {len(pieces)} tokens ({shown}), not one{hint}")
 
 
-def single_token_variants(model: Model, text: str) -> list[tuple[str, int]]:
+def single_token_variants(model: ModelLike, text: str) -> list[tuple[str, int]]:
     """``(text, id)`` of the variants of ``text`` other than itself that are one token: with and without a
     leading space, as given, capitalized and lower-case."""
     core = text.strip()
@@ -115,7 +115,7 @@ def single_token_variants(model: Model, text: str) -> list[tuple[str, int]]:
     return out
 
 
-def check_lens_tensor(model: Model, tensor: str, top_k: int, layers: Iterable[int] | None) -> list[int] | None:
+def check_lens_tensor(model: ModelLike, tensor: str, top_k: int, layers: Iterable[int] | None) -> list[int] | None:
     """Check the lens arguments; returns the layers asked for (sorted, each once), or None for all."""
     info = model.tensor_info()
     if not isinstance(tensor, str):
@@ -160,7 +160,7 @@ def check_positions(positions: Iterable[int] | None, n_tokens: int) -> list[int]
     return sorted(set(positions_in(positions, n_tokens)))
 
 
-def logit_lens(model: Model, tokens_or_text: str | Sequence[int], tensor: str = "l_out", top_k: int = 10,
+def logit_lens(model: ModelLike, tokens_or_text: str | Sequence[int], tensor: str = "l_out", top_k: int = 10,
                norm: bool = True, layers: Iterable[int] | None = None, targets: Iterable[int | str] = (),
                positions: Iterable[int] | None = None) -> LogitLens:
     """Unembed ``tensor`` of every layer (or of ``layers``) at every token and keep the top-k tokens and the

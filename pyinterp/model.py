@@ -18,7 +18,7 @@ from . import zoo
 from .checks import C_INT_MAX, check_bool, check_callable, check_float, check_int, check_intervention, check_prompt, check_str, show
 from .engine import KV_TYPES, Engine, default_threads, has_metal, set_verbose
 from .errors import InputError, PyinterpError
-from .hooks import Head, Patch, Planner, TensorInfo, as_list, as_tuple
+from .names import Head, Patch, Planner, TensorInfo, as_list, as_tuple
 from .interventions import AblateHeads, Intervention, IsolateHead, PatchRow, Target
 from .trace import Trace
 
@@ -48,7 +48,7 @@ def default_gpu_layers() -> int:
         raise InputError(f"PYINTERP_N_GPU_LAYERS must be an integer, got {value!r}") from None
 
 
-def legacy_interventions(ablate: Iterable[Head] = (), isolate: Head | None = None,
+def interventions_from_args(ablate: Iterable[Head] = (), isolate: Head | None = None,
                          patch: Iterable[Patch] = ()) -> list[Intervention]:
     """The ``ablate``/``isolate``/``patch`` arguments of :meth:`Model.run` as intervention objects."""
     out: list[Intervention] = []
@@ -209,7 +209,7 @@ class Model:
         name, op, type, ggml shape and the sources it reads."""
         self.engine.check_live()
         ids = self.prompt_ids(tokens_or_text)
-        every = [*legacy_interventions(ablate, isolate, patch), *as_list(interventions, "interventions")]
+        every = [*interventions_from_args(ablate, isolate, patch), *as_list(interventions, "interventions")]
         return self.engine.run(ids, every, capture, graph=True).graph
 
     def run(self, tokens_or_text: str | Sequence[int], *, capture: Iterable[str] = (), ablate: Iterable[Head] = (),
@@ -232,7 +232,7 @@ class Model:
         if logits not in ("all", "last", None):
             raise InputError(f"logits must be 'all', 'last' or None, got {logits!r}")
         ids = self.prompt_ids(tokens_or_text)
-        every = [*legacy_interventions(ablate, isolate, patch), *as_list(interventions, "interventions")]
+        every = [*interventions_from_args(ablate, isolate, patch), *as_list(interventions, "interventions")]
         done = self.engine.run(ids, every, capture, logits="all" if logits == "all" else "last")
         out = None if logits is None else done.logits[-1:] if logits == "last" else done.logits
         return Trace(ids, out, done.captured, [self.token_str(t) for t in ids], resolve=self.engine.planner().key)
@@ -257,7 +257,7 @@ class Model:
         ids = self.prompt_ids(prompt)
         if len(ids) + n > self.n_ctx:
             raise InputError(f"prompt ({len(ids)} tokens) plus {n} new tokens exceed the context of {self.n_ctx}")
-        every = [*legacy_interventions(ablate, isolate, patch), *as_list(interventions, "interventions")]
+        every = [*interventions_from_args(ablate, isolate, patch), *as_list(interventions, "interventions")]
         out = self.engine.generate_tokens(ids, n, temp, np.random.default_rng(seed), every, stop_at_eog, on_token)
         return Generation(ids, out, self.detokenize(out))
 
@@ -275,7 +275,7 @@ class Model:
     @contextlib.contextmanager
     def ablated(self, heads: Iterable[Head]) -> Iterator["Model"]:
         """Within the block, every run and generation has these ``(layer, head)`` pairs ablated."""
-        every = legacy_interventions(ablate=heads)
+        every = interventions_from_args(ablate=heads)
         for iv in every:
             iv.ops(Target(self.engine.planner(), 1))
         with self.intervened(*every):
@@ -295,5 +295,5 @@ class Model:
     @contextlib.contextmanager
     def patched(self, patches: Iterable[Patch]) -> Iterator["Model"]:
         """Within the block, every run and generation has these rows replaced (checked at each run)."""
-        with self.intervened(*legacy_interventions(patch=patches)):
+        with self.intervened(*interventions_from_args(patch=patches)):
             yield self

@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import InputError
 from .batch import run_variants
-from .hooks import as_list
+from .names import as_list
 from .interventions import AblateHeads, Intervention, PatchHead, PatchRow
 from .lens import positions_in, resolve_target
 

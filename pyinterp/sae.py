@@ -53,7 +53,7 @@ from .readouts import SAEReadout, upload_sae
 from .safetensors_io import read_safetensors, rounded, write_safetensors
 
 if TYPE_CHECKING:
-    from .model import Model
+    from .engine import ModelLike
 
 ARCHITECTURES = ("standard", "jumprelu", "topk")
 CFG_FILE = "cfg.json"
@@ -150,7 +150,7 @@ class SAE:
 
     # where it reads
 
-    def hook_tensor(self, model: "Model") -> tuple[str, int]:
+    def hook_tensor(self, model: ModelLike) -> tuple[str, int]:
         """The ``(name, layer)`` of the model's tensor the SAE reads (layer -1: outside the layers), via the
         model's TransformerLens alias table (pyinterp/arch.py); ``blocks.L.hook_resid_pre`` is the residual
         entering layer L, ``l_out-(L-1)`` (``hook_embed`` for L = 0). The tensor's rows must have ``d_in``
@@ -372,7 +372,7 @@ def top_features(f: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(values > 0, ids, -1).astype(np.int64), values.astype(np.float32)
 
 
-def _readout(model: "Model", sae: SAE, top_k: int, edits: dict[int, float], scale: bool) -> SAEReadout:
+def _readout(model: ModelLike, sae: SAE, top_k: int, edits: dict[int, float], scale: bool) -> SAEReadout:
     """The SAE encoding its tensor inside the next pass of ``model``, with optional feature edits."""
     name, layer = sae.hook_tensor(model)
     return SAEReadout(upload_sae(model.engine, sae, layer), name, layer, top_k, edits, scale)
@@ -384,12 +384,12 @@ def _check_top_k(sae: SAE, top_k: object) -> int:
     return int(top_k)
 
 
-def _rows(model: "Model", layer: int) -> str:
+def _rows(model: ModelLike, layer: int) -> str:
     """The last layer keeps only the last row unless every row is an output."""
     return "all" if layer == model.n_layer - 1 else "last"
 
 
-def sae_features(model: "Model", sae: SAE, tokens_or_text: str | Sequence[int], top_k: int = 10) -> SAEFeatures:
+def sae_features(model: ModelLike, sae: SAE, tokens_or_text: str | Sequence[int], top_k: int = 10) -> SAEFeatures:
     """Encode every token's row of the SAE's hook tensor inside the graph: top-k features, L0 and reconstruction
     error per token (:class:`SAEFeatures`); only those leave the device."""
     run = _readout(model, sae, _check_top_k(sae, top_k), {}, False)
@@ -407,7 +407,7 @@ def sae_features(model: "Model", sae: SAE, tokens_or_text: str | Sequence[int], 
                        l0.astype(np.int64), rel_error.astype(np.float32), cosine.astype(np.float32))
 
 
-def steer_features(model: "Model", sae: SAE, tokens_or_text: str | Sequence[int], edits: dict[int, float],
+def steer_features(model: ModelLike, sae: SAE, tokens_or_text: str | Sequence[int], edits: dict[int, float],
                    scale: bool = False) -> np.ndarray:
     """Logits ``[n_tokens, n_vocab]`` with the SAE's features edited inside the graph: feature ``j`` of every token
     becomes ``edits[j]`` (or is multiplied by it, ``scale``). The tensor becomes ``x + (f' - f) W_dec``, so the

@@ -31,7 +31,7 @@ import numpy as np
 from .atomic import atomic_path, check_complete
 from .checks import check_finite, check_float, check_int, is_int, show
 from .errors import InputError, PyinterpError
-from .hooks import as_list
+from .names import as_list
 
 if TYPE_CHECKING:
     from .model import Model

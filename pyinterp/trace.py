@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import PyinterpError
-from .hooks import split_name
+from .names import split_name
 
 
 @dataclass

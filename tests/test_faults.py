@@ -20,8 +20,7 @@ import pytest
 from pyinterp import InputError, Model, PyinterpError
 from pyinterp import heads, patching, sae as sae_mod, steering
 from pyinterp.cli import main
-from pyinterp.cli_lens import write_csv as write_target_csv
-from pyinterp.cli_sweep import write_csv as write_sweep_csv
+from pyinterp.csv_io import write_csv
 from pyinterp.interventions import AblateHeads, AddVector, PatchHead, PatchRow
 from pyinterp.plot import save_png
 from pyinterp.safetensors_io import write_safetensors
@@ -177,13 +176,12 @@ def _writers(tiny, tmp_path):
         ("SAE cfg", "sae/cfg.json", lambda p: sae.save(p.parent)),
         ("control vector", "cv.gguf", lambda p: _cv(tiny).save(p)),
         ("PNG", "a.png", lambda p: save_png(image, p)),
-        ("target CSV", "a.csv", lambda p: write_target_csv(p, ["a"], [[1]])),
-        ("sweep CSV", "b.csv", lambda p: write_sweep_csv(str(p), np.ones((1, 1)), [0], ["x"])),
+        ("CSV", "a.csv", lambda p: write_csv(p, ["a"], [[1]])),
     ]
 
 
 WRITERS = ["tensor .bin", "tensor .npy", "tensor .npz", "safetensors", "SAE weights", "SAE cfg", "control vector", "PNG",
-           "target CSV", "sweep CSV"]
+           "CSV"]
 
 
 def _writer(tiny, tmp_path, name):

@@ -202,7 +202,7 @@ def test_transformerlens_aliases(pair):
 
 def test_head_masks_need_an_attention_layer():
     """A layer without attention (hybrid models): ablating or isolating a head there is an error, not a no-op."""
-    from pyinterp.hooks import Planner, TensorInfo
+    from pyinterp.names import Planner, TensorInfo
     from pyinterp.interventions import AblateHeads, IsolateHead, Target
 
     info = TensorInfo({"kqv_heads": frozenset({0, 2}), "l_out": frozenset({0, 1, 2})},

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..hooks import as_list
+from ..names import as_list
 from .base import Op, Target
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..checks import check_finite, check_float
-from ..hooks import as_list
+from ..names import as_list
 from .base import Op, Target
 
 

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..hooks import Planner
+from ..names import Planner
 
 
 def op_kinds(header: str) -> dict[str, int]:

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..checks import check_finite
 from ..errors import InputError
-from ..hooks import as_list
+from ..names import as_list
 from .base import Op, Target
 
 

@@ -4,7 +4,7 @@ optional feature edits written back into the residual stream (native recipe: csr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -12,10 +12,24 @@ from ..backend import Backend, NativeSAE, attach_sae, sae_result
 
 if TYPE_CHECKING:
     from ..engine import Engine
-    from ..sae import SAE
 
 
-def upload_sae(engine: Engine, sae: SAE, layer: int) -> NativeSAE:
+class SAEWeights(Protocol):
+    """What the upload reads of an SAE (:class:`pyinterp.sae.SAE` is one): ``W_enc`` ``[d_in, d_sae]``, ``b_enc``
+    ``[d_sae]``, ``W_dec`` ``[d_sae, d_in]``, ``b_dec`` ``[d_in]``, ``threshold`` ``[d_sae]`` or None, its activation
+    (``architecture``: standard, jumprelu, topk; ``k``) and whether ``b_dec`` is subtracted from the input."""
+
+    W_enc: np.ndarray
+    b_enc: np.ndarray
+    W_dec: np.ndarray
+    b_dec: np.ndarray
+    threshold: np.ndarray | None
+    architecture: str
+    k: int | None
+    apply_b_dec_to_input: bool
+
+
+def upload_sae(engine: Engine, sae: SAEWeights, layer: int) -> NativeSAE:
     """The SAE's weights on the device of ``layer``, uploaded once per engine and freed with it. The upload keeps
     the SAE object alive, so its ``id`` (the key) cannot be another SAE's while the upload exists."""
     _, native = engine.upload((id(sae), layer), lambda backend: (sae, NativeSAE(
