@@ -261,30 +261,9 @@ def cli(ctx, model_opts, prompt, prompt_file, escape, n_predict, seed, temp, ign
     from .attention import draw_attention
 
     prompt = prompt_text(prompt, prompt_file, escape)
-    if n_predict < 0:
-        raise click.BadParameter("must be >= 0", param_hint="-n")
-    if patch_avg is not None and not patch_specs:
-        raise click.UsageError("--patch-avg goes with --patch")
-    given = {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
-    for option, name in (("--ll-png", "ll_png"), ("--ll-topk", "ll_topk")):
-        if name in given and lens_name is None:
-            raise click.UsageError(f"{option} needs --ll NAME")
-    lensing, attributing = lens_name is not None or bool(target_specs), attribute is not None
-    for option, name, wanted, needs in (
-            ("--norm-lens/--raw-lens", "norm_lens", lensing, "--ll NAME or --target"),
-            ("--ll-layers", "ll_layers", lensing, "--ll NAME or --target"),
-            ("--ll-pos", "ll_pos", lensing or attributing, "--ll, --target or --attribute"),
-            ("--target-png", "target_png", bool(target_specs), "--target"),
-            ("--attr-png", "attr_png", attributing, "--attribute"),
-            ("--csv", "csv_path", bool(target_specs) or attributing, "--target or --attribute")):
-        if name in given and not wanted:
-            raise click.UsageError(f"{option} needs {needs}")
-    if draw and draw_path is not None and draw != draw_path:
-        raise click.UsageError(f"two drawing paths: --draw {draw} and --draw-path {draw_path}")
-    if draw is not None or draw_path is not None:  # --draw alone ("") draws to the default path
-        draw = draw or draw_path or DRAW_PATH
-    if draw_layers is not None and draw is None:
-        raise click.UsageError("--draw-layers goes with --draw")
+    check_option_pairs(ctx)
+    attributing = attribute is not None
+    draw = drawing_path(draw, draw_path, draw_layers)
     actions = [PatchAction(s, f, None, None) for s, f in loads]
     by_target: dict[tuple[str, str], list[tuple[int, int]]] = {}
     for spec, file, src, dst in patch_specs:
@@ -327,54 +306,23 @@ def cli(ctx, model_opts, prompt, prompt_file, escape, n_predict, seed, temp, ign
         if print_cgraph:
             result["cgraph"] = model.graph(ids, capture=capture)
         positions = parse_positions(ll_pos) if ll_pos is not None else None
-        lensed = lens_targets(lens_name or "l_out", model.arch)
-        if ll_layers is not None:
-            lensed = [(name, lens_layers(model, name, only, ll_layers)) for name, only in lensed]
-        if lens_name is not None:
-            lenses = [model.logit_lens(ids, tensor=name, layers=only, top_k=ll_topk, norm=norm_lens, positions=positions)
-                      for name, only in lensed]
-            result["lensed"] = [lens.tensor for lens in lenses]
-            result["logit_lens"] = [lens_json(lens, model.arch) for lens in lenses]
-        targets = [parse_target(model, spec) for spec in target_specs]
-        if targets:
-            target_lenses = [model.logit_lens(ids, tensor=name, layers=only, top_k=1, norm=norm_lens,
-                                              targets=[t for t, _ in targets], positions=positions or [-1])
-                             for name, only in lensed]
-            result["target_lens"] = [targets_json(lens, layer_labels(lens, model.arch)) for lens in target_lenses]
+        lenses, targets, target_lenses = lens_and_targets(model, ids, result, lens_name, ll_topk, norm_lens, ll_layers,
+                                                          target_specs, positions)
         attributed = []
         if attributing:
             target = parse_target(model, attribute)[0] if attribute else None
             attributed = [model.logit_attribution(ids, target, position) for position in positions or [-1]]
             result["attribution"] = [attribution_json(a, model.token_str(ids[a.position])) for a in attributed]
-        files = []
-        for (name, il), path in saves:
-            files.append(str(save_tensor(path, trace[name, il], f"{name}-{il}")))
-        if lens_name is not None and ll_png is not None:
-            base = Path(ll_png)
-            for lens in lenses:
-                path = base if len(lenses) == 1 else base.with_name(f"{base.stem}-{lens.tensor}{base.suffix or '.png'}")
-                files.append(str(lens.to_png(path, [str(label) for label in layer_labels(lens, model.arch)])))
-        if targets and target_png is not None:
-            for lens in target_lenses:
-                path = numbered(Path(target_png), ".png", len(target_lenses), lens.tensor)
-                files.append(str(lens.targets_to_png(path, [str(label) for label in layer_labels(lens, model.arch)])))
-        for a in attributed if attr_png is not None else []:
-            files.append(str(a.to_png(numbered(Path(attr_png), ".png", len(attributed), f"p{a.position}"))))
-        if csv_path is not None:
-            tables = [("lens", TARGET_HEADER, [row for lens in target_lenses
-                                               for row in targets_rows(lens, layer_labels(lens, model.arch))])] if targets else []
-            if attributed:
-                tables.append(("attribution", ATTRIBUTION_HEADER, [row for a in attributed for row in attribution_rows(a)]))
-            for what, header, rows in tables:
-                files.append(str(write_csv(numbered(Path(csv_path), ".csv", len(tables), what), header, rows)))
+        files = [str(save_tensor(path, trace[name, il], f"{name}-{il}")) for (name, il), path in saves]
+        files += write_pictures_and_tables(model.arch, lenses, ll_png, target_lenses, target_png, attributed, attr_png,
+                                           csv_path)
         if draw is not None:
             with progress(len(layers), "drawing attention") as bar:
                 files += [str(p) for p in draw_attention(trace, draw, layers, on_layer=bar and (lambda _: bar.update(1)))]
         result["files"] = files
         result["next_token"] = next_tokens(model, trace.logits[-1], 5)
         if not as_json:
-            print_report(result, lenses if lens_name is not None else [], targets,
-                         target_lenses if targets else [], attributed, ll_topk, decimals)
+            print_report(result, lenses, targets, target_lenses, attributed, ll_topk, decimals)
         if n_predict > 0:
             if not as_json:
                 click.echo(prompt, nl=False)
@@ -391,6 +339,89 @@ def cli(ctx, model_opts, prompt, prompt_file, escape, n_predict, seed, temp, ign
         click.echo(f"next token: {tops}")
     for path in files:
         click.echo(f"wrote {path}")
+
+
+def lens_and_targets(model, ids: list[int], result: dict, lens_name: str | None, top_k: int, norm: bool,
+                     ll_layers: LayerList | None, target_specs: tuple[str, ...],
+                     positions: list[int] | None) -> tuple[list, list[tuple[int, str]], list]:
+    """``--ll`` and ``--target``: the lenses (none without --ll), the targets ``(id, text)`` and their lenses (none
+    without --target); their JSON goes into ``result``."""
+    lensed = lens_targets(lens_name or "l_out", model.arch)
+    if ll_layers is not None:
+        lensed = [(name, lens_layers(model, name, only, ll_layers)) for name, only in lensed]
+    lenses = []
+    if lens_name is not None:
+        lenses = [model.logit_lens(ids, tensor=name, layers=only, top_k=top_k, norm=norm, positions=positions)
+                  for name, only in lensed]
+        result["lensed"] = [lens.tensor for lens in lenses]
+        result["logit_lens"] = [lens_json(lens, model.arch) for lens in lenses]
+    targets = [parse_target(model, spec) for spec in target_specs]
+    target_lenses = []
+    if targets:
+        target_lenses = [model.logit_lens(ids, tensor=name, layers=only, top_k=1, norm=norm,
+                                          targets=[t for t, _ in targets], positions=positions or [-1])
+                         for name, only in lensed]
+        result["target_lens"] = [targets_json(lens, layer_labels(lens, model.arch)) for lens in target_lenses]
+    return lenses, targets, target_lenses
+
+
+def check_option_pairs(ctx: click.Context) -> None:
+    """Options that only mean something with another one: a one-line usage error when given without it."""
+    p = ctx.params
+    if p["n_predict"] < 0:
+        raise click.BadParameter("must be >= 0", param_hint="-n")
+    if p["patch_avg"] is not None and not p["patch_specs"]:
+        raise click.UsageError("--patch-avg goes with --patch")
+    given = {name for name in p if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    for option, name in (("--ll-png", "ll_png"), ("--ll-topk", "ll_topk")):
+        if name in given and p["lens_name"] is None:
+            raise click.UsageError(f"{option} needs --ll NAME")
+    lensing, attributing = p["lens_name"] is not None or bool(p["target_specs"]), p["attribute"] is not None
+    for option, name, wanted, needs in (
+            ("--norm-lens/--raw-lens", "norm_lens", lensing, "--ll NAME or --target"),
+            ("--ll-layers", "ll_layers", lensing, "--ll NAME or --target"),
+            ("--ll-pos", "ll_pos", lensing or attributing, "--ll, --target or --attribute"),
+            ("--target-png", "target_png", bool(p["target_specs"]), "--target"),
+            ("--attr-png", "attr_png", attributing, "--attribute"),
+            ("--csv", "csv_path", bool(p["target_specs"]) or attributing, "--target or --attribute")):
+        if name in given and not wanted:
+            raise click.UsageError(f"{option} needs {needs}")
+
+
+def drawing_path(draw: str | None, draw_path: str | None, draw_layers: LayerList | None) -> str | None:
+    """Where ``--draw`` (alone: the default path) or ``--draw-path`` writes the attention pictures; None: none."""
+    if draw and draw_path is not None and draw != draw_path:
+        raise click.UsageError(f"two drawing paths: --draw {draw} and --draw-path {draw_path}")
+    if draw is not None or draw_path is not None:  # --draw alone ("") draws to the default path
+        draw = draw or draw_path or DRAW_PATH
+    if draw_layers is not None and draw is None:
+        raise click.UsageError("--draw-layers goes with --draw")
+    return draw
+
+
+def write_pictures_and_tables(arch: str, lenses: list, ll_png: str | None, target_lenses: list, target_png: str | None,
+                              attributed: list, attr_png: str | None, csv_path: str | None) -> list[str]:
+    """The lens, target and attribution PNGs and the CSV tables asked for; returns the paths written."""
+    files = []
+    if ll_png is not None:
+        base = Path(ll_png)
+        for lens in lenses:
+            path = base if len(lenses) == 1 else base.with_name(f"{base.stem}-{lens.tensor}{base.suffix or '.png'}")
+            files.append(str(lens.to_png(path, [str(label) for label in layer_labels(lens, arch)])))
+    if target_png is not None:
+        for lens in target_lenses:
+            path = numbered(Path(target_png), ".png", len(target_lenses), lens.tensor)
+            files.append(str(lens.targets_to_png(path, [str(label) for label in layer_labels(lens, arch)])))
+    for a in attributed if attr_png is not None else []:
+        files.append(str(a.to_png(numbered(Path(attr_png), ".png", len(attributed), f"p{a.position}"))))
+    if csv_path is not None:
+        tables = [("lens", TARGET_HEADER, [row for lens in target_lenses
+                                           for row in targets_rows(lens, layer_labels(lens, arch))])] if target_lenses else []
+        if attributed:
+            tables.append(("attribution", ATTRIBUTION_HEADER, [row for a in attributed for row in attribution_rows(a)]))
+        for what, header, rows in tables:
+            files.append(str(write_csv(numbered(Path(csv_path), ".csv", len(tables), what), header, rows)))
+    return files
 
 
 def print_report(result: dict, lenses: list, targets: list[tuple[int, str]], target_lenses: list, attributed: list,
