@@ -141,3 +141,36 @@ def check_logits_attention_residual(model, ref, ids: list[int]):
     cos = [cosine(trace.act("l_out", il), want.l_out[il]).min() for il in range(model.n_layer)]
     assert min(cos) >= 0.99, f"l_out cosine per layer: {np.round(cos, 4)}"
     return trace, want
+
+
+def spread_heads(model) -> list[tuple[int, int]]:
+    """A few (layer, head) pairs spread over the model: the first, one in the middle, the last."""
+    return [(0, 0), (model.n_layer // 2, 1), (model.n_layer - 1, model.n_head - 1)]
+
+
+def check_head_interventions(model, ref, ids: list[int], kind: str, change_floor: float) -> None:
+    """Ablating (``kind`` "ablate") or isolating ("isolate") each of spread_heads(model), in pyinterp and in the
+    reference: the logits agree (corr >= 0.995), the intervention changes them, and the change agrees (its
+    correlation >= ``change_floor``: a head moves the logits little against quantization noise)."""
+    base, want_base = model.run(ids).logits[-1], ref.run(ids).logits[-1]
+    for head in spread_heads(model):
+        arg = {"ablate": [head]} if kind == "ablate" else {"isolate": head}
+        got, want = model.run(ids, **arg).logits[-1], ref.run(ids, **arg).logits[-1]
+        assert corr(got, want) >= 0.995, (kind, head)
+        assert np.abs(got - base).max() > 1e-3, f"{kind} {head} changed nothing"
+        assert corr(got - base, want - want_base) >= change_floor, (kind, head)
+
+
+def check_patching(model, ref, clean: list[int], corrupt: list[int], cells: list[tuple[int, int]],
+                   change_floor: float) -> None:
+    """Each (layer, position) row of the clean run's l_out patched into the corrupt run, in pyinterp and in the
+    reference: the logits agree, the patch changes them, and the change agrees (corr >= ``change_floor``)."""
+    source = model.run(clean, capture=["l_out"])
+    base, want_base = model.run(corrupt).logits[-1], ref.run(corrupt).logits[-1]
+    for layer, pos in cells:
+        row = source.act("l_out", layer)[pos]
+        got = model.run(corrupt, patch=[("l_out", layer, pos, row)]).logits[-1]
+        want = ref.run(corrupt, patch=[(layer, pos, row)]).logits[-1]
+        assert corr(got, want) >= 0.995, (layer, pos)
+        assert np.abs(got - base).max() > 1e-2, (layer, pos)
+        assert corr(got - base, want - want_base) >= change_floor, (layer, pos)

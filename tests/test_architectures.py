@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import pyinterp
-from conftest import check_logits_attention_residual, corr
+from conftest import check_head_interventions, check_logits_attention_residual, check_patching, corr
 from pyinterp.arch import arch_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -59,11 +59,6 @@ def _prompts(model) -> list[list[int]]:
     return [bos + rng.integers(0, model.n_vocab - 1, size=length - 1).tolist() for length in (6, 13, 20)]
 
 
-def _heads(model):
-    """A few (layer, head) pairs spread over the model."""
-    return [(0, 0), (model.n_layer // 2, 1), (model.n_layer - 1, model.n_head - 1)]
-
-
 def test_residual_terms_are_in_the_graph(tiny):
     """The architecture table names tensors this graph has, on every layer (the embedding outside them)."""
     model, _ = tiny
@@ -102,26 +97,13 @@ def test_sliding_window(tiny):
 @pytest.mark.parametrize("which", range(2))
 def test_ablation(tiny, which):
     model, ref = tiny
-    ids = _prompts(model)[which + 1]
-    base, want_base = model.run(ids).logits[-1], ref.run(ids).logits[-1]
-    for head in _heads(model):
-        got = model.run(ids, ablate=[head]).logits[-1]
-        want = ref.run(ids, ablate=[head]).logits[-1]
-        assert corr(got, want) >= 0.995, head
-        assert np.abs(got - base).max() > 1e-3, f"ablating {head} changed nothing"
-        assert corr(got - base, want - want_base) >= 0.5, head
+    check_head_interventions(model, ref, _prompts(model)[which + 1], "ablate", 0.5)
 
 
 @pytest.mark.parametrize("which", range(2))
 def test_isolation(tiny, which):
     model, ref = tiny
-    ids = _prompts(model)[which + 1]
-    base, want_base = model.run(ids).logits[-1], ref.run(ids).logits[-1]
-    for layer, head in _heads(model):
-        got = model.run(ids, isolate=(layer, head)).logits[-1]
-        want = ref.run(ids, isolate=(layer, head)).logits[-1]
-        assert corr(got, want) >= 0.995, (layer, head)
-        assert corr(got - base, want - want_base) >= 0.9, (layer, head)
+    check_head_interventions(model, ref, _prompts(model)[which + 1], "isolate", 0.9)
 
 
 def test_activation_patching(tiny):
@@ -130,15 +112,7 @@ def test_activation_patching(tiny):
     clean = _prompts(model)[1]
     corrupt = list(clean)
     corrupt[2:5] = [(t + 7) % (model.n_vocab - 1) for t in clean[2:5]]
-    source = model.run(clean, capture=["l_out"])
-    base, want_base = model.run(corrupt).logits[-1], ref.run(corrupt).logits[-1]
-    for layer, pos in [(1, 3), (model.n_layer // 2, len(clean) - 1)]:
-        row = source.act("l_out", layer)[pos]
-        got = model.run(corrupt, patch=[("l_out", layer, pos, row)]).logits[-1]
-        want = ref.run(corrupt, patch=[(layer, pos, row)]).logits[-1]
-        assert corr(got, want) >= 0.995, (layer, pos)
-        assert np.abs(got - base).max() > 1e-2
-        assert corr(got - base, want - want_base) >= 0.75, (layer, pos)
+    check_patching(model, ref, clean, corrupt, [(1, 3), (model.n_layer // 2, len(clean) - 1)], 0.75)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import PROMPTS, check_logits_attention_residual, corr, cosine
+from conftest import (PROMPTS, check_head_interventions, check_logits_attention_residual, check_patching, corr,
+                      cosine, spread_heads)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -20,40 +21,22 @@ def test_logits_attention_residual(pair, prompt):
     check_logits_attention_residual(model, ref, model.tokenize(prompt))
 
 
-def _heads(model):
-    """A few (layer, head) pairs spread over the model."""
-    return [(0, 0), (model.n_layer // 2, 1), (model.n_layer - 1, model.n_head - 1)]
-
-
 @pytest.mark.parametrize("prompt", PROMPTS[:2])
 def test_ablation(pair, prompt):
+    # one head moves the logits little, against the noise of quantized activations; the effect of ablating a
+    # *different* head correlates below 0.3 (measured), the right one above 0.55
     model, ref = pair
-    ids = model.tokenize(prompt)
-    base, want_base = model.run(ids).logits[-1], ref.run(ids).logits[-1]
-    for head in _heads(model):
-        got = model.run(ids, ablate=[head]).logits[-1]
-        want = ref.run(ids, ablate=[head]).logits[-1]
-        assert corr(got, want) >= 0.995, head
-        assert np.abs(got - base).max() > 1e-3, f"ablating {head} changed nothing"
-        # one head moves the logits little, against the noise of quantized activations; the effect
-        # of ablating a *different* head correlates below 0.3 (measured), the right one above 0.55
-        assert corr(got - base, want - want_base) >= 0.5, head
+    check_head_interventions(model, ref, model.tokenize(prompt), "ablate", 0.5)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS[:2])
 def test_isolation(pair, prompt):
+    # measured on the same case (gemma3, head 0:0, first prompt): 0.931 with flash attention, 0.925 on the
+    # explicit path over an F16 cache, 0.872 over the default F32 cache with a native AVX512 build, 0.835 with the
+    # zen4 variant; 0.95-0.997 on every other case and path: quantization noise downstream of a large change,
+    # which the CPU's kernels round their own way (test_interventions_on_f32_weights checks the change strictly)
     model, ref = pair
-    ids = model.tokenize(prompt)
-    base, want_base = model.run(ids).logits[-1], ref.run(ids).logits[-1]
-    for layer, head in _heads(model):
-        got = model.run(ids, isolate=(layer, head)).logits[-1]
-        want = ref.run(ids, isolate=(layer, head)).logits[-1]
-        assert corr(got, want) >= 0.995, (layer, head)
-        # measured on the same case (gemma3, head 0:0, first prompt): 0.931 with flash attention, 0.925 on the
-        # explicit path over an F16 cache, 0.872 over the default F32 cache with a native AVX512 build, 0.835 with the
-        # zen4 variant; 0.95-0.997 on every other case and path: quantization noise downstream of a large change,
-        # which the CPU's kernels round their own way (test_interventions_on_f32_weights checks the change strictly)
-        assert corr(got - base, want - want_base) >= 0.8, (layer, head)
+    check_head_interventions(model, ref, model.tokenize(prompt), "isolate", 0.8)
 
 
 def test_activation_patching(pair):
@@ -63,15 +46,7 @@ def test_activation_patching(pair):
     corrupt = model.tokenize("The Colosseum is located in the city of")
     if len(clean) != len(corrupt):
         pytest.fail(f"prompts must have equal token counts: {len(clean)} vs {len(corrupt)}")
-    source = model.run(clean, capture=["l_out"])
-    base, want_base = model.run(corrupt).logits[-1], ref.run(corrupt).logits[-1]
-    for layer, pos in [(2, 3), (model.n_layer // 2, len(clean) - 1)]:
-        row = source.act("l_out", layer)[pos]
-        got = model.run(corrupt, patch=[("l_out", layer, pos, row)]).logits[-1]
-        want = ref.run(corrupt, patch=[(layer, pos, row)]).logits[-1]
-        assert corr(got, want) >= 0.995, (layer, pos)
-        assert np.abs(got - base).max() > 1e-2
-        assert corr(got - base, want - want_base) >= 0.75, (layer, pos)  # measured 0.84-0.99
+    check_patching(model, ref, clean, corrupt, [(2, 3), (model.n_layer // 2, len(clean) - 1)], 0.75)  # measured 0.84-0.99
 
 
 def test_interventions_on_f32_weights(f32_pair):
@@ -81,7 +56,7 @@ def test_interventions_on_f32_weights(f32_pair):
     ids = model.tokenize(PROMPTS[1])
     base, want_base = model.run(ids).logits[-1], ref.run(ids).logits[-1]
     np.testing.assert_allclose(base, want_base, rtol=0, atol=2e-3 * np.abs(want_base).max())
-    for layer, head in _heads(model):
+    for layer, head in spread_heads(model):
         got = model.run(ids, ablate=[(layer, head)]).logits[-1]
         want = ref.run(ids, ablate=[(layer, head)]).logits[-1]
         assert corr(got - base, want - want_base) >= 0.99, ("ablate", layer, head)
