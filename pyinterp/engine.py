@@ -36,6 +36,11 @@ from .names import ATTENTION_TENSORS, Planner, TensorInfo, as_list, split_name
 from .interventions import Capture, Intervention, Op, Target
 
 
+# V cache types the explicit attention path (attention weights captured) can multiply: over a quantized V cache it
+# corrupted the heap (free(): invalid pointer at the context's end) and gave NaN rows
+FLOAT_V_TYPES = ("f32", "f16", "bf16")
+
+
 class Readout(Protocol):
     """Something a pass computes inside the graph: ``setup`` adds it to the native plan once the plan's ops are
     set, ``read`` takes its result after the decode (``n_tokens``: the tokens decoded)."""
@@ -79,8 +84,9 @@ class PassResult(NamedTuple):
 class Engine:
     """The forward-pass engine of one loaded model (``backend``: its context and native state)."""
 
-    def __init__(self, backend: Backend, flash_attn: bool | None) -> None:
+    def __init__(self, backend: Backend, flash_attn: bool | None, type_v: str = "f32") -> None:
         self.backend = backend
+        self.type_v = type_v
         self.n_head_kv, self.n_embd = backend.n_head_kv, backend.n_embd
         self.lock = threading.RLock()  # one pass, or one with-block of pushed interventions, at a time
         self.n_layer, self.n_head, self.n_vocab, self.n_ctx = backend.n_layer, backend.n_head, backend.n_vocab, backend.n_ctx
@@ -98,7 +104,7 @@ class Engine:
         flash = -1 if flash_attn is None else int(bool(flash_attn))
         backend = Backend(path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, flash=flash,
                           type_k=type_k, type_v=type_v, rpc=rpc)
-        return cls(backend, flash_attn)
+        return cls(backend, flash_attn, type_v)
 
     # lifetime
 
@@ -162,7 +168,8 @@ class Engine:
         self.check_live()
         b = self.backend
         b.clear_plan()
-        b.set_explicit(set(range(self.n_layer)))
+        # the explicit attention path names the attention weights; over a quantized V cache it is not run (see compile)
+        b.set_explicit(set(range(self.n_layer)) if self.type_v in FLOAT_V_TYPES else set())
         b.set_record(True)
         try:
             ids = b.tokenize("a b", False)[:1] * 2
@@ -202,6 +209,10 @@ class Engine:
         interventions = [check_intervention(iv) for iv in as_list(interventions, "interventions")]
         planner = self.planner()
         capture = [capture] if isinstance(capture, str) else as_list(capture, "capture")
+        if self.type_v not in FLOAT_V_TYPES and any(isinstance(spec, str) and planner.key(spec)[0] in ATTENTION_TENSORS
+                                                    for spec in capture):
+            raise InputError(f"capturing attention weights needs an f32, f16 or bf16 V cache, not {self.type_v} "
+                             f"(type_v / -ctv)")
         captures = list(dict.fromkeys(op for spec in capture for op in Capture(spec).ops(Target(planner, n_tokens))))
         explicit = {op.layer for op in captures if op.name in ATTENTION_TENSORS}
         target = self.target(n_tokens, explicit)

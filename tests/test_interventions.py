@@ -213,3 +213,28 @@ def test_head_masks_need_an_attention_layer():
         AblateHeads(((1, 0),)).ops(target)
     with pytest.raises(InputError, match="isolate: layer 1 has no attention heads"):
         IsolateHead(1, 0).ops(target)
+
+
+def test_attention_capture_needs_a_float_v_cache(tiny_path):
+    """With flash attention and a quantized V cache, the explicit attention path (which capturing attention weights
+    needs, and which the tensor probe ran on every layer) corrupted the heap: the process aborted when the model was
+    freed, after every run. Now the model runs, ablates and generates, and a capture of the weights is one line."""
+    import subprocess
+    import sys
+
+    code = (f"import pyinterp\n"
+            f"m = pyinterp.Model({str(tiny_path('llama'))!r}, n_ctx=64, n_threads=1, flash_attn=True, type_k='f16', "
+            f"type_v='q8_0')\n"
+            "import numpy as np\n"
+            "assert np.isfinite(m.run('a b c', ablate=[(1, 0)]).logits).all() and len(m.generate('a b', 2).tokens) <= 2\n"
+            "for spec in ('attn_scores', 'blocks.1.attn.hook_pattern'):\n"
+            "    try:\n"
+            "        m.run('a b c', capture=[spec])\n"
+            "    except pyinterp.InputError as e:\n"
+            "        assert 'needs an f32, f16 or bf16 V cache, not q8_0' in str(e), e\n"
+            "    else:\n"
+            "        raise AssertionError('no error')\n"
+            "m.close()\n"
+            "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
