@@ -34,10 +34,10 @@ import numpy as np
 
 import pyinterp
 from pyinterp import zoo
-from pyinterp._ffi import LIB_DIR, shared_library
-from pyinterp.backend import default_threads
+from pyinterp.engine._ffi import LIB_DIR, shared_library
+from pyinterp.engine.backend import default_threads
 from pyinterp.interventions import AblateHeads, AddVector
-from pyinterp.sae import random_sae, sae_features
+from pyinterp.analysis.sae import random_sae, sae_features
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

@@ -2,7 +2,7 @@
 """An activation-patching sweep of l_out (layers x positions, logit difference of two answers) in pyinterp
 and in a TransformerLens-style hook loop on transformers, on the same GGUF, each side in its own process.
 
-pyinterp: :func:`pyinterp.patching.patch_sweep` on the GGUF as it is, batched (variants reuse the plain
+pyinterp: :func:`pyinterp.analysis.patching.patch_sweep` on the GGUF as it is, batched (variants reuse the plain
 run's unchanged positions and layers), and again as one run per cell (``batched=False``; bit-identical).
 transformers: the GGUF dequantized to fp32, eager attention; the clean run's decoder-layer outputs cached
 by forward hooks, then per cell one forward of the corrupted ids with a hook replacing that row of that
@@ -46,7 +46,7 @@ def spread(n: int | None, total: int) -> list[int]:
 def pyinterp_side(args: argparse.Namespace) -> dict[str, np.ndarray]:
     """The plan (ids, answer tokens, cells) and pyinterp's sweep ``[n_layers, n_positions]`` with its time."""
     import pyinterp
-    from pyinterp.patching import logit_diff, patch_sweep
+    from pyinterp.analysis.patching import logit_diff, patch_sweep
 
     with pyinterp.Model(args.model, n_ctx=2048, n_threads=args.threads) as model:
         clean, corrupt = model.tokenize(CLEAN), model.tokenize(args.corrupt)

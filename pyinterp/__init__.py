@@ -8,22 +8,22 @@ from __future__ import annotations
 
 import importlib
 
-from .errors import InputError, NativeLibraryError, PyinterpError
+from pyinterp.errors import InputError, NativeLibraryError, PyinterpError
 
 # public name -> the module that defines it
 _LAZY = {
-    "build_info": "._ffi",
-    "draw_attention": ".attention",
-    "Fidelity": ".fidelity",  # the function is pyinterp.fidelity.fidelity (the module keeps its name)
-    "HeadScores": ".heads",
-    "head_scores": ".heads",
+    "build_info": ".engine._ffi",
+    "draw_attention": ".viz.attention",
+    "Fidelity": ".analysis.fidelity",  # the function is pyinterp.analysis.fidelity.fidelity
+    "HeadScores": ".analysis.heads",
+    "head_scores": ".analysis.heads",
     "Generation": ".model",
     "Model": ".model",
-    "SAE": ".sae",
-    "SAEFeatures": ".sae",
-    "sae_features": ".sae",
-    "ControlVector": ".steering",
-    "Trace": ".trace",
+    "SAE": ".analysis.sae",
+    "SAEFeatures": ".analysis.sae",
+    "sae_features": ".analysis.sae",
+    "ControlVector": ".analysis.steering",
+    "Trace": ".engine.trace",
 }
 
 __all__ = ["ControlVector", "Fidelity", "Generation", "HeadScores", "InputError", "Model", "NativeLibraryError",
@@ -36,7 +36,7 @@ def __getattr__(name: str):
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
     elif name == "steering":
-        value = importlib.import_module(".steering", __name__)
+        value = importlib.import_module(".analysis.steering", __name__)
     else:
         raise AttributeError(f"module 'pyinterp' has no attribute {name!r}")
     globals()[name] = value

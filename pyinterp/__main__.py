@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from .errors import NativeLibraryError
+from pyinterp.errors import NativeLibraryError
 
 
 def main() -> int:
     try:
-        from .cli import main as cli_main
+        from pyinterp.cli.main import main as cli_main
     except NativeLibraryError as e:
         print(f"pyinterp: error: {e}", file=sys.stderr)
         return 1

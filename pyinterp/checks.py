@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import InputError
+from pyinterp.errors import InputError
 
 C_INT_MAX = 2**31 - 1  # the largest value the native layer's int arguments take
 

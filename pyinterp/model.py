@@ -14,17 +14,18 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from . import zoo
-from .checks import C_INT_MAX, check_bool, check_callable, check_float, check_int, check_intervention, check_prompt, check_str, show
-from .engine import KV_TYPES, Engine, default_threads, has_metal, set_verbose
-from .errors import InputError, PyinterpError
-from .names import Head, Patch, Planner, TensorInfo, as_list, as_tuple
-from .interventions import AblateHeads, Intervention, IsolateHead, PatchRow, Target
-from .trace import Trace
+from pyinterp import zoo
+from pyinterp.checks import (C_INT_MAX, check_bool, check_callable, check_float, check_int, check_intervention,
+                             check_prompt, check_str, show)
+from pyinterp.engine.core import KV_TYPES, Engine, default_threads, has_metal, set_verbose
+from pyinterp.engine.names import Head, Patch, Planner, TensorInfo, as_list, as_tuple
+from pyinterp.engine.trace import Trace
+from pyinterp.errors import InputError, PyinterpError
+from pyinterp.interventions import AblateHeads, Intervention, IsolateHead, PatchRow, Target
 
 if TYPE_CHECKING:
-    from .attribution import Attribution
-    from .lens import LogitLens
+    from pyinterp.analysis.attribution import Attribution
+    from pyinterp.analysis.lens import LogitLens
 
 TOKEN_ATTR_NORMAL = 1 << 2  # enum llama_token_attr's flag of an ordinary token (control, byte, ... have others)
 
@@ -76,7 +77,7 @@ class Model:
     forces flash attention (faster; K and V go in as F16 and, on the CPU, V is summed in F16; layers whose
     attention weights are captured still run the explicit path). ``"f16"`` is llama.cpp's KV cache type:
     half the memory, and the explicit path then rounds the attention weights to F16 before multiplying V.
-    ``rpc`` ("host:port" of a ggml RPC server, see ``pyinterp.rpc``) offloads ``n_gpu_layers`` layers to that
+    ``rpc`` ("host:port" of a ggml RPC server, see ``pyinterp.engine.rpc``) offloads ``n_gpu_layers`` layers to that
     server (builds with ``-DGGML_RPC=ON``). C memory is freed by :meth:`close` (or ``with Model() as m:``).
     ``model.engine`` is the :class:`pyinterp.engine.Engine` that runs its passes.
     """
@@ -189,16 +190,16 @@ class Model:
                    layers: Iterable[int] | None = None, targets: Iterable[int | str] = (),
                    positions: Iterable[int] | None = None) -> LogitLens:
         """The logit lens of ``tensor``: top-k tokens and the targets' probabilities and ranks per layer and
-        position, computed in the graph; see :func:`pyinterp.lens.logit_lens`."""
-        from .lens import logit_lens
+        position, computed in the graph; see :func:`pyinterp.analysis.lens.logit_lens`."""
+        from pyinterp.analysis.lens import logit_lens
 
         return logit_lens(self, tokens_or_text, tensor, top_k, norm, layers, targets, positions)
 
     def logit_attribution(self, tokens_or_text: str | Sequence[int], target: int | str | None = None,
                           position: int = -1, heads: bool = True) -> Attribution:
         """Direct logit attribution of ``target`` (default the top prediction) at ``position`` to the residual
-        stream's terms and each attention head; see :func:`pyinterp.attribution.logit_attribution`."""
-        from .attribution import logit_attribution
+        stream's terms and each attention head; see :func:`pyinterp.analysis.attribution.logit_attribution`."""
+        from pyinterp.analysis.attribution import logit_attribution
 
         return logit_attribution(self, tokens_or_text, target, position, heads)
 

@@ -12,7 +12,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .errors import PyinterpError
+from pyinterp.errors import PyinterpError
 
 DEFAULT_MODEL = "smollm2"
 GGUF_MAGIC = b"GGUF"

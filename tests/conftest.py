@@ -85,10 +85,10 @@ def pair(request):
 
 
 def _f32_twin(path):
-    """The model loaded from the F32 twin of the GGUF at ``path`` (every weight dequantized, pyinterp.dequant): the
+    """The model loaded from the F32 twin of the GGUF at ``path`` (every weight dequantized, pyinterp.io.dequant): the
     reference's own weights, so the engine must agree with it to float rounding on any CPU, whatever the quantized
     kernels of its CPU variant round."""
-    from pyinterp.dequant import F32Copy
+    from pyinterp.io.dequant import F32Copy
 
     return pyinterp.Model(F32Copy(path).write(), n_ctx=512)
 

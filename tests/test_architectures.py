@@ -16,7 +16,7 @@ import pytest
 
 import pyinterp
 from conftest import check_head_interventions, check_logits_attention_residual, check_patching, corr
-from pyinterp.arch import arch_of
+from pyinterp.engine.arch import arch_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import tiny_gguf  # noqa: E402

@@ -14,9 +14,9 @@ import pytest
 import pyinterp
 from conftest import corr
 from pyinterp import InputError
-from pyinterp.batch import run_variants
+from pyinterp.engine.batch import run_variants
 from pyinterp.interventions import AblateHeads, AddVector, PatchHead, PatchRow
-from pyinterp.patching import head_ablation_scan, head_patch_scan, logit_diff, patch_sweep
+from pyinterp.analysis.patching import head_ablation_scan, head_patch_scan, logit_diff, patch_sweep
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import tiny_gguf  # noqa: E402

@@ -1,4 +1,4 @@
-"""The native API is declared once, in pyinterp/csrc/interp.h; pyinterp/_ffi.py hands that header to cffi. A
+"""The native API is declared once, in pyinterp/csrc/interp.h; pyinterp/engine/_ffi.py hands that header to cffi. A
 declaration the library does not export would fail only when called: every one must resolve."""
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ import pytest
 
 from pyinterp import InputError
 from pyinterp.cli import main
-from pyinterp.cli_prompt import process_escapes
-from pyinterp.tensor_io import load_tensor, save_tensor
+from pyinterp.cli.prompt import process_escapes
+from pyinterp.io.tensor_io import load_tensor, save_tensor
 
 PROMPT = "The capital of France is"
 
@@ -42,7 +42,7 @@ def run_json(capsys, *args: str) -> dict:
 def test_entry_point_subprocess():
     """The installed console script (or python -m) in a real process: output and exit codes."""
     exe = shutil.which("pyinterp")
-    cmd = [exe] if exe else [sys.executable, "-m", "pyinterp.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "pyinterp"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     done = subprocess.run([*cmd, "-p", PROMPT, "-n", "3"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pyinterp.cli import main
-from pyinterp.cli_options import parse_layers
+from pyinterp.cli.options import parse_layers
 
 PROMPT = "The capital of France is"
 

@@ -19,9 +19,9 @@ import pyinterp
 from pyinterp import InputError
 from pyinterp import model as model_module
 from pyinterp.cli import main, subcommands
-from pyinterp.cli_options import parse_layers
-from pyinterp.cli_prompt import stream_generation
-from pyinterp.sae import random_sae
+from pyinterp.cli.options import parse_layers
+from pyinterp.cli.prompt import stream_generation
+from pyinterp.analysis.sae import random_sae
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import tiny_gguf  # noqa: E402
@@ -235,7 +235,7 @@ def test_streaming_and_ctrl_c_in_a_process():
     no traceback, and what was printed stays printed."""
     prompt = "The capital of France is"
     # 8000 tokens take minutes: text printed only at the end would not come within the minute waited
-    cmd = [sys.executable, "-m", "pyinterp.cli", "-p", prompt, "-n", "8000", "-c", "8192", "--ignore-eos", "-t", "1"]
+    cmd = [sys.executable, "-m", "pyinterp", "-p", prompt, "-n", "8000", "-c", "8192", "--ignore-eos", "-t", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     try:
         first = read_until(proc, prompt.encode(), 60)

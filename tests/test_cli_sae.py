@@ -15,7 +15,7 @@ import pytest
 
 import pyinterp
 from pyinterp.cli import main
-from pyinterp.sae import random_sae, sae_features
+from pyinterp.analysis.sae import random_sae, sae_features
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import tiny_gguf  # noqa: E402

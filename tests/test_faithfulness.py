@@ -104,7 +104,7 @@ def _induction_ids(model, n: int = 40, seed: int = 0) -> list[int]:
 def test_default_path_alone(pair, term):
     """Each residual-stream tensor captured ALONE on the default settings (nothing forces a path) against the
     reference's: per layer, the mean cosine over positions and the worst position; and the logits."""
-    from pyinterp.arch import arch_of
+    from pyinterp.engine.arch import arch_of
 
     model, ref = pair
     name = getattr(arch_of(model.arch), term)

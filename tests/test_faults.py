@@ -20,11 +20,11 @@ import pytest
 from pyinterp import InputError, Model, PyinterpError
 from pyinterp import heads, patching, sae as sae_mod, steering
 from pyinterp.cli import main
-from pyinterp.csv_io import write_csv
+from pyinterp.io.csv_io import write_csv
 from pyinterp.interventions import AblateHeads, AddVector, PatchHead, PatchRow
-from pyinterp.plot import save_png
-from pyinterp.safetensors_io import write_safetensors
-from pyinterp.tensor_io import load_tensor, save_tensor
+from pyinterp.viz.plot import save_png
+from pyinterp.io.safetensors_io import write_safetensors
+from pyinterp.io.tensor_io import load_tensor, save_tensor
 
 N_CTX = 64
 NAN, INF = float("nan"), float("inf")

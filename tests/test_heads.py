@@ -12,7 +12,7 @@ import pytest
 
 from pyinterp import InputError
 from pyinterp.cli import main
-from pyinterp.heads import head_scores, repeated_random_tokens, scores_from_attention
+from pyinterp.analysis.heads import head_scores, repeated_random_tokens, scores_from_attention
 
 
 def causal_attention(shape: tuple[int, ...], n: int, seed: int) -> np.ndarray:
@@ -92,7 +92,7 @@ def test_scores_match_reference(pair):
 
 
 def scores_by_loops(attn: np.ndarray, ids: list[int]) -> dict[str, np.ndarray]:
-    """The three scores written out query by query, independently of pyinterp.heads' masks: for each query, the
+    """The three scores written out query by query, independently of pyinterp.analysis.heads' masks: for each query, the
     attention summed over its keys of each kind (previous: k = q - 1; duplicate: k < q with the same token;
     induction: k < q right after an earlier occurrence of the query's token), averaged over the queries that
     have such a key. attn: [n_layer, n_head, n, n]."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import pyinterp
-import pyinterp.arch
+import pyinterp.engine.arch
 from pyinterp import InputError, PyinterpError
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
@@ -191,7 +191,7 @@ def test_transformerlens_aliases(pair):
     prompt = "The capital of France is"
     by_alias = model.run(prompt, capture=["blocks.3.hook_resid_post", "blocks.3.hook_attn_out", "attn.hook_pattern",
                                           "hook_embed"])
-    arch = pyinterp.arch.arch_of(model.arch)
+    arch = pyinterp.engine.arch.arch_of(model.arch)
     by_name = model.run(prompt, capture=["l_out-3", f"{arch.attn_term}-3", "attn_scores", arch.embedding])
     assert by_alias.keys() == by_name.keys()
     for key in by_name.keys():
@@ -202,7 +202,7 @@ def test_transformerlens_aliases(pair):
 
 def test_head_masks_need_an_attention_layer():
     """A layer without attention (hybrid models): ablating or isolating a head there is an error, not a no-op."""
-    from pyinterp.names import Planner, TensorInfo
+    from pyinterp.engine.names import Planner, TensorInfo
     from pyinterp.interventions import AblateHeads, IsolateHead, Target
 
     info = TensorInfo({"kqv_heads": frozenset({0, 2}), "l_out": frozenset({0, 1, 2})},

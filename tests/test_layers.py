@@ -1,6 +1,6 @@
-"""The package's layers, checked on its source: only the engine touches the native library, and no module reaches
-into another's private names. The engine layer is pyinterp/engine.py and what it runs on: backend.py, _ffi.py,
-_backends.py, batch.py (its multi-sequence form), readouts/ and rpc.py (the backend served over ggml RPC)."""
+"""The package's layers, checked on its source: only the engine layer (pyinterp/engine/: the pass engine and what it
+runs on, the native library, the backend, its multi-sequence form, the readouts and the RPC server) touches the
+native library, and no module outside it reaches into another's private names."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pyinterp"
-ENGINE = {"engine.py", "backend.py", "_ffi.py", "_backends.py", "batch.py", "rpc.py", "readouts"}
+ENGINE = {"engine"}
 NATIVE = {"_ffi", "_backends", "backend"}
 
 
@@ -64,4 +64,4 @@ def test_the_check_finds_each_kind():
     for reach in ("imports backend", "imports _ffi", "private name _check_gguf", "._forward", "._backend"):
         assert reach in found
     assert violations(source, outside=False) == []
-    assert outside_engine(PACKAGE / "lens.py") and not outside_engine(PACKAGE / "readouts" / "lens.py")
+    assert outside_engine(PACKAGE / "analysis" / "lens.py") and not outside_engine(PACKAGE / "engine" / "readouts" / "lens.py")

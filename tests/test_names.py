@@ -32,7 +32,7 @@ def test_a_name_not_captured_is_one_line(smollm2):
 
 def test_a_metric_built_from_ids_is_callable(smollm2):
     """A metric is any callable on the logits: logit_diff(...) and prob(...) too, when they name token ids."""
-    from pyinterp.patching import logit_diff, prob
+    from pyinterp.analysis.patching import logit_diff, prob
 
     logits = smollm2.run(PROMPT).logits[-1]
     paris, rome = smollm2.tokenize(" Paris", add_bos=False)[0], smollm2.tokenize(" Rome", add_bos=False)[0]

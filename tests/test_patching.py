@@ -1,4 +1,4 @@
-"""Patching sweeps and head scans (pyinterp.patching, ``pyinterp sweep``): against loops of single runs written
+"""Patching sweeps and head scans (pyinterp.analysis.patching, ``pyinterp sweep``): against loops of single runs written
 here, against the transformers reference doing the same sweep with hooks, metrics, errors and the CLI."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pyinterp
 from conftest import corr
 from pyinterp import InputError
 from pyinterp.cli import main
-from pyinterp.patching import head_ablation_scan, logit_diff, patch_sweep, prob
+from pyinterp.analysis.patching import head_ablation_scan, logit_diff, patch_sweep, prob
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import tiny_gguf  # noqa: E402
@@ -204,7 +204,7 @@ def test_cli_errors(capsys, tiny_path, args, message):
 
 def test_value_grid_errors():
     from pyinterp.errors import PyinterpError
-    from pyinterp.plot import value_grid
+    from pyinterp.viz.plot import value_grid
 
     assert value_grid(np.zeros((1, 1)), title="t", row_labels=["0"], col_labels=["a"]).ndim == 3  # constant: no 0/0
     for bad, rows in ((np.array([[np.nan]]), ["0"]), (np.zeros((1, 1)), ["0", "1"])):

@@ -14,10 +14,10 @@ import pytest
 
 import pyinterp
 from pyinterp import PyinterpError
-from pyinterp.plot import (
+from pyinterp.viz.plot import (
     LABEL_PX, attention_sheet, default_cell, label_step, lens_heatmap, sanitize_label, save_png, score_grids,
 )
-from pyinterp.text import draw_text, text_width
+from pyinterp.viz.text import draw_text, text_width
 
 TOKENS = ["<|im_start|>", "The", " capital", " of", " France", " is", " Paris"]
 
@@ -51,7 +51,7 @@ def test_sanitize_label():
     assert sanitize_label("\n") == "\\n"
     assert sanitize_label("a\tb") == "a\\tb"
     assert sanitize_label("\u2581Paris") == "_Paris"
-    assert sanitize_label("café") == "café"  # every script stays: pyinterp.text draws it
+    assert sanitize_label("café") == "café"  # every script stays: pyinterp.viz.text draws it
     assert sanitize_label(" Москва") == "_Москва"
     assert sanitize_label("日本") == "日本"
     assert sanitize_label("\ufffd") == "?"  # part of a UTF-8 sequence (a byte-fallback token)

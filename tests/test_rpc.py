@@ -26,7 +26,7 @@ def endpoint():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     address = f"127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "pyinterp.rpc", address, "-t", "1"],
+    server = subprocess.Popen([sys.executable, "-m", "pyinterp.engine.rpc", address, "-t", "1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         for _ in range(100):
@@ -68,7 +68,7 @@ def test_interventions_match_the_cpu(remote, smollm2):
 
 def test_batched_sweep_matches_the_cpu(remote, smollm2):
     """Variants from their own first positions, layers skipped (no-op nodes) on the server."""
-    from pyinterp.patching import logit_diff, patch_sweep
+    from pyinterp.analysis.patching import logit_diff, patch_sweep
 
     clean, corrupt = "The Eiffel Tower is located in the city of", "The Colosseum is located in the city of"
     metric = logit_diff(" Paris", " Rome")

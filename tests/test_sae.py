@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 
 import pyinterp
 from pyinterp import InputError
-from pyinterp.sae import ARCHITECTURES, SAE, random_sae, sae_features, steer_features
-from pyinterp.safetensors_io import read_safetensors, write_safetensors
+from pyinterp.analysis.sae import ARCHITECTURES, SAE, random_sae, sae_features, steer_features
+from pyinterp.io.safetensors_io import read_safetensors, write_safetensors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import tiny_gguf  # noqa: E402

@@ -30,8 +30,8 @@ CHILD = r"""
 import json, sys
 import numpy as np
 import pyinterp
-from pyinterp.patching import head_ablation_scan, logit_diff, patch_sweep
-from pyinterp.sae import random_sae, sae_features
+from pyinterp.analysis.patching import head_ablation_scan, logit_diff, patch_sweep
+from pyinterp.analysis.sae import random_sae, sae_features
 
 out = {}
 with pyinterp.Model(sys.argv[1], n_ctx=32, n_threads=2) as m:

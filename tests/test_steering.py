@@ -22,9 +22,9 @@ import pytest
 import pyinterp
 from conftest import corr, cosine
 from pyinterp import ControlVector, InputError
-from pyinterp._ffi import LIB_DIR, shared_library
+from pyinterp.engine._ffi import LIB_DIR, shared_library
 from pyinterp.cli import main
-from pyinterp.steering import contrastive, for_model, steered
+from pyinterp.analysis.steering import contrastive, for_model, steered
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import tiny_gguf  # noqa: E402
@@ -178,7 +178,7 @@ def test_combine_sums_scaled_files(tmp_path):
     a, b = rng.standard_normal((2, 16)).astype(np.float32)
     fa = _write(tmp_path / "a.gguf", {"direction.1": a, "direction.2": a})
     fb = _write(tmp_path / "b.gguf", {"direction.2": b, "direction.5": b})
-    cv = pyinterp.steering.combine([(fa, 2.0), fb])
+    cv = pyinterp.analysis.steering.combine([(fa, 2.0), fb])
     assert cv.layers == (1, 2, 5)
     np.testing.assert_allclose(cv.directions[[1, 2, 5]], [2 * a, 2 * a + b, b], rtol=1e-6)
     np.testing.assert_allclose((cv * -1.0 + cv).directions, 0.0)

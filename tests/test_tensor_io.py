@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pyinterp import InputError, PyinterpError
-from pyinterp.tensor_io import load_tensor, save_tensor
+from pyinterp.io.tensor_io import load_tensor, save_tensor
 
 
 @pytest.mark.parametrize("suffix", [".bin", ".npy", ".npz", ""])

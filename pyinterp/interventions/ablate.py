@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..names import as_list
-from .base import Op, Target
+from pyinterp.engine.names import as_list
+from pyinterp.interventions.base import Op, Target
 
 
 def head_mask(target: Target, layer: int, mask: np.ndarray) -> Op:

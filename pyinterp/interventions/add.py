@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..checks import check_finite, check_float
-from ..names import as_list
-from .base import Op, Target
+from pyinterp.checks import check_finite, check_float
+from pyinterp.engine.names import as_list
+from pyinterp.interventions.base import Op, Target
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..names import Planner
+from pyinterp.engine.names import Planner
 
 
 def op_kinds(header: str) -> dict[str, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Op, Target
+from pyinterp.interventions.base import Op, Target
 
 
 @dataclass(frozen=True)

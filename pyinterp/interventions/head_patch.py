@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..checks import check_finite
-from ..errors import InputError
-from ..names import as_list
-from .base import Op, Target
+from pyinterp.checks import check_finite
+from pyinterp.engine.names import as_list
+from pyinterp.errors import InputError
+from pyinterp.interventions.base import Op, Target
 
 
 @dataclass(frozen=True)

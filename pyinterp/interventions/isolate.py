@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .ablate import head_mask
-from .base import Op, Target
+from pyinterp.interventions.ablate import head_mask
+from pyinterp.interventions.base import Op, Target
 
 
 @dataclass(frozen=True)

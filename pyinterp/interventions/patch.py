@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .base import Op, Target
+from pyinterp.interventions.base import Op, Target
 
 
 @dataclass(frozen=True)

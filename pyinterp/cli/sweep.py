@@ -1,0 +1,129 @@
+"""``pyinterp sweep``: an activation-patching sweep (layers x positions) or a head ablation scan (layers x heads),
+as a table, JSON, CSV and a heatmap (see pyinterp.analysis.patching)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+import numpy as np
+
+from pyinterp.analysis.patching import (Metric, bind_metric, head_ablation_scan, head_patch_scan, logit_diff,
+                                        patch_sweep, prob, run_metric)
+from pyinterp.cli.options import LAYERS_HELP, layer_list, model_options, progress
+from pyinterp.errors import PyinterpError
+from pyinterp.io.csv_io import write_csv
+
+
+def top_token(model, text: str) -> int:
+    """The model's top prediction after ``text``."""
+    return int(np.argmax(model.run(text, logits="last").logits[-1]))
+
+
+def choose_metric(model, kind: str, good: str | None, bad: str | None, clean: str, corrupt: str | None) -> Metric:
+    """The metric the options name; ``--good`` defaults to the clean prompt's top prediction, ``--bad`` to the
+    corrupted one's."""
+    good_token = good if good is not None else top_token(model, clean)
+    if kind == "prob":
+        if bad is not None:
+            raise click.UsageError("--bad goes with --metric logit-diff")
+        return prob(good_token)
+    if bad is None and corrupt is None:
+        raise click.UsageError("--metric logit-diff needs --bad TOKEN (or --corrupt, whose top prediction it then is)")
+    bad_token = bad if bad is not None else top_token(model, corrupt)
+    return logit_diff(good_token, bad_token)
+
+
+def print_table(values: np.ndarray, layers: list[int], columns: list[str]) -> None:
+    """One row per layer, one column per token or head, values to two decimals."""
+    width = max(7, *(len(c) + 1 for c in columns))
+    click.echo(f"{'layer':>5} " + "".join(c.rjust(width) for c in columns))
+    for label, row in zip(layers, values, strict=True):
+        click.echo(f"{label:>5} " + "".join(f"{v:.2f}".rjust(width) for v in row))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@model_options
+@click.option("--clean", required=True, help="The clean prompt (its activations are patched in).")
+@click.option("--corrupt", default=None, help="The corrupted prompt (patched into); as many tokens as --clean.")
+@click.option("--heads", "heads_scan", is_flag=True,
+              help="Instead of patching: ablate each head alone on --clean and record the metric's change.")
+@click.option("--patch-heads", is_flag=True,
+              help="With --corrupt: patch each head's output (kqv_heads) alone instead of a row of --tensor (layers x heads).")
+@click.option("--tensor", default="l_out", show_default=True, help="The [n_tokens, width] tensor patched.")
+@click.option("--metric", "metric_kind", type=click.Choice(["logit-diff", "prob"]), default="logit-diff",
+              show_default=True, help="logit(--good) - logit(--bad), or the probability of --good, at the last token.")
+@click.option("--good", default=None, metavar="TOKEN", help="Single-token text. Default: the clean prompt's top prediction.")
+@click.option("--bad", default=None, metavar="TOKEN",
+              help="Single-token text. Default: the corrupted prompt's top prediction.")
+@click.option("--layers", "layer_spec", default=None, metavar="LIST", callback=layer_list,
+              help=f"Layers (default all): {LAYERS_HELP}.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of the table.")
+@click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False), metavar="PATH",
+              help="Write the table as CSV.")
+@click.option("--png", default=None, type=click.Path(dir_okay=False), metavar="PATH", help="Write the heatmap.")
+def sweep(model_opts, clean, corrupt, heads_scan, patch_heads, tensor, metric_kind, good, bad, layer_spec, as_json,
+          csv_path, png):
+    """Activation patching: for each layer and token, run --corrupt with that token's row of --tensor taken
+    from the --clean run, and record the metric of the last token's logits (layers x tokens).
+
+    With --patch-heads: patch each head's output alone instead (layers x heads). With --heads: ablate each head
+    of --clean alone and record metric(ablated) - metric(plain) (layers x heads). Each cell reuses the plain
+    run's unchanged positions and layers and equals a run of its own bit for bit.
+    """
+    from pyinterp.viz.plot import sanitize_label, save_png, value_grid
+
+    if heads_scan == (corrupt is not None):
+        raise click.UsageError("give --corrupt for a patching sweep, or --heads for a head ablation scan (not both)")
+    if (heads_scan or patch_heads) and tensor != "l_out":
+        raise click.UsageError("--tensor goes with a patching sweep of rows, not --heads or --patch-heads")
+    if heads_scan and patch_heads:
+        raise click.UsageError("--patch-heads patches from --corrupt; --heads ablates: choose one")
+    with model_opts.open() as model:
+        layers = layer_spec.resolve(model.n_layer) if layer_spec is not None else list(range(model.n_layer))
+        metric = choose_metric(model, metric_kind, good, bad, clean, corrupt)
+        fn = bind_metric(model, metric)
+        clean_ids = model.prompt_ids(clean)
+        result = {"model": model.path.name, "clean": clean, "metric": metric.describe(model), "layers": layers,
+                  "clean_value": run_metric(model, clean_ids, fn)}
+        if heads_scan:
+            n_cells, columns = len(layers) * model.n_head, [str(h) for h in range(model.n_head)]
+            kind = "head ablation: metric(ablated) - metric(plain)"
+            with progress(n_cells, "heads") as bar:
+                values = head_ablation_scan(model, clean_ids, metric, layers, on_cell=bar and (lambda: bar.update(1)))
+        else:
+            corrupt_ids = model.prompt_ids(corrupt)
+            result |= {"corrupt": corrupt, "tensor": "kqv_heads" if patch_heads else tensor,
+                       "corrupt_value": run_metric(model, corrupt_ids, fn)}
+            if patch_heads:
+                columns, kind = [str(h) for h in range(model.n_head)], "patching each head clean -> corrupt"
+                with progress(len(layers) * model.n_head, "heads") as bar:
+                    values = head_patch_scan(model, clean_ids, corrupt_ids, metric, layers,
+                                             on_cell=bar and (lambda: bar.update(1)))
+            else:
+                columns = [model.token_str(t) for t in clean_ids]
+                kind = f"patching {tensor} clean -> corrupt"
+                with progress(len(layers) * len(clean_ids), "cells") as bar:
+                    values = patch_sweep(model, clean_ids, corrupt_ids, metric=metric, tensor=tensor, layers=layers,
+                                         on_cell=bar and (lambda: bar.update(1)))
+    result |= {"kind": kind, "columns": columns, "values": values.round(6).tolist()}
+    files = []
+    if csv_path is not None:
+        write_csv(csv_path, ["layer", *columns], [[label, *(f"{v:.6g}" for v in row)]
+                                                  for label, row in zip(layers, values, strict=True)])
+        files.append(csv_path)
+    if png is not None:
+        pair = repr(clean) if heads_scan else f"{clean!r} -> {corrupt!r}"
+        title = (f"{kind}, {result['metric']}: {pair} (colour: {values.min():.2f} dark .. {values.max():.2f} yellow)")
+        image = value_grid(values, title=title, row_labels=[str(il) for il in layers],
+                           col_labels=[sanitize_label(c) for c in columns])
+        files.append(str(save_png(image, png)))
+    if as_json:
+        click.echo(json.dumps({**result, "files": files}, ensure_ascii=False))
+        return
+    click.echo(f"{kind} on {result['model']}; metric {result['metric']}")
+    click.echo(f"clean: {result['clean_value']:.3f}" + ("" if heads_scan else f"  corrupt: {result['corrupt_value']:.3f}"))
+    print_table(values, layers, [sanitize_label(c) for c in columns])
+    for path in files:
+        click.echo(f"wrote {path}")
+

@@ -1,0 +1,32 @@
+"""The logit lens as a readout: the top-k tokens and the targets' statistics of one tensor at every layer,
+unembedded inside the graph (native recipe: csrc/lens.c). The analysis is :mod:`pyinterp.analysis.lens`."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pyinterp.engine.backend import Backend
+
+
+class LensReadout:
+    """``tensor`` (a base name) unembedded at every layer it is on; ``norm``: through the final norm first."""
+
+    def __init__(self, n_layer: int, tensor: str, norm: bool, top_k: int, targets: list[int], positions: list[int]) -> None:
+        self.n_layer, self.tensor, self.norm, self.top_k = n_layer, tensor, norm, top_k
+        self.targets, self.positions = targets, positions
+
+    def setup(self, backend: Backend) -> None:
+        backend.set_lens(self.tensor, self.norm, self.top_k, self.targets, self.positions)
+
+    def read(self, backend: Backend, n_tokens: int) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per layer present: top-k ids and probabilities ``[n_tokens, k]`` (most probable first) and the
+        targets' statistics ``[n_positions, n_targets, 3]`` (logit, probability, number of greater logits)."""
+        out = {}
+        for il in range(-1, self.n_layer):  # -1: a tensor outside the layers (the embedding)
+            layer = backend.lens_result(il, n_tokens, self.top_k, len(self.targets), len(self.positions))
+            if layer is None:
+                continue
+            ids, probs, stats = layer
+            order = np.argsort(-probs, axis=1, kind="stable")
+            out[il] = (np.take_along_axis(ids, order, 1), np.take_along_axis(probs, order, 1), stats)
+        return out
