@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from pyinterp import _ffi
+from pyinterp.engine import _ffi
 from pyinterp.interventions.base import OP_KINDS
 
 

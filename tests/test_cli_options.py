@@ -18,7 +18,7 @@ import pytest
 import pyinterp
 from pyinterp import InputError
 from pyinterp import model as model_module
-from pyinterp.cli import main, subcommands
+from pyinterp.cli.main import main, subcommands
 from pyinterp.cli.options import parse_layers
 from pyinterp.cli.prompt import stream_generation
 from pyinterp.analysis.sae import random_sae

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import pyinterp
-from pyinterp import _backends, _ffi
+from pyinterp.engine import _backends, _ffi
 
 PROMPT = "The capital of France is"
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from pyinterp import InputError, Model, PyinterpError
-from pyinterp import heads, patching, sae as sae_mod, steering
+from pyinterp.analysis import heads, patching, sae as sae_mod, steering
 from pyinterp.cli import main
 from pyinterp.io.csv_io import write_csv
 from pyinterp.interventions import AblateHeads, AddVector, PatchHead, PatchRow

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import pyinterp
-from pyinterp import _ffi
+from pyinterp.engine import _ffi
 from conftest import check_logits_attention_residual
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pyinterp import _ffi
+from pyinterp.engine import _ffi
 
 PROMPT = "The capital of France is"
 
