@@ -23,7 +23,7 @@ from pyinterp import InputError, PyinterpError, zoo
 from pyinterp.cli import main
 from pyinterp.io.dequant import F32Copy, scan
 from pyinterp.analysis.fidelity import fidelity
-from pyinterp.viz.plot import value_axis
+from pyinterp.viz.charts import value_axis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import tiny_gguf  # noqa: E402

@@ -130,7 +130,8 @@ class Fidelity:
     def to_png(self, path: str | os.PathLike) -> Path:
         """Write per-layer curves: 1 - cosine of ``l_out`` (mean and worst position), its relative L2 error,
         and the attention's mean and max |diff|; the logit metrics are in the title."""
-        from pyinterp.viz.plot import line_charts, save_png
+        from pyinterp.viz.charts import line_charts
+        from pyinterp.viz.plot import save_png
 
         panels = [
             ("l_out: 1 - cosine", {"mean over positions": 1 - self.cos_mean, "worst position": 1 - self.cos_min}),

@@ -49,7 +49,7 @@ _RAMP = np.linspace(-1.0, 1.0, 256)[:, None]
 SIGNED_COLORS = np.round(np.where(_RAMP < 0, (1 + _RAMP) * np.array([247, 247, 247]) - _RAMP * np.array([172, 102, 33]),
                                   (1 - _RAMP) * np.array([247, 247, 247]) + _RAMP * np.array([43, 24, 178]))).astype(np.uint8)
 
-_NICE_STEPS = (1, 2, 5)
+NICE_STEPS = (1, 2, 5)
 
 
 def sanitize_label(text: str, max_chars: int = MAX_LABEL_CHARS) -> str:
@@ -77,7 +77,7 @@ def label_step(n_labels: int, cell_px: int, font_px: int) -> int:
     cell_px = max(cell_px, 1)
     scale = 1
     while True:
-        for nice in _NICE_STEPS:
+        for nice in NICE_STEPS:
             step = nice * scale
             if step * cell_px >= font_px or step >= n_labels:
                 return max(min(step, n_labels), 1)
@@ -121,14 +121,14 @@ def attention_sheet(
     panel_h, panel_w = panels[0].shape[:2]
     n_cols = math.ceil(math.sqrt(len(panels)))
     n_rows = math.ceil(len(panels) / n_cols)
-    heat_top = _title_height()
+    heat_top = title_height()
     bar = _colorbar(max(n * cell, COLORBAR_MIN_H))
     bar_top = max(heat_top - _colorbar_margin(), 0)
     sheet_h = max(n_rows * panel_h, bar_top + bar.shape[0])
-    sheet = _canvas(sheet_h, n_cols * panel_w + bar.shape[1] + PAD)
+    sheet = canvas(sheet_h, n_cols * panel_w + bar.shape[1] + PAD)
     for i, panel in enumerate(panels):
-        _paste(sheet, panel, (i % n_cols) * panel_w, (i // n_cols) * panel_h)
-    _paste(sheet, bar, n_cols * panel_w, bar_top)
+        paste(sheet, panel, (i % n_cols) * panel_w, (i // n_cols) * panel_h)
+    paste(sheet, bar, n_cols * panel_w, bar_top)
     return sheet
 
 
@@ -162,7 +162,7 @@ def lens_heatmap(
         raise PyinterpError(f"need {n_rows} row labels, got {len(row_labels)}")
     cell_w = LENS_CELL_W if n_tok <= LENS_MAX_FULL_TOKENS else max(LENS_CELL_W * LENS_MAX_FULL_TOKENS // n_tok, 1)
     table = _table(top_prob, top_str, row_labels, tokens, title, cell_w, LENS_CELL_H)
-    return _with_colorbar([table], _title_height() if title else PAD, n_rows * LENS_CELL_H)
+    return _with_colorbar([table], title_height() if title else PAD, n_rows * LENS_CELL_H)
 
 
 def score_grids(
@@ -193,7 +193,7 @@ def score_grids(
                             f"got {len(row_labels)} and {len(col_labels)}")
     tables = [_table(g, [[f"{v:.2f}" for v in row] for row in g], row_labels, col_labels, name, SCORE_CELL_W,
                      LENS_CELL_H) for g, name in zip(grids, names, strict=True)]
-    return _with_colorbar(tables, _title_height(), n_rows * LENS_CELL_H, title)
+    return _with_colorbar(tables, title_height(), n_rows * LENS_CELL_H, title)
 
 
 def value_grid(values: np.ndarray, *, title: str, row_labels: list[str], col_labels: list[str],
@@ -213,106 +213,6 @@ def value_grid(values: np.ndarray, *, title: str, row_labels: list[str], col_lab
     table = _table(colour, texts, row_labels, col_labels, "", cell_w, LENS_CELL_H)
     ticks = ((1.0, f"{hi:.3g}"), (0.5, f"{(lo + hi) / 2:.3g}"), (0.0, f"{lo:.3g}")) if value_ticks else COLORBAR_TICKS
     return _with_colorbar([table], PAD, values.shape[0] * LENS_CELL_H, title, ticks=ticks)
-
-
-CHART_W = 360  # plot area of one line chart, pixels
-CHART_H = 180
-# line colours (BGR): blue, orange, green, red (matplotlib's first four)
-SERIES_COLORS = ((180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214))
-# an axis maximum of 1, 2 or 5 (times a power of ten) is cut into this many intervals: steps of 0.2, 0.5, 1
-_AXIS_INTERVALS = {1: 5, 2: 4, 5: 5}
-
-
-def value_axis(value: float) -> tuple[float, int]:
-    """A y axis for values up to ``value``: (maximum, intervals), the maximum the smallest 1, 2 or 5 times a
-    power of ten that is >= ``value`` (1 for 0 or less), cut into round steps."""
-    if not value > 0:
-        return 1.0, 5
-    scale = 10.0 ** math.floor(math.log10(value))
-    for nice in (*_NICE_STEPS, 10):
-        if nice * scale >= value * (1 - 1e-12):
-            return (scale * 10, 5) if nice == 10 else (nice * scale, _AXIS_INTERVALS[nice])
-    raise AssertionError("unreachable: 10 * scale > value")
-
-
-def line_charts(
-    panels: Sequence[tuple[str, dict[str, np.ndarray]]],
-    x_labels: list[str],
-    *,
-    title: str = "",
-    x_name: str = "layer",
-    n_cols: int = 2,
-) -> np.ndarray:
-    """Draw one line chart per panel in a grid of ``n_cols`` columns, ``title`` above them all.
-
-    A panel is ``(name, {series name: values})``, every series ``[len(x_labels)]``; it is drawn as lines
-    with a dot per value over x positions labelled with ``x_labels`` (thinned as in :func:`attention_sheet`)
-    and named ``x_name``, on a y axis from 0 to a round number above the panel's largest value, with
-    labelled ticks at round steps (:func:`value_axis`). A panel with several series gets a legend in its
-    top left corner. A ``title`` with newlines is several lines.
-    """
-    n = len(x_labels)
-    if not panels or n == 0 or any(not series or any(np.shape(v) != (n,) for v in series.values())
-                                   for _, series in panels):
-        raise PyinterpError(f"need panels with series of {n} values each, got "
-                            f"{[(name, [np.shape(v) for v in s.values()]) for name, s in panels]}")
-    charts = [_line_chart(name, series, x_labels, x_name) for name, series in panels]
-    h, w = charts[0].shape[:2]
-    n_rows = math.ceil(len(charts) / n_cols)
-    lines = title.split("\n") if title else []
-    line_h = sum(line_extent(TITLE_PX)) + PAD
-    above = len(lines) * line_h + PAD if lines else 0
-    width = max([min(n_cols, len(charts)) * w] + [text_width(line, TITLE_PX) + 2 * PAD for line in lines])
-    image = _canvas(above + n_rows * h, width)
-    for k, line in enumerate(lines):
-        draw_text(image, line, PAD, PAD + k * line_h + line_extent(TITLE_PX)[0], TITLE_PX)
-    for i, chart in enumerate(charts):
-        _paste(image, chart, (i % n_cols) * w, above + (i // n_cols) * h)
-    return image
-
-
-def _line_chart(name: str, series: dict[str, np.ndarray], x_labels: list[str], x_name: str) -> np.ndarray:
-    """One titled chart of ``series`` over ``x_labels``; every chart has the same size."""
-    top_value, intervals = value_axis(max(float(np.nanmax(v)) for v in series.values()))
-    ticks = [top_value * i / intervals for i in range(intervals + 1)]
-    tick_text = [f"{v:.3g}" for v in ticks]
-    left = 2 * PAD + _max_text_width(["0.0000"]) + TICK  # the same for every chart, so a grid lines up
-    top = _title_height()
-    step = CHART_W / max(len(x_labels) - 1, 1)
-    labels = _step_labels(x_labels, label_step(len(x_labels), int(step), _font_px()))
-    label_h = _max_text_width(labels.values())
-    image = _canvas(top + CHART_H + TICK + PAD + label_h + PAD + _font_px() + PAD, left + CHART_W + 3 * PAD)
-    draw_text(image, name, left, top - PAD, TITLE_PX)
-    cv2.rectangle(image, (left, top), (left + CHART_W, top + CHART_H), GRAY, 1)
-    text_h = cap_height(LABEL_PX)
-    for value, text in zip(ticks, tick_text, strict=True):
-        y = top + CHART_H - round(value / top_value * CHART_H)
-        cv2.line(image, (left - TICK, y), (left, y), GRAY, 1)
-        draw_text(image, text, left - TICK - 2 - text_width(text, LABEL_PX), y + text_h // 2, LABEL_PX)
-
-    def point(i: int, value: float) -> tuple[int, int]:
-        return left + round(i * step), top + CHART_H - round(float(value) / top_value * CHART_H)
-
-    for i, text in labels.items():
-        x = point(i, 0)[0]
-        cv2.line(image, (x, top + CHART_H), (x, top + CHART_H + TICK), GRAY, 1)
-        block = _vertical_text(text)
-        _paste_dark(image, block, x - block.shape[1] // 2, top + CHART_H + TICK + 2)
-    axis_y = top + CHART_H + TICK + PAD + label_h + PAD + _font_px()
-    draw_text(image, x_name, left + (CHART_W - text_width(x_name, LABEL_PX)) // 2, axis_y, LABEL_PX)
-
-    for k, values in enumerate(series.values()):
-        color = SERIES_COLORS[k % len(SERIES_COLORS)]
-        points = np.array([point(i, v) for i, v in enumerate(np.nan_to_num(values))], dtype=np.int32)
-        cv2.polylines(image, [points], False, color, 2, cv2.LINE_AA)
-        for x, y in points:
-            cv2.circle(image, (int(x), int(y)), 3, color, -1, cv2.LINE_AA)
-    if len(series) > 1:
-        for k, label in enumerate(series):
-            y = top + PAD + k * _font_px() + text_h // 2
-            cv2.line(image, (left + PAD, y), (left + PAD + 16, y), SERIES_COLORS[k % len(SERIES_COLORS)], 2)
-            draw_text(image, label, left + 2 * PAD + 16, y + text_h // 2, LABEL_PX)
-    return image
 
 
 def signed_grid(
@@ -339,30 +239,30 @@ def signed_grid(
     tables = [_table(0.5 + values[:, part] / (2 * scale), [row[part] for row in texts], row_labels, col_labels[part],
                      name, cell_w, LENS_CELL_H, SIGNED_COLORS) for part, name in parts]
     ticks = ((1.0, f"+{scale:.3g}"), (0.5, "0"), (0.0, f"-{scale:.3g}"))
-    return _with_colorbar(tables, _title_height(), n_rows * LENS_CELL_H, title, SIGNED_COLORS, ticks)
+    return _with_colorbar(tables, title_height(), n_rows * LENS_CELL_H, title, SIGNED_COLORS, ticks)
 
 
 def _table(values: np.ndarray, texts: list[list[str]], row_labels: list[str], col_labels: list[str], title: str,
            cell_w: int, cell_h: int, colors: np.ndarray = COLORS) -> np.ndarray:
     """A titled heatmap of ``values`` (``[n_rows, n_cols]``, 0..1) with row 0 at the bottom, ``texts`` written
     in the cells (when they are at least ``LENS_MIN_TEXT_W`` wide), rows labelled on the left and columns
-    below (vertical, thinned as in :func:`attention_sheet`). The heatmap starts ``_title_height()`` (or
+    below (vertical, thinned as in :func:`attention_sheet`). The heatmap starts ``title_height()`` (or
     ``PAD`` without a title) from the top."""
     rows_up = [sanitize_label(s) for s in reversed(row_labels)]  # top to bottom: last row first
-    left = _max_text_width(rows_up) + PAD + TICK
-    top = _title_height() if title else PAD
+    left = max_text_width(rows_up) + PAD + TICK
+    top = title_height() if title else PAD
     heat = _heat_block(values[::-1], cell_w, cell_h, colors)
     if cell_w >= LENS_MIN_TEXT_W:
         heat[:, ::cell_w] = 255  # white lines between cells keep neighbouring texts apart
         heat[::cell_h] = 255
         _write_cells(heat, texts[::-1], cell_w, cell_h, values[::-1], colors)
 
-    labels = _step_labels(col_labels, label_step(len(col_labels), cell_w, _font_px()))
-    bottom = TICK + PAD + _max_text_width(labels.values()) + PAD
-    image = _canvas(top + heat.shape[0] + bottom, left + max(heat.shape[1], text_width(title, TITLE_PX)) + PAD)
+    labels = step_labels(col_labels, label_step(len(col_labels), cell_w, font_px()))
+    bottom = TICK + PAD + max_text_width(labels.values()) + PAD
+    image = canvas(top + heat.shape[0] + bottom, left + max(heat.shape[1], text_width(title, TITLE_PX)) + PAD)
     if title:
         draw_text(image, title, left, top - PAD, TITLE_PX)
-    _paste(image, heat, left, top)
+    paste(image, heat, left, top)
     _draw_row_labels(image, dict(enumerate(rows_up)), left, top, cell_h)
     _draw_col_labels(image, labels, left, top + heat.shape[0], cell_w)
     return image
@@ -373,20 +273,20 @@ def _with_colorbar(tables: list[np.ndarray], heat_top: int, heat_h: int, title: 
     """``tables`` (from :func:`_table`, their heatmaps ``heat_top`` px from their tops and ``heat_h`` px high) side
     by side, ``title`` above them all, and a 0..1 colour scale (``colors``, labelled ``ticks``) at the right
     beside the heatmaps."""
-    above = _title_height() if title else 0
+    above = title_height() if title else 0
     top = above + heat_top
     bar = _colorbar(max(heat_h, COLORBAR_MIN_H), colors, ticks)
     bar_top = max(top - _colorbar_margin(), 0)
     width = sum(t.shape[1] for t in tables)
     height = max(above + max(t.shape[0] for t in tables), bar_top + bar.shape[0])
-    image = _canvas(height, max(width + bar.shape[1] + PAD, text_width(title, TITLE_PX) + 2 * PAD))
+    image = canvas(height, max(width + bar.shape[1] + PAD, text_width(title, TITLE_PX) + 2 * PAD))
     if above:
         draw_text(image, title, PAD, above - PAD, TITLE_PX)
     x = 0
     for table in tables:
-        _paste(image, table, x, above)
+        paste(image, table, x, above)
         x += table.shape[1]
-    _paste(image, bar, width, bar_top)
+    paste(image, bar, width, bar_top)
     return image
 
 
@@ -420,15 +320,15 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
 def _attention_panel(probs: np.ndarray, tokens: list[str], title: str, cell: int) -> np.ndarray:
     """One head's query x key heatmap with its title and token labels; same size for the same tokens."""
     n = len(tokens)
-    labels = _step_labels(tokens, label_step(n, cell, _font_px()))
-    label_w = _max_text_width(labels.values())
+    labels = step_labels(tokens, label_step(n, cell, font_px()))
+    label_w = max_text_width(labels.values())
     left = label_w + PAD + TICK
-    top = _title_height()
+    top = title_height()
     heat = n * cell
     width = left + max(heat, text_width(title, TITLE_PX)) + PAD
-    panel = _canvas(top + heat + TICK + PAD + label_w + PAD, width)
+    panel = canvas(top + heat + TICK + PAD + label_w + PAD, width)
     draw_text(panel, title, left, top - PAD, TITLE_PX)
-    _paste(panel, _heat_block(probs, cell, cell), left, top)
+    paste(panel, _heat_block(probs, cell, cell), left, top)
     _draw_row_labels(panel, labels, left, top, cell)
     _draw_col_labels(panel, labels, left, top + heat, cell)
     return panel
@@ -464,7 +364,7 @@ def _fit_text(text: str, max_px: int) -> str:
     return text
 
 
-def _step_labels(tokens: list[str], step: int) -> dict[int, str]:
+def step_labels(tokens: list[str], step: int) -> dict[int, str]:
     """Sanitized labels of every ``step``-th token, by position."""
     return {i: sanitize_label(tokens[i]) for i in range(0, len(tokens), step)}
 
@@ -484,14 +384,14 @@ def _draw_col_labels(image: np.ndarray, labels: dict[int, str], left: int, botto
         x = left + i * cell + cell // 2
         cv2.line(image, (x, bottom), (x, bottom + TICK - 1), GRAY, 1)
         if text:
-            block = _vertical_text(text)
-            _paste_dark(image, block, x - block.shape[1] // 2, bottom + TICK + 2)
+            block = vertical_text(text)
+            paste_dark(image, block, x - block.shape[1] // 2, bottom + TICK + 2)
 
 
-def _vertical_text(text: str) -> np.ndarray:
+def vertical_text(text: str) -> np.ndarray:
     """``text`` in black on white, turned 90 degrees anticlockwise (OpenCV cannot draw rotated text)."""
     ascent, descent = line_extent(LABEL_PX)
-    block = _canvas(ascent + descent + 2, text_width(text, LABEL_PX) + 2)
+    block = canvas(ascent + descent + 2, text_width(text, LABEL_PX) + 2)
     draw_text(block, text, 1, ascent + 1, LABEL_PX)
     return cv2.rotate(block, cv2.ROTATE_90_COUNTERCLOCKWISE)
 
@@ -506,9 +406,9 @@ def _colorbar(height: int, colors: np.ndarray = COLORS,
     """
     margin = _colorbar_margin()
     text_h = cap_height(LABEL_PX)
-    block = _canvas(height + 2 * margin, PAD + COLORBAR_W + TICK + 2 + _max_text_width(t for _, t in ticks) + PAD)
+    block = canvas(height + 2 * margin, PAD + COLORBAR_W + TICK + 2 + max_text_width(t for _, t in ticks) + PAD)
     ramp = np.linspace(1.0, 0.0, height).reshape(-1, 1)
-    _paste(block, _heat_block(ramp, COLORBAR_W, 1, colors), PAD, margin)
+    paste(block, _heat_block(ramp, COLORBAR_W, 1, colors), PAD, margin)
     cv2.rectangle(block, (PAD - 1, margin - 1), (PAD + COLORBAR_W, margin + height), GRAY, 1)
     for value, text in ticks:
         y = margin + round((1.0 - value) * (height - 1))
@@ -523,29 +423,29 @@ def _colorbar_margin() -> int:
     return cap_height(LABEL_PX)
 
 
-def _title_height() -> int:
+def title_height() -> int:
     """Height of the band above a heatmap that holds its title (baseline ``PAD`` above the heatmap)."""
     return line_extent(TITLE_PX)[0] + 3 * PAD
 
 
-def _font_px() -> int:
+def font_px() -> int:
     """Height one label line needs, descenders included, for :func:`label_step`."""
     return sum(line_extent(LABEL_PX))
 
 
-def _max_text_width(texts: Iterable[str]) -> int:
+def max_text_width(texts: Iterable[str]) -> int:
     return max((text_width(t, LABEL_PX) for t in texts), default=0)
 
 
-def _canvas(height: int, width: int) -> np.ndarray:
+def canvas(height: int, width: int) -> np.ndarray:
     return np.full((height, width, 3), 255, dtype=np.uint8)
 
 
-def _paste(image: np.ndarray, block: np.ndarray, x: int, y: int) -> None:
+def paste(image: np.ndarray, block: np.ndarray, x: int, y: int) -> None:
     image[y : y + block.shape[0], x : x + block.shape[1]] = block
 
 
-def _paste_dark(image: np.ndarray, block: np.ndarray, x: int, y: int) -> None:
+def paste_dark(image: np.ndarray, block: np.ndarray, x: int, y: int) -> None:
     """Paste dark-on-white ``block`` so its white leaves what is underneath; clipped to the image."""
     x0, y0 = max(x, 0), max(y, 0)
     region = image[y0 : y + block.shape[0], x0 : x + block.shape[1]]
