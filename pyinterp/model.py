@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -20,7 +19,7 @@ from pyinterp.checks import (C_INT_MAX, check_bool, check_callable, check_float,
 from pyinterp.engine.core import KV_TYPES, Engine, default_threads, has_metal, set_verbose
 from pyinterp.engine.names import Head, Patch, Planner, TensorInfo, as_list, as_tuple
 from pyinterp.engine.trace import Trace
-from pyinterp.errors import InputError, PyinterpError
+from pyinterp.errors import InputError
 from pyinterp.interventions import AblateHeads, Intervention, IsolateHead, PatchRow, Target
 
 if TYPE_CHECKING:

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pyinterp
 from pyinterp import InputError
 from pyinterp import model as model_module
 from pyinterp.cli.main import main, subcommands

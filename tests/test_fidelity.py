@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from pathlib import Path
 
 import cv2
 import gguf
@@ -24,9 +22,6 @@ from pyinterp.cli import main
 from pyinterp.io.dequant import F32Copy, scan
 from pyinterp.analysis.fidelity import fidelity
 from pyinterp.viz.charts import value_axis
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import tiny_gguf  # noqa: E402
 
 PROMPT = PROMPTS[1]
 

@@ -11,7 +11,6 @@ import click
 import numpy as np
 
 from pyinterp.analysis.lens import resolve_target, single_token_variants
-from pyinterp.errors import InputError, PyinterpError
 
 if TYPE_CHECKING:
     from pyinterp.analysis.attribution import Attribution

@@ -11,7 +11,6 @@ import numpy as np
 from pyinterp.analysis.patching import (Metric, bind_metric, head_ablation_scan, head_patch_scan, logit_diff,
                                         patch_sweep, prob, run_metric)
 from pyinterp.cli.options import LAYERS_HELP, layer_list, model_options, progress
-from pyinterp.errors import PyinterpError
 from pyinterp.io.csv_io import write_csv
 
 

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from pyinterp.engine import _ffi
-from pyinterp.engine._ffi import ffi, lib, set_verbose
+from pyinterp.engine._ffi import ffi, lib, set_verbose  # noqa: F401  (set_verbose: for the façade, which does not import _ffi)
 from pyinterp.errors import InputError, PyinterpError
 from pyinterp.interventions.base import OP_KINDS, Op
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from pyinterp.checks import check_intervention, check_prompt, show
 from pyinterp.engine.arch import ARCHS
-from pyinterp.engine.backend import KV_TYPES, Backend, default_threads, has_metal, set_verbose
+from pyinterp.engine.backend import KV_TYPES, Backend, default_threads, has_metal, set_verbose  # noqa: F401  (for the façade)
 from pyinterp.engine.names import ATTENTION_TENSORS, Planner, TensorInfo, as_list, split_name
 from pyinterp.errors import InputError, PyinterpError
 from pyinterp.interventions import Capture, Intervention, Op, Target

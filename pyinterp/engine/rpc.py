@@ -9,7 +9,6 @@ only: the protocol has no authentication.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
