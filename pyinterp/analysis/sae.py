@@ -60,7 +60,6 @@ CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 # cfg.json dtype (SAELens writes "float32" or "torch.float32") -> safetensors dtype
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-_RESID_PRE = re.compile(r"^blocks\.(?P<layer>\d+)\.hook_resid_pre$")
 
 
 @dataclass(frozen=True, eq=False)
@@ -155,13 +154,8 @@ class SAE:
         model's TransformerLens alias table (pyinterp/engine/arch.py); ``blocks.L.hook_resid_pre`` is the residual
         entering layer L, ``l_out-(L-1)`` (``hook_embed`` for L = 0). The tensor's rows must have ``d_in``
         values (``[n_tokens, d_in]``, or ``[n_tokens, n_head, d_head]`` for a hook_z SAE)."""
-        spec = self.hook_name
-        m = _RESID_PRE.match(spec)
-        if m:
-            layer = int(m.group("layer"))
-            spec = f"blocks.{layer - 1}.hook_resid_post" if layer > 0 else "hook_embed"
         try:
-            found = model.engine.planner().captures([spec])
+            found = model.engine.planner().captures([self.hook_name])  # aliases resolved there, resid_pre too
         except InputError as e:
             raise InputError(f"SAE hook {self.hook_name!r}: {e}") from None
         if len(found) != 1:
