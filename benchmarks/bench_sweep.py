@@ -7,9 +7,15 @@ run's unchanged positions and layers), and again as one run per cell (``batched=
 transformers: the GGUF dequantized to fp32, eager attention; the clean run's decoder-layer outputs cached
 by forward hooks, then per cell one forward of the corrupted ids with a hook replacing that row of that
 layer's output (``logits_to_keep=1``, the last row only, as pyinterp). Both on the same number of threads,
-on the token ids llama.cpp's tokenizer gives. Each side runs in a child process (the pyinterp side never
-imports torch); the parent reads each child's peak RSS from ``wait4`` and prints ms per cell, peak RSS,
-their ratios and the correlation of the two heatmaps.
+on the token ids llama.cpp's tokenizer gives. With ``--peer-python PYTHON`` (an interpreter that has nnsight: keep
+it out of the test environment, whose torch and transformers versions the suite pins), nnsight too: one trace,
+the clean prompt and every cell as invokes, batched in one forward. TransformerLens is not measured: its
+``HookedTransformer`` builds a model's config from the Hugging Face hub, which these machines cannot reach.
+Each side runs in a child process (the pyinterp side never imports torch); the parent reads each child's peak
+RSS from ``wait4`` and prints ms per cell, peak RSS, their ratios and the correlation of the heatmaps.
+
+    python3 -m venv /tmp/peers && /tmp/peers/bin/pip install "torch==2.13.0" nnsight gguf accelerate
+    python benchmarks/bench_sweep.py --peer-python /tmp/peers/bin/python
 
     python benchmarks/bench_sweep.py [--model smollm2|PATH] [--layers 10] [--positions N] [--threads N]
 
@@ -127,9 +133,55 @@ def transformers_side(args: argparse.Namespace, plan: dict[str, np.ndarray]) -> 
     return {"grid": grid, "seconds": np.array(time.perf_counter() - t0)}
 
 
+def nnsight_sweep(lm, clean: list[int], corrupt: list[int], layers: list[int], positions: list[int],
+                  good: int, bad: int) -> np.ndarray:
+    """The sweep as nnsight users write it: one trace, the clean prompt and every cell as invokes of it (batched
+    in one forward), each cell's layer output row set from the clean invoke's (a barrier per layer hands it over).
+    Returns ``[n_layers, n_positions]``."""
+    import torch
+
+    saved = []
+    with torch.no_grad(), lm.trace() as tracer:
+        barriers = {il: tracer.barrier(1 + len(positions)) for il in layers}
+        with tracer.invoke(torch.tensor([clean])):
+            acts = {}
+            for il in layers:
+                acts[il] = lm.model.layers[il].output
+                barriers[il]()
+        for il in layers:
+            for pos in positions:
+                with tracer.invoke(torch.tensor([corrupt])):
+                    barriers[il]()
+                    lm.model.layers[il].output[0, pos] = acts[il][0, pos]
+                    logits = lm.lm_head.output[0, -1]
+                    saved.append((logits[good] - logits[bad]).save())
+    return np.array([float(v) for v in saved]).reshape(len(layers), len(positions))
+
+
+def nnsight_side(args: argparse.Namespace, plan: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """nnsight's sweep of the cells in ``plan`` over the same transformers model, with its time."""
+    import torch
+    from nnsight import LanguageModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    path = Path(args.model)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    lm = LanguageModel(model, tokenizer=AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name))
+    clean, corrupt = plan["clean"].tolist(), plan["corrupt"].tolist()
+    layers, positions = plan["layers"].tolist(), plan["positions"].tolist()
+    good, bad = plan["answers"].tolist()
+    nnsight_sweep(lm, clean, corrupt, layers[:1], positions[:1], good, bad)  # warm-up
+    t0 = time.perf_counter()
+    grid = nnsight_sweep(lm, clean, corrupt, layers, positions, good, bad)
+    return {"grid": grid, "seconds": np.array(time.perf_counter() - t0)}
+
+
 def run_side(side: str, args: argparse.Namespace, out: Path, plan: Path | None = None) -> tuple[dict, float]:
     """Run one side in a child process; its result and its peak RSS in MiB (``ru_maxrss`` of that child)."""
-    argv = [sys.executable, __file__, "--side", side, "--out", str(out), "--model", str(args.model),
+    python = args.peer_python if side == "nnsight" else sys.executable
+    argv = [python, __file__, "--side", side, "--out", str(out), "--model", str(args.model),
             "--threads", str(args.threads), "--corrupt", args.corrupt]
     if args.layers is not None:
         argv += ["--layers", str(args.layers)]
@@ -137,7 +189,7 @@ def run_side(side: str, args: argparse.Namespace, out: Path, plan: Path | None =
         argv += ["--positions", str(args.positions)]
     if plan is not None:
         argv += ["--plan", str(plan)]
-    pid = os.spawnv(os.P_NOWAIT, sys.executable, argv)
+    pid = os.spawnv(os.P_NOWAIT, python, argv)
     _, status, usage = os.wait4(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"the {side} side failed (exit status {os.waitstatus_to_exitcode(status)})")
@@ -153,7 +205,9 @@ def main() -> None:
     parser.add_argument("--positions", type=int, default=None, help="positions swept, evenly spaced (default all)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--corrupt", default=CORRUPT, help="the corrupted prompt (as many tokens as the clean one)")
-    parser.add_argument("--side", choices=["pyinterp", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--peer-python", default=None, metavar="PYTHON",
+                        help="an interpreter with nnsight installed: adds nnsight's sweep (one trace, one invoke per cell)")
+    parser.add_argument("--side", choices=["pyinterp", "transformers", "nnsight"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--plan", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -161,9 +215,10 @@ def main() -> None:
     if args.side == "pyinterp":
         np.savez(args.out, **pyinterp_side(args))
         return
-    if args.side == "transformers":
+    if args.side in ("transformers", "nnsight"):
         with np.load(args.plan) as plan:
-            np.savez(args.out, **transformers_side(args, dict(plan)))
+            side = transformers_side if args.side == "transformers" else nnsight_side
+            np.savez(args.out, **side(args, dict(plan)))
         return
 
     from pyinterp import PyinterpError, zoo
@@ -175,6 +230,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ours, ours_rss = run_side("pyinterp", args, Path(tmp) / "pyinterp.npz")
         theirs, hf_rss = run_side("transformers", args, Path(tmp) / "transformers.npz", plan=Path(tmp) / "pyinterp.npz")
+        peer = run_side("nnsight", args, Path(tmp) / "nnsight.npz", plan=Path(tmp) / "pyinterp.npz") \
+            if args.peer_python else None
     cells = ours["grid"].size
     ours_s, hf_s = float(ours["seconds"]), float(theirs["seconds"])
     a, b = ours["grid"], theirs["grid"]
@@ -186,6 +243,11 @@ def main() -> None:
         f"NOT bit-identical: max |difference| {np.abs(ours['loop'] - ours['grid']).max():.2e}"
     print(f"pyinterp loop {1000 * loop_s / cells:8.1f} ms/cell   (one run per cell; {same})")
     print(f"transformers  {1000 * hf_s / cells:8.1f} ms/cell   peak RSS {hf_rss:7.0f} MiB")
+    if peer is not None:
+        (nn, nn_rss), nn_s = peer, float(peer[0]["seconds"])
+        print(f"nnsight       {1000 * nn_s / cells:8.1f} ms/cell   peak RSS {nn_rss:7.0f} MiB   (one trace, {cells} invokes; "
+              f"heatmap corr. with transformers {np.corrcoef(nn['grid'].ravel(), b.ravel())[0, 1]:.4f})")
+        print(f"pyinterp / nnsight: time {ours_s / nn_s:.2f} ({nn_s / ours_s:.1f}x faster), peak RSS {ours_rss / nn_rss:.2f}")
     print(f"pyinterp / transformers: time {ours_s / hf_s:.2f} ({hf_s / ours_s:.1f}x faster), peak RSS {ours_rss / hf_rss:.2f}")
     print(f"pyinterp batched / loop: time {ours_s / loop_s:.2f} ({loop_s / ours_s:.1f}x faster)")
     print(f"heatmap correlation {np.corrcoef(a.ravel(), b.ravel())[0, 1]:.4f}, max |difference| "
