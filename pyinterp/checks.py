@@ -89,6 +89,9 @@ def check_prompt(value: object) -> str | list[int]:
         raise InputError(f"a prompt of token ids must be 1-D, got an array of shape {list(value.shape)}")
     if isinstance(value, (bytes, bytearray)) or not isinstance(value, (Sequence, np.ndarray)):
         raise InputError(f"a prompt is a text or a list of token ids, got {show(value)}")
+    if len(value) and all(isinstance(i, str) for i in value):
+        raise InputError(f"a pass takes one prompt (a text or a list of token ids), got a list of {len(value)} texts: "
+                         f"run them one by one")
     bad = [i for i in value if not is_int(i)]
     if bad:
         raise InputError(f"token ids must be integers, got {show(bad[0])}")
