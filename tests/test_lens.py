@@ -109,3 +109,16 @@ def test_lens_of_some_layers(smollm2):
     np.testing.assert_array_equal(some.ids, full.ids[[5, 12]])
     np.testing.assert_array_equal(some.probs, full.probs[[5, 12]])
     assert some.strs == [full.strs[5], full.strs[12]]
+
+
+def test_the_lens_readout_on_the_engine(smollm2):
+    """The engine's public pass with the lens readout (what logit_lens runs), asked for the last logits only: the
+    lens still reads the last layer at every token, and equals logit_lens's."""
+    from pyinterp.engine.readouts import LensReadout
+
+    ids = smollm2.prompt_ids(PROMPT)
+    done = smollm2.engine.run(ids, readout=LensReadout(smollm2.n_layer, "l_out", True, 3, [], list(range(len(ids)))),
+                              logits="last")
+    lens = smollm2.logit_lens(PROMPT, top_k=3)
+    for i, il in enumerate(lens.layers):
+        np.testing.assert_array_equal(done.readout[il][0], lens.ids[i])

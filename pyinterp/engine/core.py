@@ -41,7 +41,8 @@ FLOAT_V_TYPES = ("f32", "f16", "bf16")
 
 class Readout(Protocol):
     """Something a pass computes inside the graph: ``setup`` adds it to the native plan once the plan's ops are
-    set, ``read`` takes its result after the decode (``n_tokens``: the tokens decoded)."""
+    set, ``read`` takes its result after the decode (``n_tokens``: the tokens decoded). A readout whose
+    ``every_row`` attribute is true reads every token of the last layer, so the pass keeps them all."""
 
     def setup(self, backend: Backend) -> None: ...
 
@@ -246,11 +247,11 @@ class Engine:
     def run(self, ids: list[int], interventions: Iterable[Intervention] = (), capture: Iterable[str] = (), *,
             readout: Readout | None = None, graph: bool = False, logits: str = "all") -> PassResult:
         """One pass over ``ids`` (checked token ids) from an empty KV cache. ``logits``: "all" or "last" (every row
-        anyway when a capture is on the last layer)."""
+        anyway when a capture is on the last layer, or the readout reads every token of it: ``readout.every_row``)."""
         with self.lock:
             self.check_live()
             ops, captures, explicit = self.compile(len(ids), interventions, capture)
-            every_row = logits == "all" or self.needs_every_row(captures)
+            every_row = logits == "all" or self.needs_every_row(captures) or getattr(readout, "every_row", False)
             b = self.backend
             indices = self.set_plan(ops + captures, explicit)
             try:

@@ -11,6 +11,8 @@ from pyinterp.engine.backend import Backend
 class LensReadout:
     """``tensor`` (a base name) unembedded at every layer it is on; ``norm``: through the final norm first."""
 
+    every_row = True  # the last layer's tensor at every token
+
     def __init__(self, n_layer: int, tensor: str, norm: bool, top_k: int, targets: list[int], positions: list[int]) -> None:
         self.n_layer, self.tensor, self.norm, self.top_k = n_layer, tensor, norm, top_k
         self.targets, self.positions = targets, positions
