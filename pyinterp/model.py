@@ -16,7 +16,7 @@ import numpy as np
 from pyinterp import zoo
 from pyinterp.checks import (C_INT_MAX, check_bool, check_callable, check_float, check_int, check_intervention,
                              check_prompt, check_str, show)
-from pyinterp.engine.core import KV_TYPES, Engine, default_threads, has_metal, set_verbose
+from pyinterp.engine.core import FLOAT_V_TYPES, KV_TYPES, Engine, default_threads, has_metal, set_verbose
 from pyinterp.engine.names import Head, Patch, Planner, TensorInfo, as_list, as_tuple
 from pyinterp.engine.trace import Trace
 from pyinterp.errors import InputError
@@ -97,7 +97,7 @@ class Model:
             check_str(rpc, "rpc")
         self.path = zoo.resolve(path)
         zoo.check_gguf(self.path)
-        if type_v not in ("f32", "f16", "bf16") and flash_attn is False:
+        if type_v not in FLOAT_V_TYPES and flash_attn is False:
             raise InputError(f"a quantized V cache ({type_v}) needs flash attention (flash_attn=None or True)")
         self.engine = Engine.load(self.path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                                   flash_attn=flash_attn, type_k=type_k, type_v=type_v, rpc=rpc)

@@ -315,6 +315,18 @@ def test_hook_z_reads_the_heads_flattened(tiny):
         random_sae(spec.n_head * spec.head_dim, 64, hook_name="blocks.1.attn.hook_z").hook_tensor(tiny)
 
 
+def test_last_layer_encodes_every_token(tiny):
+    """On the last layer llama.cpp keeps only the rows whose logits are wanted; an SAE there still encodes every
+    token, as a numpy encode of the captured rows says."""
+    last = tiny.n_layer - 1
+    sae = random_sae(tiny.n_embd, 32, "standard", seed=2, hook_name=f"blocks.{last}.hook_resid_post")
+    got = sae_features(tiny, sae, "a b c d", top_k=3)
+    x = tiny.run("a b c d", capture=[f"l_out-{last}"]).act("l_out", last)
+    assert got.values.shape[0] == len(got.tokens) == x.shape[0]
+    f = torch_encode(weights64(sae), torch.from_numpy(x).double(), "standard")
+    np.testing.assert_allclose(got.values[:, 0], f.max(dim=1).values.numpy(), rtol=1e-4)
+
+
 def test_hook_errors(tiny):
     with pytest.raises(pyinterp.InputError, match=r"SAE hook 'blocks.2.hook_resid_post': the SAE reads 64 values per "
                                                   r"token but l_out-2's rows have 128"):

@@ -369,7 +369,7 @@ def top_features(f: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
 def _readout(model: ModelLike, sae: SAE, top_k: int, edits: dict[int, float], scale: bool) -> SAEReadout:
     """The SAE encoding its tensor inside the next pass of ``model``, with optional feature edits."""
     name, layer = sae.hook_tensor(model)
-    return SAEReadout(upload_sae(model.engine, sae, layer), name, layer, top_k, edits, scale)
+    return SAEReadout(upload_sae(model.engine, sae, layer), name, layer, top_k, edits, scale, layer == model.n_layer - 1)
 
 
 def _check_top_k(sae: SAE, top_k: object) -> int:
@@ -378,17 +378,12 @@ def _check_top_k(sae: SAE, top_k: object) -> int:
     return int(top_k)
 
 
-def _rows(model: ModelLike, layer: int) -> str:
-    """The last layer keeps only the last row unless every row is an output."""
-    return "all" if layer == model.n_layer - 1 else "last"
-
-
 def sae_features(model: ModelLike, sae: SAE, tokens_or_text: str | Sequence[int], top_k: int = 10) -> SAEFeatures:
     """Encode every token's row of the SAE's hook tensor inside the graph: top-k features, L0 and reconstruction
     error per token (:class:`SAEFeatures`); only those leave the device."""
     run = _readout(model, sae, _check_top_k(sae, top_k), {}, False)
     ids = model.prompt_ids(tokens_or_text)
-    top, values, stats = model.engine.run(ids, readout=run, logits=_rows(model, run.layer)).readout
+    top, values, stats = model.engine.run(ids, readout=run, logits="last").readout
     order = np.argsort(-values, axis=1, kind="stable")
     top, values = np.take_along_axis(top, order, 1), np.take_along_axis(values, order, 1)
     err, norm, dot, norm_hat, l0 = (stats[:, i].astype(np.float64) for i in range(5))

@@ -25,7 +25,6 @@ class Loaded:
     """What this process loaded: the CPU variant's name and the backends' registry names."""
     cpu_variant: str = ""
     backends: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)   # modules that did not load (e.g. CUDA without a driver)
 
 
 def cpu_modules(lib_dir: Path, prefix: str, suffix: str) -> dict[str, Path]:
@@ -72,8 +71,7 @@ def load(ffi, lib, lib_dir: Path, prefix: str, suffix: str, backend_dl: bool) ->
     loaded = Loaded(cpu_variant=NATIVE_VARIANT)
     if backend_dl:
         for path in other_modules(lib_dir, prefix, suffix):
-            if lib.ggml_backend_load(str(path).encode()) == ffi.NULL:
-                loaded.failed.append(path.name)
+            lib.ggml_backend_load(str(path).encode())  # NULL where it cannot load here (CUDA without a driver)
         variants = cpu_modules(lib_dir, prefix, suffix)
         loaded.cpu_variant = choose_cpu_variant(variants, os.environ.get("PYINTERP_CPU_VARIANT"))
         if lib.ggml_backend_load(str(variants[loaded.cpu_variant]).encode()) == ffi.NULL:

@@ -39,11 +39,13 @@ def upload_sae(engine: Engine, sae: SAEWeights, layer: int) -> NativeSAE:
 
 
 class SAEReadout:
-    """``native`` (uploaded weights) encoding ``name-layer``; ``edits``: feature -> value (or factor, ``scale``)."""
+    """``native`` (uploaded weights) encoding ``name-layer``; ``edits``: feature -> value (or factor, ``scale``).
+    ``every_row``: the tensor is on the last layer, whose rows the pass keeps only where logits are wanted."""
 
-    def __init__(self, native: NativeSAE, name: str, layer: int, top_k: int, edits: dict[int, float], scale: bool) -> None:
+    def __init__(self, native: NativeSAE, name: str, layer: int, top_k: int, edits: dict[int, float], scale: bool,
+                 every_row: bool) -> None:
         self.native, self.name, self.layer = native, name, layer
-        self.top_k, self.edits, self.scale = top_k, edits, scale
+        self.top_k, self.edits, self.scale, self.every_row = top_k, edits, scale, every_row
 
     def setup(self, backend: Backend) -> None:
         self.index = attach_sae(backend, self.native, self.name, self.layer, self.top_k, self.edits, self.scale)
