@@ -212,6 +212,10 @@ class Backend:
         """Graphs built while the hook was set, so far (a reused graph is not built again)."""
         return lib.pi_n_builds(self._state)
 
+    def set_truncate(self, truncate: bool) -> None:
+        """Compute only what the captures and SAEs need, nothing after the latest tensor they read (no logits)."""
+        lib.pi_set_truncate(self._state, truncate)
+
     def n_skipped(self) -> int:
         """Graph nodes the last build left out of the computation (an inject op's unneeded layers)."""
         return lib.pi_n_skipped(self._state)

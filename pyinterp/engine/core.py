@@ -269,6 +269,40 @@ class Engine:
                 b.clear_plan()
             return PassResult(out, captured, lines, extra)
 
+    def run_contexts(self, contexts: Sequence[list[int]], capture: Iterable[str], *, readout: Readout | None = None,
+                     truncate: bool = True) -> PassResult:
+        """Several contexts (checked token ids) in one decode, context i in llama.cpp sequence i from position 0 over
+        an empty KV cache; what each row computes is what a run of its context alone computes, up to the rounding of
+        a longer KV cache. Returns the captures ``(name, layer) -> [n_rows, ...]`` (every context's rows one after the
+        other: ``n_rows`` is the sum of their lengths) and the readout's result over those rows. ``truncate``: nothing
+        after the latest tensor the captures and the readout read is computed (the later layers, the logits: then
+        ``logits`` is ``[0, n_vocab]``). The pushed interventions apply to every context."""
+        if not 1 <= len(contexts) <= self.backend.n_seq_max:
+            raise InputError(f"a decode holds 1 to {self.backend.n_seq_max} contexts, got {len(contexts)}")
+        n_rows = sum(len(ids) for ids in contexts)
+        with self.lock:
+            self.check_live()
+            ops, captures, explicit = self.compile(n_rows, [], capture)
+            if explicit:
+                raise InputError("attention weights have no row per token: a pass over several contexts captures "
+                                 "per-token tensors only")
+            every_row = self.needs_every_row(captures) or getattr(readout, "every_row", False)
+            b = self.backend
+            indices = self.set_plan(ops + captures, explicit)
+            b.set_truncate(truncate)
+            try:
+                if readout is not None:
+                    readout.setup(b)
+                b.clear_memory()
+                b.decode(contexts, list(range(len(contexts))), 0, every_row)
+                out = np.empty((0, self.n_vocab), np.float32) if truncate else b.logits(n_rows if every_row else len(contexts))
+                captured = self.read_captures(captures, indices[len(ops):], n_rows)
+                extra = readout.read(b, n_rows) if readout is not None else None
+            finally:
+                b.set_truncate(False)
+                b.clear_plan()
+            return PassResult(out, captured, [], extra)
+
     def generate_tokens(self, ids: list[int], n: int, temp: float, rng: np.random.Generator,
                         interventions: list[Intervention], stop_at_eog: bool,
                         on_token: Callable[[int], None] | None) -> list[int]:
