@@ -140,6 +140,11 @@ class Backend:
     def add_bos(self) -> bool:
         return bool(lib.llama_vocab_get_add_bos(self._vocab))
 
+    def special_tokens(self) -> tuple[int | None, int | None]:
+        """The vocabulary's BOS and EOS tokens (None: it has none)."""
+        bos, eos = lib.llama_vocab_bos(self._vocab), lib.llama_vocab_eos(self._vocab)
+        return (bos if bos >= 0 else None), (eos if eos >= 0 else None)
+
     def tokenize(self, text: str, add_bos: bool) -> list[int]:
         try:
             data = text.encode("utf-8")

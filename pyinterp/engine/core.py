@@ -90,6 +90,7 @@ class Engine:
         self.lock = threading.RLock()  # one pass, or one with-block of pushed interventions, at a time
         self.n_layer, self.n_head, self.n_vocab, self.n_ctx = backend.n_layer, backend.n_head, backend.n_vocab, backend.n_ctx
         self.arch = backend.arch
+        self.n_seq_max = backend.n_seq_max  # contexts one decode may hold (run_contexts)
         self.flash_attn = flash_attn
         self.interventions: list[Intervention] = []  # pushed ones, applied to every pass
         self.steering = False                        # a control vector is set (control_vector)
@@ -133,6 +134,18 @@ class Engine:
         with self.lock:
             self.check_live()
             return self.backend.tokenize(text, self.backend.add_bos() if add_bos is None else add_bos)
+
+    def special_tokens(self) -> tuple[int | None, int | None]:
+        """BOS and EOS token ids (None where the vocabulary has none)."""
+        with self.lock:
+            self.check_live()
+            return self.backend.special_tokens()
+
+    def adds_bos(self) -> bool:
+        """Whether the model's metadata asks for a BOS before a text."""
+        with self.lock:
+            self.check_live()
+            return self.backend.add_bos()
 
     def detokenize(self, ids: list[int]) -> str:
         with self.lock:
@@ -277,8 +290,8 @@ class Engine:
         other: ``n_rows`` is the sum of their lengths) and the readout's result over those rows. ``truncate``: nothing
         after the latest tensor the captures and the readout read is computed (the later layers, the logits: then
         ``logits`` is ``[0, n_vocab]``). The pushed interventions apply to every context."""
-        if not 1 <= len(contexts) <= self.backend.n_seq_max:
-            raise InputError(f"a decode holds 1 to {self.backend.n_seq_max} contexts, got {len(contexts)}")
+        if not 1 <= len(contexts) <= self.n_seq_max:
+            raise InputError(f"a decode holds 1 to {self.n_seq_max} contexts, got {len(contexts)}")
         n_rows = sum(len(ids) for ids in contexts)
         with self.lock:
             self.check_live()
