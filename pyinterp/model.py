@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
@@ -121,7 +122,8 @@ class Model:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        if not sys.is_finalizing():  # at exit the process frees it all, and cffi's types may be gone already
+            self.close()
 
     def __repr__(self) -> str:
         return (f"Model({self.path.name!r}, arch={self.arch}, n_layer={self.n_layer}, n_head={self.n_head}, "

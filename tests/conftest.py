@@ -6,8 +6,11 @@ never a skip.
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -174,3 +177,24 @@ def check_patching(model, ref, clean: list[int], corrupt: list[int], cells: list
         assert corr(got, want) >= 0.995, (layer, pos)
         assert np.abs(got - base).max() > 1e-2, (layer, pos)
         assert corr(got - base, want - want_base) >= change_floor, (layer, pos)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (mount's syntax: 64k, 1m) mounted at the new directory ``path`` for the block (root only;
+    the test is skipped where mounting is not allowed)."""
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs."""
+    with tmpfs(tmp_path / "disk", "64k") as mount:
+        yield mount

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
 import threading
 from pathlib import Path
 
@@ -227,18 +226,6 @@ def test_a_write_that_loses_bytes_is_an_error(tiny, tmp_path, monkeypatch, name)
         write(path)
     monkeypatch.undo()
     assert list(path.parent.iterdir()) == []
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 64 KiB tmpfs (root only; skipped where mounting is not allowed)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
 
 
 @pytest.mark.parametrize("suffix", [".bin", ".npy", ".npz"])

@@ -108,6 +108,8 @@ def prepare(directory: Path, manifest: dict, resume: bool) -> dict:
         raise InputError(f"--resume: the run in {directory} has other settings ({', '.join(changed)})")
     if old.get("complete"):
         raise InputError(f"the extraction in {directory} is complete")
+    for stale in directory.glob(".*.part"):  # a shard a kill interrupted while it was written
+        stale.unlink()
     return old
 
 
