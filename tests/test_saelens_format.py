@@ -16,10 +16,10 @@ from pyinterp import InputError
 from pyinterp.corpus import saelens
 from pyinterp.corpus.saelens import SaeLensWriter
 
-datasets = pytest.importorskip("datasets", reason="the SAELens format needs the saelens extra (datasets)")
-sae_lens = pytest.importorskip("sae_lens", reason="training from the dataset needs sae-lens (the test extra)")
-torch = pytest.importorskip("torch")
-pa = pytest.importorskip("pyarrow")
+sae_lens = pytest.importorskip("sae_lens", reason="sae-lens (the test extra) is not installed")
+import datasets  # noqa: E402  (sae-lens's dependencies)
+import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402
 
 HOOK = "blocks.1.hook_resid_post"
 CTX = 16
@@ -134,11 +134,22 @@ def test_writer_errors(tmp_path, monkeypatch):
             raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == [tmp_path / "full"]
 
+    class FullDisk:
+        def __init__(self, **_):
+            raise OSError(28, "No space left on device")
+
+    writer = SaeLensWriter(tmp_path / "ds", hooks, CTX)
+    monkeypatch.setattr(writer, "_ArrowWriter", FullDisk)
+    with pytest.raises(InputError, match="cannot write the SAELens dataset .*: No space left on device"):
+        writer.add(tensors, ids)
+    assert list(tmp_path.iterdir()) == [tmp_path / "full"]
+
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
     with pytest.raises(InputError, match=r'pip install "pyinterp\[saelens\]"'):
         SaeLensWriter(tmp_path / "ds", hooks, CTX)
 
 
+@pytest.mark.filterwarnings("ignore:All samples in the training dataset have been exhausted")  # 16 epochs, meant
 def test_sae_trained_by_saelens_runs_in_the_graph(tiny_path, tmp_path):
     """Activations of N_CTX contexts of a tiny model (Model.run per context) -> the dataset -> a standard SAE
     trained by SAELens's SAETrainer over its cached-activations ActivationsStore (no model, no download): the

@@ -119,9 +119,13 @@ class SaeLensWriter:
             arrays[name] = a
         row_bytes = self.context_size * sum(self.hooks.values()) * np.dtype(self.dtype).itemsize
         step = max(1, BATCH_BYTES // row_bytes)
-        for start in range(0, n, step):
-            part = slice(start, min(n, start + step))
-            self._write({name: a[part] for name, a in arrays.items()}, token_ids[part])
+        try:
+            for start in range(0, n, step):
+                part = slice(start, min(n, start + step))
+                self._write({name: a[part] for name, a in arrays.items()}, token_ids[part])
+        except OSError as e:
+            self.abort()
+            raise InputError(f"cannot write the SAELens dataset in {self.tmp_dir}: {e.strerror or e} (removed)") from None
 
     def _write(self, arrays: dict[str, np.ndarray], token_ids: np.ndarray) -> None:
         """One Arrow batch into the current data file (a new one when the last is full)."""
@@ -166,16 +170,20 @@ class SaeLensWriter:
         if self.n_contexts == 0:
             self.abort()
             raise InputError("no contexts were written: the SAELens dataset would be empty")
-        self._finish_file()
-        n = len(self._files)
-        names = [f"data-{i:05d}-of-{n:05d}.arrow" for i in range(n)]
-        for path, name in zip(self._files, names):
-            path.rename(self.tmp_dir / name)
-        self._info.write_to_directory(str(self.tmp_dir))
-        state = {"_data_files": [{"filename": name} for name in names], "_fingerprint": secrets.token_hex(8),
-                 "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
-                 "_output_all_columns": False, "_split": None}
-        (self.tmp_dir / "state.json").write_text(json.dumps(state, indent=2))
+        try:
+            self._finish_file()
+            n = len(self._files)
+            names = [f"data-{i:05d}-of-{n:05d}.arrow" for i in range(n)]
+            for path, name in zip(self._files, names):
+                path.rename(self.tmp_dir / name)
+            self._info.write_to_directory(str(self.tmp_dir))
+            state = {"_data_files": [{"filename": name} for name in names], "_fingerprint": secrets.token_hex(8),
+                     "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
+                     "_output_all_columns": False, "_split": None}
+            (self.tmp_dir / "state.json").write_text(json.dumps(state, indent=2))
+        except OSError as e:
+            self.abort()
+            raise InputError(f"cannot write the SAELens dataset in {self.tmp_dir}: {e.strerror or e} (removed)") from None
         try:
             if self.out_dir.is_dir():
                 self.out_dir.rmdir()  # empty, checked when the writer was made
