@@ -145,6 +145,14 @@ class Rows:
         self.row, self.unit, self.value = row[order], unit[order], value[order]
         self.first = np.flatnonzero(np.r_[True, self.unit[1:] != self.unit[:-1]]) if len(order) else order
 
+    def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The positive activations: batch row, unit and value, each ``[n]``."""
+        if self.dense is not None:
+            row, unit = np.nonzero(self.dense > 0)
+            return row, unit, self.dense[row, unit]
+        live = self.value > 0
+        return self.row[live], self.unit[live], self.value[live]
+
     def value_at(self, rows: np.ndarray, units: np.ndarray) -> np.ndarray:
         """Activation of ``units[i]`` at batch row ``rows[i, j]``: ``[n, L]`` float32."""
         if self.dense is not None:
@@ -193,11 +201,11 @@ class FeatureAccumulator:
             raise InputError(f"tensor {self.tensor} rows are {list(dense.shape)}, expected [n_rows, {self.n_units}]")
         return Rows(self.n_units, dense=dense)
 
-    def add(self, batch) -> None:
-        """Fold one batch into the statistics."""
+    def add(self, batch) -> Rows:
+        """Fold one batch into the statistics; returns its activations."""
         rows = self.rows(batch)
         if rows.n_rows == 0:
-            return
+            return rows
         if rows.dense is not None:
             moments, lo, hi = self._dense_moments(rows.dense)
             nz_row, nz_unit = np.nonzero(rows.dense)
@@ -211,6 +219,7 @@ class FeatureAccumulator:
         self._merge_top(batch, rows, *cand)
         self.n += rows.n_rows
         self.n_contexts += int(np.count_nonzero(np.r_[True, batch.context[1:] != batch.context[:-1]]))
+        return rows
 
     def _dense_moments(self, x: np.ndarray):
         """Per-unit count, mean, M2, max, min of ``x`` ``[n_rows, n_units]``, and the non-zero min/max (NaN: none)."""
@@ -351,8 +360,10 @@ class FeatureStats:
 
     def examples(self, unit: int, token_str) -> list[dict]:
         """The top examples of a tracked ``unit`` as the JSON schema has them (``token_str(id) -> str``)."""
-        (slot,) = np.flatnonzero(self.track == unit)
-        out = []
+        slots = np.flatnonzero(self.track == unit)
+        if slots.size == 0:
+            return []
+        slot, out = slots[0], []
         for j in np.flatnonzero(self.top.value[slot] > -np.inf):
             inside = self.top.tokens[slot, j] >= 0
             first = int(np.argmax(inside))
@@ -382,3 +393,19 @@ def select_units(stats: FeatureStats, features: list[int] | None, top_features: 
         order = np.lexsort((np.arange(stats.n_units), -stats.count))
         return np.sort(order[:top_features])
     return np.arange(stats.n_units)
+
+
+def features_json(stats: FeatureStats, units: np.ndarray, token_str, *, source: dict, model: str, corpus: dict,
+                  dense_threshold: float, logits: list[dict] | None = None) -> dict:
+    """features.json (format ``pyinterp.features/1``) of ``units`` (ids, in order); ``logits``: one
+    ``{"promoted", "suppressed"}`` per unit, or None (units without a decoder direction)."""
+    features = []
+    for i, unit in enumerate(units):
+        entry = stats.unit_json(int(unit), token_str)
+        if logits is not None:
+            entry["logits"] = logits[i]
+        features.append(entry)
+    return {"format": "pyinterp.features/1", "model": model, "source": source,
+            "corpus": {**corpus, "n_tokens": stats.n_tokens, "n_contexts": stats.n_contexts},
+            "n_units": stats.n_units, "dense_threshold": dense_threshold,
+            "dead": stats.dead().tolist(), "dense": stats.dense(dense_threshold).tolist(), "features": features}

@@ -18,6 +18,7 @@ import numpy as np
 
 from pyinterp.analysis.steering import ControlVector, combine, steered
 from pyinterp.cli.cvector import cvector
+from pyinterp.cli.features import features
 from pyinterp.cli.fidelity import fidelity
 from pyinterp.cli.heads import heads
 from pyinterp.cli.lens import attribution_json, next_tokens, parse_positions, parse_target
@@ -321,7 +322,7 @@ def drawing_path(draw: str | None, draw_path: str | None, draw_layers: LayerList
 
 def subcommands() -> dict[str, click.Command]:
     """Analyses with a command of their own: ``pyinterp NAME ...``; everything else is the main command."""
-    return {"cvector": cvector, "fidelity": fidelity, "heads": heads, "sae": sae, "sweep": sweep}
+    return {"cvector": cvector, "features": features, "fidelity": fidelity, "heads": heads, "sae": sae, "sweep": sweep}
 
 
 cli.epilog = ("More commands, each with its own --help: "
