@@ -108,7 +108,7 @@ def test_safetensors_errors(tmp_path):
         read_safetensors(tmp_path / "short")
     header = json.dumps({"x": {"dtype": "F64", "shape": [2], "data_offsets": [0, 16]}}).encode()
     (tmp_path / "f64").write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
-    with pytest.raises(pyinterp.InputError, match="F64; pyinterp reads F32, F16, BF16"):
+    with pytest.raises(pyinterp.InputError, match="F64; pyinterp reads F32, F16, BF16, I32, I64"):
         read_safetensors(tmp_path / "f64")
     header = json.dumps({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
     (tmp_path / "cut").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))

@@ -17,7 +17,9 @@ import click
 import numpy as np
 
 from pyinterp.analysis.steering import ControlVector, combine, steered
+from pyinterp.cli.corpus import corpus
 from pyinterp.cli.cvector import cvector
+from pyinterp.cli.extract import extract
 from pyinterp.cli.features import features
 from pyinterp.cli.fidelity import fidelity
 from pyinterp.cli.heads import heads
@@ -322,7 +324,8 @@ def drawing_path(draw: str | None, draw_path: str | None, draw_layers: LayerList
 
 def subcommands() -> dict[str, click.Command]:
     """Analyses with a command of their own: ``pyinterp NAME ...``; everything else is the main command."""
-    return {"cvector": cvector, "features": features, "fidelity": fidelity, "heads": heads, "sae": sae, "sweep": sweep}
+    return {"corpus": corpus, "cvector": cvector, "extract": extract, "features": features, "fidelity": fidelity,
+            "heads": heads, "sae": sae, "sweep": sweep}
 
 
 cli.epilog = ("More commands, each with its own --help: "

@@ -60,33 +60,37 @@ def _threads(ctx: click.Context, param: click.Parameter, value: int | None) -> i
     return value
 
 
-_OPTIONS = [
-    click.option("-m", "--model", "model_path", default=None, metavar="PATH",
-                 help="GGUF file, or a known name (smollm2, gemma3). Default: the bundled SmolLM2."),
-    click.option("-c", "--ctx-size", default=2048, show_default=True, type=click.IntRange(min=8),
-                 help="Context size (tokens, at least 8)."),
-    click.option("-t", "--threads", default=None, type=int, callback=_threads,
-                 help="Threads (default, or 0 or less: all cores)."),
-    click.option("--n-gpu-layers", "-ngl", default=None, type=click.IntRange(-1, INT32_MAX),
-                 help="Layers to offload to the GPU (-1: all). Default: $PYINTERP_N_GPU_LAYERS, else 0."),
-    click.option("-fa", "--flash-attn", type=click.Choice(list(FLASH)), default="off", show_default=True,
-                 help="Flash attention. pyinterp's default runs the explicit attention path on every layer (faithful)."),
-    click.option("-ctk", "--cache-type-k", default="f32", show_default=True, metavar="TYPE",
-                 help="KV cache type for K (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1)."),
-    click.option("-ctv", "--cache-type-v", default="f32", show_default=True, metavar="TYPE",
-                 help="KV cache type for V (quantized types need flash attention)."),
-    click.option("--rpc", default=None, metavar="HOST:PORT",
-                 help="Offload the --n-gpu-layers layers to a ggml RPC server (python -m pyinterp.engine.rpc)."),
-    click.option("--verbose", is_flag=True, help="Show llama.cpp's log."),
-    click.option("--debug", is_flag=True, expose_value=False, help="Show tracebacks of errors."),
-]
+def _options(threads: tuple[str, ...]) -> list[Callable]:
+    return [
+        click.option("-m", "--model", "model_path", default=None, metavar="PATH",
+                     help="GGUF file, or a known name (smollm2, gemma3). Default: the bundled SmolLM2."),
+        click.option("-c", "--ctx-size", default=2048, show_default=True, type=click.IntRange(min=8),
+                     help="Context size (tokens, at least 8)."),
+        click.option(*threads, "threads", default=None, type=int, callback=_threads,
+                     help="Threads (default, or 0 or less: all cores)."),
+        click.option("--n-gpu-layers", "-ngl", default=None, type=click.IntRange(-1, INT32_MAX),
+                     help="Layers to offload to the GPU (-1: all). Default: $PYINTERP_N_GPU_LAYERS, else 0."),
+        click.option("-fa", "--flash-attn", type=click.Choice(list(FLASH)), default="off", show_default=True,
+                     help="Flash attention. pyinterp's default runs the explicit attention path on every layer (faithful)."),
+        click.option("-ctk", "--cache-type-k", default="f32", show_default=True, metavar="TYPE",
+                     help="KV cache type for K (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1)."),
+        click.option("-ctv", "--cache-type-v", default="f32", show_default=True, metavar="TYPE",
+                     help="KV cache type for V (quantized types need flash attention)."),
+        click.option("--rpc", default=None, metavar="HOST:PORT",
+                     help="Offload the --n-gpu-layers layers to a ggml RPC server (python -m pyinterp.engine.rpc)."),
+        click.option("--verbose", is_flag=True, help="Show llama.cpp's log."),
+        click.option("--debug", is_flag=True, expose_value=False, help="Show tracebacks of errors."),
+    ]
+
+
 _NAMES = ("model_path", "ctx_size", "threads", "n_gpu_layers", "flash_attn", "cache_type_k", "cache_type_v", "rpc",
           "verbose")
 
 
-def model_options(command: Callable) -> Callable:
+def model_options(command: Callable, threads: tuple[str, ...] = ("-t", "--threads")) -> Callable:
     """Add the model options to a click command function, which gets them as one ``model_opts:``
-    :class:`ModelOptions` argument instead of one argument each."""
+    :class:`ModelOptions` argument instead of one argument each. ``threads``: the option's names (commands whose
+    ``-t`` names a tensor, as ``pyinterp extract``, take ``("--threads",)``)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -95,7 +99,7 @@ def model_options(command: Callable) -> Callable:
         opts = ModelOptions(path, n_ctx, n_threads, n_gpu_layers, FLASH[flash], type_k, type_v, rpc, verbose)
         return command(*args, model_opts=opts, **kwargs)
 
-    for option in reversed(_OPTIONS):
+    for option in reversed(_options(threads)):
         wrapper = option(wrapper)
     return wrapper
 

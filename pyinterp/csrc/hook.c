@@ -28,6 +28,8 @@ static void pi_build_begin(struct pi_state * st) {
     st->final_in     = NULL;
     st->build_failed = NULL;
     st->injected     = NULL;
+    st->last_read    = NULL;
+    st->n_kept       = 0;
     st->n_skipped    = 0;
     st->n_builds    += 1;
 }
@@ -56,10 +58,28 @@ static bool pi_computes(enum ggml_op op) {
            op != GGML_OP_TRANSPOSE;
 }
 
+void pi_keep(struct pi_state * st, const struct ggml_tensor * read, struct ggml_tensor * out) {
+    if (st->n_kept == st->cap_kept) {
+        const int32_t cap = st->cap_kept ? 2*st->cap_kept : 64;
+        struct ggml_tensor ** kept = realloc(st->kept, cap * sizeof(*kept));
+        if (kept == NULL) {
+            st->build_failed = "out of memory";
+            return;
+        }
+        st->kept     = kept;
+        st->cap_kept = cap;
+    }
+    st->kept[st->n_kept++] = out;
+    st->last_read = read; // the hook sees tensors in build order: the latest so far
+}
+
 // After an inject op, the graph still holds what led to the injected tensor, and the KV cache writes of the
-// layers before it. Once the graph is complete (result expanded), a node is needed when it is a sink (nothing
-// in the graph reads it: the result, the KV writes, captures) that depends on the injected tensor, or feeds a
-// needed node. The others become GGML_OP_NONE: the backends skip them (ggml-backend uses such nodes itself).
+// layers before it; a truncated pass holds the layers after the last tensor its outputs read, and the logits.
+// Once the graph is complete (result expanded), a node is needed when it is a sink (nothing in the graph reads
+// it: the result, the KV writes, captures) that depends on the injected tensor and, truncated, not on the last
+// tensor read (a KV write of an earlier layer, which later attention reads through the cache); or a kept output
+// of a truncated pass; or when it feeds a needed node. The others become GGML_OP_NONE: the backends skip them
+// (ggml-backend uses such nodes itself).
 static void pi_skip_unneeded(struct pi_state * st, struct ggml_cgraph * gf) {
     const int32_t n = ggml_graph_n_nodes(gf);
     size_t n_slots = 16;
@@ -68,7 +88,8 @@ static void pi_skip_unneeded(struct pi_state * st, struct ggml_cgraph * gf) {
     }
     struct ggml_tensor ** keys = calloc(n_slots, sizeof(*keys));
     int32_t * values = malloc(n_slots * sizeof(*values));
-    bool * depends = calloc(n, sizeof(bool));
+    bool * depends = calloc(n, sizeof(bool)); // on the injected tensor (every node, when none)
+    bool * after   = calloc(n, sizeof(bool)); // on the last tensor read (no node, when not truncated)
     bool * read    = calloc(n, sizeof(bool));
     bool * needed  = calloc(n, sizeof(bool));
     for (int32_t i = 0; i < n; ++i) {
@@ -80,18 +101,28 @@ static void pi_skip_unneeded(struct pi_state * st, struct ggml_cgraph * gf) {
     // nodes come in dependency order: sources first
     for (int32_t i = 0; i < n; ++i) {
         struct ggml_tensor * t = ggml_graph_node(gf, i);
-        depends[i] = t == st->injected;
+        depends[i] = st->injected == NULL || t == st->injected;
+        after[i]   = st->truncate && t == st->last_read;
         for (int j = 0; j < GGML_MAX_SRC; ++j) { // not only up to the first empty slot: some ops leave gaps
             const int32_t k = pi_node_index(keys, values, n_slots, t->src[j]);
             if (k >= 0) {
                 read[k] = true;
                 depends[i] = depends[i] || depends[k];
+                after[i]   = after[i] || after[k];
+            }
+        }
+    }
+    if (st->truncate) {
+        for (int32_t i = 0; i < st->n_kept; ++i) {
+            const int32_t k = pi_node_index(keys, values, n_slots, st->kept[i]);
+            if (k >= 0) {
+                needed[k] = true;
             }
         }
     }
     for (int32_t i = n - 1; i >= 0; --i) {
         struct ggml_tensor * t = ggml_graph_node(gf, i);
-        needed[i] = needed[i] || (!read[i] && depends[i]);
+        needed[i] = needed[i] || (!read[i] && depends[i] && !after[i]);
         if (!needed[i]) {
             continue;
         }
@@ -112,6 +143,7 @@ static void pi_skip_unneeded(struct pi_state * st, struct ggml_cgraph * gf) {
     free(keys);
     free(values);
     free(depends);
+    free(after);
     free(read);
     free(needed);
 }
@@ -146,7 +178,7 @@ struct ggml_tensor * pi_hook(struct ggml_context * ctx, struct ggml_cgraph * gf,
                 pi_recipes[i]->output(st, st->self[i], st->meta, gf, cur);
             }
         }
-        if (st->injected != NULL) {
+        if (st->injected != NULL || (st->truncate && st->last_read != NULL)) {
             ggml_build_forward_expand(gf, cur); // llama.cpp does next; the graph is then complete
             pi_skip_unneeded(st, gf);
         }
@@ -173,4 +205,11 @@ const char * pi_graph_node_line(struct pi_state * st, int32_t i) {
 
 int32_t pi_n_skipped(const struct pi_state * st) {
     return st->n_skipped;
+}
+
+void pi_set_truncate(struct pi_state * st, bool truncate) {
+    if (truncate != st->truncate) {
+        st->truncate = truncate;
+        pi_drop_graph(st);
+    }
 }

@@ -106,6 +106,12 @@ struct pi_state {
                                     // what only led to the replaced one is left out of the computation
     int32_t n_skipped;              // nodes of the last build left out of the computation
 
+    bool truncate;                  // compute only what the kept outputs need (pi_set_truncate)
+    const struct ggml_tensor * last_read; // the latest model tensor a kept output reads, in this build
+    struct ggml_tensor ** kept;     // [n_kept] outputs of captures and SAEs in this build (room for cap_kept)
+    int32_t n_kept;
+    int32_t cap_kept;
+
     bool hook_set;
     char error[256];
 };
@@ -127,6 +133,9 @@ struct ggml_tensor * pi_hook(struct ggml_context * ctx, struct ggml_cgraph * gf,
 extern const char * PI_NO_ROOM;
 // the graph llama.cpp allocated (for its own nodes) has room for n more
 bool pi_room(struct ggml_cgraph * gf, int n);
+// note that the graph output `out` reads the model's tensor `read` (a capture, an SAE): a truncated pass
+// computes what such outputs need and nothing after the latest tensor they read
+void pi_keep(struct pi_state * st, const struct ggml_tensor * read, struct ggml_tensor * out);
 // the unembedding matrix product under result_output (after it may come soft-capping), or NULL
 struct ggml_tensor * pi_unembedding(struct ggml_tensor * out);
 

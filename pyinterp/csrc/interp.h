@@ -109,8 +109,11 @@ PI_API const char * pi_seen_name (const struct pi_state * st, int32_t i, int64_t
 PI_API int32_t pi_decode(struct pi_state * st, const llama_token * tokens, int32_t n_seq, const int32_t * n_tokens,
                          const int32_t * pos0, const int32_t * seq_ids, bool all_logits);
 PI_API int32_t pi_n_builds(const struct pi_state * st);
-// graph nodes the last build left out of the computation (PI_OP_INJECT; hook.c)
+// graph nodes the last build left out of the computation (PI_OP_INJECT, pi_set_truncate; hook.c)
 PI_API int32_t pi_n_skipped(const struct pi_state * st);
+// truncated passes (hook.c): compute what the captures and SAEs need and nothing after the latest tensor they
+// read (the later layers, their KV cache writes, the logits, which are then not computed); until set false
+PI_API void    pi_set_truncate(struct pi_state * st, bool truncate);
 
 // the graph of the last decode (hook.c)
 PI_API int32_t      pi_graph_n_nodes  (const struct pi_state * st);

@@ -334,14 +334,15 @@ static int pi_ops_prepare(struct pi_state * st, void * data, const struct pi_bat
 }
 
 // keep t as an output of the graph
-static struct ggml_tensor * pi_output(struct ggml_context * ctx, struct ggml_cgraph * gf, struct ggml_tensor * t,
-                                      const char * name) {
+static struct ggml_tensor * pi_output(struct pi_state * st, struct ggml_context * ctx, struct ggml_cgraph * gf,
+                                      struct ggml_tensor * t, const struct ggml_tensor * cur) {
     if (ggml_is_view(t) || !ggml_is_contiguous(t)) {
         t = ggml_cont(ctx, t);
-        ggml_format_name(t, "%s (capture)", name);
+        ggml_format_name(t, "%s (capture)", cur->name);
     }
     ggml_set_output(t);
     ggml_build_forward_expand(gf, t);
+    pi_keep(st, cur, t);
     return t;
 }
 
@@ -382,7 +383,7 @@ static struct ggml_tensor * pi_op_apply(struct pi_state * st, struct ggml_contex
     if (op->rows.n < 0) {
         switch (op->kind) {
             case PI_OP_CAPTURE:
-                op->out = pi_output(ctx, gf, cur, cur->name);
+                op->out = pi_output(st, ctx, gf, cur, cur);
                 return cur;
             case PI_OP_MUL:
             case PI_OP_ADD: {
@@ -419,7 +420,7 @@ static struct ggml_tensor * pi_op_apply(struct pi_state * st, struct ggml_contex
         return cur;
     }
     if (op->kind == PI_OP_CAPTURE) {
-        op->out = pi_output(ctx, gf, ggml_get_rows(ctx, x, sel->dst), cur->name);
+        op->out = pi_output(st, ctx, gf, ggml_get_rows(ctx, x, sel->dst), cur);
         return cur;
     }
     if ((op->kind == PI_OP_SET || op->kind == PI_OP_INJECT) && op->data->ne[0] != x->ne[0]) {

@@ -201,6 +201,9 @@ static struct ggml_tensor * pi_sae_apply(struct pi_state * st, struct ggml_conte
     struct ggml_tensor * l0 = ggml_sum_rows(ctx, ggml_step(ctx, f));
     use->stats = ggml_concat(ctx, ggml_concat(ctx, ggml_concat(ctx, err, norm, 0), ggml_concat(ctx, dot, norm_hat, 0), 0), l0, 0); // [5, n]
     pi_sae_output(gf, use->stats, "stats", use);
+    pi_keep(st, cur, use->ids);
+    pi_keep(st, cur, use->values);
+    pi_keep(st, cur, use->stats);
 
     if (use->n_edits == 0) {
         return cur;

@@ -128,6 +128,7 @@ void pi_state_free(struct pi_state * st) {
     if (st->meta) {
         ggml_free(st->meta);
     }
+    free(st->kept);
     free(st);
 }
 

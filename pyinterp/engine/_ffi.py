@@ -48,6 +48,8 @@ CDEF = """
 
     int32_t     llama_vocab_n_tokens   (const struct llama_vocab * vocab);
     bool        llama_vocab_get_add_bos(const struct llama_vocab * vocab);
+    llama_token llama_vocab_bos        (const struct llama_vocab * vocab);
+    llama_token llama_vocab_eos        (const struct llama_vocab * vocab);
     bool        llama_vocab_is_eog     (const struct llama_vocab * vocab, llama_token token);
     int32_t     llama_vocab_get_attr   (const struct llama_vocab * vocab, llama_token token);  /* enum llama_token_attr */
     int32_t llama_tokenize(const struct llama_vocab * vocab, const char * text, int32_t text_len,

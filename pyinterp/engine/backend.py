@@ -140,6 +140,11 @@ class Backend:
     def add_bos(self) -> bool:
         return bool(lib.llama_vocab_get_add_bos(self._vocab))
 
+    def special_tokens(self) -> tuple[int | None, int | None]:
+        """The vocabulary's BOS and EOS tokens (None: it has none)."""
+        bos, eos = lib.llama_vocab_bos(self._vocab), lib.llama_vocab_eos(self._vocab)
+        return (bos if bos >= 0 else None), (eos if eos >= 0 else None)
+
     def tokenize(self, text: str, add_bos: bool) -> list[int]:
         try:
             data = text.encode("utf-8")
@@ -211,6 +216,10 @@ class Backend:
     def n_builds(self) -> int:
         """Graphs built while the hook was set, so far (a reused graph is not built again)."""
         return lib.pi_n_builds(self._state)
+
+    def set_truncate(self, truncate: bool) -> None:
+        """Compute only what the captures and SAEs need, nothing after the latest tensor they read (no logits)."""
+        lib.pi_set_truncate(self._state, truncate)
 
     def n_skipped(self) -> int:
         """Graph nodes the last build left out of the computation (an inject op's unneeded layers)."""

@@ -90,6 +90,7 @@ class Engine:
         self.lock = threading.RLock()  # one pass, or one with-block of pushed interventions, at a time
         self.n_layer, self.n_head, self.n_vocab, self.n_ctx = backend.n_layer, backend.n_head, backend.n_vocab, backend.n_ctx
         self.arch = backend.arch
+        self.n_seq_max = backend.n_seq_max  # contexts one decode may hold (run_contexts)
         self.flash_attn = flash_attn
         self.interventions: list[Intervention] = []  # pushed ones, applied to every pass
         self.steering = False                        # a control vector is set (control_vector)
@@ -133,6 +134,18 @@ class Engine:
         with self.lock:
             self.check_live()
             return self.backend.tokenize(text, self.backend.add_bos() if add_bos is None else add_bos)
+
+    def special_tokens(self) -> tuple[int | None, int | None]:
+        """BOS and EOS token ids (None where the vocabulary has none)."""
+        with self.lock:
+            self.check_live()
+            return self.backend.special_tokens()
+
+    def adds_bos(self) -> bool:
+        """Whether the model's metadata asks for a BOS before a text."""
+        with self.lock:
+            self.check_live()
+            return self.backend.add_bos()
 
     def detokenize(self, ids: list[int]) -> str:
         with self.lock:
@@ -268,6 +281,40 @@ class Engine:
             finally:
                 b.clear_plan()
             return PassResult(out, captured, lines, extra)
+
+    def run_contexts(self, contexts: Sequence[list[int]], capture: Iterable[str], *, readout: Readout | None = None,
+                     truncate: bool = True) -> PassResult:
+        """Several contexts (checked token ids) in one decode, context i in llama.cpp sequence i from position 0 over
+        an empty KV cache; what each row computes is what a run of its context alone computes, up to the rounding of
+        a longer KV cache. Returns the captures ``(name, layer) -> [n_rows, ...]`` (every context's rows one after the
+        other: ``n_rows`` is the sum of their lengths) and the readout's result over those rows. ``truncate``: nothing
+        after the latest tensor the captures and the readout read is computed (the later layers, the logits: then
+        ``logits`` is ``[0, n_vocab]``). The pushed interventions apply to every context."""
+        if not 1 <= len(contexts) <= self.n_seq_max:
+            raise InputError(f"a decode holds 1 to {self.n_seq_max} contexts, got {len(contexts)}")
+        n_rows = sum(len(ids) for ids in contexts)
+        with self.lock:
+            self.check_live()
+            ops, captures, explicit = self.compile(n_rows, [], capture)
+            if explicit:
+                raise InputError("attention weights have no row per token: a pass over several contexts captures "
+                                 "per-token tensors only")
+            every_row = self.needs_every_row(captures) or getattr(readout, "every_row", False)
+            b = self.backend
+            indices = self.set_plan(ops + captures, explicit)
+            b.set_truncate(truncate)
+            try:
+                if readout is not None:
+                    readout.setup(b)
+                b.clear_memory()
+                b.decode(contexts, list(range(len(contexts))), 0, every_row)
+                out = np.empty((0, self.n_vocab), np.float32) if truncate else b.logits(n_rows if every_row else len(contexts))
+                captured = self.read_captures(captures, indices[len(ops):], n_rows)
+                extra = readout.read(b, n_rows) if readout is not None else None
+            finally:
+                b.set_truncate(False)
+                b.clear_plan()
+            return PassResult(out, captured, [], extra)
 
     def generate_tokens(self, ids: list[int], n: int, temp: float, rng: np.random.Generator,
                         interventions: list[Intervention], stop_at_eog: bool,

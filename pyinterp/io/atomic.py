@@ -70,9 +70,10 @@ def atomic_path(path: str | os.PathLike, wait: bool = True) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator[IO]:
-    """``open(path, mode, **kwargs)`` that writes the whole file or nothing (see :func:`atomic_path`)."""
-    with atomic_path(path) as tmp:
+def atomic_write(path: str | os.PathLike, mode: str = "wb", wait: bool = True, **kwargs) -> Iterator[IO]:
+    """``open(path, mode, **kwargs)`` that writes the whole file or nothing (see :func:`atomic_path`; ``wait``
+    False: renamed at once, even inside :func:`together`, for files a long run keeps consistent as it goes)."""
+    with atomic_path(path, wait) as tmp:
         with open(tmp, mode, **kwargs) as f:
             yield f
             check_complete(f)

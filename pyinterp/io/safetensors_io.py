@@ -6,7 +6,8 @@ N bytes of JSON, then the tensors' bytes. The JSON maps each tensor name to ``{"
 little-endian and row-major; an optional ``"__metadata__"`` maps strings to strings. Writers pad the header
 with spaces to a multiple of 8 bytes.
 
-F32, F16 and BF16 tensors are read (as float32: F16 and BF16 widen exactly) and written.
+F32, F16 and BF16 tensors are read (as float32: F16 and BF16 widen exactly) and written; I32 and I64 tensors
+(token ids, row indices) as they are.
 """
 
 from __future__ import annotations
@@ -22,13 +23,17 @@ from pyinterp.errors import InputError
 from pyinterp.io.atomic import atomic_write
 
 # safetensors dtype -> numpy storage type (little-endian)
-DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "I32": np.dtype("<i4"),
+          "I64": np.dtype("<i8")}
+INTEGERS = ("I32", "I64")
 
 
 def widen(raw: np.ndarray, dtype: str) -> np.ndarray:
     """Stored values as float32; BF16 is the top half of a float32's bits."""
     if dtype == "BF16":
         return (raw.astype(np.uint32) << 16).view(np.float32)
+    if dtype in INTEGERS:
+        return raw
     return raw.astype(np.float32)
 
 
@@ -38,8 +43,10 @@ def narrow(array: np.ndarray, dtype: str) -> np.ndarray:
         bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32).astype(np.uint64)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         return rounded.astype(DTYPES["BF16"])
+    if dtype in INTEGERS:
+        return np.asarray(array).astype(DTYPES[dtype])
     with np.errstate(over="ignore"):  # beyond F16's range: inf, as torch gives
-        return array.astype(DTYPES[dtype])
+        return np.asarray(array, dtype=np.float32).astype(DTYPES[dtype])
 
 
 def rounded(array: np.ndarray, dtype: str) -> np.ndarray:
@@ -48,8 +55,14 @@ def rounded(array: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file as a float32 array of its shape; a one-line error for a file that
-    is not one, or holds a dtype other than F32, F16 and BF16."""
+    """Every tensor of a safetensors file as an array of its shape (floats as float32, integers as stored); a
+    one-line error for a file that is not one, or holds another dtype."""
+    return {name: widen(raw, dtype) for name, (dtype, raw) in map_safetensors(path).items()}
+
+
+def map_safetensors(path: str | os.PathLike) -> dict[str, tuple[str, np.ndarray]]:
+    """Every tensor of a safetensors file as its dtype and its stored values, memory-mapped (not read), in its
+    shape; checked as :func:`read_safetensors` checks."""
     path = Path(path)
     try:
         data = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
@@ -79,25 +92,28 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if not 0 <= begin <= end <= body.size or end - begin != size:
             raise InputError(f"{path}: tensor {name!r} ({dtype} {shape}) has data offsets {[begin, end]} that do not "
                              f"fit its size or the file")
-        out[name] = widen(body[begin:end].view(DTYPES[dtype]), dtype).reshape(shape)
+        out[name] = dtype, body[begin:end].view(DTYPES[dtype]).reshape(shape)
     return out
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], dtype: str = "F32") -> Path:
-    """Write ``tensors`` (any float arrays) to ``path`` as ``dtype`` (F32, F16 or BF16), in name order, with
-    the ``{"format": "pt"}`` metadata torch's writer adds."""
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], dtype: str = "F32",
+                      dtypes: dict[str, str] | None = None, wait: bool = True) -> Path:
+    """Write ``tensors`` to ``path`` as ``dtype`` (F32, F16 or BF16; ``dtypes``: another, I32 or I64 too, for some
+    names), in name order, with the ``{"format": "pt"}`` metadata torch's writer adds (``wait``: see
+    :func:`pyinterp.io.atomic.atomic_write`)."""
     path = Path(path)
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     blobs, offset = [], 0
     for name in sorted(tensors):
-        blob = narrow(np.asarray(tensors[name], dtype=np.float32), dtype).tobytes()
-        header[name] = {"dtype": dtype, "shape": list(np.shape(tensors[name])), "data_offsets": [offset, offset + len(blob)]}
+        kind = (dtypes or {}).get(name, dtype)
+        blob = narrow(tensors[name], kind).tobytes()
+        header[name] = {"dtype": kind, "shape": list(np.shape(tensors[name])), "data_offsets": [offset, offset + len(blob)]}
         blobs.append(blob)
         offset += len(blob)
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     try:
-        with atomic_write(path) as f:
+        with atomic_write(path, wait=wait) as f:
             f.write(struct.pack("<Q", len(text)))
             f.write(text)
             for blob in blobs:
