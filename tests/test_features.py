@@ -219,3 +219,32 @@ def test_cli_usage_errors(tmp_path, capsys, args, message):
     assert main(["features", str(corpus), *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and err.startswith("pyinterp: error:")
+
+
+def test_cli_end_to_end(tmp_path, capsys, captured):
+    """A text corpus through `pyinterp features` (neurons, then an SAE), and a drift against a saved run."""
+    from pyinterp.analysis.sae import random_sae
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(t.replace("\n", " ") for t in TEXTS * 3) + "\n")
+    common = [str(corpus), "--context-size", "24", "--examples", "2", "--window", "2,1"]
+    assert main(["features", *common, "-t", TENSOR, "--top-features", "4", "-o", str(tmp_path / "a")]) == 0
+    data = json.loads((tmp_path / "a" / "features.json").read_text())
+    assert data["source"] == {"kind": "neurons", "tensor": TENSOR, "sae": None} and len(data["features"]) == 4
+    assert all(len(f["top"]) == 2 and len(f["logits"]["promoted"]) == 10 for f in data["features"])
+    assert (tmp_path / "a" / "delphi" / TENSOR / "0_575.safetensors").is_file()
+    assert main(["features", *common, "-t", TENSOR, "--top-features", "4", "-o", str(tmp_path / "b"),
+                 "--baseline", str(tmp_path / "a" / "features.json"), "--md"]) == 0
+    out = capsys.readouterr().out
+    assert "no feature shifted" in out and (tmp_path / "b" / "drift.png").is_file()
+    sae_dir = random_sae(576, 64, "topk", seed=1, hook_name=TENSOR, k=8).save(tmp_path / "sae")
+    assert main(["features", *common, "--sae", str(sae_dir), "--features", "1,5", "-o", str(tmp_path / "s")]) == 0
+    data = json.loads((tmp_path / "s" / "features.json").read_text())
+    assert [f["id"] for f in data["features"]] == [1, 5] and data["n_units"] == 64
+    assert main(["features", *common, "--sae", str(sae_dir), "--features", "64", "-o", str(tmp_path / "x")]) == 2
+    assert main(["features", *common, "-t", "nonsense-3", "-o", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "unit 64 out of range" in err[0] and all(e.startswith("pyinterp: error:") for e in err)
+    assert main(["features", *common, "-t", "l_out-6", "--top-features", "4", "-o", str(tmp_path / "z"),
+                 "--baseline", str(tmp_path / "a" / "features.json")]) == 2
+    assert "another tensor" in capsys.readouterr().err

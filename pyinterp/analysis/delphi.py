@@ -86,10 +86,13 @@ class DelphiCache:
             self.abort()
 
     def abort(self) -> None:
-        """Drop everything spooled (nothing is written)."""
+        """Drop everything spooled (nothing is written), and the module directory if that leaves it empty."""
         for f in [self.tokens, *(f for pair in self.files for f in pair)]:
             f.close()
         shutil.rmtree(self.spool, ignore_errors=True)
+        for directory in (self.dir, self.dir.parent):
+            if directory.is_dir() and not any(directory.iterdir()):
+                directory.rmdir()
 
     def close(self) -> list[Path]:
         """Write every split and config.json; remove the spool. Returns the files written."""

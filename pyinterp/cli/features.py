@@ -3,9 +3,8 @@ and the drift from a baseline run."""
 
 from __future__ import annotations
 
+import functools
 import json
-import sys
-import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -16,7 +15,8 @@ from pyinterp.analysis.delphi import DelphiCache
 from pyinterp.analysis.drift import compare, load_features, plot, table
 from pyinterp.analysis.features import FeatureAccumulator, features_json, select_units
 from pyinterp.analysis.logit_effects import Unembedding, logits_json
-from pyinterp.cli.options import ModelOptions
+from pyinterp.cli.corpus import CorpusOptions, Meter, corpus_options
+from pyinterp.cli.options import ModelOptions, model_options
 from pyinterp.errors import InputError
 from pyinterp.io.atomic import atomic_write
 
@@ -45,19 +45,14 @@ def parse_window(spec: str) -> tuple[int, int]:
     return before, after
 
 
-def with_progress(batches: Iterable, total: int | None) -> Iterator:
-    """The batches, with a line of tokens/s (and ETA when ``total`` tokens are known) on a terminal's stderr."""
-    if not sys.stderr.isatty():
-        yield from batches
-        return
-    start, done = time.monotonic(), 0
+def metered(batches: Iterable, meter: Meter) -> Iterator:
+    """The batches, each counted on the progress line."""
+    done = 0
     for batch in batches:
         yield batch
         done += len(batch.token_ids)
-        rate = done / max(time.monotonic() - start, 1e-9)
-        eta = f", ETA {(total - done) / rate:.0f} s" if total else ""
-        click.echo(f"\r{done} tokens, {rate:.0f} tokens/s{eta}   ", err=True, nl=False)
-    click.echo("", err=True)
+        meter.update(done)
+    meter.close()
 
 
 def check_sae_rows(batches: Iterable, slots: int, d_sae: int) -> Iterator:
@@ -69,26 +64,25 @@ def check_sae_rows(batches: Iterable, slots: int, d_sae: int) -> Iterator:
         yield batch
 
 
-def corpus_batches(model, corpus: Path, tensor: str | None, sae, context_size: int, max_tokens: int | None,
-                   per_decode: int | None) -> tuple[Iterator, dict]:
+def corpus_batches(model, corpus: Path, tensor: str | None, sae, corpus_opts: CorpusOptions) -> tuple[Iterator, dict]:
     """The batches of a model run over a text corpus (the SAE encoded in the graph), and the corpus's
     description for features.json."""
     from pyinterp.analysis.sae import _readout
     from pyinterp.corpus.extract import limited, packing_for
-    from pyinterp.corpus.source import Source
     from pyinterp.corpus.stream import batches
 
-    packing = packing_for(model, context_size, True)
-    contexts = limited(packing.contexts(Source(corpus).documents(), model.tokenize), max_tokens)
+    size = corpus_opts.context_size
+    packing = packing_for(model, size, corpus_opts.pack)
+    contexts = limited(packing.contexts(corpus_opts.source(str(corpus)).documents(), model.tokenize),
+                       corpus_opts.max_tokens)
     readout, names = None, [tensor]
     if sae is not None:
         slots = sae.k if sae.architecture == "topk" else min(SAE_SLOTS, sae.d_sae)
         readout, names = _readout(model, sae, slots, {}, False), []
-    per = per_decode or max(1, min(64, model.n_ctx // context_size))
-    stream = batches(model, contexts, names, per_decode=per, readout=readout)
-    if sae is not None:
+    stream = batches(model, contexts, names, per_decode=max(1, min(64, model.n_ctx // size)), readout=readout)
+    if sae is not None and sae.architecture != "topk":  # a TopK SAE has at most k active features per token
         stream = check_sae_rows(stream, slots, sae.d_sae)
-    return stream, {"path": str(corpus), "context_size": context_size}
+    return stream, {"path": str(corpus), "context_size": size, "packing": packing.describe()}
 
 
 def stats_of(batches: Iterable, n_units: int, tensor: str | None, *, track: np.ndarray | None, examples: int,
@@ -118,8 +112,6 @@ def unit_logits(model_path: Path, sae, units: np.ndarray, width: int, token_str)
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("corpus", type=click.Path(exists=True, path_type=Path))
-@click.option("-m", "--model", "model_path", default=None, metavar="PATH",
-              help="GGUF file or known name (default: an extracted corpus's model, else the bundled SmolLM2).")
 @click.option("-t", "--tensor", default=None, metavar="NAME", help="Tensor whose neurons to study (l_out-5, "
               "blocks.5.hook_resid_post); with --sae, the SAE's hook tensor is used.")
 @click.option("--sae", "sae_dir", default=None, type=click.Path(exists=True, file_okay=False), metavar="SAE_DIR",
@@ -129,8 +121,6 @@ def unit_logits(model_path: Path, sae, units: np.ndarray, width: int, token_str)
               help="Only the N units of highest density.")
 @click.option("--examples", default=10, show_default=True, type=click.IntRange(1, 1000), help="Top examples per unit.")
 @click.option("--window", default="10,5", show_default=True, metavar="B,A", help="Tokens before and after an example.")
-@click.option("--max-tokens", default=None, type=click.IntRange(min=1), help="Stop after this many tokens.")
-@click.option("--context-size", default=128, show_default=True, type=click.IntRange(min=2), help="Tokens per context.")
 @click.option("--dense-threshold", default=0.1, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="A unit active on more than this share of tokens is reported dense.")
 @click.option("--delphi-splits", default=1, show_default=True, type=click.IntRange(min=1),
@@ -141,11 +131,10 @@ def unit_logits(model_path: Path, sae, units: np.ndarray, width: int, token_str)
 @click.option("--alpha", default=0.01, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Drift: family-wise significance level (Bonferroni over the features compared).")
 @click.option("--md", is_flag=True, help="Print the drift table as Markdown.")
-@click.option("-c", "--ctx-size", default=2048, show_default=True, type=click.IntRange(min=8), help="Model context.")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="Threads (default: all cores).")
-@click.option("-ngl", "--n-gpu-layers", default=None, type=click.IntRange(min=-1), help="Layers on the GPU.")
-def features(corpus, model_path, tensor, sae_dir, feature_spec, top_features, examples, window, max_tokens, context_size,
-             dense_threshold, delphi_splits, out, baseline, alpha, md, ctx_size, threads, n_gpu_layers):
+@corpus_options
+@functools.partial(model_options, threads=("--threads",))
+def features(corpus, tensor, sae_dir, feature_spec, top_features, examples, window, dense_threshold, delphi_splits, out,
+             baseline, alpha, md, corpus_opts, model_opts):
     """Per-unit statistics of a tensor's neurons (-t NAME) or an SAE's features (--sae) over CORPUS: density,
     mean, std, max, min, a histogram and the top examples with their context, and the logit effects.
 
@@ -167,10 +156,8 @@ def features(corpus, model_path, tensor, sae_dir, feature_spec, top_features, ex
                          "neuron statistics (-t)")
     if baseline is not None:
         base = load_features(baseline)
-    out.mkdir(parents=True, exist_ok=True)
-    result = run(corpus, extracted, model_path, tensor, sae, sae_dir, ids, top_features, examples, window, max_tokens,
-                 context_size, dense_threshold, delphi_splits, out, ModelOptions(
-                     model_path, ctx_size, threads, n_gpu_layers, False, "f32", "f32", None, False))
+    result = run(corpus, extracted, tensor, sae, sae_dir, ids, top_features, examples, window, dense_threshold,
+                 delphi_splits, out, corpus_opts, model_opts)
     with atomic_write(out / "features.json", "w", encoding="utf-8") as f:
         json.dump(result, f, ensure_ascii=False)
     click.echo(f"{result['n_units']} units over {result['corpus']['n_tokens']} tokens: {len(result['dead'])} dead, "
@@ -184,13 +171,13 @@ def features(corpus, model_path, tensor, sae_dir, feature_spec, top_features, ex
         click.echo(f"wrote {out / 'drift.json'}, {out / 'drift.png'}")
 
 
-def run(corpus: Path, extracted: bool, model_path, tensor, sae, sae_dir, ids, top_features, examples, window,
-        max_tokens, context_size, dense_threshold, delphi_splits, out: Path, opts: ModelOptions) -> dict:
+def run(corpus: Path, extracted: bool, tensor, sae, sae_dir, ids, top_features, examples, window, dense_threshold,
+        delphi_splits, out: Path, corpus_opts: CorpusOptions, opts: ModelOptions) -> dict:
     """Everything but the files of features.json and the drift: returns the features.json dict."""
     import pyinterp
 
     stored = pyinterp.corpus.open(corpus) if extracted else None
-    if stored is not None and model_path is None:
+    if stored is not None and opts.path is None:  # the corpus's own model (for its tokens' text)
         opts = ModelOptions(**{**opts.__dict__, "path": stored.manifest["model"]["path"]})
     with opts.open() as model:
         if stored is not None:
@@ -199,8 +186,8 @@ def run(corpus: Path, extracted: bool, model_path, tensor, sae, sae_dir, ids, to
             stream, described = stored.batches([tensor]), {"path": str(corpus), "context_size": stored.context_size}
             n_units, total = stored.tensor(tensor).shape[1], stored.n_tokens
         else:
-            stream, described = corpus_batches(model, corpus, tensor, sae, context_size, max_tokens, None)
-            n_units, total = (sae.d_sae if sae is not None else _width(model, tensor)), max_tokens
+            stream, described = corpus_batches(model, corpus, tensor, sae, corpus_opts)
+            n_units, total = (sae.d_sae if sae is not None else _width(model, tensor)), corpus_opts.max_tokens
         track = None if ids is None else np.array(sorted(set(ids)), np.int64)
         if ids is not None:
             select_units_check(ids, n_units)
@@ -209,7 +196,7 @@ def run(corpus: Path, extracted: bool, model_path, tensor, sae, sae_dir, ids, to
                   "dataset_column": "text"}
         with DelphiCache(out / "delphi", module, n_units, n_splits=min(delphi_splits, n_units), units=track,
                          config=config) as delphi:
-            stats = stats_of(with_progress(stream, total), n_units, None if sae is not None else tensor, track=track,
+            stats = stats_of(metered(stream, Meter("features", total)), n_units, None if sae is not None else tensor, track=track,
                              examples=examples, window=window, delphi=delphi)
             delphi.close()
         units = select_units(stats, ids, top_features)
