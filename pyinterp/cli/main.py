@@ -20,6 +20,7 @@ from pyinterp.analysis.steering import ControlVector, combine, steered
 from pyinterp.cli.corpus import corpus
 from pyinterp.cli.cvector import cvector
 from pyinterp.cli.extract import extract
+from pyinterp.cli.features import features
 from pyinterp.cli.fidelity import fidelity
 from pyinterp.cli.heads import heads
 from pyinterp.cli.lens import attribution_json, next_tokens, parse_positions, parse_target
@@ -323,8 +324,8 @@ def drawing_path(draw: str | None, draw_path: str | None, draw_layers: LayerList
 
 def subcommands() -> dict[str, click.Command]:
     """Analyses with a command of their own: ``pyinterp NAME ...``; everything else is the main command."""
-    return {"corpus": corpus, "cvector": cvector, "extract": extract, "fidelity": fidelity, "heads": heads, "sae": sae,
-            "sweep": sweep}
+    return {"corpus": corpus, "cvector": cvector, "extract": extract, "features": features, "fidelity": fidelity,
+            "heads": heads, "sae": sae, "sweep": sweep}
 
 
 cli.epilog = ("More commands, each with its own --help: "
