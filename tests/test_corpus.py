@@ -205,3 +205,18 @@ def test_full_disk(smollm2, corpus_file, tmp_path, monkeypatch):
         state = json.loads((disk / "b" / "manifest.json").read_text())
         assert state["shards"] and not state["complete"]
         assert sorted(p.name for p in (disk / "b").iterdir()) == sorted(["manifest.json", *(s["file"] for s in state["shards"])])
+
+
+def test_saelens_format_holds_the_same_rows(smollm2, corpus_file, tmp_path):
+    datasets = pytest.importorskip("datasets", reason="datasets (the saelens extra, in the test extra) is not installed")
+    names = ("blocks.4.hook_resid_post", "attn_out-2")
+    ours = run(smollm2, tmp_path / "ours", corpus_file, names, max_tokens=10 * CONTEXT)
+    extract(smollm2, tmp_path / "sl", Request(Source(corpus_file), names, CONTEXT, max_tokens=10 * CONTEXT, format="saelens"))
+    data = datasets.load_from_disk(str(tmp_path / "sl")).with_format("numpy")[:]
+    assert np.array_equal(data["token_ids"].reshape(-1), ours.token_ids())
+    for name in names:
+        assert np.array_equal(data[name].reshape(ours.n_tokens, -1), ours.tensor(name))
+    with pytest.raises(InputError, match="nothing to --resume"):
+        extract(smollm2, tmp_path / "x", Request(Source(corpus_file), names, CONTEXT, format="saelens"), resume=True)
+    with pytest.raises(InputError, match="drop --no-pack"):
+        extract(smollm2, tmp_path / "x", Request(Source(corpus_file), names, CONTEXT, pack=False, format="saelens"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,13 +15,16 @@ import pytest
 import pyinterp
 from pyinterp import InputError
 from pyinterp.corpus import saelens
+from pyinterp.corpus.extract import Request, extract
 from pyinterp.corpus.saelens import SaeLensWriter
+from pyinterp.corpus.source import Source
 
 sae_lens = pytest.importorskip("sae_lens", reason="sae-lens (the test extra) is not installed")
 import datasets  # noqa: E402  (sae-lens's dependencies)
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.1.hook_resid_post"
 CTX = 16
 N_CTX = 320
@@ -151,18 +155,18 @@ def test_writer_errors(tmp_path, monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:All samples in the training dataset have been exhausted")  # 16 epochs, meant
 def test_sae_trained_by_saelens_runs_in_the_graph(tiny_path, tmp_path):
-    """Activations of N_CTX contexts of a tiny model (Model.run per context) -> the dataset -> a standard SAE
+    """Activations of N_CTX contexts of a tiny model (pyinterp extract --format saelens) -> the dataset -> a standard SAE
     trained by SAELens's SAETrainer over its cached-activations ActivationsStore (no model, no download): the
     reconstruction error falls; the SAE saved by SAELens loads with pyinterp.SAE.load, and its features encoded in
     the graph on a new prompt equal SAELens's own encode of the captured activations."""
     rng = np.random.default_rng(3)
-    with pyinterp.Model(tiny_path("llama", f32=True), n_ctx=64, n_threads=1) as model:
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("\n".join(p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))))
+    with pyinterp.Model(tiny_path("llama", f32=True), n_ctx=256, n_threads=1) as model:
         d_in, n_vocab = model.n_embd, model.n_vocab
-        with SaeLensWriter(tmp_path / "acts", {HOOK: d_in}, CTX, "float32") as writer:
-            for start in range(0, N_CTX, 32):
-                ids = rng.integers(1, n_vocab, size=(32, CTX))
-                acts = np.stack([model.run(row.tolist(), capture=[HOOK], logits=None)[HOOK] for row in ids])
-                writer.add({HOOK: acts}, ids)
+        done = extract(model, tmp_path / "acts", Request(Source(corpus), (HOOK,), CTX, max_tokens=N_CTX * CTX,
+                                                         format="saelens"))  # pyinterp extract --format saelens
+        assert done["n_contexts"] == N_CTX
         prompt = rng.integers(1, n_vocab, size=12).tolist()
         x = model.run(prompt, capture=[HOOK], logits=None)[HOOK]
 

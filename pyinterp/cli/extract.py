@@ -22,6 +22,9 @@ from pyinterp.corpus.store import DTYPES
                    "blocks.5.hook_resid_post). Repeat for several.")
 @corpus_options
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="f32", show_default=True, help="Stored precision.")
+@click.option("--format", "fmt", type=click.Choice(["pyinterp", "saelens"]), default="pyinterp", show_default=True,
+              help="pyinterp: shards and a manifest (pyinterp.corpus.open); saelens: the Hugging Face dataset SAELens "
+                   "trains from (cached_activations_path; pip install \"pyinterp[saelens]\").")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in DIR from its last complete shard.")
 @click.option("--contexts-per-decode", "per_decode", default=None, type=click.IntRange(1, 64),
               help="Contexts decoded together (default: as many as -c holds, at most 64; 1: each row bit for bit "
@@ -29,7 +32,7 @@ from pyinterp.corpus.store import DTYPES
 @click.option("--shard-tokens", default=None, type=click.IntRange(min=1),
               help="Tokens per shard file (default: about 256 MiB of activations).")
 @functools.partial(model_options, threads=("--threads",))
-def extract(corpus_path, out, tensors, corpus_opts, dtype, resume, per_decode, shard_tokens, model_opts):
+def extract(corpus_path, out, tensors, corpus_opts, dtype, fmt, resume, per_decode, shard_tokens, model_opts):
     """Extract the activations of every token of CORPUS to DIR.
 
     CORPUS is a text file (one document per line, or per paragraph with --split-on-blank-lines), a JSONL file
@@ -39,7 +42,7 @@ def extract(corpus_path, out, tensors, corpus_opts, dtype, resume, per_decode, s
     """
     source = corpus_opts.source(corpus_path)
     request = Request(source, tuple(tensors), corpus_opts.context_size, corpus_opts.pack, dtype, corpus_opts.max_tokens,
-                      per_decode, shard_tokens)
+                      per_decode, shard_tokens, fmt)
     with model_opts.open() as model:
         meter = Meter("extract", corpus_opts.max_tokens)
         try:
@@ -49,5 +52,6 @@ def extract(corpus_path, out, tensors, corpus_opts, dtype, resume, per_decode, s
             click.echo(f"pyinterp: interrupted; {out} keeps the complete shards: continue with --resume", err=True)
             raise
         meter.close()
-    click.echo(f"wrote {out}: {manifest['n_tokens']:,} tokens in {manifest['n_contexts']:,} contexts, "
-               f"{len(manifest['shards'])} shards, tensors {', '.join(manifest['tensors'])}")
+    files = f"{len(manifest['shards'])} shards" if fmt == "pyinterp" else "a SAELens dataset"
+    click.echo(f"wrote {out}: {manifest['n_tokens']:,} tokens in {manifest['n_contexts']:,} contexts, {files}, "
+               f"tensors {', '.join(manifest['tensors'])}")

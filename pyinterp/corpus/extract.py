@@ -45,6 +45,7 @@ class Request:
     max_tokens: int | None = None
     per_decode: int | None = None    # contexts per decode; None: as many as n_ctx holds (at most 64)
     shard_tokens: int | None = None  # tokens per shard; None: about SHARD_BYTES
+    format: str = "pyinterp"         # or "saelens": SAELens's cached-activations dataset (pyinterp.corpus.saelens)
 
 
 def packing_for(model: ModelLike, context_size: int, pack: bool) -> Packing:
@@ -136,6 +137,10 @@ def extract(model: ModelLike, directory: Path, request: Request, *, resume: bool
     if request.dtype not in DTYPES:
         raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {request.dtype!r}")
     packing = packing_for(model, request.context_size, request.pack)
+    if request.format == "saelens":
+        return _run_saelens(model, directory, request, packing, resume, on_batch)
+    if request.format != "pyinterp":
+        raise InputError(f"--format must be pyinterp or saelens, got {request.format!r}")
     new_directory = not directory.exists()
     manifest = prepare(directory, manifest_for(model, request, packing), resume)
     try:
@@ -177,3 +182,33 @@ def _run(model: ModelLike, directory: Path, request: Request, packing: Packing, 
         raise InputError(f"the corpus {request.source.path} gave no context of {request.context_size} tokens "
                          f"(empty, or shorter than one context: try a smaller --context-size or --no-pack)")
     return writer.finish()
+
+
+def _run_saelens(model: ModelLike, directory: Path, request: Request, packing: Packing, resume: bool,
+                 on_batch: Callable[[int, float], None] | None) -> dict:
+    """The contexts as SAELens's cached-activations dataset, written whole at the end or not at all (no resume)."""
+    from pyinterp.corpus.saelens import SaeLensWriter
+
+    if resume:
+        raise InputError("--format saelens writes the dataset whole or not at all: there is nothing to --resume")
+    if not request.pack:
+        raise InputError("--format saelens needs contexts of one size: drop --no-pack")
+    if request.dtype == "bf16":
+        raise InputError("--format saelens stores f32 or f16 (Arrow has no bfloat16)")
+    keys = tensor_keys(model, request.names)
+    width = widths(model, keys)
+    size, n = request.context_size, 0
+    per_decode = request.per_decode or max(1, min(model.engine.n_seq_max, model.n_ctx // size))
+    contexts = limited(packing.contexts(request.source.documents(), lambda text: model.engine.tokenize(text, False)),
+                       request.max_tokens)
+    with SaeLensWriter(directory, width, size, {"f32": "float32", "f16": "float16"}[request.dtype]) as writer:
+        for batch in batches(model, contexts, list(request.names), per_decode=per_decode):
+            k = batch.n_rows // size
+            writer.add({name: rows.reshape(k, size, -1) for name, rows in batch.tensors.items()},
+                       batch.token_ids.reshape(k, size))
+            n += batch.n_rows
+            if on_batch is not None:
+                on_batch(n, 0.0)
+        if n == 0:
+            raise InputError(f"the corpus {request.source.path} gave no context of {size} tokens")
+    return {"n_tokens": n, "n_contexts": n // size, "tensors": width, "shards": [], "format": "saelens"}
