@@ -366,7 +366,7 @@ def top_features(f: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(values > 0, ids, -1).astype(np.int64), values.astype(np.float32)
 
 
-def _readout(model: ModelLike, sae: SAE, top_k: int, edits: dict[int, float], scale: bool) -> SAEReadout:
+def sae_readout(model: ModelLike, sae: SAE, top_k: int, edits: dict[int, float], scale: bool) -> SAEReadout:
     """The SAE encoding its tensor inside the next pass of ``model``, with optional feature edits."""
     name, layer = sae.hook_tensor(model)
     return SAEReadout(upload_sae(model.engine, sae, layer), name, layer, top_k, edits, scale, layer == model.n_layer - 1)
@@ -381,7 +381,7 @@ def _check_top_k(sae: SAE, top_k: object) -> int:
 def sae_features(model: ModelLike, sae: SAE, tokens_or_text: str | Sequence[int], top_k: int = 10) -> SAEFeatures:
     """Encode every token's row of the SAE's hook tensor inside the graph: top-k features, L0 and reconstruction
     error per token (:class:`SAEFeatures`); only those leave the device."""
-    run = _readout(model, sae, _check_top_k(sae, top_k), {}, False)
+    run = sae_readout(model, sae, _check_top_k(sae, top_k), {}, False)
     ids = model.prompt_ids(tokens_or_text)
     top, values, stats = model.engine.run(ids, readout=run, logits="last").readout
     order = np.argsort(-values, axis=1, kind="stable")
@@ -408,5 +408,5 @@ def steer_features(model: ModelLike, sae: SAE, tokens_or_text: str | Sequence[in
             raise InputError(f"feature {j!r} out of range (the SAE has {sae.d_sae} features)")
         if not isinstance(v, (int, float, np.floating)) or not np.isfinite(v):
             raise InputError(f"feature {j}: the value must be a finite number, got {v!r}")
-    run = _readout(model, sae, 1, {int(j): float(v) for j, v in edits.items()}, scale)
+    run = sae_readout(model, sae, 1, {int(j): float(v) for j, v in edits.items()}, scale)
     return model.engine.run(model.prompt_ids(tokens_or_text), readout=run).logits

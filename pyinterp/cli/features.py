@@ -67,18 +67,19 @@ def check_sae_rows(batches: Iterable, slots: int, d_sae: int) -> Iterator:
 def corpus_batches(model, corpus: Path, tensor: str | None, sae, corpus_opts: CorpusOptions) -> tuple[Iterator, dict]:
     """The batches of a model run over a text corpus (the SAE encoded in the graph), and the corpus's
     description for features.json."""
-    from pyinterp.analysis.sae import _readout
+    from pyinterp.analysis.sae import sae_readout
     from pyinterp.corpus.extract import limited, packing_for
     from pyinterp.corpus.stream import batches
 
     size = corpus_opts.context_size
     packing = packing_for(model, size, corpus_opts.pack)
-    contexts = limited(packing.contexts(corpus_opts.source(str(corpus)).documents(), model.tokenize),
+    contexts = limited(packing.contexts(corpus_opts.source(str(corpus)).documents(),
+                                        lambda text: model.tokenize(text, add_bos=False)),
                        corpus_opts.max_tokens)
     readout, names = None, [tensor]
     if sae is not None:
         slots = sae.k if sae.architecture == "topk" else min(SAE_SLOTS, sae.d_sae)
-        readout, names = _readout(model, sae, slots, {}, False), []
+        readout, names = sae_readout(model, sae, slots, {}, False), []
     stream = batches(model, contexts, names, per_decode=max(1, min(64, model.n_ctx // size)), readout=readout)
     if sae is not None and sae.architecture != "topk":  # a TopK SAE has at most k active features per token
         stream = check_sae_rows(stream, slots, sae.d_sae)
