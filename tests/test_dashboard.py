@@ -17,6 +17,7 @@ import select
 import shutil
 import subprocess
 import time
+import urllib.parse
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import pytest
 from pyinterp.errors import InputError
 from pyinterp.viz.dashboard import render_dashboard, write_dashboard
 
-CHROMIUM = shutil.which("chromium")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 
 INJECTION = "</script><script>document.documentElement.setAttribute('data-pwned','1')</script>"
@@ -306,8 +307,10 @@ class Browser:
         """Load ``url`` and wait until the dashboard's script finished (``data-ready``)."""
         self.call("Page.navigate", session=self.session, url=url)
         deadline = time.monotonic() + 60
-        ready = "document.readyState + ':' + document.documentElement?.getAttribute('data-ready')"
-        while self.js(ready) != "complete:1":
+        ready = "[document.readyState, document.documentElement?.getAttribute('data-ready'), location.pathname]"
+        errors = "document.documentElement?.getAttribute('data-errors')"
+        while self.js(ready) != ["complete", "1", urllib.parse.urlsplit(url).path]:
+            assert self.js(errors) is None, self.js(errors)
             assert time.monotonic() < deadline, "the page never became ready"
             time.sleep(0.05)
 
