@@ -37,17 +37,18 @@ WORDS = ["The", " cat", " sat", " on", " the", " mat", ".", "\n", " Paris", " ca
          "<!--", " <img src=x onerror=\"document.documentElement.setAttribute('data-pwned','2')\">"]
 
 
-def fixture_stats(n: int = 50, n_top: int = 8, window: int = 24, seed: int = 0) -> dict:
-    """A features.json dict (format pyinterp.features/1) of ``n`` features with random statistics; features 3
-    and 9 are dead (no top examples, no histogram counts), 4 is dense, 7 has no logit effects, and feature 17's
-    first example holds the INJECTION token at its activating place."""
+def fixture_stats(n: int = 50, n_top: int = 8, window: int = 24, seed: int = 0, words: list[str] = WORDS) -> dict:
+    """A features.json dict (format pyinterp.features/1) of ``n`` features with random statistics, tokens drawn
+    from ``words``; features 3 and 9 are dead (no top examples, no histogram counts), 4 is dense, 7 has no logit
+    effects, and feature 17's first example holds the INJECTION token at its activating place."""
     rng = np.random.default_rng(seed)
     n_tokens, dead, dense = 7677, [3, 9], [4]
     features = []
     for i in range(n):
         edges = np.linspace(float(-rng.random()), float(1 + 5 * rng.random()), 21)
         count = 0 if i in dead else int(rng.integers(1, n_tokens // (3 if i in dense else 20)))
-        top = [] if i in dead else [_example(rng, edges[-1] * (1 - k / (2 * n_top)), window) for k in range(n_top)]
+        top = [] if i in dead else [_example(rng, edges[-1] * (1 - k / (2 * n_top)), window, words)
+                                    for k in range(n_top)]
         feature = {
             "id": i, "count": count, "density": count / n_tokens,
             "mean": 0.0 if i in dead else float(rng.normal(0.1, 0.2)), "std": 0.0 if i in dead else float(rng.random()),
@@ -55,7 +56,8 @@ def fixture_stats(n: int = 50, n_top: int = 8, window: int = 24, seed: int = 0) 
             "hist": {"edges": edges.tolist(), "counts": [0] * 20 if i in dead else
                      (rng.exponential(200, 20) * np.exp(-np.arange(20) / 4)).astype(int).tolist()},
             "top": top,
-            "logits": {"promoted": [_logit(rng, 1) for _ in range(6)], "suppressed": [_logit(rng, -1) for _ in range(6)]},
+            "logits": {"promoted": [_logit(rng, 1, words) for _ in range(6)],
+                       "suppressed": [_logit(rng, -1, words) for _ in range(6)]},
         }
         if i == 7:
             del feature["logits"]
@@ -70,18 +72,18 @@ def fixture_stats(n: int = 50, n_top: int = 8, window: int = 24, seed: int = 0) 
     }
 
 
-def _example(rng: np.random.Generator, value: float, window: int) -> dict:
+def _example(rng: np.random.Generator, value: float, window: int, words: list[str]) -> dict:
     index = int(rng.integers(0, window))
-    values = np.maximum(rng.normal(0, value / 4, window), -value / 5)
+    values = np.where(rng.random(window) < 0.3, np.maximum(rng.normal(0, value / 3, window), -value / 5), 0.0)
     values[index] = value
     return {"value": float(value), "doc": int(rng.integers(0, 60)), "pos": int(rng.integers(0, 128)),
             "context": int(rng.integers(0, 60)), "index": index,
-            "tokens": [WORDS[int(k)] for k in rng.integers(0, len(WORDS) - 3, window)], "values": values.tolist()}
+            "tokens": [words[int(k)] for k in rng.integers(0, len(words), window)], "values": values.tolist()}
 
 
-def _logit(rng: np.random.Generator, sign: int) -> dict:
-    k = int(rng.integers(0, len(WORDS)))
-    return {"token": WORDS[k], "id": 1000 + k, "value": sign * float(rng.random())}
+def _logit(rng: np.random.Generator, sign: int, words: list[str]) -> dict:
+    k = int(rng.integers(0, len(words)))
+    return {"token": words[k], "id": 1000 + k, "value": sign * float(rng.random())}
 
 
 class Elements(HTMLParser):
@@ -382,7 +384,8 @@ def test_pages_of_ten_thousand(tmp_path, browser):
     browser.js("document.getElementById('next').click()")
     assert browser.js(ROWS) == list(range(100, 200))
     browser.js("document.querySelector('th[data-key=max]').click()")  # sorting keeps the page number
-    order = [f["id"] for f in sorted(stats["features"], key=lambda f: (-f["max"], f["id"]))]
+    # the page holds floats to 6 significant digits: features tied there are ordered by id
+    order = [f["id"] for f in sorted(stats["features"], key=lambda f: (-float(f"{f['max']:.6g}"), f["id"]))]
     assert browser.js(ROWS) == order[100:200]
     assert browser.js("document.getElementById('range').textContent") == "101–200 of 10000 features"
     assert browser.js("document.getElementById('prev').disabled") is False
