@@ -145,6 +145,9 @@ def test_embedded_json_cannot_close_the_script(tmp_path):
     block = re.search(r'<script type="application/json" id="stats">(.*?)</script>', html, re.S).group(1)
     assert "<" not in block and ">" not in block
     same(json.loads(block), stats)  # the escapes are plain JSON: the data come back (floats to 6 digits)
+    # self-contained: no URL but the SVG namespace, nothing loaded from elsewhere
+    assert set(re.findall(r"[a-z]+://[^\s\"']*", html.replace(block, ""))) == {"http://www.w3.org/2000/svg"}
+    assert not re.search(r"<(link|img|iframe)\b|\bsrc=|@import|url\(", html.replace(block, ""))
 
 
 def same(got, want) -> None:
