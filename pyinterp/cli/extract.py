@@ -27,8 +27,8 @@ from pyinterp.corpus.store import DTYPES
                    "trains from (cached_activations_path; pip install \"pyinterp[saelens]\").")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in DIR from its last complete shard.")
 @click.option("--contexts-per-decode", "per_decode", default=None, type=click.IntRange(1, 64),
-              help="Contexts decoded together (default: as many as -c holds, at most 64; 1: each row bit for bit "
-                   "a run of its context alone).")
+              help="Contexts decoded together (default: 512 tokens' worth, as many as -c holds; 1: each row bit for "
+                   "bit a run of its context alone).")
 @click.option("--shard-tokens", default=None, type=click.IntRange(min=1),
               help="Tokens per shard file (default: about 256 MiB of activations).")
 @functools.partial(model_options, threads=("--threads",))

@@ -19,6 +19,7 @@ from pyinterp.cli.corpus import CorpusOptions, Meter, corpus_options
 from pyinterp.cli.options import ModelOptions, model_options
 from pyinterp.errors import InputError
 from pyinterp.io.atomic import atomic_write
+from pyinterp.viz.dashboard import write_dashboard
 
 N_LOGIT_TOKENS = 10  # promoted and suppressed tokens listed per feature
 SAE_SLOTS = 512      # features read out per token for a non-TopK SAE (more than any row may have: checked)
@@ -68,7 +69,7 @@ def corpus_batches(model, corpus: Path, tensor: str | None, sae, corpus_opts: Co
     """The batches of a model run over a text corpus (the SAE encoded in the graph), and the corpus's
     description for features.json."""
     from pyinterp.analysis.sae import sae_readout
-    from pyinterp.corpus.extract import limited, packing_for
+    from pyinterp.corpus.extract import contexts_per_decode, limited, packing_for
     from pyinterp.corpus.stream import batches
 
     size = corpus_opts.context_size
@@ -80,7 +81,7 @@ def corpus_batches(model, corpus: Path, tensor: str | None, sae, corpus_opts: Co
     if sae is not None:
         slots = sae.k if sae.architecture == "topk" else min(SAE_SLOTS, sae.d_sae)
         readout, names = sae_readout(model, sae, slots, {}, False), []
-    stream = batches(model, contexts, names, per_decode=max(1, min(64, model.n_ctx // size)), readout=readout)
+    stream = batches(model, contexts, names, per_decode=contexts_per_decode(model, size), readout=readout)
     if sae is not None and sae.architecture != "topk":  # a TopK SAE has at most k active features per token
         stream = check_sae_rows(stream, slots, sae.d_sae)
     return stream, {"path": str(corpus), "context_size": size, "packing": packing.describe()}
@@ -141,7 +142,8 @@ def features(corpus, tensor, sae_dir, feature_spec, top_features, examples, wind
 
     CORPUS is a text corpus (a .txt file, one document per line; .jsonl; a directory of .txt), run through the
     model, or a directory extracted by `pyinterp extract` (neurons of its tensors, the model not run).
-    Writes OUT/features.json and OUT/delphi/ (EleutherAI delphi's latent cache).
+    Writes OUT/features.json, OUT/features.html (a dashboard, one self-contained file) and OUT/delphi/
+    (EleutherAI delphi's latent cache).
     """
     from pyinterp.analysis.sae import SAE
 
@@ -161,8 +163,10 @@ def features(corpus, tensor, sae_dir, feature_spec, top_features, examples, wind
                  delphi_splits, out, corpus_opts, model_opts)
     with atomic_write(out / "features.json", "w", encoding="utf-8") as f:
         json.dump(result, f, ensure_ascii=False)
+    write_dashboard(result, out / "features.html")
     click.echo(f"{result['n_units']} units over {result['corpus']['n_tokens']} tokens: {len(result['dead'])} dead, "
-               f"{len(result['dense'])} dense (> {dense_threshold:g}); wrote {out / 'features.json'}, {out / 'delphi'}")
+               f"{len(result['dense'])} dense (> {dense_threshold:g}); wrote {out / 'features.json'}, "
+               f"{out / 'features.html'}, {out / 'delphi'}")
     if baseline is not None:
         drift = compare(base, result, alpha=alpha)
         with atomic_write(out / "drift.json", "w", encoding="utf-8") as f:

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from pyinterp.engine.core import ModelLike
 
 SHARD_BYTES = 256 * 2**20  # a shard's size by default
+# tokens per decode by default: contexts share one KV cache, whose attention over every context's cells (masked)
+# grows as the square of a decode's tokens, so a few contexts per decode beat many (benchmarks/bench_extract.py)
+DECODE_TOKENS = 512
 BYTES_PER_TOKEN = 3        # a low estimate of a text's bytes per token, for the disk space check
 
 
@@ -43,7 +46,7 @@ class Request:
     pack: bool = True
     dtype: str = "f32"
     max_tokens: int | None = None
-    per_decode: int | None = None    # contexts per decode; None: as many as n_ctx holds (at most 64)
+    per_decode: int | None = None    # contexts per decode; None: DECODE_TOKENS' worth (at least 1, at most 64)
     shard_tokens: int | None = None  # tokens per shard; None: about SHARD_BYTES
     format: str = "pyinterp"         # or "saelens": SAELens's cached-activations dataset (pyinterp.corpus.saelens)
 
@@ -55,6 +58,12 @@ def packing_for(model: ModelLike, context_size: int, pack: bool) -> Packing:
     bos, eos = model.engine.special_tokens()
     adds_bos = model.engine.adds_bos() and bos is not None
     return Packing(context_size, pack, bos if adds_bos else None, bos if adds_bos else eos)
+
+
+def contexts_per_decode(model: ModelLike, context_size: int, asked: int | None = None) -> int:
+    """Contexts per decode: ``asked``, or :data:`DECODE_TOKENS`' worth; no more than the model's context holds."""
+    most = max(1, min(model.engine.n_seq_max, model.n_ctx // context_size))
+    return min(most, asked or max(1, DECODE_TOKENS // context_size))
 
 
 def limited(contexts: Iterator[Context], max_tokens: int | None) -> Iterator[Context]:
@@ -156,7 +165,7 @@ def extract(model: ModelLike, directory: Path, request: Request, *, resume: bool
 
 def _run(model: ModelLike, directory: Path, request: Request, packing: Packing, manifest: dict,
          on_batch: Callable[[int, float], None] | None) -> dict:
-    per_decode = request.per_decode or max(1, min(model.engine.n_seq_max, model.n_ctx // request.context_size))
+    per_decode = contexts_per_decode(model, request.context_size, request.per_decode)
     row_bytes = sum(t["width"] for t in manifest["tensors"].values()) * (4 if request.dtype == "f32" else 2)
     shard_tokens = request.shard_tokens or max(request.context_size, SHARD_BYTES // max(1, row_bytes))
     done = manifest["n_contexts"]
@@ -198,7 +207,7 @@ def _run_saelens(model: ModelLike, directory: Path, request: Request, packing: P
     keys = tensor_keys(model, request.names)
     width = widths(model, keys)
     size, n = request.context_size, 0
-    per_decode = request.per_decode or max(1, min(model.engine.n_seq_max, model.n_ctx // size))
+    per_decode = contexts_per_decode(model, request.context_size, request.per_decode)
     contexts = limited(packing.contexts(request.source.documents(), lambda text: model.engine.tokenize(text, False)),
                        request.max_tokens)
     with SaeLensWriter(directory, width, size, {"f32": "float32", "f16": "float16"}[request.dtype]) as writer:
