@@ -220,3 +220,16 @@ def test_saelens_format_holds_the_same_rows(smollm2, corpus_file, tmp_path):
         extract(smollm2, tmp_path / "x", Request(Source(corpus_file), names, CONTEXT, format="saelens"), resume=True)
     with pytest.raises(InputError, match="drop --no-pack"):
         extract(smollm2, tmp_path / "x", Request(Source(corpus_file), names, CONTEXT, pack=False, format="saelens"))
+
+
+def test_the_manifest_names_the_model_by_its_header(tiny_path):
+    """The header's size equals what gguf's own reader parses (its data offset), on models with and without
+    string arrays (a vocabulary) and an explicit alignment; the hash changes with the metadata."""
+    import gguf
+
+    from pyinterp import zoo
+    from pyinterp.corpus.store import gguf_header_size, header_sha256
+
+    for path in (zoo.resolve("smollm2"), tiny_path("llama"), tiny_path("gemma2", f32=True)):
+        assert gguf_header_size(np.memmap(path, dtype=np.uint8, mode="r")) == gguf.GGUFReader(path).data_offset
+    assert header_sha256(tiny_path("llama")) != header_sha256(tiny_path("llama", f32=True))

@@ -18,12 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import gguf
 import numpy as np
 
 from pyinterp.corpus.stream import Batch
@@ -38,11 +38,52 @@ INDEX_DTYPES = {"token_ids": "I32", "doc": "I64", "pos": "I32", "context": "I64"
 ROW_INDEX_BYTES = 4 + 8 + 4 + 8  # token id, document, position, context of a row
 
 
+# GGUF metadata value types (gguf.GGUFValueType) -> their size in bytes; 8: a string, 9: an array
+GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def gguf_header_size(data: bytes | np.ndarray) -> int:
+    """Bytes of a GGUF file's header: magic, version, counts, metadata and tensor table, up to the aligned start of
+    the tensor data (``general.alignment``, default 32). Reads only what it skips over (a 49k-token vocabulary's
+    strings are skipped by their lengths), so it is fast where ``gguf.GGUFReader`` parses every value."""
+    buf = memoryview(data)
+    n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
+    at, alignment = 24, 32
+
+    def skip_value(kind: int, at: int) -> int:
+        if kind == 8:
+            return at + 8 + struct.unpack_from("<Q", buf, at)[0]
+        if kind == 9:
+            item, n = struct.unpack_from("<IQ", buf, at)
+            at += 12
+            if item in GGUF_SIZES:
+                return at + n * GGUF_SIZES[item]
+            for _ in range(n):
+                at = skip_value(item, at)
+            return at
+        return at + GGUF_SIZES[kind]
+
+    for _ in range(n_kv):
+        (n,) = struct.unpack_from("<Q", buf, at)
+        key = bytes(buf[at + 8:at + 8 + n])
+        (kind,) = struct.unpack_from("<I", buf, at + 8 + n)
+        if key == b"general.alignment" and kind == 4:
+            (alignment,) = struct.unpack_from("<I", buf, at + 12 + n)
+        at = skip_value(kind, at + 12 + n)
+    for _ in range(n_tensors):
+        at += 8 + struct.unpack_from("<Q", buf, at)[0]         # the name
+        at += 4 + 8 * struct.unpack_from("<I", buf, at)[0] + 12  # the dimensions, the type, the offset
+    return at + -at % alignment
+
+
 def header_sha256(path: Path) -> str:
     """The sha256 of a GGUF file's header (metadata and tensor table, up to the tensor data)."""
-    reader = gguf.GGUFReader(path)
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read(reader.data_offset)).hexdigest()
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    try:
+        size = gguf_header_size(data)
+    except (struct.error, KeyError, IndexError):
+        raise InputError(f"{path}: its GGUF header is malformed") from None
+    return hashlib.sha256(data[:size]).hexdigest()
 
 
 def shard_name(i: int) -> str:
