@@ -49,7 +49,7 @@ def pyinterp_side(args: argparse.Namespace) -> dict[str, np.ndarray]:
 
     size, n = args.context_size, args.contexts
     with tempfile.TemporaryDirectory() as tmp, \
-            pyinterp.Model(args.model, n_ctx=min(2048, 16 * size), n_threads=args.threads) as model:
+            pyinterp.Model(args.model, n_ctx=max(512, size), n_threads=args.threads) as model:
         source = Source(corpus_text(Path(tmp) / "corpus.txt"))
         name = f"l_out-{args.layer}"
         request = Request(source, (name,), size, max_tokens=n * size)
