@@ -30,7 +30,7 @@ from pyinterp.corpus.store import DTYPES
               help="Contexts decoded together (default: 512 tokens' worth, as many as -c holds; 1: each row bit for "
                    "bit a run of its context alone).")
 @click.option("--shard-tokens", default=None, type=click.IntRange(min=1),
-              help="Tokens per shard file (default: about 256 MiB of activations).")
+              help="Tokens per shard file (default: about 64 MiB of activations).")
 @functools.partial(model_options, threads=("--threads",))
 def extract(corpus_path, out, tensors, corpus_opts, dtype, fmt, resume, per_decode, shard_tokens, model_opts):
     """Extract the activations of every token of CORPUS to DIR.

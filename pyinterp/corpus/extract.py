@@ -29,7 +29,7 @@ from pyinterp.errors import InputError
 if TYPE_CHECKING:
     from pyinterp.engine.core import ModelLike
 
-SHARD_BYTES = 256 * 2**20  # a shard's size by default
+SHARD_BYTES = 64 * 2**20  # a shard's size by default: memory holds at most about three (pending, queued, written)
 # tokens per decode by default: contexts share one KV cache, whose attention over every context's cells (masked)
 # grows as the square of a decode's tokens, so a few contexts per decode beat many (benchmarks/bench_extract.py)
 DECODE_TOKENS = 512

@@ -118,7 +118,7 @@ class ShardWriter:
         self.dtype = DTYPES[manifest["dtype"]]
         self.pending: list[Batch] = []
         self.queued = 0  # rows handed to the writer thread and not yet in the manifest
-        self.queue: queue.Queue = queue.Queue(maxsize=2)  # shards waiting for the disk: bounded memory
+        self.queue: queue.Queue = queue.Queue(maxsize=1)  # a shard waiting for the disk: memory bounded
         self.failed: BaseException | None = None
         self.thread = threading.Thread(target=self._drain, name="pyinterp-shard-writer", daemon=True)
         self.thread.start()
