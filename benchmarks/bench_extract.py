@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from child import run_child  # benchmarks/child.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -144,12 +146,7 @@ def run_side(side: str, args: argparse.Namespace, out: Path, ids: Path | None = 
             str(args.context_size), "--batch", str(args.batch)]
     if ids is not None:
         argv += ["--ids", str(ids)]
-    pid = os.spawnv(os.P_NOWAIT, python, argv)
-    _, status, usage = os.wait4(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"the {side} side failed (exit status {os.waitstatus_to_exitcode(status)})")
-    with np.load(out) as result:
-        return dict(result), usage.ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1 << 10)
+    return run_child(side, argv, out)
 
 
 def main() -> None:

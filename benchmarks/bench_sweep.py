@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from child import run_child  # benchmarks/child.py, beside this script
+
 CLEAN = "In Europe, the famous Eiffel Tower is located in the city of"
 CORRUPT = "In Europe, the famous Colosseum is located in the city of"
 
@@ -189,13 +191,7 @@ def run_side(side: str, args: argparse.Namespace, out: Path, plan: Path | None =
         argv += ["--positions", str(args.positions)]
     if plan is not None:
         argv += ["--plan", str(plan)]
-    pid = os.spawnv(os.P_NOWAIT, python, argv)
-    _, status, usage = os.wait4(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"the {side} side failed (exit status {os.waitstatus_to_exitcode(status)})")
-    with np.load(out) as result:
-        # ru_maxrss is in KiB on Linux, in bytes on macOS
-        return dict(result), usage.ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1 << 10)
+    return run_child(side, argv, out)
 
 
 def main() -> None:

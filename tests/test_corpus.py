@@ -4,7 +4,6 @@ are the documents', an interrupted run resumes to the same dataset, parts merge,
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
