@@ -32,7 +32,8 @@ from pyinterp.engine.arch import ARCHS
 from pyinterp.engine.backend import KV_TYPES, Backend, default_threads, has_metal, set_verbose  # noqa: F401  (for the façade)
 from pyinterp.engine.names import ATTENTION_TENSORS, Planner, TensorInfo, as_list, split_name
 from pyinterp.errors import InputError, PyinterpError
-from pyinterp.interventions import Capture, Intervention, Op, Target
+from pyinterp.interventions.base import Intervention, Op, Target  # submodules: importing pyinterp.interventions first works
+from pyinterp.interventions.capture import Capture
 
 # V cache types the explicit attention path (attention weights captured) can multiply: over a quantized V cache it
 # corrupted the heap (free(): invalid pointer at the context's end) and gave NaN rows

@@ -7,6 +7,10 @@ from pyinterp.interventions.base import Intervention, Op, Target
 from pyinterp.interventions.capture import Capture
 from pyinterp.interventions.head_patch import PatchHead
 from pyinterp.interventions.isolate import IsolateHead
+from pyinterp.interventions.mean_ablate import MeanAblate
 from pyinterp.interventions.patch import PatchRow
+from pyinterp.interventions.reference import Reference
+from pyinterp.interventions.resample_ablate import ResampleAblate
 
-__all__ = ["AblateHeads", "AddVector", "Capture", "Intervention", "IsolateHead", "Op", "PatchHead", "PatchRow", "Target"]
+__all__ = ["AblateHeads", "AddVector", "Capture", "Intervention", "IsolateHead", "MeanAblate", "Op", "PatchHead", "PatchRow",
+           "Reference", "ResampleAblate", "Target"]
