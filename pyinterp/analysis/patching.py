@@ -5,8 +5,8 @@ for bit the :meth:`Model.run` it stands for.
 - :func:`patch_sweep`: run the clean prompt once capturing a ``[n_tokens, width]`` tensor (``l_out`` by
   default), then for every (layer, position) run the corrupted prompt with that one row replaced by the
   clean row, and record the metric. ``[n_layers, n_positions]``.
-- :func:`head_ablation_scan`: ablate one head at a time and record how much the metric changes.
-  ``[n_layers, n_head]``.
+- :func:`head_ablation_scan`: ablate one head at a time (zero, mean or resample ablation) and record how much
+  the metric changes. ``[n_layers, n_head]``.
 - :func:`head_patch_scan`: patch one head's output (``kqv_heads``) at a time, clean into corrupt.
   ``[n_layers, n_head]``.
 
@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 
+from pyinterp.analysis.ablation import RefLike, head_ablation, head_reference
 from pyinterp.analysis.lens import positions_in, resolve_target
 from pyinterp.engine.batch import run_variants
 from pyinterp.engine.names import as_list
 from pyinterp.errors import InputError
-from pyinterp.interventions import AblateHeads, Intervention, PatchHead, PatchRow
+from pyinterp.interventions import Intervention, PatchHead, PatchRow
 
 if TYPE_CHECKING:
     from pyinterp.model import Model
@@ -179,18 +180,27 @@ def patch_sweep(model: Model, clean: str | Sequence[int], corrupt: str | Sequenc
 
 def head_ablation_scan(model: Model, prompt: str | Sequence[int], metric: Metric | MetricFn,
                        layers: Iterable[int] | None = None, batched: bool = True,
-                       on_cell: Callable[[], None] | None = None) -> np.ndarray:
+                       on_cell: Callable[[], None] | None = None, *, mode: str = "zero", reference: RefLike = None,
+                       per_position: bool = True, seed: int = 0) -> np.ndarray:
     """How much ablating each head alone changes the metric.
 
-    Runs ``prompt`` once plainly and once per head of ``layers`` (default all) with that head ablated
-    (its attention weights zeroed, so its output is zero). Returns ``[n_layers, n_head]`` float64:
-    ``metric(ablated) - metric(plain)``, negative where the head helps the metric. ``on_cell`` is called
-    after each head (progress).
+    Runs ``prompt`` once plainly and once per head of ``layers`` (default all) with that head ablated, and
+    returns ``[n_layers, n_head]`` float64: ``metric(ablated) - metric(plain)``, negative where the head helps
+    the metric. ``on_cell`` is called after each head (progress).
+
+    ``mode``: ``"zero"`` (its attention weights zeroed, so its output is zero), ``"mean"`` (its output replaced
+    by its mean over ``reference``, per position or, ``per_position=False``, over positions) or ``"resample"``
+    (by its output in one prompt of ``reference`` drawn with ``seed``, the same for every head, the scanned prompt
+    left out); ``reference``: a :class:`pyinterp.interventions.Reference` or prompts (texts or ids), whose head
+    outputs are then captured once for every layer scanned (see :mod:`pyinterp.analysis.ablation`).
     """
     fn = bind_metric(model, metric)
     ids = model.prompt_ids(prompt)
     layers = _layers(model, layers)
-    variants = [[AblateHeads(((il, h),))] for il in layers for h in range(model.n_head)]
+    if mode in ("mean", "resample"):
+        reference = head_reference(model, reference, layers, mode)
+    variants = [[head_ablation(model, ((il, h),), mode, reference, ids, per_position, seed)]
+                for il in layers for h in range(model.n_head)]
     plain, values = evaluate(model, ids, variants, fn, batched, on_cell)
     return (values - plain).reshape(len(layers), model.n_head)
 

@@ -16,7 +16,9 @@ from pathlib import Path
 import click
 import numpy as np
 
+from pyinterp.analysis.ablation import head_ablation
 from pyinterp.analysis.steering import ControlVector, combine, steered
+from pyinterp.cli.ablation import ablation_options
 from pyinterp.cli.corpus import corpus
 from pyinterp.cli.cvector import cvector
 from pyinterp.cli.extract import extract
@@ -181,6 +183,7 @@ DRAW_PATH = "attention.png"
               help="Layers to draw, as --ll-layers (default all).")
 @click.option("-a", "--ablate", "ablate_spec", default=None, metavar="LIST",
               help="Ablate heads: global indices layer*n_head+head and/or LAYER:HEAD pairs, comma separated.")
+@ablation_options
 @click.option("-s", "--select", "isolate", type=(int, int), default=None, metavar="LAYER INDEX",
               help="Isolate one head: ablate every other head of LAYER.")
 @click.option("--save", "saves", type=(str, str), multiple=True, metavar="NAME-LAYER FILE",
@@ -202,13 +205,15 @@ DRAW_PATH = "attention.png"
               help="Show the version, the llama.cpp source, patches and backends, and exit.")
 @click.pass_context
 def cli(ctx, model_opts, prompt, prompt_file, escape, n_predict, seed, temp, ignore_eos, lens_name, ll_topk, norm_lens, ll_png, target_specs, ll_layers,
-        ll_pos, target_png, attribute, attr_png, csv_path, decimals, draw, draw_path, draw_layers, ablate_spec, isolate,
-        saves, loads, patch_specs, patch_avg, cvec_files, cvec_scaled, cvec_range, print_cgraph, as_json):
+        ll_pos, target_png, attribute, attr_png, csv_path, decimals, draw, draw_path, draw_layers, ablate_spec, ablation,
+        isolate, saves, loads, patch_specs, patch_avg, cvec_files, cvec_scaled, cvec_range, print_cgraph, as_json):
     """Run a GGUF model and look inside: logit lens, attention pictures, head ablation, activation patching."""
     from pyinterp.viz.attention import draw_attention
 
     prompt = prompt_text(prompt, prompt_file, escape)
     check_option_pairs(ctx)
+    ablation.check(ablate_spec is not None, "-a")
+    reference = ablation.prompts()
     attributing = attribute is not None
     draw = drawing_path(draw, draw_path, draw_layers)
     actions = [PatchAction(s, f, None, None) for s, f in loads]
@@ -240,7 +245,13 @@ def cli(ctx, model_opts, prompt, prompt_file, escape, n_predict, seed, temp, ign
                            "n_head": model.n_head, "n_embd": model.n_embd}
         result["prompt_tokens"] = [{"id": t, "str": model.token_str(t)} for t in ids]
         # the interventions: on for every pass and the generation below
-        stack.enter_context(model.ablated(ablate))
+        if ablation.mode == "zero":
+            stack.enter_context(model.ablated(ablate))
+        else:  # the reference runs first, with none of the interventions below
+            stack.enter_context(model.intervened(head_ablation(model, ablate, ablation.mode, reference, ids,
+                                                               ablation.per_position, ablation.seed or 0)))
+        if ablate:
+            result["ablation"] = {**ablation.describe(), "heads": [list(h) for h in ablate]}
         stack.enter_context(model.patched(patches))
         if isolate is not None:
             stack.enter_context(model.isolated(*isolate))

@@ -10,6 +10,7 @@ import numpy as np
 
 from pyinterp.analysis.patching import (Metric, bind_metric, head_ablation_scan, head_patch_scan, logit_diff,
                                         patch_sweep, prob, run_metric)
+from pyinterp.cli.ablation import ablation_options
 from pyinterp.cli.options import LAYERS_HELP, layer_list, model_options, progress
 from pyinterp.io.csv_io import write_csv
 
@@ -47,6 +48,7 @@ def print_table(values: np.ndarray, layers: list[int], columns: list[str]) -> No
 @click.option("--corrupt", default=None, help="The corrupted prompt (patched into); as many tokens as --clean.")
 @click.option("--heads", "heads_scan", is_flag=True,
               help="Instead of patching: ablate each head alone on --clean and record the metric's change.")
+@ablation_options
 @click.option("--patch-heads", is_flag=True,
               help="With --corrupt: patch each head's output (kqv_heads) alone instead of a row of --tensor (layers x heads).")
 @click.option("--tensor", default="l_out", show_default=True, help="The [n_tokens, width] tensor patched.")
@@ -61,13 +63,14 @@ def print_table(values: np.ndarray, layers: list[int], columns: list[str]) -> No
 @click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False), metavar="PATH",
               help="Write the table as CSV.")
 @click.option("--png", default=None, type=click.Path(dir_okay=False), metavar="PATH", help="Write the heatmap.")
-def sweep(model_opts, clean, corrupt, heads_scan, patch_heads, tensor, metric_kind, good, bad, layer_spec, as_json,
+def sweep(model_opts, clean, corrupt, heads_scan, ablation, patch_heads, tensor, metric_kind, good, bad, layer_spec, as_json,
           csv_path, png):
     """Activation patching: for each layer and token, run --corrupt with that token's row of --tensor taken
     from the --clean run, and record the metric of the last token's logits (layers x tokens).
 
     With --patch-heads: patch each head's output alone instead (layers x heads). With --heads: ablate each head
-    of --clean alone and record metric(ablated) - metric(plain) (layers x heads). Each cell reuses the plain
+    of --clean alone (--ablate-mode: zero, or mean or resample over --ablate-ref) and record
+    metric(ablated) - metric(plain) (layers x heads). Each cell reuses the plain
     run's unchanged positions and layers and equals a run of its own bit for bit.
     """
     from pyinterp.viz.plot import sanitize_label, save_png, value_grid
@@ -78,6 +81,8 @@ def sweep(model_opts, clean, corrupt, heads_scan, patch_heads, tensor, metric_ki
         raise click.UsageError("--tensor goes with a patching sweep of rows, not --heads or --patch-heads")
     if heads_scan and patch_heads:
         raise click.UsageError("--patch-heads patches from --corrupt; --heads ablates: choose one")
+    ablation.check(heads_scan, "--heads")
+    reference = ablation.prompts()
     with model_opts.open() as model:
         layers = layer_spec.resolve(model.n_layer) if layer_spec is not None else list(range(model.n_layer))
         metric = choose_metric(model, metric_kind, good, bad, clean, corrupt)
@@ -87,9 +92,12 @@ def sweep(model_opts, clean, corrupt, heads_scan, patch_heads, tensor, metric_ki
                   "clean_value": run_metric(model, clean_ids, fn)}
         if heads_scan:
             n_cells, columns = len(layers) * model.n_head, [str(h) for h in range(model.n_head)]
-            kind = "head ablation: metric(ablated) - metric(plain)"
+            kind = "head ablation" + ("" if ablation.mode == "zero" else f" ({ablation.mode})") + ": metric(ablated) - metric(plain)"
+            result["ablation"] = ablation.describe()
             with progress(n_cells, "heads") as bar:
-                values = head_ablation_scan(model, clean_ids, metric, layers, on_cell=bar and (lambda: bar.update(1)))
+                values = head_ablation_scan(model, clean_ids, metric, layers, on_cell=bar and (lambda: bar.update(1)),
+                                            mode=ablation.mode, reference=reference,
+                                            per_position=ablation.per_position, seed=ablation.seed or 0)
         else:
             corrupt_ids = model.prompt_ids(corrupt)
             result |= {"corrupt": corrupt, "tensor": "kqv_heads" if patch_heads else tensor,

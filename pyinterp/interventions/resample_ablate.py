@@ -34,12 +34,12 @@ class ResampleAblate:
         what = "resample ablation"
         reference = check_reference(self.reference, what)
         n = target.n_tokens
-        i = self.drawn(n)
-        out: list[Op] = []
-        for layer, heads in heads_by_layer(target, self.heads, self.tensors, what).items():
-            rows = reference.rows(("kqv_heads", layer), head_width(target), f"{what} of {layer}:{heads[0]}")[i]
-            out += replace_heads(target, layer, heads, rows[:n])
+        heads = [(layer, hs, reference.rows(("kqv_heads", layer), head_width(target), f"{what} of {layer}:{hs[0]}"))
+                 for layer, hs in heads_by_layer(target, self.heads, self.tensors, what).items()]
+        rows = []
         for spec in as_list(self.tensors, "capture"):
             name, layer, width = tensor_key(target, spec, what)
-            out += replace_rows(target, name, layer, reference.rows((name, layer), width, f"{what} of {name}-{layer}")[i][:n])
-        return out
+            rows.append((name, layer, reference.rows((name, layer), width, f"{what} of {name}-{layer}")))
+        i = self.drawn(n)  # once every tensor is known to be in the reference at the model's width
+        return [*(op for layer, hs, arrays in heads for op in replace_heads(target, layer, hs, arrays[i][:n])),
+                *(op for name, layer, arrays in rows for op in replace_rows(target, name, layer, arrays[i][:n]))]
