@@ -92,7 +92,8 @@ def sweep(model_opts, clean, corrupt, heads_scan, ablation, patch_heads, tensor,
                   "clean_value": run_metric(model, clean_ids, fn)}
         if heads_scan:
             n_cells, columns = len(layers) * model.n_head, [str(h) for h in range(model.n_head)]
-            kind = "head ablation" + ("" if ablation.mode == "zero" else f" ({ablation.mode})") + ": metric(ablated) - metric(plain)"
+            mode = "" if ablation.mode == "zero" else f" ({ablation.mode})"
+            kind = f"head ablation{mode}: metric(ablated) - metric(plain)"
             result["ablation"] = ablation.describe()
             with progress(n_cells, "heads") as bar:
                 values = head_ablation_scan(model, clean_ids, metric, layers, on_cell=bar and (lambda: bar.update(1)),

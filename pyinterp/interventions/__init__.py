@@ -12,5 +12,5 @@ from pyinterp.interventions.patch import PatchRow
 from pyinterp.interventions.reference import Reference
 from pyinterp.interventions.resample_ablate import ResampleAblate
 
-__all__ = ["AblateHeads", "AddVector", "Capture", "Intervention", "IsolateHead", "MeanAblate", "Op", "PatchHead", "PatchRow",
-           "Reference", "ResampleAblate", "Target"]
+__all__ = ["AblateHeads", "AddVector", "Capture", "Intervention", "IsolateHead", "MeanAblate", "Op", "PatchHead",
+           "PatchRow", "Reference", "ResampleAblate", "Target"]

@@ -31,12 +31,14 @@ class MeanAblate:
         what = "mean ablation"
         reference = check_reference(self.reference, what)
         per_position = check_bool(self.per_position, "per_position")
+        n = target.n_tokens
         out: list[Op] = []
         for layer, heads in heads_by_layer(target, self.heads, self.tensors, what).items():
-            mean = reference.mean(("kqv_heads", layer), head_width(target), target.n_tokens, per_position, f"{what} of {layer}:{heads[0]}")
+            label = f"{what} of {layer}:{heads[0]}"
+            mean = reference.mean(("kqv_heads", layer), head_width(target), n, per_position, label)
             out += replace_heads(target, layer, heads, mean)
         for spec in as_list(self.tensors, "capture"):
             name, layer, width = tensor_key(target, spec, what)
-            out += replace_rows(target, name, layer,
-                                reference.mean((name, layer), width, target.n_tokens, per_position, f"{what} of {name}-{layer}"))
+            mean = reference.mean((name, layer), width, n, per_position, f"{what} of {name}-{layer}")
+            out += replace_rows(target, name, layer, mean)
         return out
