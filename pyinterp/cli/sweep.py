@@ -10,7 +10,9 @@ import numpy as np
 
 from pyinterp.analysis.patching import (Metric, bind_metric, head_ablation_scan, head_patch_scan, logit_diff,
                                         patch_sweep, prob, run_metric)
+from pyinterp.analysis.stats import markdown_table
 from pyinterp.cli.options import LAYERS_HELP, layer_list, model_options, progress
+from pyinterp.cli.sets import md_option, prompts_option
 from pyinterp.io.csv_io import write_csv
 
 
@@ -33,8 +35,12 @@ def choose_metric(model, kind: str, good: str | None, bad: str | None, clean: st
     return logit_diff(good_token, bad_token)
 
 
-def print_table(values: np.ndarray, layers: list[int], columns: list[str]) -> None:
-    """One row per layer, one column per token or head, values to two decimals."""
+def print_table(values: np.ndarray, layers: list[int], columns: list[str], as_md: bool = False) -> None:
+    """One row per layer, one column per token or head, values to two decimals (``as_md``: a Markdown table)."""
+    if as_md:
+        click.echo(markdown_table(["layer", *columns], [[il, *(f"{v:.2f}" for v in row)]
+                                                        for il, row in zip(layers, values, strict=True)]))
+        return
     width = max(7, *(len(c) + 1 for c in columns))
     click.echo(f"{'layer':>5} " + "".join(c.rjust(width) for c in columns))
     for label, row in zip(layers, values, strict=True):
@@ -43,7 +49,7 @@ def print_table(values: np.ndarray, layers: list[int], columns: list[str]) -> No
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @model_options
-@click.option("--clean", required=True, help="The clean prompt (its activations are patched in).")
+@click.option("--clean", default=None, help="The clean prompt (its activations are patched in).")
 @click.option("--corrupt", default=None, help="The corrupted prompt (patched into); as many tokens as --clean.")
 @click.option("--heads", "heads_scan", is_flag=True,
               help="Instead of patching: ablate each head alone on --clean and record the metric's change.")
@@ -61,17 +67,44 @@ def print_table(values: np.ndarray, layers: list[int], columns: list[str]) -> No
 @click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False), metavar="PATH",
               help="Write the table as CSV.")
 @click.option("--png", default=None, type=click.Path(dir_okay=False), metavar="PATH", help="Write the heatmap.")
+@prompts_option
+@md_option
+@click.option("--per-example", "examples_path", default=None, type=click.Path(dir_okay=False), metavar="PATH",
+              help="With --prompts: write every example's value of every cell, with its baselines (.csv or .json).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="With --prompts: the seed of the bootstrap intervals and permutation p-values.")
 def sweep(model_opts, clean, corrupt, heads_scan, patch_heads, tensor, metric_kind, good, bad, layer_spec, as_json,
-          csv_path, png):
+          csv_path, png, prompts_path, as_md, examples_path, seed):
     """Activation patching: for each layer and token, run --corrupt with that token's row of --tensor taken
     from the --clean run, and record the metric of the last token's logits (layers x tokens).
 
     With --patch-heads: patch each head's output alone instead (layers x heads). With --heads: ablate each head
     of --clean alone and record metric(ablated) - metric(plain) (layers x heads). Each cell reuses the plain
     run's unchanged positions and layers and equals a run of its own bit for bit.
+
+    With --prompts FILE (rows with clean and corrupt, or clean alone for --heads, and optionally good/bad): the
+    sweep of every row, positions aligned from the end (-1: each row's last token), and per cell the mean,
+    standard deviation, bootstrap 95% interval, permutation p-value and normalised metric.
     """
     from pyinterp.viz.plot import sanitize_label, save_png, value_grid
 
+    if prompts_path is not None:
+        from pyinterp.cli.sweep_set import run_set
+
+        if clean is not None or corrupt is not None:
+            raise click.UsageError("--prompts takes the clean and corrupted prompts from the file: no --clean/--corrupt")
+        if heads_scan and patch_heads:
+            raise click.UsageError("--patch-heads patches from --corrupt; --heads ablates: choose one")
+        if (heads_scan or patch_heads) and tensor != "l_out":
+            raise click.UsageError("--tensor goes with a patching sweep of rows, not --heads or --patch-heads")
+        kind = "heads" if heads_scan else "patch_heads" if patch_heads else "patch"
+        run_set(model_opts, prompts_path, kind, tensor, metric_kind, good, bad, layer_spec, seed, as_json, as_md,
+                csv_path, examples_path, png)
+        return
+    if clean is None:
+        raise click.UsageError("give --clean (and --corrupt, or --heads), or --prompts FILE")
+    if examples_path is not None:
+        raise click.UsageError("--per-example goes with --prompts")
     if heads_scan == (corrupt is not None):
         raise click.UsageError("give --corrupt for a patching sweep, or --heads for a head ablation scan (not both)")
     if (heads_scan or patch_heads) and tensor != "l_out":
@@ -122,7 +155,7 @@ def sweep(model_opts, clean, corrupt, heads_scan, patch_heads, tensor, metric_ki
         return
     click.echo(f"{kind} on {result['model']}; metric {result['metric']}")
     click.echo(f"clean: {result['clean_value']:.3f}" + ("" if heads_scan else f"  corrupt: {result['corrupt_value']:.3f}"))
-    print_table(values, layers, [sanitize_label(c) for c in columns])
+    print_table(values, layers, [sanitize_label(c) for c in columns], as_md)
     for path in files:
         click.echo(f"wrote {path}")
 
