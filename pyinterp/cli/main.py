@@ -28,6 +28,7 @@ from pyinterp.cli.options import LAYERS_HELP, LayerList, layer_list, model_optio
 from pyinterp.cli.prompt import prompt_options, prompt_text, seed_option, stream_generation, temp_option
 from pyinterp.cli.report import lens_and_targets, print_report, write_pictures_and_tables
 from pyinterp.cli.sae import sae
+from pyinterp.cli.spans import spans
 from pyinterp.cli.sweep import sweep
 from pyinterp.engine.names import split_name
 from pyinterp.errors import InputError, PyinterpError
@@ -325,7 +326,7 @@ def drawing_path(draw: str | None, draw_path: str | None, draw_layers: LayerList
 def subcommands() -> dict[str, click.Command]:
     """Analyses with a command of their own: ``pyinterp NAME ...``; everything else is the main command."""
     return {"corpus": corpus, "cvector": cvector, "extract": extract, "features": features, "fidelity": fidelity,
-            "heads": heads, "sae": sae, "sweep": sweep}
+            "heads": heads, "sae": sae, "spans": spans, "sweep": sweep}
 
 
 cli.epilog = ("More commands, each with its own --help: "
