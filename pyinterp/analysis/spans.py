@@ -95,7 +95,8 @@ class SpanMasses:
     tokens: dict[str, list[list[int] | None]]
 
     def summary(self, name: str, seed: int = 0) -> Summary:
-        """Mean, std and bootstrap interval of ``name``'s masses over the examples that have it, ``[n_layers, n_head]``."""
+        """Mean, std and bootstrap interval of ``name``'s masses over the examples that have it ``[n_layers, n_head]``
+        each."""
         values = self._values(name)
         return summarize(values[~np.isnan(values[:, 0, 0])], seed)
 

@@ -92,7 +92,8 @@ def sweep(model_opts, clean, corrupt, heads_scan, patch_heads, tensor, metric_ki
         from pyinterp.cli.sweep_set import run_set
 
         if clean is not None or corrupt is not None:
-            raise click.UsageError("--prompts takes the clean and corrupted prompts from the file: no --clean/--corrupt")
+            raise click.UsageError("--prompts takes the clean and corrupted prompts from the file: "
+                                   "no --clean/--corrupt")
         if heads_scan and patch_heads:
             raise click.UsageError("--patch-heads patches from --corrupt; --heads ablates: choose one")
         if (heads_scan or patch_heads) and tensor != "l_out":
