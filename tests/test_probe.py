@@ -123,6 +123,7 @@ def test_folds_and_control_on_synthetic_classes(tmp_path):
     ([1, 2, 1, 2], 5, "label 1 has 2 examples"),
     (["a", "b", 1.5, "a"], 2, "example 3: label must be a string or an integer"),
     (["a", "b"], 1, "--folds must be at least 2"),
+    ([], 2, "no examples"),
 ])
 def test_bad_labels(labels, folds, message):
     with pytest.raises(InputError, match=message):
@@ -164,7 +165,7 @@ def test_cli_bad_tensor_and_missing_sklearn(tmp_path, capsys, monkeypatch):
 
 
 def test_cli(tmp_path, capsys):
-    rows = [{"prompt": p, "label": int(l == "country")} for p, l in zip(PROMPTS, LABELS)]
+    rows = [{"prompt": p, "label": int(l == "country")} for p, l in zip(PROMPTS[:8] + PROMPTS[-8:], LABELS[:8] + LABELS[-8:])]
     path = write_set(tmp_path / "set.jsonl", rows)
     args = ["--prompts", path, "--layers", "2,15", "--folds", "4", "--position", "mean"]
     code, out, err = run(capsys, *args, "--json", "--png", str(tmp_path / "acc.png"), "--save", str(tmp_path / "d"))

@@ -263,7 +263,8 @@ class ProbeResult:
                   "majority baseline": np.full(len(self.layers), self.baseline)}
         title = (f"linear probes of {self.tensor} on {self.model}\n{sum(self.counts)} examples, {len(self.classes)} "
                  f"classes, {self.folds}-fold CV; best layer {self.best}")
-        image = line_charts([("held-out accuracy", series)], [str(il) for il in self.layers], title=title)
+        image = line_charts([("held-out accuracy", series)], [str(il) for il in self.layers], title=title,
+                            legend_bottom=True)
         return save_png(image, path)
 
     def control_vectors(self) -> list[ControlVector]:

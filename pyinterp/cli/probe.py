@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from pyinterp.analysis.probe import POSITIONS, probe as run_probe
+from pyinterp.analysis.probe import POSITIONS, encode_labels, probe as run_probe, sklearn_parts
 from pyinterp.cli.options import LAYERS_HELP, layer_list, model_options, progress
 from pyinterp.errors import InputError
 
@@ -49,7 +49,7 @@ def labelled_prompts(path: str) -> tuple[list[str], list[str | int]]:
 @click.option("--prompts", "prompt_set", required=True, metavar="FILE",
               help="The labelled prompt set: JSONL rows with 'prompt' and 'label' (a string or an integer).")
 @click.option("-t", "--tensor", default="l_out", show_default=True, metavar="NAME",
-              help="The tensor probed at every layer (l_out, attn_out, ffn_out, ... or a TransformerLens name).")
+              help="The tensor probed at each layer (l_out, attn_out, ffn_out, ...; the layers: --layers).")
 @click.option("--position", type=click.Choice(POSITIONS), default="last", show_default=True,
               help="Probe the last token's row, or the mean over the tokens after BOS.")
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(min=2),
@@ -76,6 +76,8 @@ def probe(prompt_set, tensor, position, folds, layers, seed, save_dir, png, as_m
     if as_md and as_json:
         raise click.UsageError("--md and --json are two formats: choose one")
     prompts, labels = labelled_prompts(prompt_set)
+    encode_labels(labels, folds)  # bad labels and a missing scikit-learn: before the model loads
+    sklearn_parts()
     with model_opts.open() as model:
         chosen = layers.resolve(model.n_layer) if layers is not None else None
         n_layers = len(chosen) if chosen is not None else len(model.engine.planner().captures([tensor]))
