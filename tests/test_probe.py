@@ -54,7 +54,8 @@ def test_directions_are_the_pipeline_in_activation_space(smollm2):
     d, b = directions(x, y, seed=0)
     pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x, y)
     expected = pipe.decision_function(x)
-    np.testing.assert_allclose(x.astype(np.float64) @ d[0] + b[0], expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+    np.testing.assert_allclose(x.astype(np.float64) @ d[0] + b[0], expected, rtol=1e-3,
+                               atol=1e-3 * np.abs(expected).max())
     assert d.shape == (1, smollm2.n_embd) and d.dtype == np.float32
 
 
@@ -145,7 +146,8 @@ def run(capsys, *args):
     ([{"prompt": "a", "label": 1}, {"prompt": "b"}], ":2: no 'label'"),
     ([{"prompt": "a", "label": "x"}] * 6, "at least two classes"),
     ([{"prompt": "a", "label": "x"}] * 3 + [{"prompt": "b", "label": "y"}] * 3, "fewer than the 5 folds"),
-    ([{"prompt": "a", "label": [1]}], "'label' must be a string or an integer"),
+    ([{"prompt": "a", "label": [1]}], "label must be a string or an integer"),
+    ([{"prompt": "a", "label": True}], "label must be a string or an integer"),
 ])
 def test_cli_bad_input(tmp_path, capsys, rows, message):
     code, out, err = run(capsys, "--prompts", write_set(tmp_path / "set.jsonl", rows))
@@ -165,7 +167,8 @@ def test_cli_bad_tensor_and_missing_sklearn(tmp_path, capsys, monkeypatch):
 
 
 def test_cli(tmp_path, capsys):
-    rows = [{"prompt": p, "label": int(l == "country")} for p, l in zip(PROMPTS[:8] + PROMPTS[-8:], LABELS[:8] + LABELS[-8:])]
+    some = list(range(8)) + list(range(len(PROMPTS) - 8, len(PROMPTS)))
+    rows = [{"prompt": PROMPTS[i], "label": int(LABELS[i] == "country")} for i in some]
     path = write_set(tmp_path / "set.jsonl", rows)
     args = ["--prompts", path, "--layers", "2,15", "--folds", "4", "--position", "mean"]
     code, out, err = run(capsys, *args, "--json", "--png", str(tmp_path / "acc.png"), "--save", str(tmp_path / "d"))

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 
 import numpy as np
 
+from pyinterp.analysis.stats import markdown_table
 from pyinterp.analysis.steering import ControlVector
 from pyinterp.corpus.extract import DECODE_TOKENS
 from pyinterp.corpus.stream import tensor_keys, widths
@@ -234,9 +235,7 @@ class ProbeResult:
 
     def markdown(self) -> str:
         """The table as markdown, under the title."""
-        lines = ["| " + " | ".join(self.HEADER) + " |", "|" + "---:|" * len(self.HEADER)]
-        lines += ["| " + " | ".join(row) + " |" for row in self.rows()]
-        return "\n".join([f"**{self.title}**", "", *lines])
+        return "\n".join([f"**{self.title}**", "", markdown_table(self.HEADER, self.rows())])
 
     def to_dict(self) -> dict:
         return {
@@ -245,14 +244,16 @@ class ProbeResult:
             "classes": [{"label": c, "count": n} for c, n in zip(self.classes, self.counts)],
             "baseline": self.baseline, "best_layer": self.best,
             "directions": "towards " + repr(self.classes[1]) if len(self.directions) == 1 else "one per class",
-            "layers": [{"layer": il, "accuracy_mean": float(self.accuracy[k].mean()),
-                        "accuracy_std": float(self.accuracy[k].std(ddof=1)), "accuracy_folds": self.accuracy[k].tolist(),
-                        "control_mean": float(self.control[k].mean()), "control_std": float(self.control[k].std(ddof=1)),
-                        "control_folds": self.control[k].tolist(),
-                        "direction_norm": [float(np.linalg.norm(d[k])) for d in self.directions]}
-                       for k, il in enumerate(self.layers)],
+            "layers": [self._layer_dict(k) for k in range(len(self.layers))],
             "files": self.files,
         }
+
+    def _layer_dict(self, k: int) -> dict:
+        acc, ctl = self.accuracy[k], self.control[k]
+        return {"layer": self.layers[k],
+                "accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std(ddof=1)), "accuracy_folds": acc.tolist(),
+                "control_mean": float(ctl.mean()), "control_std": float(ctl.std(ddof=1)), "control_folds": ctl.tolist(),
+                "direction_norm": [float(np.linalg.norm(d[k])) for d in self.directions]}
 
     def to_png(self, path: str | os.PathLike) -> Path:
         """Write accuracy against layer: the probe, the control task and the majority baseline."""
@@ -287,7 +288,8 @@ class ProbeResult:
         bias[:, self.layers] = self.intercepts
         files = []
         if self.directions.shape[2] == n_embd and any(il > 0 for il in self.layers):
-            names = ["probe.gguf"] if len(self.directions) == 1 else [f"probe-{k}.gguf" for k in range(len(self.classes))]
+            n = len(self.directions)
+            names = ["probe.gguf"] if n == 1 else [f"probe-{k}.gguf" for k in range(n)]
             files += [cv.save(directory / name) for cv, name in zip(self.control_vectors(), names)]
         npz = directory / "probe.npz"
         with atomic_write(npz) as f:

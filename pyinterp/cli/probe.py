@@ -4,50 +4,19 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 
 import click
 
 from pyinterp.analysis.probe import POSITIONS, encode_labels, probe as run_probe, sklearn_parts
+from pyinterp.analysis.prompts import load_prompts
 from pyinterp.cli.options import LAYERS_HELP, layer_list, model_options, progress
-from pyinterp.errors import InputError
-
-
-def labelled_prompts(path: str) -> tuple[list[str], list[str | int]]:
-    """The ``prompt`` and ``label`` of every row of a JSONL prompt set; one-line errors naming the line."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"prompt set {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read the prompt set {path}: {getattr(e, 'strerror', None) or e}") from None
-    prompts, labels = [], []
-    for line, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{line}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{path}:{line}: expected a JSON object")
-        for name in ("prompt", "label"):
-            if name not in row or row[name] is None:
-                raise InputError(f"{path}:{line}: no {name!r}")
-        if not isinstance(row["prompt"], str):
-            raise InputError(f"{path}:{line}: 'prompt' must be a string")
-        if isinstance(row["label"], bool) or not isinstance(row["label"], (str, int)):
-            raise InputError(f"{path}:{line}: 'label' must be a string or an integer, got {row['label']!r}")
-        prompts.append(row["prompt"])
-        labels.append(row["label"])
-    if not prompts:
-        raise InputError(f"the prompt set {path} has no rows")
-    return prompts, labels
+from pyinterp.cli.sets import md_option
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--prompts", "prompt_set", required=True, metavar="FILE",
-              help="The labelled prompt set: JSONL rows with 'prompt' and 'label' (a string or an integer).")
+@click.option("--prompts", "prompt_set", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="The labelled prompt set (JSONL, or TSV with a header): every row's 'prompt' and 'label' "
+                   "(a string or an integer).")
 @click.option("-t", "--tensor", default="l_out", show_default=True, metavar="NAME",
               help="The tensor probed at each layer (l_out, attn_out, ffn_out, ...; the layers: --layers).")
 @click.option("--position", type=click.Choice(POSITIONS), default="last", show_default=True,
@@ -62,7 +31,7 @@ def labelled_prompts(path: str) -> tuple[list[str], list[str | int]]:
                    "probe-K.gguf per class K for more than two), probe.npz and probe.json.")
 @click.option("--png", default=None, type=click.Path(dir_okay=False), metavar="FILE",
               help="Write accuracy against layer, with the control task and the majority baseline.")
-@click.option("--md", "as_md", is_flag=True, help="Print the table as markdown.")
+@md_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of the table.")
 @functools.partial(model_options, threads=("--threads",))
 def probe(prompt_set, tensor, position, folds, layers, seed, save_dir, png, as_md, as_json, model_opts):
@@ -75,7 +44,8 @@ def probe(prompt_set, tensor, position, folds, layers, seed, save_dir, png, as_m
     """
     if as_md and as_json:
         raise click.UsageError("--md and --json are two formats: choose one")
-    prompts, labels = labelled_prompts(prompt_set)
+    examples = load_prompts(prompt_set, needs=["prompt", "label"])
+    prompts, labels = [e.prompt for e in examples], [e.label for e in examples]
     encode_labels(labels, folds)  # bad labels and a missing scikit-learn: before the model loads
     sklearn_parts()
     with model_opts.open() as model:
