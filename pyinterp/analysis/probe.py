@@ -251,7 +251,8 @@ class ProbeResult:
     def _layer_dict(self, k: int) -> dict:
         acc, ctl = self.accuracy[k], self.control[k]
         return {"layer": self.layers[k],
-                "accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std(ddof=1)), "accuracy_folds": acc.tolist(),
+                "accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std(ddof=1)),
+                "accuracy_folds": acc.tolist(),
                 "control_mean": float(ctl.mean()), "control_std": float(ctl.std(ddof=1)), "control_folds": ctl.tolist(),
                 "direction_norm": [float(np.linalg.norm(d[k])) for d in self.directions]}
 
