@@ -25,6 +25,7 @@ from pyinterp.cli.fidelity import fidelity
 from pyinterp.cli.heads import heads
 from pyinterp.cli.lens import attribution_json, next_tokens, parse_positions, parse_target
 from pyinterp.cli.options import LAYERS_HELP, LayerList, layer_list, model_options, progress
+from pyinterp.cli.probe import probe
 from pyinterp.cli.prompt import prompt_options, prompt_text, seed_option, stream_generation, temp_option
 from pyinterp.cli.report import lens_and_targets, print_report, write_pictures_and_tables
 from pyinterp.cli.sae import sae
@@ -326,7 +327,7 @@ def drawing_path(draw: str | None, draw_path: str | None, draw_layers: LayerList
 def subcommands() -> dict[str, click.Command]:
     """Analyses with a command of their own: ``pyinterp NAME ...``; everything else is the main command."""
     return {"corpus": corpus, "cvector": cvector, "extract": extract, "features": features, "fidelity": fidelity,
-            "heads": heads, "sae": sae, "spans": spans, "sweep": sweep}
+            "heads": heads, "probe": probe, "sae": sae, "spans": spans, "sweep": sweep}
 
 
 cli.epilog = ("More commands, each with its own --help: "

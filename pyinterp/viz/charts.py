@@ -41,6 +41,7 @@ def line_charts(
     title: str = "",
     x_name: str = "layer",
     n_cols: int = 2,
+    legend_bottom: bool = False,
 ) -> np.ndarray:
     """Draw one line chart per panel in a grid of ``n_cols`` columns, ``title`` above them all.
 
@@ -48,14 +49,15 @@ def line_charts(
     with a dot per value over x positions labelled with ``x_labels`` (thinned as in :func:`attention_sheet`)
     and named ``x_name``, on a y axis from 0 to a round number above the panel's largest value, with
     labelled ticks at round steps (:func:`value_axis`). A panel with several series gets a legend in its
-    top left corner. A ``title`` with newlines is several lines.
+    top left corner (``legend_bottom``: bottom left, for values near the top, as accuracies). A ``title`` with
+    newlines is several lines.
     """
     n = len(x_labels)
     if not panels or n == 0 or any(not series or any(np.shape(v) != (n,) for v in series.values())
                                    for _, series in panels):
         raise PyinterpError(f"need panels with series of {n} values each, got "
                             f"{[(name, [np.shape(v) for v in s.values()]) for name, s in panels]}")
-    charts = [_line_chart(name, series, x_labels, x_name) for name, series in panels]
+    charts = [_line_chart(name, series, x_labels, x_name, legend_bottom) for name, series in panels]
     h, w = charts[0].shape[:2]
     n_rows = math.ceil(len(charts) / n_cols)
     lines = title.split("\n") if title else []
@@ -70,7 +72,8 @@ def line_charts(
     return image
 
 
-def _line_chart(name: str, series: dict[str, np.ndarray], x_labels: list[str], x_name: str) -> np.ndarray:
+def _line_chart(name: str, series: dict[str, np.ndarray], x_labels: list[str], x_name: str,
+                legend_bottom: bool = False) -> np.ndarray:
     """One titled chart of ``series`` over ``x_labels``; every chart has the same size."""
     top_value, intervals = value_axis(max(float(np.nanmax(v)) for v in series.values()))
     ticks = [top_value * i / intervals for i in range(intervals + 1)]
@@ -109,6 +112,8 @@ def _line_chart(name: str, series: dict[str, np.ndarray], x_labels: list[str], x
     if len(series) > 1:
         for k, label in enumerate(series):
             y = top + PAD + k * font_px() + text_h // 2
+            if legend_bottom:
+                y += CHART_H - 2 * PAD - len(series) * font_px()
             cv2.line(image, (left + PAD, y), (left + PAD + 16, y), SERIES_COLORS[k % len(SERIES_COLORS)], 2)
             draw_text(image, label, left + 2 * PAD + 16, y + text_h // 2, LABEL_PX)
     return image
