@@ -204,7 +204,7 @@ def test_cli_errors(capsys, tiny_path, args, message):
 
 def test_value_grid_errors():
     from pyinterp.errors import PyinterpError
-    from pyinterp.viz.plot import value_grid
+    from pyinterp.viz.grids import value_grid
 
     assert value_grid(np.zeros((1, 1)), title="t", row_labels=["0"], col_labels=["a"]).ndim == 3  # constant: no 0/0
     for bad, rows in ((np.array([[np.nan]]), ["0"]), (np.zeros((1, 1)), ["0", "1"])):
