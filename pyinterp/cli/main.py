@@ -24,8 +24,7 @@ from pyinterp.cli.features import features
 from pyinterp.cli.fidelity import fidelity
 from pyinterp.cli.heads import heads
 from pyinterp.cli.lens import attribution_json, next_tokens, parse_positions, parse_target
-from pyinterp.cli.outputs import (ablation_records, check_attn_out, isolation_record, patch_record, print_interventions,
-                                  steering_record, write_attention)
+from pyinterp.cli.outputs import check_attn_out, intervention_records, print_interventions, write_attention
 from pyinterp.cli.options import LAYERS_HELP, LayerList, layer_list, model_options, progress
 from pyinterp.cli.prompt import prompt_options, prompt_text, seed_option, stream_generation, temp_option
 from pyinterp.cli.report import lens_and_targets, print_report, write_pictures_and_tables
@@ -248,17 +247,15 @@ def cli(ctx, model_opts, prompt, prompt_file, escape, n_predict, seed, temp, ign
         # the interventions: on for every pass and the generation below
         stack.enter_context(model.ablated(ablate))
         stack.enter_context(model.patched(patches))
-        interventions = ablation_records(ablate_spec, ablate) if ablate else []
-        interventions += [patch_record(a.name, a.layer, a.file, a.rows, a.avg) for a in actions]
         if isolate is not None:
             stack.enter_context(model.isolated(*isolate))
-            interventions.append(isolation_record(*isolate, model.n_head))
+        start_end = None
         if cvec is not None:
-            start, end = steering_range(cvec_range, model.n_layer)
+            start_end = start, end = steering_range(cvec_range, model.n_layer)
             stack.enter_context(steered(model, cvec, layers=(start, end)))
             result["control_vector"] = {"files": [{"file": f, "scale": k} for f, k in cvec_files],
                                         "layers": list(cvec.layers), "layer_range": [start, end]}
-            interventions.append(steering_record(cvec_files, (start, end)))
+        interventions = intervention_records(ablate_spec, ablate, actions, isolate, model.n_head, cvec_files, start_end)
         result["interventions"] = interventions
         trace = model.run(ids, capture=capture)
         if print_cgraph:

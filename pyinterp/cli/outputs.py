@@ -57,6 +57,20 @@ def steering_record(files: list[tuple[str, float]], layers: tuple[int, int]) -> 
             "text": f"add control vectors {vectors} at layers {layers[0]}..{layers[1]}"}
 
 
+def intervention_records(ablate_spec: str | None, ablate: list[tuple[int, int]], actions: list,
+                         isolate: tuple[int, int] | None, n_head: int, cvec_files: list[tuple[str, float]],
+                         steering_layers: tuple[int, int] | None) -> list[dict]:
+    """Every intervention of the main command, in the order -a, --load/--patch (``actions``: the command's
+    ``PatchAction`` objects), -s, control vectors (``steering_layers`` None: none)."""
+    records = ablation_records(ablate_spec, ablate) if ablate else []
+    records += [patch_record(a.name, a.layer, a.file, a.rows, a.avg) for a in actions]
+    if isolate is not None:
+        records.append(isolation_record(*isolate, n_head))
+    if steering_layers is not None:
+        records.append(steering_record(cvec_files, steering_layers))
+    return records
+
+
 def print_interventions(records: list[dict]) -> None:
     """One line per intervention, before the analyses."""
     for record in records:
