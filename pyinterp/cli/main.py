@@ -24,6 +24,7 @@ from pyinterp.cli.features import features
 from pyinterp.cli.fidelity import fidelity
 from pyinterp.cli.heads import heads
 from pyinterp.cli.lens import attribution_json, next_tokens, parse_positions, parse_target
+from pyinterp.cli.outputs import check_attn_out, intervention_records, print_interventions, write_attention
 from pyinterp.cli.options import LAYERS_HELP, LayerList, layer_list, model_options, progress
 from pyinterp.cli.probe import probe
 from pyinterp.cli.prompt import prompt_options, prompt_text, seed_option, stream_generation, temp_option
@@ -180,7 +181,10 @@ DRAW_PATH = "attention.png"
                    f"(PATH default {DRAW_PATH}).")
 @click.option("--draw-path", default=None, metavar="PATH", help="Same as --draw PATH.")
 @click.option("--draw-layers", default=None, metavar="LIST", callback=layer_list,
-              help="Layers to draw, as --ll-layers (default all).")
+              help="Layers to draw (and to write with --attn-out), as --ll-layers (default all).")
+@click.option("--attn-out", default=None, type=click.Path(dir_okay=False), metavar="FILE.npz|FILE.csv",
+              help="Write the attention weights as numbers: .npz (layer_<L> [n_head, n_query, n_key] per layer, "
+                   "tokens) or .csv (layer, head, query, key, query_token, key_token, weight).")
 @click.option("-a", "--ablate", "ablate_spec", default=None, metavar="LIST",
               help="Ablate heads: global indices layer*n_head+head and/or LAYER:HEAD pairs, comma separated.")
 @click.option("-s", "--select", "isolate", type=(int, int), default=None, metavar="LAYER INDEX",
@@ -204,7 +208,7 @@ DRAW_PATH = "attention.png"
               help="Show the version, the llama.cpp source, patches and backends, and exit.")
 @click.pass_context
 def cli(ctx, model_opts, prompt, prompt_file, escape, n_predict, seed, temp, ignore_eos, lens_name, ll_topk, norm_lens, ll_png, target_specs, ll_layers,
-        ll_pos, target_png, attribute, attr_png, csv_path, decimals, draw, draw_path, draw_layers, ablate_spec, isolate,
+        ll_pos, target_png, attribute, attr_png, csv_path, decimals, draw, draw_path, draw_layers, attn_out, ablate_spec, isolate,
         saves, loads, patch_specs, patch_avg, cvec_files, cvec_scaled, cvec_range, print_cgraph, as_json):
     """Run a GGUF model and look inside: logit lens, attention pictures, head ablation, activation patching."""
     from pyinterp.viz.attention import draw_attention
@@ -212,7 +216,8 @@ def cli(ctx, model_opts, prompt, prompt_file, escape, n_predict, seed, temp, ign
     prompt = prompt_text(prompt, prompt_file, escape)
     check_option_pairs(ctx)
     attributing = attribute is not None
-    draw = drawing_path(draw, draw_path, draw_layers)
+    check_attn_out(attn_out)
+    draw = drawing_path(draw, draw_path, draw_layers, attn_out)
     actions = [PatchAction(s, f, None, None) for s, f in loads]
     by_target: dict[tuple[str, str], list[tuple[int, int]]] = {}
     for spec, file, src, dst in patch_specs:
@@ -235,7 +240,7 @@ def cli(ctx, model_opts, prompt, prompt_file, escape, n_predict, seed, temp, ign
             patches += action.patches(width, len(ids))
         layers = draw_layers.resolve(model.n_layer) if draw_layers is not None else list(range(model.n_layer))
         capture = [f"{n}-{il}" for (n, il), _ in saves]
-        if draw is not None:
+        if draw is not None or attn_out is not None:
             capture += [f"attn_scores-{il}" for il in layers]
 
         result["model"] = {"path": str(model.path), "arch": model.arch, "n_layer": model.n_layer,
@@ -246,11 +251,14 @@ def cli(ctx, model_opts, prompt, prompt_file, escape, n_predict, seed, temp, ign
         stack.enter_context(model.patched(patches))
         if isolate is not None:
             stack.enter_context(model.isolated(*isolate))
+        start_end = None
         if cvec is not None:
-            start, end = steering_range(cvec_range, model.n_layer)
+            start_end = start, end = steering_range(cvec_range, model.n_layer)
             stack.enter_context(steered(model, cvec, layers=(start, end)))
             result["control_vector"] = {"files": [{"file": f, "scale": k} for f, k in cvec_files],
                                         "layers": list(cvec.layers), "layer_range": [start, end]}
+        interventions = intervention_records(ablate_spec, ablate, actions, isolate, model.n_head, cvec_files, start_end)
+        result["interventions"] = interventions
         trace = model.run(ids, capture=capture)
         if print_cgraph:
             result["cgraph"] = model.graph(ids, capture=capture)
@@ -265,12 +273,15 @@ def cli(ctx, model_opts, prompt, prompt_file, escape, n_predict, seed, temp, ign
         files = [str(save_tensor(path, trace[name, il], f"{name}-{il}")) for (name, il), path in saves]
         files += write_pictures_and_tables(model.arch, lenses, ll_png, target_lenses, target_png, attributed, attr_png,
                                            csv_path)
+        if attn_out is not None:
+            files.append(str(write_attention(trace, attn_out, layers)))
         if draw is not None:
             with progress(len(layers), "drawing attention") as bar:
                 files += [str(p) for p in draw_attention(trace, draw, layers, on_layer=bar and (lambda _: bar.update(1)))]
         result["files"] = files
         result["next_token"] = next_tokens(model, trace.logits[-1], 5)
         if not as_json:
+            print_interventions(interventions)
             print_report(result, lenses, targets, target_lenses, attributed, ll_topk, decimals)
         if n_predict > 0:
             if not as_json:
@@ -313,14 +324,16 @@ def check_option_pairs(ctx: click.Context) -> None:
             raise click.UsageError(f"{option} needs {needs}")
 
 
-def drawing_path(draw: str | None, draw_path: str | None, draw_layers: LayerList | None) -> str | None:
-    """Where ``--draw`` (alone: the default path) or ``--draw-path`` writes the attention pictures; None: none."""
+def drawing_path(draw: str | None, draw_path: str | None, draw_layers: LayerList | None,
+                 attn_out: str | None) -> str | None:
+    """Where ``--draw`` (alone: the default path) or ``--draw-path`` writes the attention pictures; None: none.
+    ``--draw-layers`` needs one of them or ``--attn-out``."""
     if draw and draw_path is not None and draw != draw_path:
         raise click.UsageError(f"two drawing paths: --draw {draw} and --draw-path {draw_path}")
     if draw is not None or draw_path is not None:  # --draw alone ("") draws to the default path
         draw = draw or draw_path or DRAW_PATH
-    if draw_layers is not None and draw is None:
-        raise click.UsageError("--draw-layers goes with --draw")
+    if draw_layers is not None and draw is None and attn_out is None:
+        raise click.UsageError("--draw-layers goes with --draw or --attn-out")
     return draw
 
 

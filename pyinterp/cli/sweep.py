@@ -47,6 +47,25 @@ def print_table(values: np.ndarray, layers: list[int], columns: list[str], as_md
         click.echo(f"{label:>5} " + "".join(f"{v:.2f}".rjust(width) for v in row))
 
 
+def sweep_picture(result: dict, values: np.ndarray, by_head: bool, metric_kind: str) -> np.ndarray:
+    """The heatmap of a sweep's ``values`` ``[n_layers, n_columns]``: a logit difference, and any change the head
+    ablation scan records, on the diverging scale centred on 0; a probability on the sequential scale. The title
+    says what was done, to which prompts, and the baselines."""
+    from pyinterp.viz.grids import value_grid
+    from pyinterp.viz.plot import sanitize_label
+
+    ablation = "plain" in result["baselines"]
+    pair = repr(result["clean"]) if ablation else f"{result['clean']!r} -> {result['corrupt']!r}"
+    baselines = ", ".join(f"{k} {v:.3g}" for k, v in result["baselines"].items())
+    title = f"{result['kind']}\nmetric {result['metric']} on {pair}\nbaselines: {baselines}"
+    unit = {"logit-diff": "logit difference", "prob": "probability"}[metric_kind]
+    unit = f"change in {unit}" if ablation else unit
+    return value_grid(values, title=title, row_labels=[str(il) for il in result["layers"]],
+                      col_labels=[sanitize_label(c) for c in result["columns"]],
+                      signed=ablation or metric_kind == "logit-diff", unit=unit, row_name="layer",
+                      col_name="head" if by_head else "position (token)")
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @model_options
 @click.option("--clean", default=None, help="The clean prompt (its activations are patched in).")
@@ -86,7 +105,7 @@ def sweep(model_opts, clean, corrupt, heads_scan, patch_heads, tensor, metric_ki
     sweep of every row, positions aligned from the end (-1: each row's last token), and per cell the mean,
     standard deviation, bootstrap 95% interval, permutation p-value and normalised metric.
     """
-    from pyinterp.viz.plot import sanitize_label, save_png, value_grid
+    from pyinterp.viz.plot import sanitize_label, save_png
 
     if prompts_path is not None:
         from pyinterp.cli.sweep_set import run_set
@@ -139,18 +158,18 @@ def sweep(model_opts, clean, corrupt, heads_scan, patch_heads, tensor, metric_ki
                 with progress(len(layers) * len(clean_ids), "cells") as bar:
                     values = patch_sweep(model, clean_ids, corrupt_ids, metric=metric, tensor=tensor, layers=layers,
                                          on_cell=bar and (lambda: bar.update(1)))
-    result |= {"kind": kind, "columns": columns, "values": values.round(6).tolist()}
+    baselines = {"plain": result["clean_value"]} if heads_scan else {"clean": result["clean_value"],
+                                                                       "corrupt": result["corrupt_value"]}
+    result |= {"kind": kind, "columns": columns, "baselines": baselines, "values": values.round(6).tolist()}
     files = []
     if csv_path is not None:
-        write_csv(csv_path, ["layer", *columns], [[label, *(f"{v:.6g}" for v in row)]
-                                                  for label, row in zip(layers, values, strict=True)])
+        names = [f"baseline_{k}" for k in baselines]
+        write_csv(csv_path, ["layer", *columns, *names],
+                  [[label, *(f"{v:.6g}" for v in row), *(f"{b:.6g}" for b in baselines.values())]
+                   for label, row in zip(layers, values, strict=True)])
         files.append(csv_path)
     if png is not None:
-        pair = repr(clean) if heads_scan else f"{clean!r} -> {corrupt!r}"
-        title = (f"{kind}, {result['metric']}: {pair} (colour: {values.min():.2f} dark .. {values.max():.2f} yellow)")
-        image = value_grid(values, title=title, row_labels=[str(il) for il in layers],
-                           col_labels=[sanitize_label(c) for c in columns])
-        files.append(str(save_png(image, png)))
+        files.append(str(save_png(sweep_picture(result, values, heads_scan or patch_heads, metric_kind), png)))
     if as_json:
         click.echo(json.dumps({**result, "files": files}, ensure_ascii=False))
         return
