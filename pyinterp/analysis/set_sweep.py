@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 
-from pyinterp.analysis.patching import (Metric, MetricFn, _layers, bind_metric, head_ablation_scan, head_patch_scan,
+from pyinterp.analysis.patching import (Metric, MetricFn, bind_metric, checked_layers, head_ablation_scan, head_patch_scan,
                                         patch_sweep, run_metric)
 from pyinterp.analysis.prompts import Example
 from pyinterp.analysis.stats import Summary, normalized_patching, permutation_p, summarize
@@ -114,7 +114,7 @@ def set_sweep(model: Model, examples: Sequence[Example], metrics: Sequence[Metri
     examples = list(examples)
     if not examples or len(metrics) != len(examples):
         raise InputError(f"need one metric per example, got {len(metrics)} for {len(examples)} examples")
-    layers = _layers(model, layers)
+    layers = checked_layers(model, layers)
     ids = [_example_ids(model, ex, kind, source) for ex in examples]
     n_pos = min(len(clean) for clean, _ in ids)
     offsets = list(range(-n_pos, 0))

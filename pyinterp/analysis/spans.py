@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from pyinterp.analysis.patching import _layers
+from pyinterp.analysis.patching import checked_layers
 from pyinterp.analysis.prompts import Example, span_tokens
 from pyinterp.analysis.stats import Summary, summarize
 from pyinterp.errors import InputError
@@ -144,7 +144,7 @@ def span_masses(model: Model, examples: Sequence[Example], layers: Iterable[int]
     """The masses of every head of ``layers`` (default all) from ``query`` (``"last"`` or a position, negative from the
     end) on every named span and class of every example (its ``prompt``, or ``clean``). ``source`` names the file
     in errors (``FILE:LINE: ...``)."""
-    layers = _layers(model, layers)
+    layers = checked_layers(model, layers)
     names = list(dict.fromkeys(name for ex in examples for name in ex.spans))
     clash = [name for name in names if name in CLASSES]
     if clash:

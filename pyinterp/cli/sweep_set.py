@@ -104,17 +104,19 @@ def print_tables(result: SetSweep, agg: SetAggregate, as_md: bool) -> None:
 
 
 def draw(result: SetSweep, agg: SetAggregate, what: str, png: str) -> str:
-    """The mean heatmap above the heatmap of the 95% interval's width (one picture)."""
-    from pyinterp.viz.plot import canvas, paste, sanitize_label, save_png, value_grid
+    """The mean heatmap above the heatmap of the 95% interval's width (one picture): the mean on the diverging scale
+    centred on 0 when it has both signs (or is a change), the width on the sequential scale."""
+    from pyinterp.viz.grids import value_grid
+    from pyinterp.viz.plot import canvas, paste, sanitize_label, save_png
 
     rows, cols = [str(il) for il in result.layers], [sanitize_label(c) for c in column_labels(result)]
     mean, width = agg.raw.mean, agg.raw.high - agg.raw.low
-    panels = [value_grid(mean, title=f"{what}: mean over {agg.raw.n} examples "
-                                     f"(colour: {mean.min():.2f} dark .. {mean.max():.2f} yellow)",
-                         row_labels=rows, col_labels=cols),
-              value_grid(width, title=f"width of the 95% bootstrap interval (high - low; "
-                                      f"{width.min():.2f} dark .. {width.max():.2f} yellow)",
-                         row_labels=rows, col_labels=cols)]
+    col_name = "position from the end (token)" if result.positions is not None else "head"
+    signed = result.kind == "heads" or bool(np.nanmin(mean) < 0 < np.nanmax(mean))
+    panels = [value_grid(mean, title=f"{what}: mean over {agg.raw.n} examples", row_labels=rows, col_labels=cols,
+                         signed=signed, unit="metric", row_name="layer", col_name=col_name),
+              value_grid(width, title="width of the 95% bootstrap interval (high - low)", row_labels=rows,
+                         col_labels=cols, unit="interval width", row_name="layer", col_name=col_name)]
     image = canvas(sum(p.shape[0] for p in panels), max(p.shape[1] for p in panels))
     top = 0
     for panel in panels:

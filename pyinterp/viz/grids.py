@@ -15,7 +15,7 @@ import numpy as np
 
 from pyinterp.errors import PyinterpError
 from pyinterp.viz.plot import (COLORBAR_MIN_H, COLORS, LABEL_PX, LENS_CELL_H, NICE_STEPS, PAD, SCORE_CELL_W, SIGNED_COLORS,
-                               _colorbar, _table, compose, font_px, title_height)
+                               colorbar, cell_table, compose, font_px, title_height)
 from pyinterp.viz.text import text_width
 
 MAX_INTERVALS = 6  # round ticks a colour bar gets between its ends, at most this many intervals
@@ -78,10 +78,10 @@ def value_grid(values: np.ndarray, *, title: str, row_labels: list[str], col_lab
     lo, hi = float(values.min()), float(values.max())
     colour = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
     texts, cell_w = _cell_texts(values)
-    table = _table(colour, texts, row_labels, col_labels, "", cell_w, LENS_CELL_H, COLORS, row_name, col_name)
+    table = cell_table(colour, texts, row_labels, col_labels, "", cell_w, LENS_CELL_H, COLORS, row_name, col_name)
     height = max(values.shape[0] * LENS_CELL_H, COLORBAR_MIN_H)
     ticks = data_ticks(lo, hi, height) if hi > lo else [(0.0, tick_text(lo))]
-    return compose([(table, False), (_colorbar(height, COLORS, ticks, unit), True)], PAD, title)
+    return compose([(table, False), (colorbar(height, COLORS, ticks, unit), True)], PAD, title)
 
 
 def signed_grid(values: np.ndarray, *, title: str = "", row_labels: list[str], col_labels: list[str],
@@ -104,7 +104,7 @@ def signed_grid(values: np.ndarray, *, title: str = "", row_labels: list[str], c
     for first, end, name, axis in blocks:
         part = values[:, first:end]
         scale = float(np.abs(part).max()) or 1.0
-        table = _table(0.5 + part / (2 * scale), [row[first:end] for row in texts], row_labels, col_labels[first:end],
+        table = cell_table(0.5 + part / (2 * scale), [row[first:end] for row in texts], row_labels, col_labels[first:end],
                        name or (" " if named else ""), cell_w, LENS_CELL_H, SIGNED_COLORS, row_name, axis)
-        parts += [(table, False), (_colorbar(height, SIGNED_COLORS, data_ticks(-scale, scale, height), unit), True)]
+        parts += [(table, False), (colorbar(height, SIGNED_COLORS, data_ticks(-scale, scale, height), unit), True)]
     return compose(parts, title_height() if named else PAD, title)

@@ -123,7 +123,7 @@ def attention_sheet(
     n_cols = math.ceil(math.sqrt(len(panels)))
     n_rows = math.ceil(len(panels) / n_cols)
     heat_top = title_height()
-    bar = _colorbar(max(n * cell, COLORBAR_MIN_H))
+    bar = colorbar(max(n * cell, COLORBAR_MIN_H))
     bar_top = max(heat_top - _colorbar_margin(), 0)
     sheet_h = max(n_rows * panel_h, bar_top + bar.shape[0])
     sheet = canvas(sheet_h, n_cols * panel_w + bar.shape[1] + PAD)
@@ -162,7 +162,7 @@ def lens_heatmap(
     if len(row_labels) != n_rows:
         raise PyinterpError(f"need {n_rows} row labels, got {len(row_labels)}")
     cell_w = LENS_CELL_W if n_tok <= LENS_MAX_FULL_TOKENS else max(LENS_CELL_W * LENS_MAX_FULL_TOKENS // n_tok, 1)
-    table = _table(top_prob, top_str, row_labels, tokens, title, cell_w, LENS_CELL_H)
+    table = cell_table(top_prob, top_str, row_labels, tokens, title, cell_w, LENS_CELL_H)
     return _with_colorbar([table], title_height() if title else PAD, n_rows * LENS_CELL_H)
 
 
@@ -192,12 +192,12 @@ def score_grids(
     if len(row_labels) != n_rows or len(col_labels) != n_cols:
         raise PyinterpError(f"need {n_rows} row labels and {n_cols} column labels, "
                             f"got {len(row_labels)} and {len(col_labels)}")
-    tables = [_table(g, [[f"{v:.2f}" for v in row] for row in g], row_labels, col_labels, name, SCORE_CELL_W,
+    tables = [cell_table(g, [[f"{v:.2f}" for v in row] for row in g], row_labels, col_labels, name, SCORE_CELL_W,
                      LENS_CELL_H) for g, name in zip(grids, names, strict=True)]
     return _with_colorbar(tables, title_height(), n_rows * LENS_CELL_H, title)
 
 
-def _table(values: np.ndarray, texts: list[list[str]], row_labels: list[str], col_labels: list[str], title: str,
+def cell_table(values: np.ndarray, texts: list[list[str]], row_labels: list[str], col_labels: list[str], title: str,
            cell_w: int, cell_h: int, colors: np.ndarray = COLORS, row_name: str = "", col_name: str = "") -> np.ndarray:
     """A titled heatmap of ``values`` (``[n_rows, n_cols]``, 0..1) with row 0 at the bottom, ``texts`` written
     in the cells (when they are at least ``LENS_MIN_TEXT_W`` wide), rows labelled on the left and columns
@@ -234,17 +234,17 @@ def _table(values: np.ndarray, texts: list[list[str]], row_labels: list[str], co
 
 def _with_colorbar(tables: list[np.ndarray], heat_top: int, heat_h: int, title: str = "", colors: np.ndarray = COLORS,
                    ticks: Sequence[tuple[float, str]] = COLORBAR_TICKS) -> np.ndarray:
-    """``tables`` (from :func:`_table`, their heatmaps ``heat_top`` px from their tops and ``heat_h`` px high) side
+    """``tables`` (from :func:`cell_table`, their heatmaps ``heat_top`` px from their tops and ``heat_h`` px high) side
     by side, ``title`` above them all, and a 0..1 colour scale (``colors``, labelled ``ticks``) at the right
     beside the heatmaps."""
-    bar = _colorbar(max(heat_h, COLORBAR_MIN_H), colors, ticks)
+    bar = colorbar(max(heat_h, COLORBAR_MIN_H), colors, ticks)
     return compose([(t, False) for t in tables] + [(bar, True)], heat_top, title)
 
 
 def compose(parts: list[tuple[np.ndarray, bool]], heat_top: int, title: str = "") -> np.ndarray:
     """Blocks side by side, left to right, under ``title`` (wrapped to the blocks' width, at least
-    ``MIN_TITLE_W``). A part is ``(image, is_bar)``: a table (from :func:`_table`, its heatmap ``heat_top`` px
-    from its top) or a colour bar (from :func:`_colorbar`), whose scale starts level with the heatmaps."""
+    ``MIN_TITLE_W``). A part is ``(image, is_bar)``: a table (from :func:`cell_table`, its heatmap ``heat_top`` px
+    from its top) or a colour bar (from :func:`colorbar`), whose scale starts level with the heatmaps."""
     width = sum(image.shape[1] for image, _ in parts)
     lines = wrap_text(title, max(width, MIN_TITLE_W) - 2 * PAD) if title else []
     line_h = sum(line_extent(TITLE_PX)) + PAD // 2
@@ -383,7 +383,7 @@ def vertical_text(text: str) -> np.ndarray:
     return cv2.rotate(block, cv2.ROTATE_90_COUNTERCLOCKWISE)
 
 
-def _colorbar(height: int, colors: np.ndarray = COLORS, ticks: Sequence[tuple[float, str]] = COLORBAR_TICKS,
+def colorbar(height: int, colors: np.ndarray = COLORS, ticks: Sequence[tuple[float, str]] = COLORBAR_TICKS,
               label: str = "") -> np.ndarray:
     """A vertical 0..1 colour scale ``height`` px high (1 at the top) with ``ticks`` (position in 0..1, text): by
     default at 1, 0.5 and 0; ``label`` (the values' unit) is written vertically at its right.
