@@ -172,13 +172,15 @@ def score_grids(
     title: str = "",
     row_labels: list[str] | None = None,
     col_labels: list[str] | None = None,
+    texts: Sequence[list[list[str]]] | None = None,
 ) -> np.ndarray:
     """Draw several ``[n_rows, n_cols]`` tables of scores in 0..1 side by side, with one colour scale.
 
     Each table is drawn as in :func:`lens_heatmap` (row 0 at the BOTTOM, each cell coloured by its
     score and labelled with it to two decimals), titled with its entry of ``names``; ``title`` goes
     above them all. ``row_labels``/``col_labels`` default to ``"0"``, ``"1"``, ... Used for head
-    scores: rows are layers, columns heads.
+    scores: rows are layers, columns heads. ``texts``: each table's cell labels instead of the scores (cells
+    widen to fit), e.g. a mean and its interval.
     """
     grids = [np.asarray(g, dtype=np.float64) for g in grids]
     if not grids or len(names) != len(grids) or not all(names) or any(g.ndim != 2 or g.shape != grids[0].shape
@@ -191,8 +193,10 @@ def score_grids(
     if len(row_labels) != n_rows or len(col_labels) != n_cols:
         raise PyinterpError(f"need {n_rows} row labels and {n_cols} column labels, "
                             f"got {len(row_labels)} and {len(col_labels)}")
-    tables = [_table(g, [[f"{v:.2f}" for v in row] for row in g], row_labels, col_labels, name, SCORE_CELL_W,
-                     LENS_CELL_H) for g, name in zip(grids, names, strict=True)]
+    texts = texts or [[[f"{v:.2f}" for v in row] for row in g] for g in grids]
+    cell_w = max(SCORE_CELL_W, max(text_width(t, LABEL_PX) for table in texts for row in table for t in row) + 8)
+    tables = [_table(g, text, row_labels, col_labels, name, cell_w, LENS_CELL_H)
+              for g, text, name in zip(grids, texts, names, strict=True)]
     return _with_colorbar(tables, title_height(), n_rows * LENS_CELL_H, title)
 
 
@@ -222,18 +226,20 @@ def signed_grid(
     row_labels: list[str],
     col_labels: list[str],
     split: int | None = None,
+    texts: list[list[str]] | None = None,
 ) -> np.ndarray:
     """Draw a ``[n_rows, n_cols]`` table of signed values (logit contributions) on a diverging scale: white
     for 0, red for the largest positive magnitude in the table, blue for its negative. Rows as in
     :func:`lens_heatmap` (row 0 at the BOTTOM); each cell labelled with its value to two decimals; the colour
     scale's ends are labelled with that magnitude. ``split``: draw columns ``split:`` as a second table
-    ("totals") beside the first ("heads"), e.g. each head's value, then the layer's."""
+    ("totals") beside the first ("heads"), e.g. each head's value, then the layer's. ``texts``: the cells' labels
+    instead of the values (e.g. a mean and its interval)."""
     values = np.asarray(values, dtype=np.float64)
     n_rows, n_cols = values.shape
     if len(row_labels) != n_rows or len(col_labels) != n_cols:
         raise PyinterpError(f"need {n_rows} row labels and {n_cols} column labels, got {len(row_labels)} and {len(col_labels)}")
     scale = float(np.abs(values).max()) or 1.0
-    texts = [[f"{v:.2f}" for v in row] for row in values]
+    texts = texts or [[f"{v:.2f}" for v in row] for row in values]
     cell_w = max(SCORE_CELL_W, max(text_width(t, LABEL_PX) for row in texts for t in row) + 8)
     parts = [(slice(0, n_cols), "values")] if split is None else [(slice(0, split), "heads"), (slice(split, n_cols), "totals")]
     tables = [_table(0.5 + values[:, part] / (2 * scale), [row[part] for row in texts], row_labels, col_labels[part],
