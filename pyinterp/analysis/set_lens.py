@@ -101,7 +101,8 @@ def lens_over_set(model: ModelLike, ids: Sequence[list[int]], targets: Sequence[
 
     ``per_decode`` prompts per decode (default as many as the engine's sequences and the context hold); 1 runs
     each prompt alone, as :func:`pyinterp.analysis.lens.logit_lens` does (the same values, bit for bit); more give
-    the same values up to the rounding of a longer KV cache. ``names`` (``FILE:LINE``) name the examples in errors;
+    the same values up to the rounding of a longer KV cache (on SmolLM2 Q4_1, 32 prompts of ~24 tokens in one
+    decode: the first layers bit for bit, P(target) up to 2e-2 apart at the late layers). ``names`` (``FILE:LINE``) name the examples in errors;
     ``on_decode(n_examples)`` is called after each decode. Interventions of the context managers apply.
     """
     model.engine.check_live()
