@@ -165,3 +165,14 @@ def test_bad_options(capsys, set_path, args, message):
 def test_md_needs_prompts(capsys):
     code, _, err = run_cli(capsys, "-p", "x", "--md")
     assert code == 2 and "--md goes with --prompts" in err
+
+
+def test_target_option_overrides_the_file(capsys, tmp_path):
+    """--target on the command line: every example uses it, rows need no target; the values are the single runs'."""
+    rows = [{"prompt": "The capital of France is"}, {"prompt": "I like to eat", "target": " Tokyo"}]
+    path = write_set(tmp_path / "o.jsonl", rows)
+    data = run_json(capsys, "--prompts", path, "--target", " the", "--ll-layers", "last", "--per-decode", "1")
+    for row, example in zip(rows, data["lens"][0]["examples"]):
+        assert [t["str"] for t in example["targets"]] == [" the"]
+        single = run_json(capsys, "-p", row["prompt"], "--target", " the", "--ll-layers", "last")
+        assert example["p"][0][0] == single["target_lens"][0]["positions"][0]["layers"][0]["targets"][0]["p"]
