@@ -30,6 +30,7 @@ from pyinterp.cli.probe import probe
 from pyinterp.cli.prompt import prompt_options, prompt_text, seed_option, stream_generation, temp_option
 from pyinterp.cli.report import lens_and_targets, print_report, write_pictures_and_tables
 from pyinterp.cli.sae import sae
+from pyinterp.cli.sets import md_option, prompts_option
 from pyinterp.cli.spans import spans
 from pyinterp.cli.sweep import sweep
 from pyinterp.engine.names import split_name
@@ -204,15 +205,29 @@ DRAW_PATH = "attention.png"
               help="Layers the control vectors apply to, inclusive (0 or less: the default, 1 and the last layer).")
 @click.option("--print-cgraph", is_flag=True, help="Print every node of the graph: name, op, type, shape, sources.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output of everything asked for.")
+@prompts_option
+@md_option
+@click.option("--per-decode", default=None, type=click.IntRange(1, 64), metavar="N",
+              help="With --prompts: prompts per decode of the lens (default as many as fit; 1: one prompt per pass).")
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=show_version,
               help="Show the version, the llama.cpp source, patches and backends, and exit.")
 @click.pass_context
 def cli(ctx, model_opts, prompt, prompt_file, escape, n_predict, seed, temp, ignore_eos, lens_name, ll_topk, norm_lens, ll_png, target_specs, ll_layers,
-        ll_pos, target_png, attribute, attr_png, csv_path, decimals, draw, draw_path, draw_layers, attn_out, ablate_spec, isolate,
-        saves, loads, patch_specs, patch_avg, cvec_files, cvec_scaled, cvec_range, print_cgraph, as_json):
-    """Run a GGUF model and look inside: logit lens, attention pictures, head ablation, activation patching."""
+        ll_pos, target_png, attribute, attr_png, csv_path, decimals, draw, draw_path, draw_layers, attn_out, ablate_spec,
+        isolate, saves, loads, patch_specs, patch_avg, cvec_files, cvec_scaled, cvec_range, print_cgraph, as_json,
+        prompts_path, as_md, per_decode):
+    """Run a GGUF model and look inside: logit lens, attention pictures, head ablation, activation patching.
+
+    With --prompts FILE: the lens (--ll, --target) and --attribute of every example of a prompt set, averaged."""
     from pyinterp.viz.attention import draw_attention
 
+    if prompts_path is not None:
+        from pyinterp.cli.lens_sets import run_set
+
+        return run_set(ctx, model_opts)
+    for option, value in (("--md", as_md), ("--per-decode", per_decode is not None)):
+        if value:
+            raise click.UsageError(f"{option} goes with --prompts")
     prompt = prompt_text(prompt, prompt_file, escape)
     check_option_pairs(ctx)
     attributing = attribute is not None

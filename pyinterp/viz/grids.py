@@ -50,9 +50,9 @@ def data_ticks(lo: float, hi: float, height: int) -> list[tuple[float, str]]:
     return ticks
 
 
-def _cell_texts(values: np.ndarray) -> tuple[list[list[str]], int]:
-    """Each value to two decimals, and a cell width that fits the widest."""
-    texts = [[f"{v:.2f}" for v in row] for row in values]
+def _cell_texts(values: np.ndarray, texts: list[list[str]] | None = None) -> tuple[list[list[str]], int]:
+    """Each value to two decimals (or the ``texts`` given), and a cell width that fits the widest."""
+    texts = texts or [[f"{v:.2f}" for v in row] for row in values]
     return texts, max(SCORE_CELL_W, max(text_width(t, LABEL_PX) for row in texts for t in row) + 8)
 
 
@@ -86,7 +86,7 @@ def value_grid(values: np.ndarray, *, title: str, row_labels: list[str], col_lab
 
 def signed_grid(values: np.ndarray, *, title: str = "", row_labels: list[str], col_labels: list[str],
                 blocks: Sequence[tuple[int, int, str, str]] | None = None, unit: str = "", row_name: str = "",
-                col_name: str = "") -> np.ndarray:
+                col_name: str = "", texts: list[list[str]] | None = None) -> np.ndarray:
     """Draw a ``[n_rows, n_cols]`` table of signed values (logit contributions, metric changes) on the diverging
     scale: white for 0, red for ``+s``, blue for ``-s``, row 0 at the BOTTOM, each cell labelled with its value.
 
@@ -94,11 +94,12 @@ def signed_grid(values: np.ndarray, *, title: str = "", row_labels: list[str], c
     (default one block, no name, ``col_name`` its columns' axis title), each with
     its own symmetric scale ``s = max|v|`` over its cells and its own colour bar, so that one large term in one
     block does not wash out the others (say so in ``title``). Each colour bar's
-    ticks are values (:func:`data_ticks`) and it is labelled ``unit``."""
+    ticks are values (:func:`data_ticks`) and it is labelled ``unit``. ``texts``: the cells' labels instead of
+    their values (a mean and its interval)."""
     values = _check(values, row_labels, col_labels)
     blocks = [(0, values.shape[1], "", col_name)] if blocks is None else list(blocks)
     named = any(name for _, _, name, _ in blocks)
-    texts, cell_w = _cell_texts(values)
+    texts, cell_w = _cell_texts(values, texts)
     height = max(values.shape[0] * LENS_CELL_H, COLORBAR_MIN_H)
     parts = []
     for first, end, name, axis in blocks:

@@ -173,13 +173,15 @@ def score_grids(
     title: str = "",
     row_labels: list[str] | None = None,
     col_labels: list[str] | None = None,
+    texts: Sequence[list[list[str]]] | None = None,
 ) -> np.ndarray:
     """Draw several ``[n_rows, n_cols]`` tables of scores in 0..1 side by side, with one colour scale.
 
     Each table is drawn as in :func:`lens_heatmap` (row 0 at the BOTTOM, each cell coloured by its
     score and labelled with it to two decimals), titled with its entry of ``names``; ``title`` goes
     above them all. ``row_labels``/``col_labels`` default to ``"0"``, ``"1"``, ... Used for head
-    scores: rows are layers, columns heads.
+    scores: rows are layers, columns heads. ``texts``: each table's cell labels instead of the scores (cells
+    widen to fit), e.g. a mean and its interval.
     """
     grids = [np.asarray(g, dtype=np.float64) for g in grids]
     if not grids or len(names) != len(grids) or not all(names) or any(g.ndim != 2 or g.shape != grids[0].shape
@@ -192,8 +194,10 @@ def score_grids(
     if len(row_labels) != n_rows or len(col_labels) != n_cols:
         raise PyinterpError(f"need {n_rows} row labels and {n_cols} column labels, "
                             f"got {len(row_labels)} and {len(col_labels)}")
-    tables = [cell_table(g, [[f"{v:.2f}" for v in row] for row in g], row_labels, col_labels, name, SCORE_CELL_W,
-                     LENS_CELL_H) for g, name in zip(grids, names, strict=True)]
+    texts = texts or [[[f"{v:.2f}" for v in row] for row in g] for g in grids]
+    cell_w = max(SCORE_CELL_W, max(text_width(t, LABEL_PX) for table in texts for row in table for t in row) + 8)
+    tables = [cell_table(g, text, row_labels, col_labels, name, cell_w, LENS_CELL_H)
+              for g, text, name in zip(grids, texts, names, strict=True)]
     return _with_colorbar(tables, title_height(), n_rows * LENS_CELL_H, title)
 
 
