@@ -187,7 +187,7 @@ def test_bad_input(smollm2, tiny_path, tmp_path):
     ids = smollm2.prompt_ids(PROMPT)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    with pytest.raises(InputError, match="empty"):
+    with pytest.raises(InputError, match="has no rows"):
         reference_prompts(empty)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
@@ -256,8 +256,8 @@ def test_cli(capsys, smollm2, tmp_path):
     (["--ablate-mode", "resample", "--ablate-ref", "REF"], "--ablate-mode goes with -a"),
     (["-a", "3:4", "--ablate-ref", "REF"], "--ablate-ref goes with --ablate-mode mean or resample"),
     (["-a", "3:4", "--ablate-mode", "resample", "--ablate-ref", "REF", "--ablate-over", "all"], "--ablate-over goes"),
-    (["-a", "3:4", "--ablate-mode", "mean", "--ablate-ref", "EMPTY"], "the prompt set is empty"),
-    (["-a", "3:4", "--ablate-mode", "mean", "--ablate-ref", "MISSING"], "cannot read"),
+    (["-a", "3:4", "--ablate-mode", "mean", "--ablate-ref", "EMPTY"], "has no rows"),
+    (["-a", "3:4", "--ablate-mode", "mean", "--ablate-ref", "MISSING"], "does not exist"),
     (["-a", "3:4", "--ablate-mode", "mean", "--ablate-ref", "SHORT"], "longest reference prompt"),
 ])
 def test_cli_errors(capsys, tmp_path, args, message):

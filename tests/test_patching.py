@@ -171,8 +171,9 @@ def test_cli_sweep_outputs(capsys, tmp_path, tiny, tiny_path):
     assert data["corrupt_value"] == pytest.approx(plain[7] - plain[12], abs=1e-5)
     with open(csv_path, newline="", encoding="utf-8") as f:
         table = list(csv.reader(f))
-    assert table[0] == ["layer", *data["columns"]] and [r[0] for r in table[1:]] == ["0", "1"]
-    np.testing.assert_allclose(np.array([r[1:] for r in table[1:]], dtype=float), want, rtol=1e-5, atol=1e-5)
+    assert table[0] == ["layer", *data["columns"], "baseline_clean", "baseline_corrupt"]
+    assert [r[0] for r in table[1:]] == ["0", "1"]
+    np.testing.assert_allclose(np.array([r[1:-2] for r in table[1:]], dtype=float), want, rtol=1e-5, atol=1e-5)
     image = cv2.imread(str(png_path))
     assert image is not None and image.shape[1] > 100
 
@@ -204,7 +205,7 @@ def test_cli_errors(capsys, tiny_path, args, message):
 
 def test_value_grid_errors():
     from pyinterp.errors import PyinterpError
-    from pyinterp.viz.plot import value_grid
+    from pyinterp.viz.grids import value_grid
 
     assert value_grid(np.zeros((1, 1)), title="t", row_labels=["0"], col_labels=["a"]).ndim == 3  # constant: no 0/0
     for bad, rows in ((np.array([[np.nan]]), ["0"]), (np.zeros((1, 1)), ["0", "1"])):

@@ -309,3 +309,112 @@ def test_lens_png_labels_non_ascii_tokens(gemma3, tmp_path):
     for token in NON_ASCII_TOKENS:  # the column labels below the table
         assert shows(image, label_template(token, vertical=True)), token
         assert not shows(image, label_template(ascii_only(token), vertical=True)), token
+
+
+# Heatmaps of values in the data's units (pyinterp.viz.grids): sweeps, head scans, attribution.
+
+from pyinterp.viz.grids import data_ticks, nice_step, signed_grid, value_grid  # noqa: E402
+from pyinterp.viz.plot import COLORS, SIGNED_COLORS  # noqa: E402
+
+
+def cell_pixels(a: np.ndarray, b: np.ndarray, n: int) -> list[np.ndarray]:
+    """The colours of the ``n`` adjacent cells where two same-layout pictures differ, left to right (a pixel
+    inside each, clear of the white separators and of the text in the middle)."""
+    y0, _, x0, x1 = bbox(changed(a, b))
+    width = (x1 - x0 + 1) // n
+    return [a[y0 + 2, x0 + i * width + 2] for i in range(n)]
+
+
+def test_signed_grid_colours_centred_on_zero():
+    """0 is white, the largest magnitude the extreme colour, the sign the hue; -8 sets the scale for +5.6 too."""
+    rows, cols = ["0"], ["a", "b", "c"]
+    first = signed_grid(np.array([[-8.0, 0.0, 5.6]]), row_labels=rows, col_labels=cols)
+    second = signed_grid(np.array([[0.0, -8.0, 5.6]]), row_labels=rows, col_labels=cols)  # same texts, same scale
+    assert first.shape == second.shape
+    blue, white = cell_pixels(first, second, 2)
+    np.testing.assert_array_equal(blue, SIGNED_COLORS[0])  # -max|v|: the blue end
+    assert blue[0] > blue[2] + 100  # B >> R
+    assert np.all(white >= 240) and np.ptp(white.astype(int)) <= 2  # 0: white, no hue
+    third = signed_grid(np.array([[-8.0, 5.6, 0.0]]), row_labels=rows, col_labels=cols)
+    red = cell_pixels(third, first, 2)[0]
+    np.testing.assert_array_equal(red, SIGNED_COLORS[round((0.5 + 5.6 / 16) * 255)])
+    assert red[2] > red[0] + 60  # R >> B: positive is red, paler than the -8 cell is blue
+    top = signed_grid(np.array([[8.0, 0.0, 5.6]]), row_labels=rows, col_labels=cols)
+    np.testing.assert_array_equal(cell_pixels(top, second, 1)[0], SIGNED_COLORS[255])  # +max|v|: the red end
+
+
+def test_colorbar_ticks_are_data_values():
+    """The colour bar is labelled with values of the data (its ends and round values), at the positions those
+    values have on the scale; the picture shows those labels, not 0 / 0.5 / 1."""
+    ticks = data_ticks(-8.0, 5.6, 300)
+    labels = [text for _, text in ticks]
+    assert labels[:2] == ["-8", "5.6"] and {"-5", "0", "5"} <= set(labels) and "0.5" not in labels
+    for position, text in ticks:  # read back: the label is the value at its place on the bar
+        assert float(text) == pytest.approx(-8.0 + position * 13.6, abs=1e-9)
+    symmetric = data_ticks(-10.16, 10.16, 660)
+    assert [t for _, t in symmetric][:2] == ["-10.2", "10.2"] and "10" not in [t for _, t in symmetric]  # too close
+    assert nice_step(20.32) == 5 and nice_step(1.0) == 0.2 and nice_step(0.03) == 0.005
+
+    image = signed_grid(np.array([[-8.0, 0.0, 5.6]]), row_labels=["0"], col_labels=["a", "b", "c"],
+                        unit="logit difference", row_name="layer", col_name="position")
+    for _, text in data_ticks(-8.0, 8.0, 120):  # the bar's height: 120 px at least
+        assert shows(image, label_template(text, vertical=False)), text
+    assert not shows(image, label_template("0.5", vertical=False))
+    assert shows(image, label_template("logit difference", vertical=True))  # the unit beside the bar
+    assert shows(image, label_template("layer", vertical=True))  # the axis titles
+    assert shows(image, label_template("position", vertical=False))
+
+
+def test_value_grid_sequential_min_to_max():
+    rows, cols = ["0"], ["a", "b"]
+    low_high = value_grid(np.array([[0.2, 0.7]]), title="", row_labels=rows, col_labels=cols)
+    high_low = value_grid(np.array([[0.7, 0.2]]), title="", row_labels=rows, col_labels=cols)
+    low, high = cell_pixels(low_high, high_low, 2)
+    np.testing.assert_array_equal(low, COLORS[0])
+    np.testing.assert_array_equal(high, COLORS[255])
+    assert [t for _, t in data_ticks(0.2, 0.7, 120)][:2] == ["0.2", "0.7"]
+    signed = value_grid(np.array([[0.2, 0.7]]), title="", row_labels=rows, col_labels=cols, signed=True)
+    assert not np.array_equal(signed, low_high)
+
+
+def test_signed_grid_blocks_have_their_own_scale(tmp_path):
+    """Attribution: one large layer total must not wash out the heads. The heads and the totals each have their
+    own colour bar and scale, so the largest head (0.5) is as red as the largest total (100)."""
+    from pyinterp.analysis.attribution import Attribution
+
+    heads = np.array([[0.5, -0.1], [0.05, 0.0]])
+    attn, ffn = heads.sum(1), np.array([-3.0, 100.0])
+    a = Attribution(target=1, target_str=" x", position=-1, logit=float(attn.sum() + ffn.sum()), labels=[],
+                    values=np.concatenate([attn, ffn]), attn=attn, ffn=ffn, embed=0.0, heads=heads)
+    image = cv2.imread(str(a.to_png(tmp_path / "attr.png")))
+
+    def columns(color: np.ndarray) -> np.ndarray:
+        return np.nonzero(np.all(image == color, axis=-1).any(axis=0))[0]
+
+    blue = columns(SIGNED_COLORS[0])  # only the colour bars' bottom ends: no cell is at -max|v| of its block
+    assert np.count_nonzero(np.diff(blue) > 1) + 1 == 2  # two colour bars
+    assert columns(SIGNED_COLORS[255]).min() < blue.min()  # the 0.5 head is as red as the 100 FFN term
+    shared = signed_grid(np.concatenate([heads, attn[:, None], ffn[:, None]], 1), row_labels=["0", "1"],
+                         col_labels=["h0", "h1", "attn", "ffn"])
+    assert np.count_nonzero(np.all(shared == SIGNED_COLORS[255], axis=-1)) < np.count_nonzero(
+        np.all(image == SIGNED_COLORS[255], axis=-1))  # on one scale, only the FFN cell is at the end
+
+
+def test_sweep_picture_compact():
+    """A 30-layer x 10-token sweep with a long title: as wide as its cells and colour bar, not its title
+    (the title wraps); it was 1173 x 758 px, mostly blank."""
+    from pyinterp.cli.sweep import sweep_picture
+
+    values = np.random.default_rng(0).normal(size=(30, 10)) * 4
+    clean, corrupt = "The Eiffel Tower is located in the city of", "The Colosseum is located in the city of"
+    result = {"kind": "patching l_out clean -> corrupt", "metric": "logit(' Paris') - logit(' Rome')",
+              "clean": clean, "corrupt": corrupt, "layers": list(range(30)), "columns": [f" t{i}" for i in range(10)],
+              "baselines": {"clean": 4.93, "corrupt": -9.09}}
+    image = sweep_picture(result, values, False, "logit-diff")
+    assert image.shape[1] < 600 and image.shape[0] < 30 * 22 + 200
+    blank_columns = np.all(image == 255, axis=(0, 2))
+    assert blank_columns.mean() < 0.2
+    ablation = sweep_picture({**result, "baselines": {"plain": 4.93}}, values, True, "prob")  # a change: signed
+    assert np.any(np.all(ablation == SIGNED_COLORS[0], axis=-1)) or np.any(np.all(ablation == SIGNED_COLORS[255], axis=-1))
+    probs = sweep_picture(result, np.abs(values) / 20, False, "prob")
+    assert np.any(np.all(probs == COLORS[255], axis=-1))  # a probability: the sequential scale

@@ -442,6 +442,10 @@ def test_cli_control_vectors(capsys, tmp_path, tiny):
         want_id, want_p = _next_token(model.run(ids).logits[-1])
     assert data["next_token"][0]["id"] == want_id and data["next_token"][0]["p"] == pytest.approx(want_p, rel=1e-5)
     assert data["control_vector"]["layer_range"] == [1, model.n_layer - 1]
+    assert data["interventions"] == [{"kind": "control_vector", "files": [{"file": str(a), "scale": 1.0},
+                                                                          {"file": str(b), "scale": 1.0}],
+                                      "layer_range": [1, model.n_layer - 1],
+                                      "text": f"add control vectors {a} x 1, {b} x 1 at layers 1..{model.n_layer - 1}"}]
 
     code, out, err = run_cli(capsys, *common, "-n", "3", "--control-vector-scaled", f"{a}:2.0",
                              "--control-vector-scaled", f"{b}:-1", "--control-vector-layer-range", "2", "0")

@@ -1,14 +1,14 @@
 """Head ablation of a kind: zero (the attention weights zeroed), mean (the heads' mean output over a reference
 prompt set) or resample (their output in another prompt of the set), as intervention objects for a run, a
 generation or a head scan (:func:`pyinterp.analysis.patching.head_ablation_scan`), and the reference set read
-from a prompt-set file."""
+from a prompt-set file (``pyinterp.analysis.prompts``)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
+from pyinterp.analysis.prompts import load_prompts
 from pyinterp.engine.names import Head, as_list
 from pyinterp.errors import InputError
 from pyinterp.interventions import AblateHeads, Intervention, MeanAblate, Reference, ResampleAblate, Target
@@ -22,27 +22,9 @@ RefLike = Reference | Iterable[str | Sequence[int]] | None
 
 
 def reference_prompts(path: str | Path) -> list[str]:
-    """The prompts of a prompt-set file (JSONL, one ``{"prompt": ...}`` object a line); an empty file or a bad
-    line is an InputError naming it. (Stands in for ``pyinterp.analysis.prompts.load_prompts`` until it lands.)"""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read the prompt set ({e.__class__.__name__}: {e})") from None
-    prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{number}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
-            raise InputError(f'{path}:{number}: expected an object with a non-empty "prompt" string')
-        prompts.append(row["prompt"])
-    if not prompts:
-        raise InputError(f"{path}: the prompt set is empty")
-    return prompts
+    """The prompts of a prompt-set file (:func:`pyinterp.analysis.prompts.load_prompts`: JSONL or TSV, every row
+    with a ``prompt``); an empty file or a bad row is an InputError naming it."""
+    return [example.prompt for example in load_prompts(path, needs=["prompt"])]
 
 
 def head_reference(model: ModelLike, reference: RefLike, layers: Iterable[int], mode: str) -> Reference:

@@ -45,18 +45,23 @@ class Attribution:
     heads: np.ndarray | None = None
 
     def to_png(self, path: str | os.PathLike) -> Path:
-        """Write layers (0 at the bottom) x heads, plus the layer's attention and FFN terms, as a heatmap on
-        one diverging scale centred on 0, each cell labelled with its value."""
-        from pyinterp.viz.plot import save_png, signed_grid
+        """Write layers (0 at the bottom) x heads, and beside them each layer's attention and FFN terms, as two
+        heatmaps on diverging scales centred on 0, each cell labelled with its value. The heads and the
+        layer totals each have their own symmetric scale (``±max|v|`` over that block) and colour bar: a
+        large FFN or attention total would otherwise leave every head white."""
+        from pyinterp.viz.grids import signed_grid
+        from pyinterp.viz.plot import save_png
 
         if self.heads is None:
             raise InputError("this attribution was not split by head (heads=False)")
         n_layer, n_head = self.heads.shape
         values = np.concatenate([self.heads, self.attn[:, None], self.ffn[:, None]], axis=1)
         image = signed_grid(values, title=f"direct logit attribution of {self.target_str!r} at position {self.position} "
-                                          f"(logit {self.logit:.2f})",
+                                          f"(logit {self.logit:.2f}); heads and layer totals on separate scales",
                             row_labels=[str(il) for il in range(n_layer)],
-                            col_labels=[f"h{h}" for h in range(n_head)] + ["attn", "ffn"], split=n_head)
+                            col_labels=[f"h{h}" for h in range(n_head)] + ["attn", "ffn"],
+                            blocks=[(0, n_head, "heads", "head"), (n_head, n_head + 2, "layer totals", "term")],
+                            unit="logit", row_name="layer")
         return save_png(image, path)
 
 

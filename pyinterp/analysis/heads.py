@@ -49,10 +49,11 @@ def pattern_masks(ids: Sequence[int]) -> dict[str, np.ndarray]:
     return {"previous_token": previous, "duplicate_token": duplicate, "induction": induction}
 
 
-def scores_from_attention(attn: np.ndarray, ids: Sequence[int]) -> dict[str, np.ndarray]:
+def scores_from_attention(attn: np.ndarray, ids: Sequence[int], missing_nan: bool = False) -> dict[str, np.ndarray]:
     """Score every head of ``attn`` ``[n_layer, n_head, n, n]`` over ``ids`` (``n``): ``[n_layer, n_head]`` per
     kind, the attention each query puts on its pattern's keys summed, averaged over the queries with at
-    least one such key. Raises :class:`InputError` when a kind has no such query (no repeated token)."""
+    least one such key. Raises :class:`InputError` when a kind has no such query (no repeated token), or gives
+    that kind NaN scores with ``missing_nan``."""
     attn = np.asarray(attn, dtype=np.float64)
     n = len(ids)
     if attn.ndim != 4 or attn.shape[2:] != (n, n):
@@ -60,6 +61,9 @@ def scores_from_attention(attn: np.ndarray, ids: Sequence[int]) -> dict[str, np.
     scores = {}
     for kind, mask in pattern_masks(ids).items():
         queries = mask.any(axis=1)
+        if not queries.any() and missing_nan:
+            scores[kind] = np.full(attn.shape[:2], np.nan)
+            continue
         if not queries.any():
             raise InputError(f"no query has a {kind.replace('_', '-')} key: the tokens need a repeat "
                              f"(one at least two positions after the first occurrence for induction)")

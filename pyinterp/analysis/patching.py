@@ -136,7 +136,7 @@ def _pair_ids(model: Model, clean: str | Sequence[int], corrupt: str | Sequence[
     return clean_ids, corrupt_ids
 
 
-def _layers(model: Model, layers: Iterable[int] | None) -> list[int]:
+def checked_layers(model: Model, layers: Iterable[int] | None) -> list[int]:
     if layers is None:
         return list(range(model.n_layer))
     layers = as_list(layers, "layers")
@@ -166,7 +166,7 @@ def patch_sweep(model: Model, clean: str | Sequence[int], corrupt: str | Sequenc
     """
     fn = bind_metric(model, metric)
     clean_ids, corrupt_ids = _pair_ids(model, clean, corrupt)
-    layers = _layers(model, layers)
+    layers = checked_layers(model, layers)
     positions = positions_in(positions, len(clean_ids))
     info = model.tensor_info()
     if tensor in info.shapes and info.rank(tensor) != 2:
@@ -196,7 +196,7 @@ def head_ablation_scan(model: Model, prompt: str | Sequence[int], metric: Metric
     """
     fn = bind_metric(model, metric)
     ids = model.prompt_ids(prompt)
-    layers = _layers(model, layers)
+    layers = checked_layers(model, layers)
     if mode in ("mean", "resample"):
         reference = head_reference(model, reference, layers, mode)
     variants = [[head_ablation(model, ((il, h),), mode, reference, ids, per_position, seed)]
@@ -217,7 +217,7 @@ def head_patch_scan(model: Model, clean: str | Sequence[int], corrupt: str | Seq
     """
     fn = bind_metric(model, metric)
     clean_ids, corrupt_ids = _pair_ids(model, clean, corrupt)
-    layers = _layers(model, layers)
+    layers = checked_layers(model, layers)
     chosen = None if positions is None else tuple(positions_in(positions, len(clean_ids)))
     trace = model.run(clean_ids, capture=[f"kqv_heads-{il}" for il in layers], logits=None)
     variants = [[PatchHead(il, h, trace["kqv_heads", il][:, h], chosen)] for il in layers for h in range(model.n_head)]

@@ -68,7 +68,7 @@ def ablation_options(command: Callable) -> Callable:
                      help="How ablated heads are silenced: zero output, their mean output over --ablate-ref, or their "
                           "output in a prompt of --ablate-ref drawn at random."),
         click.option("--ablate-ref", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-                     help='Reference prompt set for mean and resample ablation: JSONL, {"prompt": ...} a line.'),
+                     help="Reference prompt set of mean and resample ablation: JSONL or TSV rows with a prompt."),
         click.option("--ablate-over", type=click.Choice(["position", "all"]), default=None,
                      help="Mean ablation: the mean at each position (default; the prompt's tokens), or over every "
                           "token of the set (every token, generated ones too)."),

@@ -8,6 +8,7 @@ import click
 
 from pyinterp.analysis.heads import KINDS, HeadScores, head_scores
 from pyinterp.cli.options import model_options
+from pyinterp.cli.sets import md_option, prompts_option
 
 COLUMN = 20  # characters per kind in the table
 
@@ -32,13 +33,23 @@ def print_top(scores: HeadScores, k: int) -> None:
 @click.option("--png", default=None, type=click.Path(dir_okay=False), metavar="PATH",
               help="Write the three scores as layers x heads heatmaps.")
 @click.option("--json", "as_json", is_flag=True, help="Print every score as JSON instead of the table.")
-def heads(model_opts, seq_len, seed, prompt, top_k, png, as_json):
+@prompts_option
+@md_option
+@click.pass_context
+def heads(ctx, model_opts, seq_len, seed, prompt, top_k, png, as_json, prompts_path, as_md):
     """Score every attention head as a previous-token, duplicate-token and induction head.
 
     Scores are in 0..1: the mean attention a head puts, from each query, on the previous token, on
     earlier copies of the query's token, and on the token after an earlier copy (induction). The run
-    is SEQ_LEN random tokens repeated twice, or --prompt.
+    is SEQ_LEN random tokens repeated twice, or --prompt, or each prompt of --prompts FILE (then every head's
+    scores are averaged over the prompts, with a bootstrap 95% interval seeded with --seed).
     """
+    if prompts_path is not None:
+        from pyinterp.cli.heads_sets import run_heads_set
+
+        return run_heads_set(ctx, model_opts)
+    if as_md:
+        raise click.UsageError("--md goes with --prompts")
     with model_opts.open() as model:
         scores = head_scores(model, seq_len=seq_len, seed=seed, prompt=prompt)
     files = [str(scores.to_png(png))] if png is not None else []

@@ -26,10 +26,14 @@ from pyinterp.cli.features import features
 from pyinterp.cli.fidelity import fidelity
 from pyinterp.cli.heads import heads
 from pyinterp.cli.lens import attribution_json, next_tokens, parse_positions, parse_target
+from pyinterp.cli.outputs import check_attn_out, intervention_records, print_interventions, write_attention
 from pyinterp.cli.options import LAYERS_HELP, LayerList, layer_list, model_options, progress
+from pyinterp.cli.probe import probe
 from pyinterp.cli.prompt import prompt_options, prompt_text, seed_option, stream_generation, temp_option
 from pyinterp.cli.report import lens_and_targets, print_report, write_pictures_and_tables
 from pyinterp.cli.sae import sae
+from pyinterp.cli.sets import md_option, prompts_option
+from pyinterp.cli.spans import spans
 from pyinterp.cli.sweep import sweep
 from pyinterp.engine.names import split_name
 from pyinterp.errors import InputError, PyinterpError
@@ -180,7 +184,10 @@ DRAW_PATH = "attention.png"
                    f"(PATH default {DRAW_PATH}).")
 @click.option("--draw-path", default=None, metavar="PATH", help="Same as --draw PATH.")
 @click.option("--draw-layers", default=None, metavar="LIST", callback=layer_list,
-              help="Layers to draw, as --ll-layers (default all).")
+              help="Layers to draw (and to write with --attn-out), as --ll-layers (default all).")
+@click.option("--attn-out", default=None, type=click.Path(dir_okay=False), metavar="FILE.npz|FILE.csv",
+              help="Write the attention weights as numbers: .npz (layer_<L> [n_head, n_query, n_key] per layer, "
+                   "tokens) or .csv (layer, head, query, key, query_token, key_token, weight).")
 @click.option("-a", "--ablate", "ablate_spec", default=None, metavar="LIST",
               help="Ablate heads: global indices layer*n_head+head and/or LAYER:HEAD pairs, comma separated.")
 @ablation_options
@@ -201,21 +208,39 @@ DRAW_PATH = "attention.png"
               help="Layers the control vectors apply to, inclusive (0 or less: the default, 1 and the last layer).")
 @click.option("--print-cgraph", is_flag=True, help="Print every node of the graph: name, op, type, shape, sources.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output of everything asked for.")
+@prompts_option
+@md_option
+@click.option("--per-decode", default=None, type=click.IntRange(1, 64), metavar="N",
+              help="With --prompts: prompts per decode of the lens (default as many as fit; 1: one prompt per pass).")
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=show_version,
               help="Show the version, the llama.cpp source, patches and backends, and exit.")
 @click.pass_context
 def cli(ctx, model_opts, prompt, prompt_file, escape, n_predict, seed, temp, ignore_eos, lens_name, ll_topk, norm_lens, ll_png, target_specs, ll_layers,
-        ll_pos, target_png, attribute, attr_png, csv_path, decimals, draw, draw_path, draw_layers, ablate_spec, ablation,
-        isolate, saves, loads, patch_specs, patch_avg, cvec_files, cvec_scaled, cvec_range, print_cgraph, as_json):
-    """Run a GGUF model and look inside: logit lens, attention pictures, head ablation, activation patching."""
+        ll_pos, target_png, attribute, attr_png, csv_path, decimals, draw, draw_path, draw_layers, attn_out, ablate_spec,
+        ablation, isolate, saves, loads, patch_specs, patch_avg, cvec_files, cvec_scaled, cvec_range, print_cgraph, as_json,
+        prompts_path, as_md, per_decode):
+    """Run a GGUF model and look inside: logit lens, attention pictures, head ablation, activation patching.
+
+    With --prompts FILE: the lens (--ll, --target) and --attribute of every example of a prompt set, averaged."""
     from pyinterp.viz.attention import draw_attention
 
+    if prompts_path is not None:
+        from pyinterp.cli.lens_sets import run_set
+
+        if ablation.mode != "zero":
+            raise click.UsageError("--ablate-mode mean or resample does not go with --prompts yet")
+
+        return run_set(ctx, model_opts)
+    for option, value in (("--md", as_md), ("--per-decode", per_decode is not None)):
+        if value:
+            raise click.UsageError(f"{option} goes with --prompts")
     prompt = prompt_text(prompt, prompt_file, escape)
     check_option_pairs(ctx)
     ablation.check(ablate_spec is not None, "-a")
     reference = ablation.prompts()
     attributing = attribute is not None
-    draw = drawing_path(draw, draw_path, draw_layers)
+    check_attn_out(attn_out)
+    draw = drawing_path(draw, draw_path, draw_layers, attn_out)
     actions = [PatchAction(s, f, None, None) for s, f in loads]
     by_target: dict[tuple[str, str], list[tuple[int, int]]] = {}
     for spec, file, src, dst in patch_specs:
@@ -238,7 +263,7 @@ def cli(ctx, model_opts, prompt, prompt_file, escape, n_predict, seed, temp, ign
             patches += action.patches(width, len(ids))
         layers = draw_layers.resolve(model.n_layer) if draw_layers is not None else list(range(model.n_layer))
         capture = [f"{n}-{il}" for (n, il), _ in saves]
-        if draw is not None:
+        if draw is not None or attn_out is not None:
             capture += [f"attn_scores-{il}" for il in layers]
 
         result["model"] = {"path": str(model.path), "arch": model.arch, "n_layer": model.n_layer,
@@ -255,11 +280,14 @@ def cli(ctx, model_opts, prompt, prompt_file, escape, n_predict, seed, temp, ign
         stack.enter_context(model.patched(patches))
         if isolate is not None:
             stack.enter_context(model.isolated(*isolate))
+        start_end = None
         if cvec is not None:
-            start, end = steering_range(cvec_range, model.n_layer)
+            start_end = start, end = steering_range(cvec_range, model.n_layer)
             stack.enter_context(steered(model, cvec, layers=(start, end)))
             result["control_vector"] = {"files": [{"file": f, "scale": k} for f, k in cvec_files],
                                         "layers": list(cvec.layers), "layer_range": [start, end]}
+        interventions = intervention_records(ablate_spec, ablate, actions, isolate, model.n_head, cvec_files, start_end)
+        result["interventions"] = interventions
         trace = model.run(ids, capture=capture)
         if print_cgraph:
             result["cgraph"] = model.graph(ids, capture=capture)
@@ -274,12 +302,15 @@ def cli(ctx, model_opts, prompt, prompt_file, escape, n_predict, seed, temp, ign
         files = [str(save_tensor(path, trace[name, il], f"{name}-{il}")) for (name, il), path in saves]
         files += write_pictures_and_tables(model.arch, lenses, ll_png, target_lenses, target_png, attributed, attr_png,
                                            csv_path)
+        if attn_out is not None:
+            files.append(str(write_attention(trace, attn_out, layers)))
         if draw is not None:
             with progress(len(layers), "drawing attention") as bar:
                 files += [str(p) for p in draw_attention(trace, draw, layers, on_layer=bar and (lambda _: bar.update(1)))]
         result["files"] = files
         result["next_token"] = next_tokens(model, trace.logits[-1], 5)
         if not as_json:
+            print_interventions(interventions)
             print_report(result, lenses, targets, target_lenses, attributed, ll_topk, decimals)
         if n_predict > 0:
             if not as_json:
@@ -322,21 +353,23 @@ def check_option_pairs(ctx: click.Context) -> None:
             raise click.UsageError(f"{option} needs {needs}")
 
 
-def drawing_path(draw: str | None, draw_path: str | None, draw_layers: LayerList | None) -> str | None:
-    """Where ``--draw`` (alone: the default path) or ``--draw-path`` writes the attention pictures; None: none."""
+def drawing_path(draw: str | None, draw_path: str | None, draw_layers: LayerList | None,
+                 attn_out: str | None) -> str | None:
+    """Where ``--draw`` (alone: the default path) or ``--draw-path`` writes the attention pictures; None: none.
+    ``--draw-layers`` needs one of them or ``--attn-out``."""
     if draw and draw_path is not None and draw != draw_path:
         raise click.UsageError(f"two drawing paths: --draw {draw} and --draw-path {draw_path}")
     if draw is not None or draw_path is not None:  # --draw alone ("") draws to the default path
         draw = draw or draw_path or DRAW_PATH
-    if draw_layers is not None and draw is None:
-        raise click.UsageError("--draw-layers goes with --draw")
+    if draw_layers is not None and draw is None and attn_out is None:
+        raise click.UsageError("--draw-layers goes with --draw or --attn-out")
     return draw
 
 
 def subcommands() -> dict[str, click.Command]:
     """Analyses with a command of their own: ``pyinterp NAME ...``; everything else is the main command."""
     return {"corpus": corpus, "cvector": cvector, "extract": extract, "features": features, "fidelity": fidelity,
-            "heads": heads, "sae": sae, "sweep": sweep}
+            "heads": heads, "probe": probe, "sae": sae, "spans": spans, "sweep": sweep}
 
 
 cli.epilog = ("More commands, each with its own --help: "

@@ -107,7 +107,8 @@ def model_options(command: Callable, threads: tuple[str, ...] = ("-t", "--thread
 # layer lists
 
 LAYERS_HELP = ("comma list of layers: indices (negative from the end: -1 = last), 'last', depth fractions "
-               "(0.5 or 1/2 = the middle layer, 1.0 = last), and inclusive ranges A-B of those (2-5, 10--1, 0.5-last)")
+               "(0.5 or 1/2 or 50% = the middle layer, 1.0 = last), and inclusive ranges A-B of those (2-5, 10--1, "
+               "0.5-last, 40%-85%)")
 _INT = re.compile(r"[+-]?\d+")
 _RANGE = re.compile(r"(-?[^-]+)-(-?[^-]+)")
 
@@ -139,11 +140,14 @@ class LayerList:
         if _INT.fullmatch(item):
             return int(item)
         try:
-            if "/" not in item and "." not in item:
+            if item.endswith("%"):
+                f = Fraction(item[:-1]) / 100
+            elif "/" not in item and "." not in item:
                 raise ValueError
-            f = Fraction(item)
+            else:
+                f = Fraction(item)
         except (ValueError, ZeroDivisionError):
-            raise InputError(f"{option}: {item!r} is neither a layer, 'last' nor a depth fraction like 0.5 or 1/2 "
+            raise InputError(f"{option}: {item!r} is neither a layer, 'last' nor a depth fraction like 0.5, 1/2 or 50% "
                              f"(see --help)") from None
         if not 0 <= f <= 1:
             raise InputError(f"{option}: depth fraction {item} is not in 0..1")

@@ -75,7 +75,8 @@ def print_steer(steer: dict) -> None:
 
 def heatmap(full: SAEFeatures, top: SAEFeatures, d_sae: int, prompt: str) -> np.ndarray:
     """Features x tokens: the union of every token's top features (rows, by id), coloured by activation."""
-    from pyinterp.viz.plot import sanitize_label, value_grid
+    from pyinterp.viz.grids import value_grid
+    from pyinterp.viz.plot import sanitize_label
 
     dense = np.zeros((len(full.tokens), d_sae), dtype=np.float32)
     for t in range(len(full.tokens)):
@@ -88,7 +89,8 @@ def heatmap(full: SAEFeatures, top: SAEFeatures, d_sae: int, prompt: str) -> np.
     title = (f"SAE {full.hook_name} -> {full.tensor}: activation of each token's top {top.ids.shape[1]} "
              f"features on {shown!r}")
     return value_grid(dense[:, union].T, title=title, row_labels=[str(j) for j in union],
-                      col_labels=[sanitize_label(s) for s in full.token_strs], value_ticks=True)
+                      col_labels=[sanitize_label(s) for s in full.token_strs], unit="activation",
+                      row_name="feature", col_name="token")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

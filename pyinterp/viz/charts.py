@@ -41,6 +41,8 @@ def line_charts(
     title: str = "",
     x_name: str = "layer",
     n_cols: int = 2,
+    legend_bottom: bool = False,
+    bands: Sequence[dict[str, tuple[np.ndarray, np.ndarray]]] | None = None,
 ) -> np.ndarray:
     """Draw one line chart per panel in a grid of ``n_cols`` columns, ``title`` above them all.
 
@@ -48,14 +50,20 @@ def line_charts(
     with a dot per value over x positions labelled with ``x_labels`` (thinned as in :func:`attention_sheet`)
     and named ``x_name``, on a y axis from 0 to a round number above the panel's largest value, with
     labelled ticks at round steps (:func:`value_axis`). A panel with several series gets a legend in its
-    top left corner. A ``title`` with newlines is several lines.
+    top left corner (``legend_bottom``: bottom left, for values near the top, as accuracies). A ``title`` with
+    newlines is several lines. ``bands`` (one dict per panel): a series' interval ``(low, high)``, drawn as a light
+    band of its colour behind its line.
     """
     n = len(x_labels)
     if not panels or n == 0 or any(not series or any(np.shape(v) != (n,) for v in series.values())
                                    for _, series in panels):
         raise PyinterpError(f"need panels with series of {n} values each, got "
                             f"{[(name, [np.shape(v) for v in s.values()]) for name, s in panels]}")
-    charts = [_line_chart(name, series, x_labels, x_name) for name, series in panels]
+    bands = bands or [{} for _ in panels]
+    if len(bands) != len(panels):
+        raise PyinterpError(f"need one dict of bands per panel, got {len(bands)} for {len(panels)} panels")
+    charts = [_line_chart(name, series, x_labels, x_name, band, legend_bottom)
+              for (name, series), band in zip(panels, bands)]
     h, w = charts[0].shape[:2]
     n_rows = math.ceil(len(charts) / n_cols)
     lines = title.split("\n") if title else []
@@ -70,9 +78,11 @@ def line_charts(
     return image
 
 
-def _line_chart(name: str, series: dict[str, np.ndarray], x_labels: list[str], x_name: str) -> np.ndarray:
-    """One titled chart of ``series`` over ``x_labels``; every chart has the same size."""
-    top_value, intervals = value_axis(max(float(np.nanmax(v)) for v in series.values()))
+def _line_chart(name: str, series: dict[str, np.ndarray], x_labels: list[str], x_name: str,
+                bands: dict[str, tuple[np.ndarray, np.ndarray]], legend_bottom: bool = False) -> np.ndarray:
+    """One titled chart of ``series`` (and their ``bands``) over ``x_labels``; every chart has the same size."""
+    highs = [float(np.nanmax(v)) for v in series.values()] + [float(np.nanmax(hi)) for _, hi in bands.values()]
+    top_value, intervals = value_axis(max(highs))
     ticks = [top_value * i / intervals for i in range(intervals + 1)]
     tick_text = [f"{v:.3g}" for v in ticks]
     left = 2 * PAD + max_text_width(["0.0000"]) + TICK  # the same for every chart, so a grid lines up
@@ -100,6 +110,13 @@ def _line_chart(name: str, series: dict[str, np.ndarray], x_labels: list[str], x
     axis_y = top + CHART_H + TICK + PAD + label_h + PAD + font_px()
     draw_text(image, x_name, left + (CHART_W - text_width(x_name, LABEL_PX)) // 2, axis_y, LABEL_PX)
 
+    for k, label in enumerate(series):
+        if label in bands:
+            low, high = (np.nan_to_num(np.asarray(v, dtype=np.float64)) for v in bands[label])
+            outline = [point(i, v) for i, v in enumerate(high)] + [point(i, v) for i, v in reversed(list(enumerate(low)))]
+            shade = image.copy()
+            cv2.fillPoly(shade, [np.array(outline, dtype=np.int32)], SERIES_COLORS[k % len(SERIES_COLORS)], cv2.LINE_AA)
+            image[:] = cv2.addWeighted(shade, 0.25, image, 0.75, 0)
     for k, values in enumerate(series.values()):
         color = SERIES_COLORS[k % len(SERIES_COLORS)]
         points = np.array([point(i, v) for i, v in enumerate(np.nan_to_num(values))], dtype=np.int32)
@@ -109,6 +126,8 @@ def _line_chart(name: str, series: dict[str, np.ndarray], x_labels: list[str], x
     if len(series) > 1:
         for k, label in enumerate(series):
             y = top + PAD + k * font_px() + text_h // 2
+            if legend_bottom:
+                y += CHART_H - 2 * PAD - len(series) * font_px()
             cv2.line(image, (left + PAD, y), (left + PAD + 16, y), SERIES_COLORS[k % len(SERIES_COLORS)], 2)
             draw_text(image, label, left + 2 * PAD + 16, y + text_h // 2, LABEL_PX)
     return image

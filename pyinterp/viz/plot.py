@@ -41,6 +41,7 @@ LENS_MIN_TEXT_W = 24  # narrower cells get no text: two or three characters is a
 COLORBAR_W = 14
 COLORBAR_MIN_H = 120
 COLORBAR_TICKS = ((1.0, "1"), (0.5, "0.5"), (0.0, "0"))
+MIN_TITLE_W = 360  # a title is wrapped to the picture's width, or this many pixels when that is less
 
 # The colormap as a [256, 3] BGR lookup table: row i is the colour of probability i / 255.
 COLORS = cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(-1, 1), cv2.COLORMAP_VIRIDIS)[:, 0]
@@ -122,7 +123,7 @@ def attention_sheet(
     n_cols = math.ceil(math.sqrt(len(panels)))
     n_rows = math.ceil(len(panels) / n_cols)
     heat_top = title_height()
-    bar = _colorbar(max(n * cell, COLORBAR_MIN_H))
+    bar = colorbar(max(n * cell, COLORBAR_MIN_H))
     bar_top = max(heat_top - _colorbar_margin(), 0)
     sheet_h = max(n_rows * panel_h, bar_top + bar.shape[0])
     sheet = canvas(sheet_h, n_cols * panel_w + bar.shape[1] + PAD)
@@ -161,7 +162,7 @@ def lens_heatmap(
     if len(row_labels) != n_rows:
         raise PyinterpError(f"need {n_rows} row labels, got {len(row_labels)}")
     cell_w = LENS_CELL_W if n_tok <= LENS_MAX_FULL_TOKENS else max(LENS_CELL_W * LENS_MAX_FULL_TOKENS // n_tok, 1)
-    table = _table(top_prob, top_str, row_labels, tokens, title, cell_w, LENS_CELL_H)
+    table = cell_table(top_prob, top_str, row_labels, tokens, title, cell_w, LENS_CELL_H)
     return _with_colorbar([table], title_height() if title else PAD, n_rows * LENS_CELL_H)
 
 
@@ -172,13 +173,15 @@ def score_grids(
     title: str = "",
     row_labels: list[str] | None = None,
     col_labels: list[str] | None = None,
+    texts: Sequence[list[list[str]]] | None = None,
 ) -> np.ndarray:
     """Draw several ``[n_rows, n_cols]`` tables of scores in 0..1 side by side, with one colour scale.
 
     Each table is drawn as in :func:`lens_heatmap` (row 0 at the BOTTOM, each cell coloured by its
     score and labelled with it to two decimals), titled with its entry of ``names``; ``title`` goes
     above them all. ``row_labels``/``col_labels`` default to ``"0"``, ``"1"``, ... Used for head
-    scores: rows are layers, columns heads.
+    scores: rows are layers, columns heads. ``texts``: each table's cell labels instead of the scores (cells
+    widen to fit), e.g. a mean and its interval.
     """
     grids = [np.asarray(g, dtype=np.float64) for g in grids]
     if not grids or len(names) != len(grids) or not all(names) or any(g.ndim != 2 or g.shape != grids[0].shape
@@ -191,65 +194,22 @@ def score_grids(
     if len(row_labels) != n_rows or len(col_labels) != n_cols:
         raise PyinterpError(f"need {n_rows} row labels and {n_cols} column labels, "
                             f"got {len(row_labels)} and {len(col_labels)}")
-    tables = [_table(g, [[f"{v:.2f}" for v in row] for row in g], row_labels, col_labels, name, SCORE_CELL_W,
-                     LENS_CELL_H) for g, name in zip(grids, names, strict=True)]
+    texts = texts or [[[f"{v:.2f}" for v in row] for row in g] for g in grids]
+    cell_w = max(SCORE_CELL_W, max(text_width(t, LABEL_PX) for table in texts for row in table for t in row) + 8)
+    tables = [cell_table(g, text, row_labels, col_labels, name, cell_w, LENS_CELL_H)
+              for g, text, name in zip(grids, texts, names, strict=True)]
     return _with_colorbar(tables, title_height(), n_rows * LENS_CELL_H, title)
 
 
-def value_grid(values: np.ndarray, *, title: str, row_labels: list[str], col_labels: list[str],
-               value_ticks: bool = False) -> np.ndarray:
-    """Draw one ``[n_rows, n_cols]`` table of any real values (a metric, not a probability): row 0 at the
-    BOTTOM, each cell labelled with its value to two decimals (cells widen to fit) and coloured on the 0..1
-    scale after mapping the table's minimum to 0 and its maximum to 1 (a constant table is all 0). ``title``
-    goes above it and should state that range, unless ``value_ticks`` labels the colour bar with the table's
-    minimum, middle and maximum instead of 0, 0.5 and 1."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.ndim != 2 or values.shape != (len(row_labels), len(col_labels)) or not np.all(np.isfinite(values)):
-        raise PyinterpError(f"need a finite 2-D table of {len(row_labels)} x {len(col_labels)} values, got shape {values.shape}")
-    lo, hi = values.min(), values.max()
-    colour = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
-    texts = [[f"{v:.2f}" for v in row] for row in values]
-    cell_w = max(SCORE_CELL_W, max(text_width(t, LABEL_PX) for row in texts for t in row) + 8)  # wide values fit
-    table = _table(colour, texts, row_labels, col_labels, "", cell_w, LENS_CELL_H)
-    ticks = ((1.0, f"{hi:.3g}"), (0.5, f"{(lo + hi) / 2:.3g}"), (0.0, f"{lo:.3g}")) if value_ticks else COLORBAR_TICKS
-    return _with_colorbar([table], PAD, values.shape[0] * LENS_CELL_H, title, ticks=ticks)
-
-
-def signed_grid(
-    values: np.ndarray,
-    *,
-    title: str = "",
-    row_labels: list[str],
-    col_labels: list[str],
-    split: int | None = None,
-) -> np.ndarray:
-    """Draw a ``[n_rows, n_cols]`` table of signed values (logit contributions) on a diverging scale: white
-    for 0, red for the largest positive magnitude in the table, blue for its negative. Rows as in
-    :func:`lens_heatmap` (row 0 at the BOTTOM); each cell labelled with its value to two decimals; the colour
-    scale's ends are labelled with that magnitude. ``split``: draw columns ``split:`` as a second table
-    ("totals") beside the first ("heads"), e.g. each head's value, then the layer's."""
-    values = np.asarray(values, dtype=np.float64)
-    n_rows, n_cols = values.shape
-    if len(row_labels) != n_rows or len(col_labels) != n_cols:
-        raise PyinterpError(f"need {n_rows} row labels and {n_cols} column labels, got {len(row_labels)} and {len(col_labels)}")
-    scale = float(np.abs(values).max()) or 1.0
-    texts = [[f"{v:.2f}" for v in row] for row in values]
-    cell_w = max(SCORE_CELL_W, max(text_width(t, LABEL_PX) for row in texts for t in row) + 8)
-    parts = [(slice(0, n_cols), "values")] if split is None else [(slice(0, split), "heads"), (slice(split, n_cols), "totals")]
-    tables = [_table(0.5 + values[:, part] / (2 * scale), [row[part] for row in texts], row_labels, col_labels[part],
-                     name, cell_w, LENS_CELL_H, SIGNED_COLORS) for part, name in parts]
-    ticks = ((1.0, f"+{scale:.3g}"), (0.5, "0"), (0.0, f"-{scale:.3g}"))
-    return _with_colorbar(tables, title_height(), n_rows * LENS_CELL_H, title, SIGNED_COLORS, ticks)
-
-
-def _table(values: np.ndarray, texts: list[list[str]], row_labels: list[str], col_labels: list[str], title: str,
-           cell_w: int, cell_h: int, colors: np.ndarray = COLORS) -> np.ndarray:
+def cell_table(values: np.ndarray, texts: list[list[str]], row_labels: list[str], col_labels: list[str], title: str,
+           cell_w: int, cell_h: int, colors: np.ndarray = COLORS, row_name: str = "", col_name: str = "") -> np.ndarray:
     """A titled heatmap of ``values`` (``[n_rows, n_cols]``, 0..1) with row 0 at the bottom, ``texts`` written
     in the cells (when they are at least ``LENS_MIN_TEXT_W`` wide), rows labelled on the left and columns
-    below (vertical, thinned as in :func:`attention_sheet`). The heatmap starts ``title_height()`` (or
-    ``PAD`` without a title) from the top."""
+    below (vertical, thinned as in :func:`attention_sheet`); ``row_name`` (vertical, left) and ``col_name``
+    (below) name the axes. The heatmap starts ``title_height()`` (or ``PAD`` without a title) from the top."""
     rows_up = [sanitize_label(s) for s in reversed(row_labels)]  # top to bottom: last row first
-    left = max_text_width(rows_up) + PAD + TICK
+    name_w = font_px() + PAD if row_name else 0  # a vertical axis title is one line wide
+    left = name_w + max_text_width(rows_up) + PAD + TICK
     top = title_height() if title else PAD
     heat = _heat_block(values[::-1], cell_w, cell_h, colors)
     if cell_w >= LENS_MIN_TEXT_W:
@@ -258,36 +218,67 @@ def _table(values: np.ndarray, texts: list[list[str]], row_labels: list[str], co
         _write_cells(heat, texts[::-1], cell_w, cell_h, values[::-1], colors)
 
     labels = step_labels(col_labels, label_step(len(col_labels), cell_w, font_px()))
-    bottom = TICK + PAD + max_text_width(labels.values()) + PAD
-    image = canvas(top + heat.shape[0] + bottom, left + max(heat.shape[1], text_width(title, TITLE_PX)) + PAD)
+    labels_h = TICK + PAD + max_text_width(labels.values()) + PAD
+    bottom = labels_h + (font_px() + PAD if col_name else 0)
+    heat_w = max(heat.shape[1], text_width(col_name, LABEL_PX))
+    image = canvas(top + heat.shape[0] + bottom, left + max(heat_w, text_width(title, TITLE_PX)) + PAD)
     if title:
         draw_text(image, title, left, top - PAD, TITLE_PX)
     paste(image, heat, left, top)
     _draw_row_labels(image, dict(enumerate(rows_up)), left, top, cell_h)
     _draw_col_labels(image, labels, left, top + heat.shape[0], cell_w)
+    if row_name:
+        block = vertical_text(row_name)
+        paste_dark(image, block, PAD // 2, top + (heat.shape[0] - block.shape[0]) // 2)
+    if col_name:
+        x = left + max((heat.shape[1] - text_width(col_name, LABEL_PX)) // 2, 0)
+        draw_text(image, col_name, x, top + heat.shape[0] + labels_h + line_extent(LABEL_PX)[0], LABEL_PX)
     return image
 
 
 def _with_colorbar(tables: list[np.ndarray], heat_top: int, heat_h: int, title: str = "", colors: np.ndarray = COLORS,
                    ticks: Sequence[tuple[float, str]] = COLORBAR_TICKS) -> np.ndarray:
-    """``tables`` (from :func:`_table`, their heatmaps ``heat_top`` px from their tops and ``heat_h`` px high) side
+    """``tables`` (from :func:`cell_table`, their heatmaps ``heat_top`` px from their tops and ``heat_h`` px high) side
     by side, ``title`` above them all, and a 0..1 colour scale (``colors``, labelled ``ticks``) at the right
     beside the heatmaps."""
-    above = title_height() if title else 0
-    top = above + heat_top
-    bar = _colorbar(max(heat_h, COLORBAR_MIN_H), colors, ticks)
-    bar_top = max(top - _colorbar_margin(), 0)
-    width = sum(t.shape[1] for t in tables)
-    height = max(above + max(t.shape[0] for t in tables), bar_top + bar.shape[0])
-    image = canvas(height, max(width + bar.shape[1] + PAD, text_width(title, TITLE_PX) + 2 * PAD))
-    if above:
-        draw_text(image, title, PAD, above - PAD, TITLE_PX)
+    bar = colorbar(max(heat_h, COLORBAR_MIN_H), colors, ticks)
+    return compose([(t, False) for t in tables] + [(bar, True)], heat_top, title)
+
+
+def compose(parts: list[tuple[np.ndarray, bool]], heat_top: int, title: str = "") -> np.ndarray:
+    """Blocks side by side, left to right, under ``title`` (wrapped to the blocks' width, at least
+    ``MIN_TITLE_W``). A part is ``(image, is_bar)``: a table (from :func:`cell_table`, its heatmap ``heat_top`` px
+    from its top) or a colour bar (from :func:`colorbar`), whose scale starts level with the heatmaps."""
+    width = sum(image.shape[1] for image, _ in parts)
+    lines = wrap_text(title, max(width, MIN_TITLE_W) - 2 * PAD) if title else []
+    line_h = sum(line_extent(TITLE_PX)) + PAD // 2
+    above = len(lines) * line_h + PAD if lines else 0
+    bar_top = max(above + heat_top - _colorbar_margin(), 0)
+    height = max((bar_top if is_bar else above) + image.shape[0] for image, is_bar in parts)
+    image = canvas(height, max([width] + [text_width(line, TITLE_PX) + 2 * PAD for line in lines]))
+    for k, line in enumerate(lines):
+        draw_text(image, line, PAD, PAD + k * line_h + line_extent(TITLE_PX)[0], TITLE_PX)
     x = 0
-    for table in tables:
-        paste(image, table, x, above)
-        x += table.shape[1]
-    paste(image, bar, width, bar_top)
+    for block, is_bar in parts:
+        paste(image, block, x, bar_top if is_bar else above)
+        x += block.shape[1]
     return image
+
+
+def wrap_text(text: str, max_px: int) -> list[str]:
+    """``text`` as lines at most ``max_px`` wide at the title size, broken at spaces (and at its newlines); a word
+    wider than that is a line of its own."""
+    lines = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            longer = f"{line} {word}" if line else word
+            if line and text_width(longer, TITLE_PX) > max_px:
+                lines.append(line)
+                longer = word
+            line = longer
+        lines.append(line)
+    return lines
 
 
 def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
@@ -396,17 +387,20 @@ def vertical_text(text: str) -> np.ndarray:
     return cv2.rotate(block, cv2.ROTATE_90_COUNTERCLOCKWISE)
 
 
-def _colorbar(height: int, colors: np.ndarray = COLORS,
-              ticks: Sequence[tuple[float, str]] = COLORBAR_TICKS) -> np.ndarray:
-    """A vertical 0..1 colour scale ``height`` px high (1 at the top) with ``ticks`` (value, label): by
-    default at 1, 0.5 and 0.
+def colorbar(height: int, colors: np.ndarray = COLORS, ticks: Sequence[tuple[float, str]] = COLORBAR_TICKS,
+              label: str = "") -> np.ndarray:
+    """A vertical 0..1 colour scale ``height`` px high (1 at the top) with ``ticks`` (position in 0..1, text): by
+    default at 1, 0.5 and 0; ``label`` (the values' unit) is written vertically at its right.
 
     The bar starts ``_colorbar_margin()`` px below the top of the returned block, leaving room for
     the end labels.
     """
     margin = _colorbar_margin()
     text_h = cap_height(LABEL_PX)
-    block = canvas(height + 2 * margin, PAD + COLORBAR_W + TICK + 2 + max_text_width(t for _, t in ticks) + PAD)
+    texts_w = TICK + 2 + max_text_width(t for _, t in ticks) + PAD
+    name = vertical_text(label) if label else None
+    block = canvas(max(height + 2 * margin, 0 if name is None else name.shape[0] + margin),
+                   PAD + COLORBAR_W + texts_w + (0 if name is None else name.shape[1] + PAD))
     ramp = np.linspace(1.0, 0.0, height).reshape(-1, 1)
     paste(block, _heat_block(ramp, COLORBAR_W, 1, colors), PAD, margin)
     cv2.rectangle(block, (PAD - 1, margin - 1), (PAD + COLORBAR_W, margin + height), GRAY, 1)
@@ -415,6 +409,8 @@ def _colorbar(height: int, colors: np.ndarray = COLORS,
         x = PAD + COLORBAR_W
         cv2.line(block, (x, y), (x + TICK, y), BLACK, 1)
         draw_text(block, text, x + TICK + 2, y + text_h // 2, LABEL_PX)
+    if name is not None:
+        paste_dark(block, name, PAD + COLORBAR_W + texts_w, margin + max((height - name.shape[0]) // 2, 0))
     return block
 
 
