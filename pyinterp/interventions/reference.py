@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from pyinterp.engine.names import ATTENTION_TENSORS, Head, as_list
+from pyinterp.engine.names import ATTENTION_TENSORS, as_list
 from pyinterp.errors import InputError
 from pyinterp.interventions.base import Op, Target
 
