@@ -233,3 +233,28 @@ def test_head_scans_are_their_own_runs_bit_for_bit(request, name):
             assert patched[i, h] == metric(model.run(IOI_CORRUPT, interventions=[patch], logits="last").logits[-1])
             one = metric(model.run(IOI_CLEAN, interventions=[AblateHeads(((il, h),))], logits="last").logits[-1])
             assert ablated[i, h] == one - base
+
+
+def test_contexts_of_one_decode_equal_their_single_runs(smollm2_f32, smollm2):
+    """Engine.run_contexts: each context of a multi-sequence decode gets what a run of it alone gets. On F32 weights
+    to float rounding whatever the lengths (the contexts' KV cells sit at other offsets, so sums over the cache group
+    their terms differently); packed contexts of 32 tokens, as pyinterp extract makes them, bit for bit even on the
+    quantized model. A context seeing another's cells would be off by far more."""
+    texts = ["The capital of France is", "When Mary and John went to the store, John gave a drink to",
+             "1 2 3 4 5 6 7", "Tea is hot and coffee is", "A B C D E F G H I J K"]
+    model = smollm2_f32
+    ids = [model.tokenize(t) for t in texts]
+    last = model.n_layer - 1
+    rows = model.engine.run_contexts(ids, [f"l_out-{last}", "attn_out-3"]).captured
+    start = 0
+    for x in ids:
+        alone = model.run(x, capture=[f"l_out-{last}", "attn_out-3"]).captured
+        for key in [("l_out", last), ("attn_out", 3)]:
+            got = rows[key][start:start + len(x)]
+            assert np.abs(got - alone[key]).max() <= 1e-5 * np.abs(alone[key]).max(), key
+        start += len(x)
+    stream = smollm2.tokenize(" ".join(texts * 4), add_bos=False)
+    packed = [stream[i * 32:(i + 1) * 32] for i in range(4)]
+    rows = smollm2.engine.run_contexts(packed, ["l_out-20"]).captured["l_out", 20]
+    for i, x in enumerate(packed):
+        assert np.array_equal(rows[i * 32:(i + 1) * 32], smollm2.run(x, capture=["l_out-20"]).captured["l_out", 20])
