@@ -169,7 +169,9 @@ def logit_lens(model: ModelLike, tokens_or_text: str | Sequence[int], tensor: st
     ``norm=True`` (the norm lens) applies the model's final norm first, as the model does to its last
     layer; ``norm=False`` (the raw lens) unembeds the tensor as it is. Computed inside the ggml graph with
     the model's own (quantized, possibly tied) unembedding: only the top-k and ``[n_targets, n_tokens]``
-    values per layer leave it. ``positions`` (negative from the end) keeps those tokens (default all).
+    values per layer leave it. ``positions`` (negative from the end): only those tokens are unembedded (default
+    all): the rows are selected before the final norm and the unembedding, so a last-position lens costs one row
+    of the unembedding per layer.
     Interventions of the context managers apply. A tensor outside the layers (the embedding) has layer -1.
     The rank compares every logit with every target's at every kept position: a
     ``[n_vocab, n_targets, n_positions]`` temporary per layer.
@@ -182,12 +184,12 @@ def logit_lens(model: ModelLike, tokens_or_text: str | Sequence[int], tensor: st
     positions = check_positions(positions, len(ids))
     lens = model.engine.run(ids, readout=LensReadout(model.n_layer, tensor, norm, top_k, targets, positions)).readout
     layers = sorted(lens) if layers is None else layers
-    top_ids = np.stack([lens[il][0][positions] for il in layers])
+    top_ids = np.stack([lens[il][0] for il in layers])
     stats = np.stack([lens[il][2] for il in layers])  # [n_layers, n_positions, n_targets, 3]
     names = {int(i): model.token_str(int(i)) for i in np.unique(top_ids)}
     return LogitLens(
         tensor=tensor, norm=norm, layers=layers, tokens=ids, token_strs=[model.token_str(t) for t in ids],
-        positions=positions, ids=top_ids, probs=np.stack([lens[il][1][positions] for il in layers]),
+        positions=positions, ids=top_ids, probs=np.stack([lens[il][1] for il in layers]),
         strs=[[[names[int(i)] for i in row] for row in layer] for layer in top_ids],
         targets=targets, target_strs=[model.token_str(t) for t in targets],
         target_logits=stats[..., 0], target_probs=stats[..., 1], target_ranks=stats[..., 2].astype(np.int64) + 1,

@@ -281,18 +281,18 @@ class Backend:
     # analyses at the unembedding
 
     def set_lens(self, tensor: str, norm: bool, top_k: int, targets: list[int], positions: list[int]) -> None:
-        if lib.pi_set_lens(self._state, tensor.encode(), norm, top_k) != 0:
+        """The lens of ``tensor`` at the rows ``positions`` only (they alone are unembedded)."""
+        if lib.pi_set_lens(self._state, tensor.encode(), norm, top_k, ffi.new("int32_t[]", positions), len(positions)) != 0:
             raise self.error("logit lens")
-        if targets and lib.pi_set_lens_targets(self._state, ffi.new("int32_t[]", targets), len(targets),
-                                               ffi.new("int32_t[]", positions), len(positions)) != 0:
+        if targets and lib.pi_set_lens_targets(self._state, ffi.new("int32_t[]", targets), len(targets)) != 0:
             raise self.error("logit lens")
 
-    def lens_result(self, il: int, n_tokens: int, top_k: int, n_targets: int,
+    def lens_result(self, il: int, top_k: int, n_targets: int,
                     n_positions: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """Layer ``il``'s lens: top-k ids and probabilities ``[n_tokens, k]`` (unordered) and the targets'
+        """Layer ``il``'s lens: top-k ids and probabilities ``[n_positions, k]`` (unordered) and the targets'
         statistics ``[n_positions, n_targets, 3]``; None when the layer had no such tensor."""
-        ids = np.empty((n_tokens, top_k), dtype=np.int32)
-        probs = np.empty((n_tokens, top_k), dtype=np.float32)
+        ids = np.empty((n_positions, top_k), dtype=np.int32)
+        probs = np.empty((n_positions, top_k), dtype=np.float32)
         ret = lib.pi_lens_read(self._state, il, ffi.from_buffer("int32_t[]", ids), ffi.from_buffer("float[]", probs), ids.size)
         if ret < 0:
             raise self.error("logit lens")

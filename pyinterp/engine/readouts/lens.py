@@ -9,9 +9,10 @@ from pyinterp.engine.backend import Backend
 
 
 class LensReadout:
-    """``tensor`` (a base name) unembedded at every layer it is on; ``norm``: through the final norm first."""
+    """``tensor`` (a base name) unembedded at every layer it is on, at the token rows ``positions`` only (the others
+    are not unembedded); ``norm``: through the final norm first."""
 
-    every_row = True  # the last layer's tensor at every token
+    every_row = True  # the last layer's tensor at every token (the positions are chosen among them)
 
     def __init__(self, n_layer: int, tensor: str, norm: bool, top_k: int, targets: list[int], positions: list[int]) -> None:
         self.n_layer, self.tensor, self.norm, self.top_k = n_layer, tensor, norm, top_k
@@ -21,11 +22,11 @@ class LensReadout:
         backend.set_lens(self.tensor, self.norm, self.top_k, self.targets, self.positions)
 
     def read(self, backend: Backend, n_tokens: int) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Per layer present: top-k ids and probabilities ``[n_tokens, k]`` (most probable first) and the
+        """Per layer present: top-k ids and probabilities ``[n_positions, k]`` (most probable first) and the
         targets' statistics ``[n_positions, n_targets, 3]`` (logit, probability, number of greater logits)."""
         out = {}
         for il in range(-1, self.n_layer):  # -1: a tensor outside the layers (the embedding)
-            layer = backend.lens_result(il, n_tokens, self.top_k, len(self.targets), len(self.positions))
+            layer = backend.lens_result(il, self.top_k, len(self.targets), len(self.positions))
             if layer is None:
                 continue
             ids, probs, stats = layer
