@@ -122,3 +122,32 @@ def test_the_lens_readout_on_the_engine(smollm2):
     lens = smollm2.logit_lens(PROMPT, top_k=3)
     for i, il in enumerate(lens.layers):
         np.testing.assert_array_equal(done.readout[il][0], lens.ids[i])
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_chosen_positions_only(request, name):
+    """The lens at chosen positions equals the all-positions lens at those positions, bit for bit (top-k and the
+    targets' statistics, norm and raw), and only those rows go through the unembedding: every lens matrix product
+    of the graph has one column per chosen position, where the model's own output has one per token."""
+    from pyinterp.engine.readouts import LensReadout
+
+    model = request.getfixturevalue(name)
+    prompt = "The capital of France is Paris, and the capital of Italy is"
+    ids = model.prompt_ids(prompt)
+    targets = [model.tokenize(" Rome", add_bos=False)[0], 5]
+    for norm in (True, False):
+        full = model.logit_lens(ids, top_k=5, targets=targets, norm=norm)
+        for positions in ([-1], [0, 3, -1]):
+            some = model.logit_lens(ids, top_k=5, targets=targets, norm=norm, positions=positions)
+            kept = [p % len(ids) for p in positions]
+            for got, want in ((some.ids, full.ids), (some.probs, full.probs), (some.target_logits, full.target_logits),
+                              (some.target_probs, full.target_probs), (some.target_ranks, full.target_ranks)):
+                np.testing.assert_array_equal(got, want[:, kept])
+    lines = model.engine.run(ids, readout=LensReadout(model.n_layer, "l_out", True, 5, targets, [len(ids) - 1]),
+                             graph=True).graph
+    output = next(line for line in lines if line.startswith("result_output"))
+    weight = output.split("<- ")[1].split(",")[0]  # the unembedding matrix
+    lens_mm = [line for line in lines if " MUL_MAT " in line and f"<- {weight}," in line and line != output]
+    assert len(lens_mm) == model.n_layer, lens_mm
+    assert all(line.split("[")[1].split(",")[1].strip() == "1" for line in lens_mm), lens_mm
+    assert output.split("[")[1].split(",")[1].strip() == str(len(ids))
