@@ -17,6 +17,7 @@ import click
 import numpy as np
 
 from pyinterp.analysis.steering import ControlVector, combine, steered
+from pyinterp.cli.compare import compare
 from pyinterp.cli.corpus import corpus
 from pyinterp.cli.cvector import cvector
 from pyinterp.cli.extract import extract
@@ -324,7 +325,7 @@ def drawing_path(draw: str | None, draw_path: str | None, draw_layers: LayerList
 
 def subcommands() -> dict[str, click.Command]:
     """Analyses with a command of their own: ``pyinterp NAME ...``; everything else is the main command."""
-    return {"corpus": corpus, "cvector": cvector, "extract": extract, "features": features, "fidelity": fidelity,
+    return {"compare": compare, "corpus": corpus, "cvector": cvector, "extract": extract, "features": features, "fidelity": fidelity,
             "heads": heads, "sae": sae, "sweep": sweep}
 
 

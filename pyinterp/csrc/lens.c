@@ -3,6 +3,8 @@
 
 #include "internal.h"
 
+#include <math.h>
+
 // every layer's `name` tensor at chosen rows (token positions) through the model's final norm (or not) and
 // unembedding, reduced to the top-k probabilities per row inside the graph, and to the logit, probability and rank
 // of chosen target tokens; the rows are selected before the norm and the unembedding, so only they are computed
@@ -10,11 +12,13 @@ struct pi_lens {
     char  name[PI_NAME_MAX];
     bool  norm;
     int32_t k;                      // active when k > 0
+    float temp;                     // the probabilities are the softmax of logits / temp
     // per slot il+1: slot 0 is the tensor outside the layers (the embedding), slot il+1 layer il
     struct ggml_tensor ** in;       // [n_layer+1] the tensor to unembed
     struct ggml_tensor ** ids;      // [n_layer+1] [k, n_rows] I32, top-k token ids (unordered)
     struct ggml_tensor ** probs;    // [n_layer+1] [1, k, n_rows] F32, their probabilities
     struct ggml_tensor ** stats;    // [n_layer+1] [3, n_targets, n_rows] F32: each target's logit, probability, rank
+    struct ggml_tensor ** entropy;  // [n_layer+1] [1, n_rows] F32: the entropy of the probabilities, in nats
     const char * failed;            // why the lens could not be built (NULL: it was)
     int32_t max_row;                // the last of the rows
     struct ggml_context * ctx;      // owns rows
@@ -68,9 +72,10 @@ static void pi_lens_rows_free(struct pi_lens * lens) {
     lens->rows = NULL;
 }
 
-// the lens of tensor `name` (through the final norm or not), top-k per row, at the rows (token positions of the
-// pass) `rows`; drops the targets
-int pi_set_lens(struct pi_state * st, const char * name, bool norm, int32_t k, const int32_t * rows, int32_t n_rows) {
+// the lens of tensor `name` (through the final norm or not), top-k per row of the probabilities at temperature
+// `temp`, at the rows (token positions of the pass) `rows`; drops the targets
+int pi_set_lens(struct pi_state * st, const char * name, bool norm, int32_t k, float temp, const int32_t * rows,
+                int32_t n_rows) {
     struct pi_lens * lens = pi_self(st, &pi_recipe_lens);
     pi_lens_rows_free(lens);
     lens->k = 0;
@@ -81,6 +86,9 @@ int pi_set_lens(struct pi_state * st, const char * name, bool norm, int32_t k, c
     }
     if (k < 1 || k > llama_vocab_n_tokens(llama_model_get_vocab(st->model))) {
         return pi_fail(st, "top-k out of range");
+    }
+    if (!(temp > 0.0f) || !isfinite(temp)) {
+        return pi_fail(st, "the lens temperature must be a positive number");
     }
     if (n_rows < 1) {
         return pi_fail(st, "no lens rows");
@@ -99,6 +107,7 @@ int pi_set_lens(struct pi_state * st, const char * name, bool norm, int32_t k, c
     snprintf(lens->name, sizeof(lens->name), "%s", name);
     lens->norm    = norm;
     lens->k       = k;
+    lens->temp    = temp;
     lens->max_row = max_row;
     pi_update_hook(st);
     return 0;
@@ -187,17 +196,24 @@ static bool pi_lens_slot(struct pi_lens * lens, int32_t slot, struct ggml_contex
     if (logits == NULL) {
         return false;
     }
-    struct ggml_tensor * probs = ggml_soft_max(ctx, logits);
+    struct ggml_tensor * probs = ggml_soft_max_ext(ctx, logits, NULL, 1.0f / lens->temp, 0.0f);
+    // -sum p log p; the probabilities below 1e-30 add less than 1e-28 each
+    struct ggml_tensor * plogp = ggml_mul(ctx, probs, ggml_log(ctx, ggml_clamp(ctx, probs, 1e-30f, 1.0f)));
+    struct ggml_tensor * entropy = ggml_scale(ctx, ggml_sum_rows(ctx, plogp), -1.0f);
     struct ggml_tensor * ids   = ggml_top_k(ctx, probs, lens->k);
     struct ggml_tensor * top   = ggml_get_rows(ctx, ggml_reshape_3d(ctx, probs, 1, probs->ne[0], probs->ne[1]), ids);
     ggml_format_name(ids, "lens_ids-%d", slot - 1);
     ggml_format_name(top, "lens_probs-%d", slot - 1);
+    ggml_format_name(entropy, "lens_entropy-%d", slot - 1);
     ggml_set_output(ids);
     ggml_set_output(top);
+    ggml_set_output(entropy);
     ggml_build_forward_expand(gf, ids);
     ggml_build_forward_expand(gf, top);
-    lens->ids[slot]   = ids;
-    lens->probs[slot] = top;
+    ggml_build_forward_expand(gf, entropy);
+    lens->ids[slot]     = ids;
+    lens->probs[slot]   = top;
+    lens->entropy[slot] = entropy;
     if (lens->n_targets > 0) {
         struct ggml_tensor * stats = pi_target_stats(lens, ctx, logits, probs);
         ggml_format_name(stats, "lens_targets-%d", slot - 1);
@@ -287,12 +303,34 @@ int pi_lens_targets_read(struct pi_state * st, int32_t il, float * dst, int64_t 
     return 0;
 }
 
+// the entropy (nats) of the lens's probabilities at layer il (-1: the tensor outside the layers) after the last
+// decode, n = n_rows floats; returns 1 when the layer had no such tensor
+int pi_lens_entropy_read(struct pi_state * st, int32_t il, float * dst, int64_t n) {
+    const struct pi_lens * lens = pi_self(st, &pi_recipe_lens);
+    if (lens->failed) {
+        return pi_fail(st, lens->failed);
+    }
+    if (il < -1 || il >= st->n_layer) {
+        return pi_fail(st, "layer out of range");
+    }
+    const struct ggml_tensor * t = lens->entropy[il + 1];
+    if (t == NULL) {
+        return 1;
+    }
+    if (ggml_nelements(t) != n) {
+        return pi_fail(st, "destination size does not match the lens entropy");
+    }
+    ggml_backend_tensor_get(t, dst, 0, ggml_nbytes(t));
+    return 0;
+}
+
 static bool pi_lens_init(struct pi_state * st, void * data) {
     struct pi_lens * lens = data;
     lens->in    = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
     lens->ids   = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
     lens->probs = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
     lens->stats = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
+    lens->entropy = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
     return true;
 }
 
@@ -308,6 +346,7 @@ static void pi_lens_release(struct pi_state * st, void * data) {
     free(lens->ids);
     free(lens->probs);
     free(lens->stats);
+    free(lens->entropy);
 }
 
 static bool pi_lens_active(const struct pi_state * st, const void * data) {
@@ -322,6 +361,7 @@ static void pi_lens_begin(struct pi_state * st, void * data) {
         lens->ids[slot]   = NULL;
         lens->probs[slot] = NULL;
         lens->stats[slot] = NULL;
+        lens->entropy[slot] = NULL;
     }
     lens->failed = NULL;
 }

@@ -10,26 +10,28 @@ from pyinterp.engine.backend import Backend
 
 class LensReadout:
     """``tensor`` (a base name) unembedded at every layer it is on, at the token rows ``positions`` only (the others
-    are not unembedded); ``norm``: through the final norm first."""
+    are not unembedded); ``norm``: through the final norm first; probabilities at temperature ``temp``."""
 
     every_row = True  # the last layer's tensor at every token (the positions are chosen among them)
 
-    def __init__(self, n_layer: int, tensor: str, norm: bool, top_k: int, targets: list[int], positions: list[int]) -> None:
+    def __init__(self, n_layer: int, tensor: str, norm: bool, top_k: int, targets: list[int], positions: list[int],
+                 temp: float = 1.0) -> None:
         self.n_layer, self.tensor, self.norm, self.top_k = n_layer, tensor, norm, top_k
-        self.targets, self.positions = targets, positions
+        self.targets, self.positions, self.temp = targets, positions, temp
 
     def setup(self, backend: Backend) -> None:
-        backend.set_lens(self.tensor, self.norm, self.top_k, self.targets, self.positions)
+        backend.set_lens(self.tensor, self.norm, self.top_k, self.targets, self.positions, self.temp)
 
-    def read(self, backend: Backend, n_tokens: int) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Per layer present: top-k ids and probabilities ``[n_positions, k]`` (most probable first) and the
-        targets' statistics ``[n_positions, n_targets, 3]`` (logit, probability, number of greater logits)."""
+    def read(self, backend: Backend, n_tokens: int) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """Per layer present: top-k ids and probabilities ``[n_positions, k]`` (most probable first), the
+        targets' statistics ``[n_positions, n_targets, 3]`` (logit, probability, number of greater logits) and the
+        entropy of the probabilities ``[n_positions]`` (nats)."""
         out = {}
         for il in range(-1, self.n_layer):  # -1: a tensor outside the layers (the embedding)
             layer = backend.lens_result(il, self.top_k, len(self.targets), len(self.positions))
             if layer is None:
                 continue
-            ids, probs, stats = layer
+            ids, probs, stats, entropy = layer
             order = np.argsort(-probs, axis=1, kind="stable")
-            out[il] = (np.take_along_axis(ids, order, 1), np.take_along_axis(probs, order, 1), stats)
+            out[il] = (np.take_along_axis(ids, order, 1), np.take_along_axis(probs, order, 1), stats, entropy)
         return out
