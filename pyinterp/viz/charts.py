@@ -1,5 +1,6 @@
-"""Line charts: one chart per panel in a grid (the fidelity report's per-layer similarities), drawn with the same
-fonts, margins and helpers as the heatmaps of :mod:`pyinterp.viz.plot`."""
+"""Line charts: one chart per panel in a grid (the fidelity report's per-layer similarities; the model comparison's
+curves over relative depth with their intervals as bands), drawn with the same fonts, margins and helpers as the
+heatmaps of :mod:`pyinterp.viz.plot`."""
 
 from __future__ import annotations
 
