@@ -151,3 +151,20 @@ def test_chosen_positions_only(request, name):
     assert len(lens_mm) == model.n_layer, lens_mm
     assert all(line.split("[")[1].split(",")[1].strip() == "1" for line in lens_mm), lens_mm
     assert output.split("[")[1].split(",")[1].strip() == str(len(ids))
+
+
+def test_temperature_and_entropy(smollm2):
+    """``temp`` and ``entropy``: the last layer's top-k probabilities and entropy are numpy's on the softmax of a plain
+    run's logits / temp at every token; no entropy unless asked for; a bad temperature is an InputError."""
+    logits = smollm2.run(PROMPT).logits.astype(np.float64)
+    for temp in (1.0, 0.5, 3.0):
+        lens = smollm2.logit_lens(PROMPT, top_k=3, temp=temp, entropy=True)
+        p = softmax(logits / temp)
+        np.testing.assert_allclose(lens.probs[-1], np.take_along_axis(p, lens.ids[-1].astype(int), -1), atol=1e-5)
+        h = -(p * np.log(np.maximum(p, 1e-300))).sum(-1)
+        np.testing.assert_allclose(lens.entropy[-1], h, atol=2e-3)
+        assert lens.entropy.shape == (smollm2.n_layer, len(lens.tokens))
+    assert smollm2.logit_lens(PROMPT, top_k=1).entropy is None
+    for bad in (0, -1.0, float("inf"), "1"):
+        with pytest.raises(InputError, match="temp must be a number > 0"):
+            smollm2.logit_lens(PROMPT, temp=bad)

@@ -30,7 +30,7 @@ class LogitLens:
     ``target_logits``, ``target_probs`` and ``target_ranks`` are ``[n_layers, n_positions, n_targets]`` for the
     token ids ``targets``: the target's logit, its probability (the softmax over the vocabulary) and its rank,
     1 + the number of tokens with a greater logit (1: the top prediction). ``entropy`` ``[n_layers, n_positions]``
-    is the entropy of each distribution, in nats. Probabilities and entropy are at temperature ``temp`` (the
+    is the entropy of each distribution, in nats (None unless asked for). Probabilities and entropy are at temperature ``temp`` (the
     softmax of logit / temp); logits and ranks do not depend on it.
     """
 
@@ -48,7 +48,7 @@ class LogitLens:
     target_logits: np.ndarray
     target_probs: np.ndarray
     target_ranks: np.ndarray
-    entropy: np.ndarray
+    entropy: np.ndarray | None = None
     temp: float = 1.0
 
     @property
@@ -173,7 +173,7 @@ def check_positions(positions: Iterable[int] | None, n_tokens: int) -> list[int]
 
 def logit_lens(model: ModelLike, tokens_or_text: str | Sequence[int], tensor: str = "l_out", top_k: int = 10,
                norm: bool = True, layers: Iterable[int] | None = None, targets: Iterable[int | str] = (),
-               positions: Iterable[int] | None = None, temp: float = 1.0) -> LogitLens:
+               positions: Iterable[int] | None = None, temp: float = 1.0, entropy: bool = False) -> LogitLens:
     """Unembed ``tensor`` of every layer (or of ``layers``) at every token and keep the top-k tokens and the
     logit, log-probability and rank of each of ``targets`` (token ids or single-token texts).
 
@@ -182,7 +182,8 @@ def logit_lens(model: ModelLike, tokens_or_text: str | Sequence[int], tensor: st
     the model's own (quantized, possibly tied) unembedding: only the top-k and ``[n_targets, n_tokens]``
     values per layer leave it. ``positions`` (negative from the end): only those tokens are unembedded (default
     all): the rows are selected before the final norm and the unembedding, so a last-position lens costs one row
-    of the unembedding per layer. ``temp``: the probabilities (and entropy) are the softmax of logit / temp.
+    of the unembedding per layer. ``temp``: the probabilities are the softmax of logit / temp. ``entropy``: also the
+    entropy of every lensed distribution (four more passes over the vocabulary per position and layer).
     Interventions of the context managers apply. A tensor outside the layers (the embedding) has layer -1.
     The rank compares every logit with every target's at every kept position: a
     ``[n_vocab, n_targets, n_positions]`` temporary per layer.
@@ -191,10 +192,10 @@ def logit_lens(model: ModelLike, tokens_or_text: str | Sequence[int], tensor: st
     ids = model.prompt_ids(tokens_or_text)
     layers = check_lens_tensor(model, tensor, top_k, layers)
     top_k, norm = int(top_k), check_bool(norm, "logit lens: norm")
-    temp = check_temp(temp)
+    temp, entropy = check_temp(temp), check_bool(entropy, "logit lens: entropy")
     targets = [resolve_target(model, t) for t in as_list(targets, "targets")]
     positions = check_positions(positions, len(ids))
-    lens = model.engine.run(ids, readout=LensReadout(model.n_layer, tensor, norm, top_k, targets, positions, temp)).readout
+    lens = model.engine.run(ids, readout=LensReadout(model.n_layer, tensor, norm, top_k, targets, positions, temp, entropy)).readout
     layers = sorted(lens) if layers is None else layers
     top_ids = np.stack([lens[il][0] for il in layers])
     stats = np.stack([lens[il][2] for il in layers])  # [n_layers, n_positions, n_targets, 3]
@@ -205,5 +206,5 @@ def logit_lens(model: ModelLike, tokens_or_text: str | Sequence[int], tensor: st
         strs=[[[names[int(i)] for i in row] for row in layer] for layer in top_ids],
         targets=targets, target_strs=[model.token_str(t) for t in targets],
         target_logits=stats[..., 0], target_probs=stats[..., 1], target_ranks=stats[..., 2].astype(np.int64) + 1,
-        entropy=np.stack([lens[il][3] for il in layers]), temp=temp,
+        entropy=np.stack([lens[il][3] for il in layers]) if entropy else None, temp=temp,
     )

@@ -13,12 +13,13 @@ struct pi_lens {
     bool  norm;
     int32_t k;                      // active when k > 0
     float temp;                     // the probabilities are the softmax of logits / temp
+    bool with_entropy;              // also their entropy
     // per slot il+1: slot 0 is the tensor outside the layers (the embedding), slot il+1 layer il
     struct ggml_tensor ** in;       // [n_layer+1] the tensor to unembed
     struct ggml_tensor ** ids;      // [n_layer+1] [k, n_rows] I32, top-k token ids (unordered)
     struct ggml_tensor ** probs;    // [n_layer+1] [1, k, n_rows] F32, their probabilities
     struct ggml_tensor ** stats;    // [n_layer+1] [3, n_targets, n_rows] F32: each target's logit, probability, rank
-    struct ggml_tensor ** entropy;  // [n_layer+1] [1, n_rows] F32: the entropy of the probabilities, in nats
+    struct ggml_tensor ** entropy;  // [n_layer+1] [1, n_rows] F32: the entropy of the probabilities, in nats (with_entropy)
     const char * failed;            // why the lens could not be built (NULL: it was)
     int32_t max_row;                // the last of the rows
     struct ggml_context * ctx;      // owns rows
@@ -73,9 +74,9 @@ static void pi_lens_rows_free(struct pi_lens * lens) {
 }
 
 // the lens of tensor `name` (through the final norm or not), top-k per row of the probabilities at temperature
-// `temp`, at the rows (token positions of the pass) `rows`; drops the targets
-int pi_set_lens(struct pi_state * st, const char * name, bool norm, int32_t k, float temp, const int32_t * rows,
-                int32_t n_rows) {
+// `temp` (and their entropy, when `entropy`), at the rows (token positions of the pass) `rows`; drops the targets
+int pi_set_lens(struct pi_state * st, const char * name, bool norm, int32_t k, float temp, bool entropy,
+                const int32_t * rows, int32_t n_rows) {
     struct pi_lens * lens = pi_self(st, &pi_recipe_lens);
     pi_lens_rows_free(lens);
     lens->k = 0;
@@ -108,6 +109,7 @@ int pi_set_lens(struct pi_state * st, const char * name, bool norm, int32_t k, f
     lens->norm    = norm;
     lens->k       = k;
     lens->temp    = temp;
+    lens->with_entropy = entropy;
     lens->max_row = max_row;
     pi_update_hook(st);
     return 0;
@@ -197,23 +199,25 @@ static bool pi_lens_slot(struct pi_lens * lens, int32_t slot, struct ggml_contex
         return false;
     }
     struct ggml_tensor * probs = ggml_soft_max_ext(ctx, logits, NULL, 1.0f / lens->temp, 0.0f);
-    // -sum p log p; the probabilities below 1e-30 add less than 1e-28 each
-    struct ggml_tensor * plogp = ggml_mul(ctx, probs, ggml_log(ctx, ggml_clamp(ctx, probs, 1e-30f, 1.0f)));
-    struct ggml_tensor * entropy = ggml_scale(ctx, ggml_sum_rows(ctx, plogp), -1.0f);
     struct ggml_tensor * ids   = ggml_top_k(ctx, probs, lens->k);
     struct ggml_tensor * top   = ggml_get_rows(ctx, ggml_reshape_3d(ctx, probs, 1, probs->ne[0], probs->ne[1]), ids);
     ggml_format_name(ids, "lens_ids-%d", slot - 1);
     ggml_format_name(top, "lens_probs-%d", slot - 1);
-    ggml_format_name(entropy, "lens_entropy-%d", slot - 1);
     ggml_set_output(ids);
     ggml_set_output(top);
-    ggml_set_output(entropy);
     ggml_build_forward_expand(gf, ids);
     ggml_build_forward_expand(gf, top);
-    ggml_build_forward_expand(gf, entropy);
-    lens->ids[slot]     = ids;
-    lens->probs[slot]   = top;
-    lens->entropy[slot] = entropy;
+    lens->ids[slot]   = ids;
+    lens->probs[slot] = top;
+    if (lens->with_entropy) {
+        // -sum p log p; the probabilities below 1e-30 add less than 1e-28 each
+        struct ggml_tensor * plogp = ggml_mul(ctx, probs, ggml_log(ctx, ggml_clamp(ctx, probs, 1e-30f, 1.0f)));
+        struct ggml_tensor * entropy = ggml_scale(ctx, ggml_sum_rows(ctx, plogp), -1.0f);
+        ggml_format_name(entropy, "lens_entropy-%d", slot - 1);
+        ggml_set_output(entropy);
+        ggml_build_forward_expand(gf, entropy);
+        lens->entropy[slot] = entropy;
+    }
     if (lens->n_targets > 0) {
         struct ggml_tensor * stats = pi_target_stats(lens, ctx, logits, probs);
         ggml_format_name(stats, "lens_targets-%d", slot - 1);
@@ -315,7 +319,7 @@ int pi_lens_entropy_read(struct pi_state * st, int32_t il, float * dst, int64_t 
     }
     const struct ggml_tensor * t = lens->entropy[il + 1];
     if (t == NULL) {
-        return 1;
+        return lens->ids[il + 1] == NULL ? 1 : pi_fail(st, "the lens was set without its entropy");
     }
     if (ggml_nelements(t) != n) {
         return pi_fail(st, "destination size does not match the lens entropy");
