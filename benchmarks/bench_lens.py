@@ -4,8 +4,8 @@
 On one prompt (default 68 tokens): the plain pass (the last token's logits, and every token's), the norm lens of
 ``l_out`` at every layer and every position, and the same lens at the last position only, with one target token
 (its probability and rank); medians and ratios to the pass. Only the chosen positions go through the final norm
-and the unembedding, so at the last position the lens adds one row of the unembedding per layer to the pass (the
-lens pass keeps every token's logits, as the last layer's rows are all needed).
+and the unembedding, and a last-position lens keeps only the last token's row on the last layer (as the pass with
+the last logits does), so it adds one row of the unembedding per layer to that pass.
 
     python benchmarks/bench_lens.py [--model smollm2|PATH.gguf] [--tokens 68] [--runs 5] [--threads N]
 

@@ -128,7 +128,7 @@ def test_the_lens_readout_on_the_engine(smollm2):
 def test_chosen_positions_only(request, name):
     """The lens at chosen positions equals the all-positions lens at those positions, bit for bit (top-k and the
     targets' statistics, norm and raw), and only those rows go through the unembedding: every lens matrix product
-    of the graph has one column per chosen position, where the model's own output has one per token."""
+    of the graph has one column per chosen position, where the model's own output has one per token it keeps."""
     from pyinterp.engine.readouts import LensReadout
 
     model = request.getfixturevalue(name)
@@ -143,14 +143,17 @@ def test_chosen_positions_only(request, name):
             for got, want in ((some.ids, full.ids), (some.probs, full.probs), (some.target_logits, full.target_logits),
                               (some.target_probs, full.target_probs), (some.target_ranks, full.target_ranks)):
                 np.testing.assert_array_equal(got, want[:, kept])
-    lines = model.engine.run(ids, readout=LensReadout(model.n_layer, "l_out", True, 5, targets, [len(ids) - 1]),
-                             graph=True).graph
-    output = next(line for line in lines if line.startswith("result_output"))
-    weight = output.split("<- ")[1].split(",")[0]  # the unembedding matrix
-    lens_mm = [line for line in lines if " MUL_MAT " in line and f"<- {weight}," in line and line != output]
-    assert len(lens_mm) == model.n_layer, lens_mm
-    assert all(line.split("[")[1].split(",")[1].strip() == "1" for line in lens_mm), lens_mm
-    assert output.split("[")[1].split(",")[1].strip() == str(len(ids))
+    # a pass keeping every token's row on the last layer, and one keeping the last token's only (what logit_lens
+    # runs for positions=[-1]: the last layer's tensor then has one row, the output's)
+    for out_positions, logits, n_out in ((None, "all", len(ids)), ([0], "last", 1)):
+        readout = LensReadout(model.n_layer, "l_out", True, 5, targets, [len(ids) - 1], out_positions=out_positions)
+        lines = model.engine.run(ids, readout=readout, graph=True, logits=logits).graph
+        output = next(line for line in lines if line.startswith("result_output"))
+        weight = output.split("<- ")[1].split(",")[0]  # the unembedding matrix
+        lens_mm = [line for line in lines if " MUL_MAT " in line and f"<- {weight}," in line and line != output]
+        assert len(lens_mm) == model.n_layer, lens_mm
+        assert all(line.split("[")[1].split(",")[1].strip() == "1" for line in lens_mm), lens_mm
+        assert output.split("[")[1].split(",")[1].strip() == str(n_out)
 
 
 def test_temperature_and_entropy(smollm2):

@@ -133,7 +133,8 @@ def lens_rows(model: Model, prompts: list[list[int]], targets: list[Target], nor
     for group in groups:
         union = sorted({i for r in group for i in targets[r].ids})
         ends = np.cumsum([len(prompts[r]) for r in group]) - 1
-        readout = LensReadout(model.n_layer, "l_out", norm, 1, union, [int(e) for e in ends], temp, entropy=True)
+        readout = LensReadout(model.n_layer, "l_out", norm, 1, union, [int(e) for e in ends], temp, entropy=True,
+                              out_positions=list(range(len(group))))
         lens = model.engine.run_contexts([prompts[r] for r in group], [], readout=readout, truncate=False).readout
         for il in range(model.n_layer):
             stats, entropy = lens[il][2], lens[il][3]   # [n_group, n_union, 3], [n_group]

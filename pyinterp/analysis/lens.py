@@ -195,7 +195,9 @@ def logit_lens(model: ModelLike, tokens_or_text: str | Sequence[int], tensor: st
     temp, entropy = check_temp(temp), check_bool(entropy, "logit lens: entropy")
     targets = [resolve_target(model, t) for t in as_list(targets, "targets")]
     positions = check_positions(positions, len(ids))
-    lens = model.engine.run(ids, readout=LensReadout(model.n_layer, tensor, norm, top_k, targets, positions, temp, entropy)).readout
+    lens = model.engine.run(ids, readout=LensReadout(model.n_layer, tensor, norm, top_k, targets, positions, temp, entropy,
+                                                     [0] if positions == [len(ids) - 1] else None),
+                            logits="last").readout
     layers = sorted(lens) if layers is None else layers
     top_ids = np.stack([lens[il][0] for il in layers])
     stats = np.stack([lens[il][2] for il in layers])  # [n_layers, n_positions, n_targets, 3]

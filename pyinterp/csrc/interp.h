@@ -87,7 +87,7 @@ PI_API int     pi_sae_read  (struct pi_state * st, int32_t i, int32_t * ids, flo
 // the logit lens (lens.c), results of the last decode per layer
 // (only the rows asked for are unembedded)
 PI_API int  pi_set_lens         (struct pi_state * st, const char * name, bool norm, int32_t k, float temp,
-                                 bool entropy, const int32_t * rows, int32_t n_rows);
+                                 bool entropy, const int32_t * rows, const int32_t * out_rows, int32_t n_rows);
 PI_API int  pi_set_lens_targets (struct pi_state * st, const int32_t * targets, int32_t n_targets);
 PI_API int  pi_lens_read        (struct pi_state * st, int32_t il, int32_t * ids, float * probs, int64_t n);
 PI_API int  pi_lens_targets_read(struct pi_state * st, int32_t il, float * dst, int64_t n);

@@ -22,9 +22,12 @@ struct pi_lens {
     struct ggml_tensor ** entropy;  // [n_layer+1] [1, n_rows] F32: the entropy of the probabilities, in nats (with_entropy)
     const char * failed;            // why the lens could not be built (NULL: it was)
     int32_t max_row;                // the last of the rows
+    int32_t max_out_row;            // the last of the output rows (-1: none given)
     struct ggml_context * ctx;      // owns rows
     ggml_backend_buffer_t buf;      // on the output device
-    struct ggml_tensor * rows;      // [n_rows] I32: the tokens (rows of the pass) the lens unembeds
+    struct ggml_tensor * rows;      // [n_rows, 2] I32: the tokens (rows of the pass) the lens unembeds, then the
+                                    // same tokens as rows of the outputs (a layer after the model keeps only the
+                                    // rows whose logits are wanted: the last layer's later tensors)
     int32_t n_targets;              // 0: no target statistics
     struct ggml_context * tctx;     // owns targets
     ggml_backend_buffer_t tbuf;     // on the output device
@@ -74,9 +77,10 @@ static void pi_lens_rows_free(struct pi_lens * lens) {
 }
 
 // the lens of tensor `name` (through the final norm or not), top-k per row of the probabilities at temperature
-// `temp` (and their entropy, when `entropy`), at the rows (token positions of the pass) `rows`; drops the targets
+// `temp` (and their entropy, when `entropy`), at the rows (token positions of the pass) `rows`; `out_rows` (or
+// NULL): the same tokens' indices among the pass's outputs, where a layer holds only those; drops the targets
 int pi_set_lens(struct pi_state * st, const char * name, bool norm, int32_t k, float temp, bool entropy,
-                const int32_t * rows, int32_t n_rows) {
+                const int32_t * rows, const int32_t * out_rows, int32_t n_rows) {
     struct pi_lens * lens = pi_self(st, &pi_recipe_lens);
     pi_lens_rows_free(lens);
     lens->k = 0;
@@ -95,13 +99,21 @@ int pi_set_lens(struct pi_state * st, const char * name, bool norm, int32_t k, f
         return pi_fail(st, "no lens rows");
     }
     int32_t max_row = 0;
+    int32_t max_out_row = out_rows ? 0 : -1;
+    int32_t * both = malloc(2 * (size_t) n_rows * sizeof(int32_t));
     for (int32_t r = 0; r < n_rows; ++r) {
-        if (rows[r] < 0 || rows[r] >= (int32_t) llama_n_batch(st->ctx)) {
+        const int32_t o = out_rows ? out_rows[r] : 0;
+        if (rows[r] < 0 || rows[r] >= (int32_t) llama_n_batch(st->ctx) || o < 0 || o > rows[r]) {
+            free(both);
             return pi_fail(st, "position out of range");
         }
         max_row = rows[r] > max_row ? rows[r] : max_row;
+        max_out_row = out_rows && o > max_out_row ? o : max_out_row;
+        both[r] = rows[r];
+        both[n_rows + r] = o;
     }
-    lens->rows = pi_lens_i32(st, &lens->ctx, &lens->buf, rows, n_rows, 1, "pi_lens_rows");
+    lens->rows = pi_lens_i32(st, &lens->ctx, &lens->buf, both, n_rows, 2, "pi_lens_rows");
+    free(both);
     if (lens->rows == NULL) {
         return pi_fail(st, "could not allocate the lens rows");
     }
@@ -111,6 +123,7 @@ int pi_set_lens(struct pi_state * st, const char * name, bool norm, int32_t k, f
     lens->temp    = temp;
     lens->with_entropy = entropy;
     lens->max_row = max_row;
+    lens->max_out_row = max_out_row;
     pi_update_hook(st);
     return 0;
 }
@@ -189,12 +202,13 @@ static struct ggml_tensor * pi_target_stats(const struct pi_lens * lens, struct 
     return ggml_concat(ctx, ggml_concat(ctx, tl, tp, 0), rank, 0);
 }
 
-// one slot's lens: the rows of x through the ops from `from` to `out`, the top-k and the targets' statistics as
-// graph outputs; false when the unembedding has an op the lens cannot replay
+// one slot's lens: the rows `rows` of x through the ops from `from` to `out`, the top-k and the targets' statistics
+// as graph outputs; false when the unembedding has an op the lens cannot replay
 static bool pi_lens_slot(struct pi_lens * lens, int32_t slot, struct ggml_context * ctx, struct ggml_cgraph * gf,
-                         struct ggml_tensor * out, struct ggml_tensor * from, struct ggml_tensor * x) {
+                         struct ggml_tensor * out, struct ggml_tensor * from, struct ggml_tensor * x,
+                         struct ggml_tensor * rows) {
     // the rows first: the norm, the unembedding and the softmax see only them
-    struct ggml_tensor * logits = pi_replay(ctx, out, from, ggml_get_rows(ctx, x, lens->rows));
+    struct ggml_tensor * logits = pi_replay(ctx, out, from, ggml_get_rows(ctx, x, rows));
     if (logits == NULL) {
         return false;
     }
@@ -247,15 +261,20 @@ static void pi_lens_output(struct pi_state * st, void * data, struct ggml_contex
         if (x == NULL || x->ne[0] != from->ne[0]) {
             continue;
         }
-        if (lens->max_row >= x->ne[1]) {
-            lens->failed = "a lens position is past the rows of the pass";
+        // every token's row, or (the last layer's later tensors) only the outputs'
+        const int64_t n_rows = lens->rows->ne[0];
+        const bool outputs = x->ne[1] != st->n_ubatch;
+        if (outputs ? x->ne[1] != st->n_outputs || lens->max_out_row < 0 || lens->max_out_row >= x->ne[1]
+                    : lens->max_row >= x->ne[1]) {
+            lens->failed = "a lens position is not among the rows the pass keeps on that layer";
             return;
         }
         if (!pi_room(gf, PI_ROOM)) {
             lens->failed = PI_NO_ROOM;
             return;
         }
-        if (!pi_lens_slot(lens, slot, ctx, gf, out, from, x)) {
+        struct ggml_tensor * rows = ggml_view_1d(ctx, lens->rows, n_rows, outputs ? lens->rows->nb[1] : 0);
+        if (!pi_lens_slot(lens, slot, ctx, gf, out, from, x, rows)) {
             lens->failed = "the model's unembedding uses an op the logit lens cannot replay";
             return;
         }

@@ -281,11 +281,13 @@ class Backend:
     # analyses at the unembedding
 
     def set_lens(self, tensor: str, norm: bool, top_k: int, targets: list[int], positions: list[int],
-                 temp: float = 1.0, entropy: bool = False) -> None:
-        """The lens of ``tensor`` at the rows ``positions`` only (they alone are unembedded), its probabilities at
-        temperature ``temp``; ``entropy``: their entropy too."""
+                 out_positions: list[int] | None = None, temp: float = 1.0, entropy: bool = False) -> None:
+        """The lens of ``tensor`` at the rows ``positions`` only (they alone are unembedded; ``out_positions``: the
+        same tokens as indices among the decode's outputs, for a pass that keeps only those on its last layer), its
+        probabilities at temperature ``temp``; ``entropy``: their entropy too."""
+        out = ffi.NULL if out_positions is None else ffi.new("int32_t[]", out_positions)
         if lib.pi_set_lens(self._state, tensor.encode(), norm, top_k, temp, entropy, ffi.new("int32_t[]", positions),
-                           len(positions)) != 0:
+                           out, len(positions)) != 0:
             raise self.error("logit lens")
         if targets and lib.pi_set_lens_targets(self._state, ffi.new("int32_t[]", targets), len(targets)) != 0:
             raise self.error("logit lens")

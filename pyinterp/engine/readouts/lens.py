@@ -13,15 +13,19 @@ class LensReadout:
     are not unembedded); ``norm``: through the final norm first; probabilities at temperature ``temp``;
     ``entropy``: their entropy too (a few passes over the vocabulary per row)."""
 
-    every_row = True  # the last layer's tensor at every token (the positions are chosen among them)
-
     def __init__(self, n_layer: int, tensor: str, norm: bool, top_k: int, targets: list[int], positions: list[int],
-                 temp: float = 1.0, entropy: bool = False) -> None:
+                 temp: float = 1.0, entropy: bool = False, out_positions: list[int] | None = None) -> None:
         self.n_layer, self.tensor, self.norm, self.top_k = n_layer, tensor, norm, top_k
         self.targets, self.positions, self.temp, self.entropy = targets, positions, temp, entropy
+        # ``out_positions``: each position's index among the rows a pass keeping only the last token of every
+        # sequence outputs (every position such a token), so the pass need not keep every token's row on the last
+        # layer; None: it must (every_row)
+        self.out_positions = out_positions
+        self.every_row = out_positions is None
 
     def setup(self, backend: Backend) -> None:
-        backend.set_lens(self.tensor, self.norm, self.top_k, self.targets, self.positions, self.temp, self.entropy)
+        backend.set_lens(self.tensor, self.norm, self.top_k, self.targets, self.positions, self.out_positions, self.temp,
+                         self.entropy)
 
     def read(self, backend: Backend, n_tokens: int) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
         """Per layer present: top-k ids and probabilities ``[n_positions, k]`` (most probable first), the
