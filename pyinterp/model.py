@@ -189,12 +189,12 @@ class Model:
 
     def logit_lens(self, tokens_or_text: str | Sequence[int], tensor: str = "l_out", top_k: int = 10, norm: bool = True,
                    layers: Iterable[int] | None = None, targets: Iterable[int | str] = (),
-                   positions: Iterable[int] | None = None) -> LogitLens:
+                   positions: Iterable[int] | None = None, temp: float = 1.0, entropy: bool = False) -> LogitLens:
         """The logit lens of ``tensor``: top-k tokens and the targets' probabilities and ranks per layer and
         position, computed in the graph; see :func:`pyinterp.analysis.lens.logit_lens`."""
         from pyinterp.analysis.lens import logit_lens
 
-        return logit_lens(self, tokens_or_text, tensor, top_k, norm, layers, targets, positions)
+        return logit_lens(self, tokens_or_text, tensor, top_k, norm, layers, targets, positions, temp, entropy)
 
     def logit_attribution(self, tokens_or_text: str | Sequence[int], target: int | str | None = None,
                           position: int = -1, heads: bool = True) -> Attribution:

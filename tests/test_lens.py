@@ -122,3 +122,52 @@ def test_the_lens_readout_on_the_engine(smollm2):
     lens = smollm2.logit_lens(PROMPT, top_k=3)
     for i, il in enumerate(lens.layers):
         np.testing.assert_array_equal(done.readout[il][0], lens.ids[i])
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_chosen_positions_only(request, name):
+    """The lens at chosen positions equals the all-positions lens at those positions, bit for bit (top-k and the
+    targets' statistics, norm and raw), and only those rows go through the unembedding: every lens matrix product
+    of the graph has one column per chosen position, where the model's own output has one per token it keeps."""
+    from pyinterp.engine.readouts import LensReadout
+
+    model = request.getfixturevalue(name)
+    prompt = "The capital of France is Paris, and the capital of Italy is"
+    ids = model.prompt_ids(prompt)
+    targets = [model.tokenize(" Rome", add_bos=False)[0], 5]
+    for norm in (True, False):
+        full = model.logit_lens(ids, top_k=5, targets=targets, norm=norm)
+        for positions in ([-1], [0, 3, -1]):
+            some = model.logit_lens(ids, top_k=5, targets=targets, norm=norm, positions=positions)
+            kept = [p % len(ids) for p in positions]
+            for got, want in ((some.ids, full.ids), (some.probs, full.probs), (some.target_logits, full.target_logits),
+                              (some.target_probs, full.target_probs), (some.target_ranks, full.target_ranks)):
+                np.testing.assert_array_equal(got, want[:, kept])
+    # a pass keeping every token's row on the last layer, and one keeping the last token's only (what logit_lens
+    # runs for positions=[-1]: the last layer's tensor then has one row, the output's)
+    for out_positions, logits, n_out in ((None, "all", len(ids)), ([0], "last", 1)):
+        readout = LensReadout(model.n_layer, "l_out", True, 5, targets, [len(ids) - 1], out_positions=out_positions)
+        lines = model.engine.run(ids, readout=readout, graph=True, logits=logits).graph
+        output = next(line for line in lines if line.startswith("result_output"))
+        weight = output.split("<- ")[1].split(",")[0]  # the unembedding matrix
+        lens_mm = [line for line in lines if " MUL_MAT " in line and f"<- {weight}," in line and line != output]
+        assert len(lens_mm) == model.n_layer, lens_mm
+        assert all(line.split("[")[1].split(",")[1].strip() == "1" for line in lens_mm), lens_mm
+        assert output.split("[")[1].split(",")[1].strip() == str(n_out)
+
+
+def test_temperature_and_entropy(smollm2):
+    """``temp`` and ``entropy``: the last layer's top-k probabilities and entropy are numpy's on the softmax of a plain
+    run's logits / temp at every token; no entropy unless asked for; a bad temperature is an InputError."""
+    logits = smollm2.run(PROMPT).logits.astype(np.float64)
+    for temp in (1.0, 0.5, 3.0):
+        lens = smollm2.logit_lens(PROMPT, top_k=3, temp=temp, entropy=True)
+        p = softmax(logits / temp)
+        np.testing.assert_allclose(lens.probs[-1], np.take_along_axis(p, lens.ids[-1].astype(int), -1), atol=1e-5)
+        h = -(p * np.log(np.maximum(p, 1e-300))).sum(-1)
+        np.testing.assert_allclose(lens.entropy[-1], h, atol=2e-3)
+        assert lens.entropy.shape == (smollm2.n_layer, len(lens.tokens))
+    assert smollm2.logit_lens(PROMPT, top_k=1).entropy is None
+    for bad in (0, -1.0, float("inf"), "1"):
+        with pytest.raises(InputError, match="temp must be a number > 0"):
+            smollm2.logit_lens(PROMPT, temp=bad)

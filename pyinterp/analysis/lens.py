@@ -29,7 +29,9 @@ class LogitLens:
     second (every token unless asked otherwise); ``strs[l][p][j]`` is the text of ``ids[l, p, j]``.
     ``target_logits``, ``target_probs`` and ``target_ranks`` are ``[n_layers, n_positions, n_targets]`` for the
     token ids ``targets``: the target's logit, its probability (the softmax over the vocabulary) and its rank,
-    1 + the number of tokens with a greater logit (1: the top prediction).
+    1 + the number of tokens with a greater logit (1: the top prediction). ``entropy`` ``[n_layers, n_positions]``
+    is the entropy of each distribution, in nats (None unless asked for). Probabilities and entropy are at temperature ``temp`` (the
+    softmax of logit / temp); logits and ranks do not depend on it.
     """
 
     tensor: str
@@ -46,6 +48,8 @@ class LogitLens:
     target_logits: np.ndarray
     target_probs: np.ndarray
     target_ranks: np.ndarray
+    entropy: np.ndarray | None = None
+    temp: float = 1.0
 
     @property
     def title(self) -> str:
@@ -142,6 +146,13 @@ def check_lens_tensor(model: ModelLike, tensor: str, top_k: int, layers: Iterabl
     return sorted({int(il) for il in layers})
 
 
+def check_temp(temp: float) -> float:
+    """A lens temperature: a finite number > 0."""
+    if isinstance(temp, bool) or not isinstance(temp, (int, float, np.integer, np.floating)) or not 0 < temp < np.inf:
+        raise InputError(f"logit lens: temp must be a number > 0, got {temp!r}")
+    return float(temp)
+
+
 def positions_in(positions: Iterable[int] | None, n_tokens: int) -> list[int]:
     """Token positions (negative from the end) as non-negative indices, in the order given; None: all."""
     if positions is None:
@@ -162,14 +173,17 @@ def check_positions(positions: Iterable[int] | None, n_tokens: int) -> list[int]
 
 def logit_lens(model: ModelLike, tokens_or_text: str | Sequence[int], tensor: str = "l_out", top_k: int = 10,
                norm: bool = True, layers: Iterable[int] | None = None, targets: Iterable[int | str] = (),
-               positions: Iterable[int] | None = None) -> LogitLens:
+               positions: Iterable[int] | None = None, temp: float = 1.0, entropy: bool = False) -> LogitLens:
     """Unembed ``tensor`` of every layer (or of ``layers``) at every token and keep the top-k tokens and the
     logit, log-probability and rank of each of ``targets`` (token ids or single-token texts).
 
     ``norm=True`` (the norm lens) applies the model's final norm first, as the model does to its last
     layer; ``norm=False`` (the raw lens) unembeds the tensor as it is. Computed inside the ggml graph with
     the model's own (quantized, possibly tied) unembedding: only the top-k and ``[n_targets, n_tokens]``
-    values per layer leave it. ``positions`` (negative from the end) keeps those tokens (default all).
+    values per layer leave it. ``positions`` (negative from the end): only those tokens are unembedded (default
+    all): the rows are selected before the final norm and the unembedding, so a last-position lens costs one row
+    of the unembedding per layer. ``temp``: the probabilities are the softmax of logit / temp. ``entropy``: also the
+    entropy of every lensed distribution (four more passes over the vocabulary per position and layer).
     Interventions of the context managers apply. A tensor outside the layers (the embedding) has layer -1.
     The rank compares every logit with every target's at every kept position: a
     ``[n_vocab, n_targets, n_positions]`` temporary per layer.
@@ -178,17 +192,21 @@ def logit_lens(model: ModelLike, tokens_or_text: str | Sequence[int], tensor: st
     ids = model.prompt_ids(tokens_or_text)
     layers = check_lens_tensor(model, tensor, top_k, layers)
     top_k, norm = int(top_k), check_bool(norm, "logit lens: norm")
+    temp, entropy = check_temp(temp), check_bool(entropy, "logit lens: entropy")
     targets = [resolve_target(model, t) for t in as_list(targets, "targets")]
     positions = check_positions(positions, len(ids))
-    lens = model.engine.run(ids, readout=LensReadout(model.n_layer, tensor, norm, top_k, targets, positions)).readout
+    lens = model.engine.run(ids, readout=LensReadout(model.n_layer, tensor, norm, top_k, targets, positions, temp, entropy,
+                                                     [0] if positions == [len(ids) - 1] else None),
+                            logits="last").readout
     layers = sorted(lens) if layers is None else layers
-    top_ids = np.stack([lens[il][0][positions] for il in layers])
+    top_ids = np.stack([lens[il][0] for il in layers])
     stats = np.stack([lens[il][2] for il in layers])  # [n_layers, n_positions, n_targets, 3]
     names = {int(i): model.token_str(int(i)) for i in np.unique(top_ids)}
     return LogitLens(
         tensor=tensor, norm=norm, layers=layers, tokens=ids, token_strs=[model.token_str(t) for t in ids],
-        positions=positions, ids=top_ids, probs=np.stack([lens[il][1][positions] for il in layers]),
+        positions=positions, ids=top_ids, probs=np.stack([lens[il][1] for il in layers]),
         strs=[[[names[int(i)] for i in row] for row in layer] for layer in top_ids],
         targets=targets, target_strs=[model.token_str(t) for t in targets],
         target_logits=stats[..., 0], target_probs=stats[..., 1], target_ranks=stats[..., 2].astype(np.int64) + 1,
+        entropy=np.stack([lens[il][3] for il in layers]) if entropy else None, temp=temp,
     )

@@ -19,6 +19,7 @@ import numpy as np
 from pyinterp.analysis.ablation import head_ablation
 from pyinterp.analysis.steering import ControlVector, combine, steered
 from pyinterp.cli.ablation import ablation_options
+from pyinterp.cli.compare import compare
 from pyinterp.cli.corpus import corpus
 from pyinterp.cli.cvector import cvector
 from pyinterp.cli.extract import extract
@@ -368,8 +369,8 @@ def drawing_path(draw: str | None, draw_path: str | None, draw_layers: LayerList
 
 def subcommands() -> dict[str, click.Command]:
     """Analyses with a command of their own: ``pyinterp NAME ...``; everything else is the main command."""
-    return {"corpus": corpus, "cvector": cvector, "extract": extract, "features": features, "fidelity": fidelity,
-            "heads": heads, "probe": probe, "sae": sae, "spans": spans, "sweep": sweep}
+    return {"compare": compare, "corpus": corpus, "cvector": cvector, "extract": extract, "features": features,
+            "fidelity": fidelity, "heads": heads, "probe": probe, "sae": sae, "spans": spans, "sweep": sweep}
 
 
 cli.epilog = ("More commands, each with its own --help: "

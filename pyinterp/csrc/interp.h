@@ -85,11 +85,13 @@ PI_API int32_t pi_sae_attach(struct pi_state * st, struct pi_sae * sae, const ch
 PI_API int     pi_sae_read  (struct pi_state * st, int32_t i, int32_t * ids, float * values, float * stats, int64_t n_rows);
 
 // the logit lens (lens.c), results of the last decode per layer
-PI_API int  pi_set_lens         (struct pi_state * st, const char * name, bool norm, int32_t k);
-PI_API int  pi_set_lens_targets (struct pi_state * st, const int32_t * targets, int32_t n_targets,
-                                 const int32_t * positions, int32_t n_positions);
+// (only the rows asked for are unembedded)
+PI_API int  pi_set_lens         (struct pi_state * st, const char * name, bool norm, int32_t k, float temp,
+                                 bool entropy, const int32_t * rows, const int32_t * out_rows, int32_t n_rows);
+PI_API int  pi_set_lens_targets (struct pi_state * st, const int32_t * targets, int32_t n_targets);
 PI_API int  pi_lens_read        (struct pi_state * st, int32_t il, int32_t * ids, float * probs, int64_t n);
 PI_API int  pi_lens_targets_read(struct pi_state * st, int32_t il, float * dst, int64_t n);
+PI_API int  pi_lens_entropy_read(struct pi_state * st, int32_t il, float * dst, int64_t n);
 
 // direct logit attribution (attribution.c), results of the last decode per term
 PI_API int  pi_set_attribution       (struct pi_state * st, const char * model_path, const char ** names,

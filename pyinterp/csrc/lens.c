@@ -3,100 +3,159 @@
 
 #include "internal.h"
 
-// every layer's `name` tensor through the model's final norm (or not) and unembedding, reduced to the top-k
-// probabilities per token inside the graph, and to the logit, log-probability and rank of chosen target tokens
+#include <math.h>
+
+// every layer's `name` tensor at chosen rows (token positions) through the model's final norm (or not) and
+// unembedding, reduced to the top-k probabilities per row inside the graph, and to the logit, probability and rank
+// of chosen target tokens; the rows are selected before the norm and the unembedding, so only they are computed
 struct pi_lens {
     char  name[PI_NAME_MAX];
     bool  norm;
     int32_t k;                      // active when k > 0
+    float temp;                     // the probabilities are the softmax of logits / temp
+    bool with_entropy;              // also their entropy
     // per slot il+1: slot 0 is the tensor outside the layers (the embedding), slot il+1 layer il
     struct ggml_tensor ** in;       // [n_layer+1] the tensor to unembed
-    struct ggml_tensor ** ids;      // [n_layer+1] [k, n_tokens] I32, top-k token ids (unordered)
-    struct ggml_tensor ** probs;    // [n_layer+1] [1, k, n_tokens] F32, their probabilities
-    struct ggml_tensor ** stats;    // [n_layer+1] [3, n_targets, n_positions] F32: each target's logit, probability, rank
+    struct ggml_tensor ** ids;      // [n_layer+1] [k, n_rows] I32, top-k token ids (unordered)
+    struct ggml_tensor ** probs;    // [n_layer+1] [1, k, n_rows] F32, their probabilities
+    struct ggml_tensor ** stats;    // [n_layer+1] [3, n_targets, n_rows] F32: each target's logit, probability, rank
+    struct ggml_tensor ** entropy;  // [n_layer+1] [1, n_rows] F32: the entropy of the probabilities, in nats (with_entropy)
     const char * failed;            // why the lens could not be built (NULL: it was)
-    int32_t n_targets;              // 0: no target statistics
-    int32_t max_position;           // the last of the positions
-    struct ggml_context * ctx;      // owns targets and positions
+    int32_t max_row;                // the last of the rows
+    int32_t max_out_row;            // the last of the output rows (-1: none given)
+    struct ggml_context * ctx;      // owns rows
     ggml_backend_buffer_t buf;      // on the output device
-    struct ggml_tensor * targets;   // [n_targets, n_positions] I32: the target ids, repeated for every position
-    struct ggml_tensor * positions; // [n_positions] I32: the tokens (rows) the statistics are computed at
+    struct ggml_tensor * rows;      // [n_rows, 2] I32: the tokens (rows of the pass) the lens unembeds, then the
+                                    // same tokens as rows of the outputs (a layer after the model keeps only the
+                                    // rows whose logits are wanted: the last layer's later tensors)
+    int32_t n_targets;              // 0: no target statistics
+    struct ggml_context * tctx;     // owns targets
+    ggml_backend_buffer_t tbuf;     // on the output device
+    struct ggml_tensor * targets;   // [n_targets, n_rows] I32: the target ids, repeated for every row
 };
 
 extern const struct pi_recipe pi_recipe_lens;
 
-int pi_set_lens(struct pi_state * st, const char * name, bool norm, int32_t k) {
+// a device tensor of `n0` x `n1` int32 `values` named `name` in its own context and buffer (*ctx, *buf); NULL when
+// it could not be allocated
+static struct ggml_tensor * pi_lens_i32(struct pi_state * st, struct ggml_context ** ctx, ggml_backend_buffer_t * buf,
+                                        const int32_t * values, int64_t n0, int64_t n1, const char * name) {
+    struct ggml_init_params params = { ggml_tensor_overhead(), NULL, true };
+    *ctx = ggml_init(params);
+    struct ggml_tensor * t = ggml_new_tensor_2d(*ctx, GGML_TYPE_I32, n0, n1);
+    ggml_set_name(t, name);
+    *buf = ggml_backend_alloc_ctx_tensors_from_buft(*ctx, pi_layer_buft(st, -1));
+    if (*buf == NULL) {
+        ggml_free(*ctx);
+        *ctx = NULL;
+        return NULL;
+    }
+    ggml_backend_tensor_set(t, values, 0, ggml_nbytes(t));
+    return t;
+}
+
+static void pi_lens_targets_free(struct pi_lens * lens) {
+    if (lens->tbuf) {
+        ggml_backend_buffer_free(lens->tbuf);
+        ggml_free(lens->tctx);
+    }
+    lens->tbuf      = NULL;
+    lens->tctx      = NULL;
+    lens->targets   = NULL;
+    lens->n_targets = 0;
+}
+
+static void pi_lens_rows_free(struct pi_lens * lens) {
+    pi_lens_targets_free(lens);
+    if (lens->buf) {
+        ggml_backend_buffer_free(lens->buf);
+        ggml_free(lens->ctx);
+    }
+    lens->buf  = NULL;
+    lens->ctx  = NULL;
+    lens->rows = NULL;
+}
+
+// the lens of tensor `name` (through the final norm or not), top-k per row of the probabilities at temperature
+// `temp` (and their entropy, when `entropy`), at the rows (token positions of the pass) `rows`; `out_rows` (or
+// NULL): the same tokens' indices among the pass's outputs, where a layer holds only those; drops the targets
+int pi_set_lens(struct pi_state * st, const char * name, bool norm, int32_t k, float temp, bool entropy,
+                const int32_t * rows, const int32_t * out_rows, int32_t n_rows) {
     struct pi_lens * lens = pi_self(st, &pi_recipe_lens);
+    pi_lens_rows_free(lens);
+    lens->k = 0;
+    pi_update_hook(st);
+    pi_drop_graph(st);
     if (strlen(name) >= PI_NAME_MAX) {
         return pi_fail(st, "tensor name too long");
     }
     if (k < 1 || k > llama_vocab_n_tokens(llama_model_get_vocab(st->model))) {
         return pi_fail(st, "top-k out of range");
     }
+    if (!(temp > 0.0f) || !isfinite(temp)) {
+        return pi_fail(st, "the lens temperature must be a positive number");
+    }
+    if (n_rows < 1) {
+        return pi_fail(st, "no lens rows");
+    }
+    int32_t max_row = 0;
+    int32_t max_out_row = out_rows ? 0 : -1;
+    int32_t * both = malloc(2 * (size_t) n_rows * sizeof(int32_t));
+    for (int32_t r = 0; r < n_rows; ++r) {
+        const int32_t o = out_rows ? out_rows[r] : 0;
+        if (rows[r] < 0 || rows[r] >= (int32_t) llama_n_batch(st->ctx) || o < 0 || o > rows[r]) {
+            free(both);
+            return pi_fail(st, "position out of range");
+        }
+        max_row = rows[r] > max_row ? rows[r] : max_row;
+        max_out_row = out_rows && o > max_out_row ? o : max_out_row;
+        both[r] = rows[r];
+        both[n_rows + r] = o;
+    }
+    lens->rows = pi_lens_i32(st, &lens->ctx, &lens->buf, both, n_rows, 2, "pi_lens_rows");
+    free(both);
+    if (lens->rows == NULL) {
+        return pi_fail(st, "could not allocate the lens rows");
+    }
     snprintf(lens->name, sizeof(lens->name), "%s", name);
-    lens->norm = norm;
-    lens->k    = k;
+    lens->norm    = norm;
+    lens->k       = k;
+    lens->temp    = temp;
+    lens->with_entropy = entropy;
+    lens->max_row = max_row;
+    lens->max_out_row = max_out_row;
     pi_update_hook(st);
-    pi_drop_graph(st);
     return 0;
 }
 
-static void pi_lens_targets_free(struct pi_lens * lens) {
-    if (lens->buf) {
-        ggml_backend_buffer_free(lens->buf);
-        ggml_free(lens->ctx);
-    }
-    lens->buf       = NULL;
-    lens->ctx       = NULL;
-    lens->targets   = NULL;
-    lens->positions = NULL;
-    lens->n_targets = 0;
-}
-
-// with the lens (pi_set_lens first): also the logit, probability and rank of these tokens at every layer, at the
-// token positions `positions` (rows of the prompt)
-int pi_set_lens_targets(struct pi_state * st, const int32_t * targets, int32_t n_targets, const int32_t * positions,
-                        int32_t n_positions) {
+// with the lens (pi_set_lens first): also the logit, probability and rank of these tokens at every layer and row
+int pi_set_lens_targets(struct pi_state * st, const int32_t * targets, int32_t n_targets) {
     struct pi_lens * lens = pi_self(st, &pi_recipe_lens);
     pi_lens_targets_free(lens);
+    pi_drop_graph(st);
     const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(st->model));
-    if (n_targets < 1 || n_positions < 1) {
-        return pi_fail(st, "no target tokens or no positions");
+    if (lens->rows == NULL) {
+        return pi_fail(st, "lens targets need the lens (pi_set_lens first)");
+    }
+    if (n_targets < 1) {
+        return pi_fail(st, "no target tokens");
     }
     for (int32_t j = 0; j < n_targets; ++j) {
         if (targets[j] < 0 || targets[j] >= n_vocab) {
             return pi_fail(st, "target token id out of range");
         }
     }
-    int32_t max_position = 0;
-    for (int32_t p = 0; p < n_positions; ++p) {
-        if (positions[p] < 0 || positions[p] >= (int32_t) llama_n_batch(st->ctx)) {
-            return pi_fail(st, "position out of range");
-        }
-        max_position = positions[p] > max_position ? positions[p] : max_position;
+    const int64_t n_rows = lens->rows->ne[0];
+    int32_t * ids = malloc((size_t) n_targets * n_rows * sizeof(int32_t));
+    for (int64_t r = 0; r < n_rows; ++r) {
+        memcpy(ids + (size_t) r * n_targets, targets, n_targets * sizeof(int32_t));
     }
-    struct ggml_init_params params = { 2*ggml_tensor_overhead(), NULL, true };
-    lens->ctx       = ggml_init(params);
-    lens->targets   = ggml_new_tensor_2d(lens->ctx, GGML_TYPE_I32, n_targets, n_positions);
-    lens->positions = ggml_new_tensor_1d(lens->ctx, GGML_TYPE_I32, n_positions);
-    ggml_set_name(lens->targets, "pi_lens_targets");
-    ggml_set_name(lens->positions, "pi_lens_positions");
-    lens->buf = ggml_backend_alloc_ctx_tensors_from_buft(lens->ctx, pi_layer_buft(st, -1));
-    if (lens->buf == NULL) {
-        ggml_free(lens->ctx);
-        lens->ctx = NULL;
+    lens->targets = pi_lens_i32(st, &lens->tctx, &lens->tbuf, ids, n_targets, n_rows, "pi_lens_targets");
+    free(ids);
+    if (lens->targets == NULL) {
         return pi_fail(st, "could not allocate the lens targets");
     }
-    int32_t * ids = malloc((size_t) n_targets * n_positions * sizeof(int32_t));
-    for (int32_t p = 0; p < n_positions; ++p) {
-        memcpy(ids + (size_t) p * n_targets, targets, n_targets * sizeof(int32_t));
-    }
-    ggml_backend_tensor_set(lens->targets, ids, 0, ggml_nbytes(lens->targets));
-    ggml_backend_tensor_set(lens->positions, positions, 0, ggml_nbytes(lens->positions));
-    free(ids);
-    lens->n_targets    = n_targets;
-    lens->max_position = max_position;
-    pi_drop_graph(st);
+    lens->n_targets = n_targets;
     return 0;
 }
 
@@ -128,21 +187,59 @@ static struct ggml_tensor * pi_replay(struct ggml_context * ctx, struct ggml_ten
     }
 }
 
-// the logit, probability and rank of the lens targets at the lens positions, from `logits` and `probs` [n_vocab,
-// n_tokens]: [3, n_targets, n_positions]; rank = how many logits of the row are greater than the target's
+// the logit, probability and rank of the lens targets at every lensed row, from `logits` and `probs` [n_vocab,
+// n_rows]: [3, n_targets, n_rows]; rank = how many logits of the row are greater than the target's
 static struct ggml_tensor * pi_target_stats(const struct pi_lens * lens, struct ggml_context * ctx, struct ggml_tensor * logits,
                                             struct ggml_tensor * probs) {
-    struct ggml_tensor * idx = lens->targets;    // [n_targets, n_positions]
+    struct ggml_tensor * idx = lens->targets;    // [n_targets, n_rows]
     const int64_t n_vocab = logits->ne[0];
     const int64_t n_targets = idx->ne[0];
-    const int64_t n_pos = idx->ne[1];
-    struct ggml_tensor * l = ggml_get_rows(ctx, logits, lens->positions); // [n_vocab, n_positions]
-    struct ggml_tensor * p = ggml_get_rows(ctx, probs, lens->positions);
-    struct ggml_tensor * tl = ggml_get_rows(ctx, ggml_reshape_3d(ctx, l, 1, n_vocab, n_pos), idx); // [1, n_targets, n_positions]
-    struct ggml_tensor * tp = ggml_get_rows(ctx, ggml_reshape_3d(ctx, p, 1, n_vocab, n_pos), idx);
-    struct ggml_tensor * every = ggml_repeat_4d(ctx, ggml_reshape_3d(ctx, l, n_vocab, 1, n_pos), n_vocab, n_targets, n_pos, 1);
-    struct ggml_tensor * rank = ggml_sum_rows(ctx, ggml_step(ctx, ggml_sub(ctx, every, tl))); // [1, n_targets, n_positions]
+    const int64_t n_rows = idx->ne[1];
+    struct ggml_tensor * tl = ggml_get_rows(ctx, ggml_reshape_3d(ctx, logits, 1, n_vocab, n_rows), idx); // [1, n_targets, n_rows]
+    struct ggml_tensor * tp = ggml_get_rows(ctx, ggml_reshape_3d(ctx, probs, 1, n_vocab, n_rows), idx);
+    struct ggml_tensor * every = ggml_repeat_4d(ctx, ggml_reshape_3d(ctx, logits, n_vocab, 1, n_rows), n_vocab, n_targets, n_rows, 1);
+    struct ggml_tensor * rank = ggml_sum_rows(ctx, ggml_step(ctx, ggml_sub(ctx, every, tl))); // [1, n_targets, n_rows]
     return ggml_concat(ctx, ggml_concat(ctx, tl, tp, 0), rank, 0);
+}
+
+// one slot's lens: the rows `rows` of x through the ops from `from` to `out`, the top-k and the targets' statistics
+// as graph outputs; false when the unembedding has an op the lens cannot replay
+static bool pi_lens_slot(struct pi_lens * lens, int32_t slot, struct ggml_context * ctx, struct ggml_cgraph * gf,
+                         struct ggml_tensor * out, struct ggml_tensor * from, struct ggml_tensor * x,
+                         struct ggml_tensor * rows) {
+    // the rows first: the norm, the unembedding and the softmax see only them
+    struct ggml_tensor * logits = pi_replay(ctx, out, from, ggml_get_rows(ctx, x, rows));
+    if (logits == NULL) {
+        return false;
+    }
+    struct ggml_tensor * probs = ggml_soft_max_ext(ctx, logits, NULL, 1.0f / lens->temp, 0.0f);
+    struct ggml_tensor * ids   = ggml_top_k(ctx, probs, lens->k);
+    struct ggml_tensor * top   = ggml_get_rows(ctx, ggml_reshape_3d(ctx, probs, 1, probs->ne[0], probs->ne[1]), ids);
+    ggml_format_name(ids, "lens_ids-%d", slot - 1);
+    ggml_format_name(top, "lens_probs-%d", slot - 1);
+    ggml_set_output(ids);
+    ggml_set_output(top);
+    ggml_build_forward_expand(gf, ids);
+    ggml_build_forward_expand(gf, top);
+    lens->ids[slot]   = ids;
+    lens->probs[slot] = top;
+    if (lens->with_entropy) {
+        // -sum p log p; the probabilities below 1e-30 add less than 1e-28 each
+        struct ggml_tensor * plogp = ggml_mul(ctx, probs, ggml_log(ctx, ggml_clamp(ctx, probs, 1e-30f, 1.0f)));
+        struct ggml_tensor * entropy = ggml_scale(ctx, ggml_sum_rows(ctx, plogp), -1.0f);
+        ggml_format_name(entropy, "lens_entropy-%d", slot - 1);
+        ggml_set_output(entropy);
+        ggml_build_forward_expand(gf, entropy);
+        lens->entropy[slot] = entropy;
+    }
+    if (lens->n_targets > 0) {
+        struct ggml_tensor * stats = pi_target_stats(lens, ctx, logits, probs);
+        ggml_format_name(stats, "lens_targets-%d", slot - 1);
+        ggml_set_output(stats);
+        ggml_build_forward_expand(gf, stats);
+        lens->stats[slot] = stats;
+    }
+    return true;
 }
 
 // at result_output: unembed every recorded layer the way the model unembeds its last layer
@@ -164,38 +261,28 @@ static void pi_lens_output(struct pi_state * st, void * data, struct ggml_contex
         if (x == NULL || x->ne[0] != from->ne[0]) {
             continue;
         }
+        // every token's row, or (the last layer's later tensors) only the outputs'
+        const int64_t n_rows = lens->rows->ne[0];
+        const bool outputs = x->ne[1] != st->n_ubatch;
+        if (outputs ? x->ne[1] != st->n_outputs || lens->max_out_row < 0 || lens->max_out_row >= x->ne[1]
+                    : lens->max_row >= x->ne[1]) {
+            lens->failed = "a lens position is not among the rows the pass keeps on that layer";
+            return;
+        }
         if (!pi_room(gf, PI_ROOM)) {
             lens->failed = PI_NO_ROOM;
             return;
         }
-        struct ggml_tensor * logits = pi_replay(ctx, out, from, x);
-        if (logits == NULL) {
+        struct ggml_tensor * rows = ggml_view_1d(ctx, lens->rows, n_rows, outputs ? lens->rows->nb[1] : 0);
+        if (!pi_lens_slot(lens, slot, ctx, gf, out, from, x, rows)) {
             lens->failed = "the model's unembedding uses an op the logit lens cannot replay";
             return;
-        }
-        struct ggml_tensor * probs = ggml_soft_max(ctx, logits);
-        struct ggml_tensor * ids   = ggml_top_k(ctx, probs, lens->k);
-        struct ggml_tensor * top   = ggml_get_rows(ctx, ggml_reshape_3d(ctx, probs, 1, probs->ne[0], probs->ne[1]), ids);
-        ggml_format_name(ids, "lens_ids-%d", slot - 1);
-        ggml_format_name(top, "lens_probs-%d", slot - 1);
-        ggml_set_output(ids);
-        ggml_set_output(top);
-        ggml_build_forward_expand(gf, ids);
-        ggml_build_forward_expand(gf, top);
-        lens->ids[slot]   = ids;
-        lens->probs[slot] = top;
-        if (lens->n_targets > 0 && lens->max_position < logits->ne[1]) {
-            struct ggml_tensor * stats = pi_target_stats(lens, ctx, logits, probs);
-            ggml_format_name(stats, "lens_targets-%d", slot - 1);
-            ggml_set_output(stats);
-            ggml_build_forward_expand(gf, stats);
-            lens->stats[slot] = stats;
         }
     }
 }
 
 // top-k of the logit lens at layer il (-1: the tensor outside the layers, e.g. the embedding) after the last
-// decode: ids and probs hold n = k*n_tokens values, token-major, unordered within a token; returns 1 when the
+// decode: ids and probs hold n = k*n_rows values, row-major, unordered within a token; returns 1 when the
 // layer had no such tensor
 int pi_lens_read(struct pi_state * st, int32_t il, int32_t * ids, float * probs, int64_t n) {
     const struct pi_lens * lens = pi_self(st, &pi_recipe_lens);
@@ -218,7 +305,7 @@ int pi_lens_read(struct pi_state * st, int32_t il, int32_t * ids, float * probs,
 }
 
 // the lens targets' statistics at layer il (-1: the tensor outside the layers) after the last decode: n =
-// n_positions*n_targets*3 floats, position-major, then target, then (logit, probability, rank = how many logits
+// n_rows*n_targets*3 floats, row-major, then target, then (logit, probability, rank = how many logits
 // are greater); returns 1 when the layer had no such tensor
 int pi_lens_targets_read(struct pi_state * st, int32_t il, float * dst, int64_t n) {
     const struct pi_lens * lens = pi_self(st, &pi_recipe_lens);
@@ -230,10 +317,31 @@ int pi_lens_targets_read(struct pi_state * st, int32_t il, float * dst, int64_t 
     }
     const struct ggml_tensor * t = lens->stats[il + 1];
     if (t == NULL) {
-        return lens->ids[il + 1] == NULL ? 1 : pi_fail(st, "no lens targets were set, or a position is past the prompt");
+        return lens->ids[il + 1] == NULL ? 1 : pi_fail(st, "no lens targets were set");
     }
     if (ggml_nelements(t) != n) {
         return pi_fail(st, "destination size does not match the lens targets");
+    }
+    ggml_backend_tensor_get(t, dst, 0, ggml_nbytes(t));
+    return 0;
+}
+
+// the entropy (nats) of the lens's probabilities at layer il (-1: the tensor outside the layers) after the last
+// decode, n = n_rows floats; returns 1 when the layer had no such tensor
+int pi_lens_entropy_read(struct pi_state * st, int32_t il, float * dst, int64_t n) {
+    const struct pi_lens * lens = pi_self(st, &pi_recipe_lens);
+    if (lens->failed) {
+        return pi_fail(st, lens->failed);
+    }
+    if (il < -1 || il >= st->n_layer) {
+        return pi_fail(st, "layer out of range");
+    }
+    const struct ggml_tensor * t = lens->entropy[il + 1];
+    if (t == NULL) {
+        return lens->ids[il + 1] == NULL ? 1 : pi_fail(st, "the lens was set without its entropy");
+    }
+    if (ggml_nelements(t) != n) {
+        return pi_fail(st, "destination size does not match the lens entropy");
     }
     ggml_backend_tensor_get(t, dst, 0, ggml_nbytes(t));
     return 0;
@@ -245,13 +353,14 @@ static bool pi_lens_init(struct pi_state * st, void * data) {
     lens->ids   = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
     lens->probs = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
     lens->stats = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
+    lens->entropy = calloc(st->n_layer + 1, sizeof(struct ggml_tensor *));
     return true;
 }
 
 static void pi_lens_clear(struct pi_state * st, void * data) {
     struct pi_lens * lens = data;
     lens->k = 0;
-    pi_lens_targets_free(lens);
+    pi_lens_rows_free(lens);
 }
 
 static void pi_lens_release(struct pi_state * st, void * data) {
@@ -260,6 +369,7 @@ static void pi_lens_release(struct pi_state * st, void * data) {
     free(lens->ids);
     free(lens->probs);
     free(lens->stats);
+    free(lens->entropy);
 }
 
 static bool pi_lens_active(const struct pi_state * st, const void * data) {
@@ -274,6 +384,7 @@ static void pi_lens_begin(struct pi_state * st, void * data) {
         lens->ids[slot]   = NULL;
         lens->probs[slot] = NULL;
         lens->stats[slot] = NULL;
+        lens->entropy[slot] = NULL;
     }
     lens->failed = NULL;
 }

@@ -280,19 +280,25 @@ class Backend:
 
     # analyses at the unembedding
 
-    def set_lens(self, tensor: str, norm: bool, top_k: int, targets: list[int], positions: list[int]) -> None:
-        if lib.pi_set_lens(self._state, tensor.encode(), norm, top_k) != 0:
+    def set_lens(self, tensor: str, norm: bool, top_k: int, targets: list[int], positions: list[int],
+                 out_positions: list[int] | None = None, temp: float = 1.0, entropy: bool = False) -> None:
+        """The lens of ``tensor`` at the rows ``positions`` only (they alone are unembedded; ``out_positions``: the
+        same tokens as indices among the decode's outputs, for a pass that keeps only those on its last layer), its
+        probabilities at temperature ``temp``; ``entropy``: their entropy too."""
+        out = ffi.NULL if out_positions is None else ffi.new("int32_t[]", out_positions)
+        if lib.pi_set_lens(self._state, tensor.encode(), norm, top_k, temp, entropy, ffi.new("int32_t[]", positions),
+                           out, len(positions)) != 0:
             raise self.error("logit lens")
-        if targets and lib.pi_set_lens_targets(self._state, ffi.new("int32_t[]", targets), len(targets),
-                                               ffi.new("int32_t[]", positions), len(positions)) != 0:
+        if targets and lib.pi_set_lens_targets(self._state, ffi.new("int32_t[]", targets), len(targets)) != 0:
             raise self.error("logit lens")
 
-    def lens_result(self, il: int, n_tokens: int, top_k: int, n_targets: int,
-                    n_positions: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """Layer ``il``'s lens: top-k ids and probabilities ``[n_tokens, k]`` (unordered) and the targets'
-        statistics ``[n_positions, n_targets, 3]``; None when the layer had no such tensor."""
-        ids = np.empty((n_tokens, top_k), dtype=np.int32)
-        probs = np.empty((n_tokens, top_k), dtype=np.float32)
+    def lens_result(self, il: int, top_k: int, n_targets: int, n_positions: int,
+                    entropy: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None] | None:
+        """Layer ``il``'s lens: top-k ids and probabilities ``[n_positions, k]`` (unordered), the targets'
+        statistics ``[n_positions, n_targets, 3]`` and the entropy ``[n_positions]`` (None unless ``entropy``);
+        None when the layer had no such tensor."""
+        ids = np.empty((n_positions, top_k), dtype=np.int32)
+        probs = np.empty((n_positions, top_k), dtype=np.float32)
         ret = lib.pi_lens_read(self._state, il, ffi.from_buffer("int32_t[]", ids), ffi.from_buffer("float[]", probs), ids.size)
         if ret < 0:
             raise self.error("logit lens")
@@ -301,7 +307,12 @@ class Backend:
         stats = np.empty((n_positions, n_targets, 3), dtype=np.float32)
         if n_targets and lib.pi_lens_targets_read(self._state, il, ffi.from_buffer("float[]", stats), stats.size) != 0:
             raise self.error("logit lens")
-        return ids, probs, stats
+        if not entropy:
+            return ids, probs, stats, None
+        h = np.empty(n_positions, dtype=np.float32)
+        if lib.pi_lens_entropy_read(self._state, il, ffi.from_buffer("float[]", h), h.size) != 0:
+            raise self.error("logit lens")
+        return ids, probs, stats, h
 
     def set_attribution(self, terms: list[tuple[str, int]], by_head: list[bool], target: int) -> None:
         keep = [ffi.new("char[]", name.encode()) for name, _ in terms]

@@ -1,5 +1,6 @@
-"""Line charts: one chart per panel in a grid (the fidelity report's per-layer similarities), drawn with the same
-fonts, margins and helpers as the heatmaps of :mod:`pyinterp.viz.plot`."""
+"""Line charts: one chart per panel in a grid (the fidelity report's per-layer similarities; the model comparison's
+curves over relative depth with their intervals as bands), drawn with the same fonts, margins and helpers as the
+heatmaps of :mod:`pyinterp.viz.plot`."""
 
 from __future__ import annotations
 
@@ -128,6 +129,90 @@ def _line_chart(name: str, series: dict[str, np.ndarray], x_labels: list[str], x
             y = top + PAD + k * font_px() + text_h // 2
             if legend_bottom:
                 y += CHART_H - 2 * PAD - len(series) * font_px()
+            cv2.line(image, (left + PAD, y), (left + PAD + 16, y), SERIES_COLORS[k % len(SERIES_COLORS)], 2)
+            draw_text(image, label, left + 2 * PAD + 16, y + text_h // 2, LABEL_PX)
+    return image
+
+
+def band_charts(
+    panels: Sequence[tuple[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], bool]],
+    *,
+    title: str = "",
+    x_name: str = "relative depth",
+    n_cols: int = 3,
+) -> np.ndarray:
+    """Line charts over a continuous x axis from 0 to 1, each line with a shaded band: one chart per panel.
+
+    A panel is ``(name, {series name: (x, mean, low, high)}, log)``; the arrays of one series share a length, the
+    series of a panel may differ (models of different depths); ``log``: a log10 y axis (values > 0, decade ticks),
+    else linear from 0 to a round number above the largest ``high``. Series keep their colour across panels; the
+    legend is in the first panel.
+    """
+    if not panels or any(not series for _, series, _ in panels):
+        raise PyinterpError("need panels with at least one series each")
+    charts = [_band_chart(name, series, log, x_name, legend=i == 0) for i, (name, series, log) in enumerate(panels)]
+    h, w = charts[0].shape[:2]
+    n_rows = math.ceil(len(charts) / n_cols)
+    above = title_height() + PAD if title else 0
+    image = canvas(above + n_rows * h, max(min(n_cols, len(charts)) * w, text_width(title, TITLE_PX) + 2 * PAD))
+    if title:
+        draw_text(image, title, PAD, PAD + line_extent(TITLE_PX)[0], TITLE_PX)
+    for i, chart in enumerate(charts):
+        paste(image, chart, (i % n_cols) * w, above + (i // n_cols) * h)
+    return image
+
+
+def _band_chart(name: str, series: dict[str, tuple[np.ndarray, ...]], log: bool, x_name: str,
+                legend: bool) -> np.ndarray:
+    """One chart of ``band_charts``; every chart has the same size."""
+    highs = [float(np.nanmax(s[3])) for s in series.values()]
+    if log:
+        lo_exp = 0
+        hi_exp = max(1, math.ceil(math.log10(max(max(highs), 1.0))))
+        ticks = [float(10**e) for e in range(lo_exp, hi_exp + 1)]
+        tick_text = [f"{10**e:g}" if e < 4 else f"1e{e}" for e in range(lo_exp, hi_exp + 1)]
+
+        def frac(v: np.ndarray) -> np.ndarray:
+            return (np.log10(np.maximum(v, 1.0)) - lo_exp) / (hi_exp - lo_exp)
+    else:
+        top_value, intervals = value_axis(max(highs))
+        ticks = [top_value * i / intervals for i in range(intervals + 1)]
+        tick_text = [f"{v:.3g}" for v in ticks]
+
+        def frac(v: np.ndarray) -> np.ndarray:
+            return np.asarray(v, np.float64) / top_value
+    left = 2 * PAD + max_text_width(["0.0000"]) + TICK
+    top = title_height()
+    image = canvas(top + CHART_H + TICK + 2 * PAD + 2 * font_px() + PAD, left + CHART_W + 3 * PAD)
+    draw_text(image, name, left, top - PAD, TITLE_PX)
+    cv2.rectangle(image, (left, top), (left + CHART_W, top + CHART_H), GRAY, 1)
+    text_h = cap_height(LABEL_PX)
+
+    def points(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        fy = np.clip(np.nan_to_num(frac(y)), 0, 1)
+        return np.stack([left + np.round(np.asarray(x) * CHART_W), top + CHART_H - np.round(fy * CHART_H)], 1).astype(np.int32)
+
+    for value, text in zip(ticks, tick_text, strict=True):
+        y = int(points(np.zeros(1), np.array([value]))[0, 1])
+        cv2.line(image, (left - TICK, y), (left, y), GRAY, 1)
+        draw_text(image, text, left - TICK - 2 - text_width(text, LABEL_PX), y + text_h // 2, LABEL_PX)
+    for k in range(7):  # x ticks at sixths
+        x = left + round(k / 6 * CHART_W)
+        text = ("0", "1/6", "1/3", "1/2", "2/3", "5/6", "1")[k]
+        cv2.line(image, (x, top + CHART_H), (x, top + CHART_H + TICK), GRAY, 1)
+        draw_text(image, text, x - text_width(text, LABEL_PX) // 2, top + CHART_H + TICK + PAD + text_h, LABEL_PX)
+    draw_text(image, x_name, left + (CHART_W - text_width(x_name, LABEL_PX)) // 2,
+              top + CHART_H + TICK + 2 * PAD + text_h + font_px(), LABEL_PX)
+    for k, (x, mean, low, high) in enumerate(series.values()):
+        color = SERIES_COLORS[k % len(SERIES_COLORS)]
+        band = np.concatenate([points(x, high), points(x, low)[::-1]])
+        shade = image.copy()
+        cv2.fillPoly(shade, [band], color, cv2.LINE_AA)
+        cv2.addWeighted(shade, 0.2, image, 0.8, 0, dst=image)
+        cv2.polylines(image, [points(x, mean)], False, color, 2, cv2.LINE_AA)
+    if legend:
+        for k, label in enumerate(series):
+            y = top + PAD + k * font_px() + text_h // 2
             cv2.line(image, (left + PAD, y), (left + PAD + 16, y), SERIES_COLORS[k % len(SERIES_COLORS)], 2)
             draw_text(image, label, left + 2 * PAD + 16, y + text_h // 2, LABEL_PX)
     return image
