@@ -128,9 +128,8 @@ def lens_over_set(model: ModelLike, ids: Sequence[list[int]], targets: Sequence[
             columns = [union.index(t) for t in targets[i]]
             probs[i] = stats[:, read][..., columns, 1]
             ranks[i] = stats[:, read][..., columns, 2].astype(np.int64) + 1
-            at = [rows[read][j] for j in range(len(positions))]
-            top_ids[i] = np.stack([lens[il][0][at, 0] for il in kept])
-            top_probs[i] = np.stack([lens[il][1][at, 0] for il in kept])
+            top_ids[i] = np.stack([lens[il][0][read, 0] for il in kept])  # the lens reads only the rows asked for
+            top_probs[i] = np.stack([lens[il][1][read, 0] for il in kept])
         if on_decode is not None:
             on_decode(len(group))
     return SetLens(tensor=tensor, norm=norm, layers=kept, positions=where, targets=[list(t) for t in targets],
