@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import cv2
 import numpy as np
@@ -124,3 +125,21 @@ def test_errors(capsys, args, code, message):
     got, _, err = run_cli(capsys, "-p", PROMPT, *args)
     assert got == code, err
     assert message in err and err.count("\n") == 1 and err.startswith("pyinterp: error: ")
+
+
+def test_markdown_tables_hold_the_json_values(capsys):
+    """--md prints the lens, target and attribution tables as Markdown, with the values the JSON holds."""
+    data = run_json(capsys, "-p", PROMPT, "--target", " Paris", "--attribute", "--ll", "l_out", "--ll-layers", "last",
+                    "--ll-topk", "2")
+    code, out, err = run_cli(capsys, "-p", PROMPT, "--target", " Paris", "--attribute", "--ll", "l_out",
+                             "--ll-layers", "last", "--ll-topk", "2", "--md")
+    assert code == 0, err
+    tables = [line for line in out.splitlines() if line.startswith("| ")]
+    assert "| layer | position | token | top 2 |" in tables and "| layer | ' Paris' | top-1 |" in tables
+    last = data["target_lens"][0]["positions"][0]["layers"][-1]
+    cell = re.escape(f"{last['targets'][0]['p']:.3f}") + f" +r{last['targets'][0]['rank']}"
+    assert any(re.match(rf"\| {last['layer']} \| {cell} \|", line) for line in tables)
+    layer0 = data["attribution"][0]["layers"][0]
+    assert any(line.startswith(f"| 0 | {layer0['attn']:.3f} | {layer0['ffn']:.3f} |") for line in tables)
+    top = data["logit_lens"][0]["layers"][0]["tokens"][-1]["top"][0]
+    assert any(f"{top['str']!r} {top['p']:.3f}" in line for line in tables)

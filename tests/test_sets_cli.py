@@ -162,9 +162,9 @@ def test_bad_options(capsys, set_path, args, message):
     assert code == 2 and message in err, err
 
 
-def test_md_needs_prompts(capsys):
-    code, _, err = run_cli(capsys, "-p", "x", "--md")
-    assert code == 2 and "--md goes with --prompts" in err
+def test_per_decode_needs_prompts(capsys):
+    code, _, err = run_cli(capsys, "-p", "x", "--per-decode", "2")
+    assert code == 2 and "--per-decode goes with --prompts" in err
 
 
 def test_target_option_overrides_the_file(capsys, tmp_path):

@@ -11,6 +11,7 @@ import click
 import numpy as np
 
 from pyinterp.analysis.lens import resolve_target, single_token_variants
+from pyinterp.analysis.stats import markdown_table
 
 if TYPE_CHECKING:
     from pyinterp.analysis.attribution import Attribution
@@ -50,19 +51,23 @@ def parse_target(model: Model, spec: str) -> tuple[int, str]:
     return target, f"target {spec!r} = id {target}{also}"
 
 
-def print_targets(lens: LogitLens, labels: list[int | str], decimals: int) -> None:
-    """One table per kept position: a row per layer, each target's probability and rank, then the top-1."""
+def print_targets(lens: LogitLens, labels: list[int | str], decimals: int, as_md: bool = False) -> None:
+    """One table per kept position: a row per layer, each target's probability and rank, then the top-1
+    (``as_md``: as Markdown)."""
     names = [repr(s) for s in lens.target_strs]
     rank_w = len(str(int(lens.target_ranks.max(initial=1)))) + 1
     width = max(max(len(n) for n in names), decimals + 3 + rank_w)
     for pi, (position, token) in enumerate(zip(lens.positions, lens.position_strs, strict=True)):
         click.echo(f"P(target) by layer, {lens.title} at position {position} ({token!r}); rank 1 = top prediction")
+        rows = [[str(label), *(f"{p:.{decimals}f} {'r' + str(r):>{rank_w}}"
+                               for p, r in zip(lens.target_probs[li, pi], lens.target_ranks[li, pi], strict=True)),
+                 f"{lens.strs[li][pi][0]!r} {lens.probs[li, pi, 0]:.{decimals}f}"] for li, label in enumerate(labels)]
+        if as_md:
+            click.echo("\n" + markdown_table(["layer", *names, "top-1"], rows) + "\n")
+            continue
         click.echo("layer  " + "  ".join(n.ljust(width) for n in names) + "  top-1")
-        for li, label in enumerate(labels):
-            cells = [f"{p:.{decimals}f} {'r' + str(r):>{rank_w}}".ljust(width)
-                     for p, r in zip(lens.target_probs[li, pi], lens.target_ranks[li, pi], strict=True)]
-            top = f"{lens.strs[li][pi][0]!r} {lens.probs[li, pi, 0]:.{decimals}f}"
-            click.echo(f"{str(label):>5}  " + "  ".join(cells) + f"  {top}")
+        for row in rows:
+            click.echo(f"{row[0]:>5}  " + "  ".join(c.ljust(width) for c in row[1:-1]) + f"  {row[-1]}")
         click.echo("")
 
 
@@ -94,19 +99,24 @@ TARGET_HEADER = ["tensor", "lens", "layer", "position", "token", "target_id", "t
 ATTRIBUTION_HEADER = ["position", "target_id", "target", "layer", "term", "head", "value"]
 
 
-def print_attribution(a: Attribution, token: str, decimals: int) -> None:
-    """The embedding's term, then a row per layer: attention, FFN and (when split) each head."""
+def print_attribution(a: Attribution, token: str, decimals: int, as_md: bool = False) -> None:
+    """The embedding's term, then a row per layer: attention, FFN and (when split) each head (``as_md``: as
+    Markdown)."""
     click.echo(f"direct logit attribution of {a.target_str!r} (id {a.target}) at position {a.position} ({token!r}): "
                f"logit {a.logit:.{decimals}f}, terms sum to {float(a.values.sum()):.{decimals}f}")
     click.echo(f"embedding {a.embed:.{decimals}f}")
+    n_head = 0 if a.heads is None else a.heads.shape[1]
+    rows = [[str(il), f"{a.attn[il]:.{decimals}f}", f"{a.ffn[il]:.{decimals}f}",
+             *(f"{v:.{decimals}f}" for v in (a.heads[il] if a.heads is not None else []))] for il in range(len(a.attn))]
+    if as_md:
+        click.echo("\n" + markdown_table(["layer", "attn", "ffn", *(f"h{h}" for h in range(n_head))], rows) + "\n")
+        return
     width = decimals + 5
-    heads = [] if a.heads is None else [f"h{h}".rjust(width) for h in range(a.heads.shape[1])]
+    heads = [f"h{h}".rjust(width) for h in range(n_head)]
     click.echo("layer " + "attn".rjust(width) + " " + "ffn".rjust(width) + (" | " + " ".join(heads) if heads else ""))
-    for il in range(len(a.attn)):
-        row = f"{il:>5} {a.attn[il]:>{width}.{decimals}f} {a.ffn[il]:>{width}.{decimals}f}"
-        if a.heads is not None:
-            row += " | " + " ".join(f"{v:>{width}.{decimals}f}" for v in a.heads[il])
-        click.echo(row)
+    for row in rows:
+        line = f"{row[0]:>5} {row[1]:>{width}} {row[2]:>{width}}"
+        click.echo(line + (" | " + " ".join(f"{v:>{width}}" for v in row[3:]) if heads else ""))
     click.echo("")
 
 

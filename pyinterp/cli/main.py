@@ -232,9 +232,8 @@ def cli(ctx, model_opts, prompt, prompt_file, escape, n_predict, seed, temp, ign
             raise click.UsageError("--ablate-mode mean or resample does not go with --prompts yet")
 
         return run_set(ctx, model_opts)
-    for option, value in (("--md", as_md), ("--per-decode", per_decode is not None)):
-        if value:
-            raise click.UsageError(f"{option} goes with --prompts")
+    if per_decode is not None:
+        raise click.UsageError("--per-decode goes with --prompts")
     prompt = prompt_text(prompt, prompt_file, escape)
     check_option_pairs(ctx)
     ablation.check(ablate_spec is not None, "-a")
@@ -312,7 +311,7 @@ def cli(ctx, model_opts, prompt, prompt_file, escape, n_predict, seed, temp, ign
         result["next_token"] = next_tokens(model, trace.logits[-1], 5)
         if not as_json:
             print_interventions(interventions)
-            print_report(result, lenses, targets, target_lenses, attributed, ll_topk, decimals)
+            print_report(result, lenses, targets, target_lenses, attributed, ll_topk, decimals, as_md)
         if n_predict > 0:
             if not as_json:
                 click.echo(prompt, nl=False)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from pyinterp.analysis.stats import markdown_table
 from pyinterp.cli.lens import (ATTRIBUTION_HEADER, TARGET_HEADER, attribution_rows, numbered, parse_target,
                                print_attribution, print_targets, targets_json, targets_rows)
 from pyinterp.cli.options import LayerList
@@ -44,9 +45,17 @@ def layer_labels(lens, arch: str) -> list[int | str]:
     return ["embd" if il < 0 and lens.tensor == embedding else il for il in lens.layers]
 
 
-def print_lens(lens, top_k: int, arch: str, decimals: int) -> None:
+def print_lens(lens, top_k: int, arch: str, decimals: int, as_md: bool = False) -> None:
+    """A block per layer: each position's top tokens (``as_md``: one Markdown table, a row per layer and position)."""
     click.echo(f"{lens.title}, top {top_k}")
     strs = lens.strs
+    if as_md:
+        rows = [[str(label), str(position), repr(token),
+                 ", ".join(f"{s!r} {p:.{decimals}f}" for s, p in zip(strs[li][t], lens.probs[li, t], strict=True))]
+                for li, label in enumerate(layer_labels(lens, arch))
+                for t, (position, token) in enumerate(zip(lens.positions, lens.position_strs, strict=True))]
+        click.echo("\n" + markdown_table(["layer", "position", "token", f"top {top_k}"], rows) + "\n")
+        return
     for li, label in enumerate(layer_labels(lens, arch)):
         click.echo(f"\nlayer {label}:")
         for t, (position, token) in enumerate(zip(lens.positions, lens.position_strs, strict=True)):
@@ -117,8 +126,9 @@ def write_pictures_and_tables(arch: str, lenses: list, ll_png: str | None, targe
 
 
 def print_report(result: dict, lenses: list, targets: list[tuple[int, str]], target_lenses: list, attributed: list,
-                 top_k: int, decimals: int) -> None:
-    """The analyses as text, in the order the options list them (the generated text and files come after)."""
+                 top_k: int, decimals: int, as_md: bool = False) -> None:
+    """The analyses as text (``as_md``: their tables as Markdown), in the order the options list them (the generated
+    text and files come after)."""
     arch = result["model"]["arch"]
     if "cgraph" in result:
         click.echo("\n".join(result["cgraph"]))
@@ -127,10 +137,10 @@ def print_report(result: dict, lenses: list, targets: list[tuple[int, str]], tar
     if len(lenses) > 1:
         click.echo(f"lensed: {', '.join(result['lensed'])}\n")
     for lens in lenses:
-        print_lens(lens, top_k, arch, decimals)
+        print_lens(lens, top_k, arch, decimals, as_md)
     if targets:
         click.echo("")
         for lens in target_lenses:
-            print_targets(lens, layer_labels(lens, arch), decimals)
+            print_targets(lens, layer_labels(lens, arch), decimals, as_md)
     for a in attributed:
-        print_attribution(a, result["prompt_tokens"][a.position]["str"], decimals)
+        print_attribution(a, result["prompt_tokens"][a.position]["str"], decimals, as_md)
