@@ -45,7 +45,7 @@ def corpus_text(path: Path) -> Path:
 def pyinterp_side(args: argparse.Namespace) -> dict[str, np.ndarray]:
     """Extraction and the truncated forward alone over the same contexts; the contexts' ids for the other sides."""
     import pyinterp
-    from pyinterp.corpus.extract import Request, contexts_per_decode, extract, limited, packing_for
+    from pyinterp.corpus.extract import Request, contexts_per_decode, extract, model_contexts, packing_for
     from pyinterp.corpus.source import Source
     from pyinterp.corpus.stream import batches
 
@@ -58,7 +58,7 @@ def pyinterp_side(args: argparse.Namespace) -> dict[str, np.ndarray]:
         packing = packing_for(model, size, True)
 
         def contexts():
-            return limited(packing.contexts(source.documents(), lambda t: model.tokenize(t, add_bos=False)), n * size)
+            return model_contexts(model, source, packing, n * size)
 
         ids = np.stack([c.ids for c in contexts()])
         per_decode = contexts_per_decode(model, size)

@@ -69,14 +69,12 @@ def corpus_batches(model, corpus: Path, tensor: str | None, sae, corpus_opts: Co
     """The batches of a model run over a text corpus (the SAE encoded in the graph), and the corpus's
     description for features.json."""
     from pyinterp.analysis.sae import sae_readout
-    from pyinterp.corpus.extract import contexts_per_decode, limited, packing_for
+    from pyinterp.corpus.extract import contexts_per_decode, model_contexts, packing_for
     from pyinterp.corpus.stream import batches
 
     size = corpus_opts.context_size
     packing = packing_for(model, size, corpus_opts.pack)
-    contexts = limited(packing.contexts(corpus_opts.source(str(corpus)).documents(),
-                                        lambda text: model.tokenize(text, add_bos=False)),
-                       corpus_opts.max_tokens)
+    contexts = model_contexts(model, corpus_opts.source(str(corpus)), packing, corpus_opts.max_tokens)
     readout, names = None, [tensor]
     if sae is not None:
         slots = sae.k if sae.architecture == "topk" else min(SAE_SLOTS, sae.d_sae)

@@ -66,6 +66,24 @@ def contexts_per_decode(model: ModelLike, context_size: int, asked: int | None =
     return min(most, asked or max(1, DECODE_TOKENS // context_size))
 
 
+def model_contexts(model: ModelLike, source: Source, packing: Packing, max_tokens: int | None,
+                   read: list[int] | None = None) -> Iterator[Context]:
+    """The contexts of ``source``'s documents in the model's tokens (each document without a BOS), up to
+    ``max_tokens``; ``read[0]`` (when given) counts the documents' bytes as they are read (progress)."""
+    def documents() -> Iterator[tuple[int, str]]:
+        for number, text in source.documents():
+            if read is not None:
+                read[0] += len(text.encode()) + 1
+            yield number, text
+
+    return limited(packing.contexts(documents(), lambda text: model.engine.tokenize(text, False)), max_tokens)
+
+
+def share_read(source: Source, read: list[int]) -> float:
+    """The share (0..1) of ``source``'s part of the corpus whose bytes ``read[0]`` counts."""
+    return min(1.0, read[0] * source.shard[1] / max(1, source.size()))
+
+
 def limited(contexts: Iterator[Context], max_tokens: int | None) -> Iterator[Context]:
     """The contexts while their tokens add up to at most ``max_tokens`` (whole contexts)."""
     n = 0
@@ -168,21 +186,14 @@ def _run(model: ModelLike, directory: Path, request: Request, packing: Packing, 
     per_decode = contexts_per_decode(model, request.context_size, request.per_decode)
     row_bytes = sum(t["width"] for t in manifest["tensors"].values()) * (4 if request.dtype == "f32" else 2)
     shard_tokens = request.shard_tokens or max(request.context_size, SHARD_BYTES // max(1, row_bytes))
-    done = manifest["n_contexts"]
-    size, read = max(1, request.source.size()), [0]
-
-    def documents() -> Iterator[tuple[int, str]]:
-        for number, text in request.source.documents():
-            read[0] += len(text.encode()) + 1
-            yield number, text
-
-    contexts = limited(packing.contexts(documents(), lambda text: model.engine.tokenize(text, False)), request.max_tokens)
+    done, read = manifest["n_contexts"], [0]
+    contexts = model_contexts(model, request.source, packing, request.max_tokens, read)
     writer = ShardWriter(directory, manifest, shard_tokens)
     try:
         for batch in batches(model, skip(contexts, done), list(request.names), per_decode=per_decode, first_context=done):
             writer.add(batch)
             if on_batch is not None:
-                on_batch(writer.n_tokens, min(1.0, read[0] * request.source.shard[1] / size))
+                on_batch(writer.n_tokens, share_read(request.source, read))
     except BaseException:
         writer.abort()  # the shards written stay listed: the run continues with --resume
         raise
@@ -206,10 +217,9 @@ def _run_saelens(model: ModelLike, directory: Path, request: Request, packing: P
         raise InputError("--format saelens stores f32 or f16 (Arrow has no bfloat16)")
     keys = tensor_keys(model, request.names)
     width = widths(model, keys)
-    size, n = request.context_size, 0
+    size, n, read = request.context_size, 0, [0]
     per_decode = contexts_per_decode(model, request.context_size, request.per_decode)
-    contexts = limited(packing.contexts(request.source.documents(), lambda text: model.engine.tokenize(text, False)),
-                       request.max_tokens)
+    contexts = model_contexts(model, request.source, packing, request.max_tokens, read)
     with SaeLensWriter(directory, width, size, {"f32": "float32", "f16": "float16"}[request.dtype]) as writer:
         for batch in batches(model, contexts, list(request.names), per_decode=per_decode):
             k = batch.n_rows // size
@@ -217,7 +227,7 @@ def _run_saelens(model: ModelLike, directory: Path, request: Request, packing: P
                        batch.token_ids.reshape(k, size))
             n += batch.n_rows
             if on_batch is not None:
-                on_batch(n, 0.0)
+                on_batch(n, share_read(request.source, read))
         if n == 0:
             raise InputError(f"the corpus {request.source.path} gave no context of {size} tokens")
     return {"n_tokens": n, "n_contexts": n // size, "tensors": width, "shards": [], "format": "saelens"}

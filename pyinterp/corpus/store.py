@@ -275,8 +275,8 @@ class Corpus:
 
     def _column(self, name: str) -> np.ndarray:
         parts = [shard.arrays()[name] for shard in self.shards]
-        if len(parts) == 1 and parts[0][0] != "BF16":
-            return parts[0][1] if parts[0][0] != "F16" else parts[0][1].astype(np.float32)
+        if len(parts) == 1 and parts[0][0] in ("F32", "I32", "I64"):  # as stored: memory-mapped
+            return parts[0][1]
         return np.concatenate([widen(raw, dtype) for dtype, raw in parts])
 
 
