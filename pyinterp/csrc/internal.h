@@ -4,6 +4,7 @@
 // feature. Every feature is a *recipe*: one C file that owns its state and tells the core, through one
 // struct pi_recipe, what to do at each step of a run (table in recipes.c, in the order the hook applies them):
 //   record.c       the names and shapes of every tensor offered to the hook
+//   freeze.c       the local replacement model: norms and attention frozen at given values
 //   ops.c          the op table: captures and interventions (mul, set, add, inject)
 //   sae.c          sparse autoencoders encoding (and editing) a tensor
 //   lens.c         the logit lens, built at the unembedding

@@ -84,6 +84,20 @@ PI_API int32_t pi_sae_attach(struct pi_state * st, struct pi_sae * sae, const ch
                              const int32_t * edit_ids, const float * edit_values, int32_t n_edits, bool edit_scale);
 PI_API int     pi_sae_read  (struct pi_state * st, int32_t i, int32_t * ids, float * values, float * stats, int64_t n_rows);
 
+// the local replacement model of one prompt (freeze.c). pi_norm_measure: the next decodes output the scale
+// 1/rms(x) of every token at the norm `name` of layer il (a tensor llama.cpp builds as rms_norm(x) * weight), read
+// [n_tokens] with pi_norm_scale_read. pi_freeze_norm makes that norm x * scales[pos] * weight; pi_freeze_attention
+// makes layer il's attention output (kqv_out) the given weights [n_head][n_pos query][n_pos key] times the layer's
+// own V; pi_freeze_rows replaces the tensor `name` of layer il by rows [n_rows][width], row i for token i of the
+// decode (each sequence's own), without computing what only led to it. A frozen decode holds sequences of the
+// same n_pos tokens from position 0, their norms and attention frozen alike. Until pi_plan_clear.
+PI_API int32_t pi_norm_measure    (struct pi_state * st, const char * name, int32_t il);
+PI_API int     pi_norm_scale_read (struct pi_state * st, int32_t i, float * dst, int64_t n);
+PI_API int     pi_freeze_norm     (struct pi_state * st, const char * name, int32_t il, const float * scales, int32_t n_pos);
+PI_API int     pi_freeze_attention(struct pi_state * st, int32_t il, const float * weights, int32_t n_head, int32_t n_pos);
+PI_API int     pi_freeze_rows     (struct pi_state * st, const char * name, int32_t il, const float * rows, int64_t width,
+                                   int64_t n_rows, int32_t n_pos);
+
 // the logit lens (lens.c), results of the last decode per layer
 // (only the rows asked for are unembedded)
 PI_API int  pi_set_lens         (struct pi_state * st, const char * name, bool norm, int32_t k, float temp,

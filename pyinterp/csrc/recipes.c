@@ -1,10 +1,12 @@
 // pyinterp native layer: the recipe table. The hook applies the recipes in this order to every tensor: the
-// record sees the tensors as llama.cpp made them, the ops and SAEs change them, the lens and the attribution
-// read them as the interventions left them.
+// record sees the tensors as llama.cpp made them, the frozen norms and attention replace theirs (so captures see
+// the frozen ones), the ops and SAEs change them, the lens and the attribution read them as the interventions
+// left them.
 
 #include "internal.h"
 
 extern const struct pi_recipe pi_recipe_record;
+extern const struct pi_recipe pi_recipe_freeze;
 extern const struct pi_recipe pi_recipe_ops;
 extern const struct pi_recipe pi_recipe_sae;
 extern const struct pi_recipe pi_recipe_lens;
@@ -12,6 +14,7 @@ extern const struct pi_recipe pi_recipe_attribution;
 
 const struct pi_recipe * const pi_recipes[] = {
     &pi_recipe_record,
+    &pi_recipe_freeze,
     &pi_recipe_ops,
     &pi_recipe_sae,
     &pi_recipe_lens,

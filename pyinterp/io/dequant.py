@@ -45,6 +45,8 @@ class TensorEntry(NamedTuple):
     name: str
     type: gguf.GGMLQuantizationType
     n_elements: int
+    dims: tuple[int, ...] = ()    # ggml order: dims[0] the row length
+    offset: int = 0               # of its data in the file
 
     @property
     def f32_nbytes(self) -> int:
@@ -76,9 +78,14 @@ def scan(path: Path) -> list[TensorEntry]:
 
         try:
             _, _, n_tensors, n_kv = take("4sIQQ")
+            alignment = gguf.GGUF_DEFAULT_ALIGNMENT
             for _ in range(n_kv):
-                skip_string()
+                (length,) = take("Q")
+                key = bytes(data[pos:pos + length])
+                pos += length
                 (kind,) = take("I")
+                if key == b"general.alignment" and kind == gguf.GGUFValueType.UINT32:
+                    (alignment,) = struct.unpack_from("<I", data, pos)
                 count = 1
                 if kind == gguf.GGUFValueType.ARRAY:
                     kind, count = take("IQ")
@@ -94,8 +101,11 @@ def scan(path: Path) -> list[TensorEntry]:
                 pos += length
                 (n_dims,) = take("I")
                 dims = take(f"{n_dims}Q")
-                kind, _ = take("IQ")
-                tensors.append(TensorEntry(name, gguf.GGMLQuantizationType(kind), int(np.prod(dims, dtype=np.int64))))
+                kind, offset = take("IQ")
+                tensors.append(TensorEntry(name, gguf.GGMLQuantizationType(kind), int(np.prod(dims, dtype=np.int64)),
+                                           tuple(dims), offset))
+            start = -(-pos // alignment) * alignment  # the tensor data, after the header padded to the alignment
+            tensors = [t._replace(offset=start + t.offset) for t in tensors]
         except (struct.error, ValueError, KeyError) as e:
             raise PyinterpError(f"cannot read {path} as GGUF: {e}") from None
     return tensors

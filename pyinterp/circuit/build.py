@@ -1,0 +1,223 @@
+"""Attribution graphs on GGUF: the prompt's local replacement model, computed by the engine.
+
+1. A normal pass (the real, quantized model) measures what the local replacement model freezes: each layer's
+   attention weights ``[n_head, n_pos, n_pos]`` and each RMS norm's per-token scale ``1/rms(x)``; it captures the
+   MLP inputs and outputs and the token embeddings. The transcoders encode the MLP inputs (numpy): the active
+   features, and each MLP's error term (its output less what the graph's features write there).
+2. Every source node (feature, error, token) writes one vector into the residual stream: ``a_f * W_dec[f]`` at the
+   MLP output of each layer it writes (a CLT's features: every later layer too), the error vector there, or the
+   token's embedding. With the norms and attention frozen (:class:`pyinterp.engine.readouts.Frozen`) and every
+   MLP output replaced by the injected writes, the graph is linear in them, so one forward pass of a source's
+   writes alone gives its direct effect on every target: the frozen MLP input of every layer (dotted with the
+   encoder columns of the features there) and the frozen final norm at the last position (dotted with the
+   demeaned unembedding rows of the logits). That is column ``s`` of the adjacency matrix.
+3. The sources go through the engine's multi-sequence decode: each sequence a copy of the prompt carrying one
+   source's writes, about 512 tokens per decode; nothing after the final norm is computed, nor the MLPs and the
+   attention scores (their outputs are replaced).
+
+Forward passes of injected sources (one per source, batched as sequences) rather than backward passes (one per
+target, as circuit-tracer does with autograd): llama.cpp has no autograd on quantized weights, and a forward pass
+gives a source's edges to every target at once, the whole column, in exactly the computation (the same kernels,
+on every backend) the model runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+
+from pyinterp.circuit.graph import AttributionGraph
+from pyinterp.circuit.transcoder import TranscoderSet
+from pyinterp.circuit.unembed import unembedding
+from pyinterp.engine.arch import arch_of
+from pyinterp.engine.readouts import Frozen, NormScales
+from pyinterp.errors import InputError
+
+if TYPE_CHECKING:
+    from pyinterp.engine.core import ModelLike
+
+# the per-layer RMS norms the local replacement model freezes (those the model's graph has), and the final one
+LAYER_NORMS = ("attn_norm", "attn_post_norm", "ffn_norm")
+FINAL_NORM = ("result_norm", -1)
+# architectures whose residual stream is linear once norms and attention are frozen (no attention biases, no
+# final logit soft-capping)
+LINEAR_ARCHS = ("llama", "qwen3", "phi3", "gemma3")
+DECODE_TOKENS = 512   # tokens per frozen decode
+TARGET_CHUNK = 512    # target features dotted at once
+
+
+@dataclass
+class Measured:
+    """What one normal pass over the prompt gives the local replacement model (``n_pos`` tokens)."""
+
+    mlp_in: np.ndarray     # [n_layer, n_pos, d_model] each MLP's input (ffn_norm)
+    mlp_out: np.ndarray    # [n_layer, n_pos, d_model] each MLP's output as the residual stream receives it
+    embedding: np.ndarray  # [n_pos, d_model] the token embeddings as the residual stream receives them
+    weights: dict[int, np.ndarray]               # layer -> [n_head, n_pos, n_pos] attention weights
+    scales: dict[tuple[str, int], np.ndarray]    # (norm, layer) -> [n_pos] 1/rms
+    logits: np.ndarray     # [n_vocab] of the last position
+
+
+def measure(model: ModelLike, ids: list[int]) -> Measured:
+    """The normal pass: attention weights, norm scales, MLP inputs and outputs, embeddings, last logits."""
+    arch = arch_of(model.arch)
+    info = model.tensor_info()
+    n_layer = model.n_layer
+    norms = [(name, il) for name in LAYER_NORMS for il in range(n_layer) if il in info.layers.get(name, ())]
+    capture = ["attn_scores", "ffn_norm", arch.ffn_term, arch.embedding]
+    done = model.engine.run(ids, capture=capture, readout=NormScales([*norms, FINAL_NORM]), logits="last")
+    got = done.captured
+    return Measured(
+        mlp_in=np.stack([got["ffn_norm", il] for il in range(n_layer)]),
+        mlp_out=np.stack([got[arch.ffn_term, il] for il in range(n_layer)]),
+        embedding=got[arch.embedding, -1],
+        weights={il: got["attn_scores", il] for il in range(n_layer) if ("attn_scores", il) in got},
+        scales=done.readout,
+        logits=done.logits[-1])
+
+
+def active_features(transcoders: TranscoderSet, mlp_in: np.ndarray,
+                    max_features: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The active features ``[n, 3]`` (layer, position, feature; sorted) and their activations ``[n]``; with
+    ``max_features``, the ones writing the most (activation times decoder norm) among them."""
+    found, acts = [], []
+    for tc in transcoders.layers:
+        f = tc.encode(mlp_in[tc.layer])
+        pos, feat = np.nonzero(f > 0)
+        found.append(np.stack([np.full_like(pos, tc.layer), pos, feat], axis=1))
+        acts.append(f[pos, feat])
+    features, activations = np.concatenate(found).astype(np.int64), np.concatenate(acts).astype(np.float32)
+    if max_features is not None and len(features) > max_features:
+        norms = [np.linalg.norm(tc.W_dec.reshape(-1, tc.d_tc, tc.d_model), axis=2).sum(0) for tc in transcoders.layers]
+        size = activations * np.array([norms[l][f] for l, _, f in features])
+        keep = np.sort(np.argsort(-size, kind="stable")[:max_features])
+        features, activations = features[keep], activations[keep]
+    return features, activations
+
+
+def writes(transcoders: TranscoderSet, features: np.ndarray, activations: np.ndarray,
+           n_pos: int) -> np.ndarray:
+    """What the graph's features write ``[n_layer, n_pos, d_model]`` into each MLP output."""
+    out = np.zeros((transcoders.n_layer, n_pos, transcoders.d_model), np.float32)
+    for (l, p, f), a in zip(features, activations):
+        tc = transcoders.layers[l]
+        for m in range(l, l + tc.n_out):
+            out[m, p] += a * tc.decoder(m)[f]
+    return out
+
+
+def salient_logits(logits: np.ndarray, max_n_logits: int = 10, desired_prob: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """The fewest top tokens whose probabilities reach ``desired_prob``, at most ``max_n_logits``: ids and
+    probabilities."""
+    p = np.exp(logits.astype(np.float64) - logits.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")[:max_n_logits]
+    n = int(np.searchsorted(np.cumsum(p[order]), desired_prob) + 1)
+    order = order[:min(n, max_n_logits)]
+    return order.astype(np.int64), p[order].astype(np.float32)
+
+
+def _check(model: ModelLike, transcoders: TranscoderSet) -> None:
+    engine = model.engine
+    engine.check_live()
+    if model.arch not in LINEAR_ARCHS:
+        raise InputError(f"circuit: a {model.arch} model is not linear with its norms and attention frozen (attention "
+                         f"biases or logit soft-capping); circuits run on {', '.join(LINEAR_ARCHS)}")
+    if engine.steering or engine.interventions:
+        raise InputError("circuit: not under pushed interventions or a control vector")
+    if transcoders.n_layer != model.n_layer or transcoders.d_model != model.n_embd:
+        raise InputError(f"circuit: the transcoders are for {transcoders.n_layer} layers of width {transcoders.d_model}; "
+                         f"the model has {model.n_layer} layers of width {model.n_embd}")
+
+
+def attribution_graph(model: ModelLike, tokens_or_text: str | Sequence[int], transcoders: TranscoderSet, *,
+                      targets: Sequence[int] | None = None, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
+                      max_features: int | None = 8192,
+                      progress: Callable[[int, int], None] | None = None) -> AttributionGraph:
+    """The attribution graph of the prompt's last position (see the module docstring): its targets are ``targets``
+    (token ids) or the salient logits; ``max_features``: the most features kept as nodes (the others' writes go to
+    the error nodes); ``progress(done, total)`` after each frozen decode."""
+    _check(model, transcoders)
+    started = time.perf_counter()
+    ids = model.prompt_ids(tokens_or_text)
+    n_pos = len(ids)
+    m = measure(model, ids)
+    features, activations = active_features(transcoders, m.mlp_in, max_features)
+    errors = m.mlp_out - writes(transcoders, features, activations, n_pos)
+    if targets is None:
+        logit_tokens, logit_p = salient_logits(m.logits, max_n_logits, desired_logit_prob)
+    else:
+        logit_tokens = np.asarray(targets, dtype=np.int64)
+        p = np.exp(m.logits.astype(np.float64) - m.logits.max())
+        logit_p = (p / p.sum())[logit_tokens].astype(np.float32)
+    rows, mean = unembedding(model.path, [int(t) for t in logit_tokens])
+    graph = AttributionGraph(
+        input_tokens=np.asarray(ids, dtype=np.int64), input_strings=[model.token_str(t) for t in ids],
+        features=features, activations=activations, logit_tokens=logit_tokens,
+        logit_strings=[model.token_str(int(t)) for t in logit_tokens], logit_probabilities=logit_p,
+        adjacency=np.zeros((0, 0), np.float32), n_layer=model.n_layer, cross_layer=transcoders.cross_layer,
+        model=model.path.name, prompt=tokens_or_text if isinstance(tokens_or_text, str) else "")
+    graph.adjacency = np.zeros((graph.n_node, graph.n_node), np.float32)
+    measured = time.perf_counter()
+    n_decodes = _fill(model, graph, transcoders, m, errors, rows - mean, progress)
+    graph.info.update(measure_s=measured - started, frozen_s=time.perf_counter() - measured, frozen_decodes=n_decodes,
+                      sources=graph.n_feat + (model.n_layer + 1) * n_pos)
+    return graph
+
+
+def _source_writes(graph: AttributionGraph, transcoders: TranscoderSet, m: Measured, errors: np.ndarray,
+                   s: int) -> list[tuple[int, int, np.ndarray]]:
+    """Source node ``s``'s writes: ``(layer, position, vector)``, layer -1 for the embedding."""
+    if s < graph.n_feat:
+        (l, p, f), a = graph.features[s], graph.activations[s]
+        tc = transcoders.layers[l]
+        return [(mm, p, a * tc.decoder(mm)[f]) for mm in range(l, l + tc.n_out)]
+    s -= graph.n_feat
+    if s < graph.n_layer * graph.n_pos:
+        return [(s // graph.n_pos, s % graph.n_pos, errors[s // graph.n_pos, s % graph.n_pos])]
+    s -= graph.n_layer * graph.n_pos
+    return [(-1, s, m.embedding[s])]
+
+
+def _fill(model: ModelLike, graph: AttributionGraph, transcoders: TranscoderSet, m: Measured, errors: np.ndarray,
+          logit_rows: np.ndarray, progress: Callable[[int, int], None] | None) -> int:
+    """Every source's column of the adjacency matrix, from frozen decodes of ``batch`` sources each; returns the
+    number of decodes."""
+    arch = arch_of(model.arch)
+    engine = model.engine
+    n_pos, n_layer, d = graph.n_pos, graph.n_layer, transcoders.d_model
+    n_sources = graph.n_feat + (n_layer + 1) * n_pos
+    batch = max(1, min(engine.n_seq_max, DECODE_TOKENS // n_pos))
+    by_layer = {l: np.nonzero(graph.features[:, 0] == l)[0] for l in range(n_layer)}
+    target_layers = [l for l in range(n_layer) if len(by_layer[l])]
+    capture = [f"ffn_norm-{l}" for l in target_layers] + [FINAL_NORM[0]]
+    first_logit = graph.n_node - graph.n_logit
+    n_decodes = 0
+    for start in range(0, n_sources, batch):
+        sources = range(start, min(start + batch, n_sources))
+        b = len(sources)
+        inject = np.zeros((n_layer + 1, b * n_pos, d), np.float32)  # slot 0: the embedding, slot l + 1: layer l
+        for i, s in enumerate(sources):
+            for l, p, vector in _source_writes(graph, transcoders, m, errors, s):
+                inject[l + 1, i * n_pos + p] += vector
+        rows = {(arch.embedding, -1): inject[0], **{(arch.ffn_term, l): inject[l + 1] for l in range(n_layer)}}
+        frozen = Frozen(m.scales, m.weights, rows)
+        got = engine.run_contexts([list(map(int, graph.input_tokens))] * b, capture, readout=frozen).captured
+        for l in target_layers:
+            u = got["ffn_norm", l].reshape(b, n_pos, d)
+            nodes = by_layer[l]
+            for c in range(0, len(nodes), TARGET_CHUNK):
+                chunk = nodes[c:c + TARGET_CHUNK]
+                pos, feat = graph.features[chunk, 1], graph.features[chunk, 2]
+                enc = transcoders.layers[l].W_enc[:, feat]                     # [d, n_chunk]
+                graph.adjacency[chunk, start:start + b] = np.einsum("bjd,dj->jb", u[:, pos, :], enc)
+        final = got[FINAL_NORM]
+        final = final.reshape(b, n_pos, d)[:, -1] if len(final) == b * n_pos else final.reshape(b, d)
+        graph.adjacency[first_logit:, start:start + b] = logit_rows @ final.T
+        n_decodes += 1
+        if progress is not None:
+            progress(start + b, n_sources)
+    return n_decodes
