@@ -169,7 +169,8 @@ class TranscoderSet:
     def fold_norm(self, norm_weights: list[np.ndarray]) -> "TranscoderSet":
         """A ``reads="ffn_norm_unweighted"`` set as the equal ``"ffn_norm"`` one, given each layer's pre-MLP norm
         weight ``[d_model]`` as the model multiplies by it (llama.cpp's ``ffn_norm.weight``; Gemma's GGUF already
-        holds HF's ``1 + weight``): ``x / rms = ffn_norm / w``, so ``W_enc`` and ``W_skip`` rows are divided by ``w``."""
+        holds HF's ``1 + weight``): ``x / rms = ffn_norm / w``, so ``W_enc`` and ``W_skip`` rows are divided by
+        ``w``."""
         if self.reads == "ffn_norm":
             return self
         if len(norm_weights) != self.n_layer:
