@@ -24,6 +24,8 @@ Facts (read from the producers' code; orientations are the files', ``pyinterp`` 
 
 JumpReLU is ``relu(pre) * (pre > threshold)`` in SAELens and pyinterp, ``pre * (pre > threshold)`` in
 circuit-tracer: the same for thresholds >= 0, so negative thresholds in circuit-tracer's layouts are refused.
+circuit-tracer's TopK keeps the k largest pre-activations without a ReLU; pyinterp's zeroes negative ones (the
+same unless fewer than k are positive).
 """
 
 from __future__ import annotations

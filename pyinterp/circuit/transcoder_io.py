@@ -228,7 +228,7 @@ def _gemma_scope(root: Path, params: list[Path], n_layer: int | None, d_model: i
             raise InputError(f"{file}: no layer_<L> in its path below {root}, so its layer is unknown")
         npz = file.suffix == ".npz"
         hooks = ("ln2.hook_normalized", "hook_mlp_out") if npz else (
-            "model.layers.0.pre_feedforward_layernorm.output", "model.layers.0.post_feedforward_layernorm.output")
+            "pre_feedforward_layernorm.output", "post_feedforward_layernorm.output")
         if (file.parent / "config.json").is_file():
             hooks = _gemma_scope_hooks(file.parent / "config.json", hooks)
         kinds.add((hook_meaning(hooks[0], False, str(file))[0], hook_meaning(hooks[1], True, str(file))[0]))
