@@ -12,11 +12,21 @@ term: ``ffn_out-l``, or Gemma's ``ffn_post_norm-l``; see :mod:`pyinterp.engine.a
 A per-layer transcoder writes ``y_l = f_l @ W_dec + b_dec (+ x @ W_skip)``. A cross-layer transcoder (CLT)'s
 layer-``l`` features write to every layer ``m >= l``: ``W_dec`` of layer ``l`` is ``[n_layer - l, d_tc,
 d_model]`` and ``y_m = sum_{l <= m} f_l @ W_dec_l[m - l] + b_dec_m``.
+
+Files of other tools may read or write a neighbouring tensor; a set records which (``reads``, ``writes``):
+
+- ``reads="ffn_norm"``: the MLP input above (TransformerLens ``mlp.hook_in``, HF ``mlp`` module input);
+  ``"ffn_norm_unweighted"``: the same before the norm's weight multiplies it (``x / rms(x)``: TransformerLens
+  ``ln2.hook_normalized`` with ``fold_ln=False``, as circuit-tracer and SAELens load Gemma Scope's Gemma 2
+  transcoders). :meth:`TranscoderSet.fold_norm` turns such a set into a ``"ffn_norm"`` one.
+- ``writes="ffn_term"``: what the residual stream receives from the MLP (TransformerLens ``hook_mlp_out``);
+  ``"ffn_out"``: the MLP module's output (``mlp.hook_out``, llama.cpp ``ffn_out``), the same tensor except on
+  architectures with a post-FFN norm (Gemma), where it is the norm's input.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import NormalDist
 
 import numpy as np
@@ -25,6 +35,8 @@ from pyinterp.checks import is_int
 from pyinterp.errors import InputError
 
 ACTIVATIONS = ("relu", "jumprelu", "topk")
+READS = ("ffn_norm", "ffn_norm_unweighted")
+WRITES = ("ffn_term", "ffn_out")
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,11 +129,16 @@ class TranscoderSet:
     when its features write to later layers too."""
 
     layers: tuple[Transcoder, ...]
+    reads: str = "ffn_norm"    # see the module docstring
+    writes: str = "ffn_term"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
         if not self.layers:
             raise InputError("a transcoder set needs at least one layer")
+        if self.reads not in READS or self.writes not in WRITES:
+            raise InputError(f"a transcoder set reads one of {', '.join(READS)} and writes one of "
+                             f"{', '.join(WRITES)}; got reads={self.reads!r}, writes={self.writes!r}")
         n = len(self.layers)
         for i, tc in enumerate(self.layers):
             if tc.layer != i:
@@ -144,6 +161,29 @@ class TranscoderSet:
     @property
     def d_model(self) -> int:
         return self.layers[0].d_model
+
+    def output_tensor(self, ffn_term: str) -> str:
+        """The llama.cpp tensor the set writes, given the architecture's FFN term (``Arch.ffn_term``)."""
+        return ffn_term if self.writes == "ffn_term" else "ffn_out"
+
+    def fold_norm(self, norm_weights: list[np.ndarray]) -> "TranscoderSet":
+        """A ``reads="ffn_norm_unweighted"`` set as the equal ``"ffn_norm"`` one, given each layer's pre-MLP norm
+        weight ``[d_model]`` as the model multiplies by it (llama.cpp's ``ffn_norm.weight``; Gemma's GGUF already
+        holds HF's ``1 + weight``): ``x / rms = ffn_norm / w``, so ``W_enc`` and ``W_skip`` rows are divided by
+        ``w``."""
+        if self.reads == "ffn_norm":
+            return self
+        if len(norm_weights) != self.n_layer:
+            raise InputError(f"fold_norm needs {self.n_layer} norm weights, got {len(norm_weights)}")
+        layers = []
+        for tc, w in zip(self.layers, norm_weights):
+            w = np.asarray(w, dtype=np.float32)
+            if w.shape != (self.d_model,) or not np.all(np.isfinite(w)) or np.any(w == 0):
+                raise InputError(f"layer {tc.layer}'s norm weight must be {self.d_model} finite non-zero values to "
+                                 f"fold into its transcoder, got shape {list(w.shape)}")
+            skip = None if tc.W_skip is None else tc.W_skip / w[:, None]
+            layers.append(replace(tc, W_enc=tc.W_enc / w[:, None], W_skip=skip))
+        return replace(self, layers=tuple(layers), reads="ffn_norm")
 
     def reconstruct(self, features: list[np.ndarray], inputs: list[np.ndarray]) -> list[np.ndarray]:
         """Each layer's predicted MLP output ``[n_tokens, d_model]`` from every layer's feature activations
