@@ -151,7 +151,7 @@ def as_circuit_tracer(graph: AttributionGraph):
 
     import torch
     return types.SimpleNamespace(
-        input_tokens=torch.tensor(graph.input_tokens), adjacency_matrix=torch.tensor(graph.adjacency),
+        input_string=graph.prompt, input_tokens=torch.tensor(graph.input_tokens), adjacency_matrix=torch.tensor(graph.adjacency),
         selected_features=torch.arange(graph.n_feat), active_features=torch.tensor(graph.features),
         activation_values=torch.tensor(graph.activations), n_pos=graph.n_pos,
         logit_targets=[(s, int(t)) for s, t in zip(graph.logit_strings, graph.logit_tokens)],
