@@ -15,7 +15,7 @@ from circuit_graphs import random_graph
 from pyinterp.circuit.export import cantor_pairing, check_graph_json, graph_json, write_graph_files
 from pyinterp.circuit.prune import prune_graph
 from pyinterp.errors import InputError
-from test_circuit_prune import as_circuit_tracer, chain
+from test_circuit_prune import CHAIN, E0, E1, as_circuit_tracer, chain
 
 
 def test_chain_json_by_hand():
@@ -46,6 +46,14 @@ def test_chain_json_by_hand():
     errors = [n for n in data["nodes"] if n["feature_type"] == "mlp reconstruction error"]
     assert [(n["node_id"], n["jsNodeId"], n["feature"]) for n in errors] == [("0_-1_0", "0_0-0", -1),
                                                                               ("1_-1_0", "1_0-0", -1)]
+    assert len(data["links"]) == len(CHAIN)
+    # at edge_threshold=1.0 the edge mask holds every pair (threshold 0) and the nodes dropped by influence:
+    # only the real edges between kept nodes are links
+    node_mask, edge_mask, _ = prune_graph(chain(), 0.8, 1.0)
+    assert edge_mask.all() and not node_mask[[E0, E1]].any()
+    data = graph_json(chain(), "chain", node_threshold=0.8, edge_threshold=1.0)
+    assert [(link["source"], link["target"]) for link in data["links"]] == \
+        [("E_7_0", "0_10_0"), ("0_10_0", "3_0_0"), ("E_7_0", "3_0_0")]
 
 
 def test_random_graph_file_round_trips(tmp_path):

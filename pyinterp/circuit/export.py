@@ -26,7 +26,8 @@ Nodes (kept by :func:`pyinterp.circuit.prune.prune_graph`, in graph order):
 ``influence`` is the node's cumulative influence score (the viewer hides nodes above its pruning threshold by it;
 null for logits), ``activation`` null except for features. Links: every kept edge between two kept nodes, weight
 ``adjacency[target, source]``, in (target, source) order; nodes without any link are left out except tokens and
-logits, as circuit-tracer does.
+logits, as circuit-tracer does. One difference: pairs of nodes without an edge (weight 0) are never links, while
+circuit-tracer writes them when the edge threshold is 0 (at edge_threshold=1.0 its mask keeps every pair).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def nodes_and_links(graph: AttributionGraph, node_mask: np.ndarray, edge_mask: n
     targets, sources = np.nonzero(edge_mask)
     links, linked = [], set()
     for target, source in zip(targets.tolist(), sources.tolist()):
-        if target in kept and source in kept:
+        if target in kept and source in kept and graph.adjacency[target, source] != 0:
             links.append({"source": kept[source]["node_id"], "target": kept[target]["node_id"],
                           "weight": float(graph.adjacency[target, source])})
             linked.update((source, target))
