@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from circuit_graphs import random_graph
-from pyinterp.circuit.export import cantor_pairing, check_graph_json, graph_json, write_graph_files
+from pyinterp.circuit.export import (cantor_pairing, check_graph_json, graph_json, nodes_and_links,
+                                     write_graph_files)
 from pyinterp.circuit.prune import prune_graph
 from pyinterp.errors import InputError
-from test_circuit_prune import CHAIN, E0, E1, as_circuit_tracer, chain
+from test_circuit_prune import CHAIN, LOGIT, TOK, F, as_circuit_tracer, chain
 
 
 def test_chain_json_by_hand():
@@ -47,12 +48,12 @@ def test_chain_json_by_hand():
     assert [(n["node_id"], n["jsNodeId"], n["feature"]) for n in errors] == [("0_-1_0", "0_0-0", -1),
                                                                               ("1_-1_0", "1_0-0", -1)]
     assert len(data["links"]) == len(CHAIN)
-    # at edge_threshold=1.0 the edge mask holds every pair (threshold 0) and the nodes dropped by influence:
-    # only the real edges between kept nodes are links
-    node_mask, edge_mask, _ = prune_graph(chain(), 0.8, 1.0)
-    assert edge_mask.all() and not node_mask[[E0, E1]].any()
-    data = graph_json(chain(), "chain", node_threshold=0.8, edge_threshold=1.0)
-    assert [(link["source"], link["target"]) for link in data["links"]] == \
+    # an edge mask of every pair (circuit-tracer's at a zero edge threshold) with the errors dropped: only the
+    # real edges between kept nodes are links
+    node_mask = np.array([True, False, False, True, True])
+    _, links, order = nodes_and_links(chain(), node_mask, np.ones((5, 5), bool), np.ones(5))
+    assert order == [F, TOK, LOGIT]
+    assert [(link["source"], link["target"]) for link in links] == \
         [("E_7_0", "0_10_0"), ("0_10_0", "3_0_0"), ("E_7_0", "3_0_0")]
 
 

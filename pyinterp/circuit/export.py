@@ -27,7 +27,7 @@ Nodes (kept by :func:`pyinterp.circuit.prune.prune_graph`, in graph order):
 null for logits), ``activation`` null except for features. Links: every kept edge between two kept nodes, weight
 ``adjacency[target, source]``, in (target, source) order; nodes without any link are left out except tokens and
 logits, as circuit-tracer does. One difference: pairs of nodes without an edge (weight 0) are never links, while
-circuit-tracer writes them when the edge threshold is 0 (at edge_threshold=1.0 its mask keeps every pair).
+circuit-tracer writes them when the edge threshold comes out 0 (its edge mask then holds every pair).
 """
 
 from __future__ import annotations

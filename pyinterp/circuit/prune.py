@@ -103,7 +103,8 @@ def prune_graph(graph: AttributionGraph, node_threshold: float = 0.8,
     3. Drop every feature or error node without a kept outgoing edge, and every feature without a kept incoming
        edge; while that dropped a node: clear the edges of all dropped nodes and drop again. (When the first round
        drops nothing, the edges of the nodes dropped in step 1 stay in the mask: they have zero influence and pass
-       only a zero threshold, e.g. at edge_threshold=1.0; the JSON writer keeps only edges between kept nodes.)
+       only a zero threshold (edge_threshold=1.0 can give one through rounding); the JSON writer keeps only edges
+       between kept nodes.)
     ``cumulative_scores`` are those of the unpruned node influence (see :func:`cumulative_scores`); circuit-tracer
     writes them as each node's ``influence`` in its JSON.
     """
