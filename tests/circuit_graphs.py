@@ -12,6 +12,12 @@ WORDS = ["<bos>", "The", " cat", " sat", " on", " the", " mat", ".", " Paris", "
          "\n", " \"q\"", " it's", " 🙂", " x<y", "</script>", " is"]
 
 
+def weights(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Random edge weights of either sign with heavy-tailed magnitudes (log-normal, sigma 1.5), as in real graphs
+    where few edges carry most of the influence."""
+    return rng.choice([-1.0, 1.0], size=shape) * rng.lognormal(0.0, 1.5, size=shape)
+
+
 def random_graph(n_pos: int = 5, n_layer: int = 3, features_per_site: float = 2.0, density: float = 0.5,
                  n_logit: int = 3, seed: int = 0, top_logits: bool = False) -> AttributionGraph:
     """An AttributionGraph of ``n_pos`` tokens, ``n_layer`` layers, about ``features_per_site`` active features
@@ -32,8 +38,8 @@ def random_graph(n_pos: int = 5, n_layer: int = 3, features_per_site: float = 2.
     adjacency = np.zeros((n_node, n_node), dtype=np.float32)
     allowed = (layer_of[None, :] < features[:, :1]) & (pos_of[None, :] <= features[:, 1:2])
     present = allowed & (rng.random(allowed.shape) < density)
-    adjacency[:n_feat, :n_source] = np.where(present, rng.normal(size=allowed.shape), 0.0)
-    logit_rows = np.where(rng.random((n_logit, n_source)) < density, rng.normal(size=(n_logit, n_source)), 0.0)
+    adjacency[:n_feat, :n_source] = np.where(present, weights(rng, allowed.shape), 0.0)
+    logit_rows = np.where(rng.random((n_logit, n_source)) < density, weights(rng, (n_logit, n_source)), 0.0)
     adjacency[n_node - n_logit:, :n_source] = logit_rows
     probabilities = np.sort(rng.dirichlet(np.ones(n_logit + 1))[:n_logit])[::-1].astype(np.float32)
     tokens = rng.choice(len(WORDS), size=n_pos).astype(np.int64)
