@@ -31,7 +31,7 @@ import numpy as np
 
 from pyinterp.circuit.graph import AttributionGraph
 from pyinterp.circuit.transcoder import TranscoderSet
-from pyinterp.circuit.unembed import unembedding
+from pyinterp.circuit.gguf_weights import unembedding, vectors
 from pyinterp.engine.arch import arch_of
 from pyinterp.engine.readouts import Frozen, NormScales
 from pyinterp.errors import InputError
@@ -39,8 +39,10 @@ from pyinterp.errors import InputError
 if TYPE_CHECKING:
     from pyinterp.engine.core import ModelLike
 
-# the per-layer RMS norms the local replacement model freezes (those the model's graph has), and the final one
+# the per-layer RMS norms the local replacement model freezes (those the model's graph has), and the final one;
+# the post-FFN norm (Gemma) too when the transcoders write the MLP's output before it
 LAYER_NORMS = ("attn_norm", "attn_post_norm", "ffn_norm")
+POST_FFN_NORM = "ffn_post_norm"
 FINAL_NORM = ("result_norm", -1)
 # architectures whose residual stream is linear once norms and attention are frozen (no attention biases, no
 # final logit soft-capping)
@@ -61,18 +63,20 @@ class Measured:
     logits: np.ndarray     # [n_vocab] of the last position
 
 
-def measure(model: ModelLike, ids: list[int]) -> Measured:
-    """The normal pass: attention weights, norm scales, MLP inputs and outputs, embeddings, last logits."""
+def measure(model: ModelLike, ids: list[int], out_name: str) -> Measured:
+    """The normal pass: attention weights, norm scales, MLP inputs and outputs (``out_name``: the tensor the
+    transcoders write), embeddings, last logits."""
     arch = arch_of(model.arch)
     info = model.tensor_info()
     n_layer = model.n_layer
-    norms = [(name, il) for name in LAYER_NORMS for il in range(n_layer) if il in info.layers.get(name, ())]
-    capture = ["attn_scores", "ffn_norm", arch.ffn_term, arch.embedding]
+    names = LAYER_NORMS + ((POST_FFN_NORM,) if out_name != arch.ffn_term else ())
+    norms = [(name, il) for name in names for il in range(n_layer) if il in info.layers.get(name, ())]
+    capture = ["attn_scores", "ffn_norm", out_name, arch.embedding]
     done = model.engine.run(ids, capture=capture, readout=NormScales([*norms, FINAL_NORM]), logits="last")
     got = done.captured
     return Measured(
         mlp_in=np.stack([got["ffn_norm", il] for il in range(n_layer)]),
-        mlp_out=np.stack([got[arch.ffn_term, il] for il in range(n_layer)]),
+        mlp_out=np.stack([got[out_name, il] for il in range(n_layer)]),
         embedding=got[arch.embedding, -1],
         weights={il: got["attn_scores", il] for il in range(n_layer) if ("attn_scores", il) in got},
         scales=done.readout,
@@ -120,7 +124,9 @@ def salient_logits(logits: np.ndarray, max_n_logits: int = 10, desired_prob: flo
     return order.astype(np.int64), p[order].astype(np.float32)
 
 
-def _check(model: ModelLike, transcoders: TranscoderSet) -> None:
+def for_model(model: ModelLike, transcoders: TranscoderSet) -> TranscoderSet:
+    """The transcoders checked against the model, reading its MLP input: a set that reads it before the norm's
+    weight gets the model's ``ffn_norm`` weights folded in (:meth:`TranscoderSet.fold_norm`)."""
     engine = model.engine
     engine.check_live()
     if model.arch not in LINEAR_ARCHS:
@@ -131,6 +137,9 @@ def _check(model: ModelLike, transcoders: TranscoderSet) -> None:
     if transcoders.n_layer != model.n_layer or transcoders.d_model != model.n_embd:
         raise InputError(f"circuit: the transcoders are for {transcoders.n_layer} layers of width {transcoders.d_model}; "
                          f"the model has {model.n_layer} layers of width {model.n_embd}")
+    if transcoders.reads == "ffn_norm":
+        return transcoders
+    return transcoders.fold_norm(vectors(model.path, [f"blk.{il}.ffn_norm.weight" for il in range(model.n_layer)]))
 
 
 def attribution_graph(model: ModelLike, tokens_or_text: str | Sequence[int], transcoders: TranscoderSet, *,
@@ -140,11 +149,12 @@ def attribution_graph(model: ModelLike, tokens_or_text: str | Sequence[int], tra
     """The attribution graph of the prompt's last position (see the module docstring): its targets are ``targets``
     (token ids) or the salient logits; ``max_features``: the most features kept as nodes (the others' writes go to
     the error nodes); ``progress(done, total)`` after each frozen decode."""
-    _check(model, transcoders)
+    transcoders = for_model(model, transcoders)
+    out_name = transcoders.output_tensor(arch_of(model.arch).ffn_term)
     started = time.perf_counter()
     ids = model.prompt_ids(tokens_or_text)
     n_pos = len(ids)
-    m = measure(model, ids)
+    m = measure(model, ids, out_name)
     features, activations = active_features(transcoders, m.mlp_in, max_features)
     errors = m.mlp_out - writes(transcoders, features, activations, n_pos)
     if targets is None:
@@ -162,10 +172,23 @@ def attribution_graph(model: ModelLike, tokens_or_text: str | Sequence[int], tra
         model=model.path.name, prompt=tokens_or_text if isinstance(tokens_or_text, str) else "")
     graph.adjacency = np.zeros((graph.n_node, graph.n_node), np.float32)
     measured = time.perf_counter()
-    n_decodes = _fill(model, graph, transcoders, m, errors, rows - mean, progress)
+    n_decodes = _fill(model, graph, transcoders, m, errors, rows - mean, out_name, progress)
     graph.info.update(measure_s=measured - started, frozen_s=time.perf_counter() - measured, frozen_decodes=n_decodes,
-                      sources=graph.n_feat + (model.n_layer + 1) * n_pos)
+                      sources=graph.n_feat + (model.n_layer + 1) * n_pos,
+                      sum_error=_sum_error(graph, transcoders, m))
     return graph
+
+
+def _sum_error(graph: AttributionGraph, transcoders: TranscoderSet, m: Measured) -> float:
+    """How far the edges into the targets fall from adding up to their inputs in the real pass (features'
+    pre-activations less the encoder bias, logits less the mean logit), relative to the largest input: float
+    rounding on F32 weights; on quantized weights also the rounding of the activations the quantized matrix
+    products make, which differs between one source's writes and all of them together."""
+    inputs = [m.mlp_in[l, p] @ transcoders.layers[l].W_enc[:, f] for l, p, f in graph.features]
+    inputs += list(m.logits[graph.logit_tokens] - np.mean(m.logits, dtype=np.float64))
+    inputs = np.asarray(inputs, dtype=np.float64)
+    sums = graph.adjacency[np.r_[:graph.n_feat, graph.n_node - graph.n_logit:graph.n_node]].sum(axis=1, dtype=np.float64)
+    return float(np.abs(sums - inputs).max() / max(np.abs(inputs).max(), 1e-30))
 
 
 def _source_writes(graph: AttributionGraph, transcoders: TranscoderSet, m: Measured, errors: np.ndarray,
@@ -183,7 +206,7 @@ def _source_writes(graph: AttributionGraph, transcoders: TranscoderSet, m: Measu
 
 
 def _fill(model: ModelLike, graph: AttributionGraph, transcoders: TranscoderSet, m: Measured, errors: np.ndarray,
-          logit_rows: np.ndarray, progress: Callable[[int, int], None] | None) -> int:
+          logit_rows: np.ndarray, out_name: str, progress: Callable[[int, int], None] | None) -> int:
     """Every source's column of the adjacency matrix, from frozen decodes of ``batch`` sources each; returns the
     number of decodes."""
     arch = arch_of(model.arch)
@@ -203,7 +226,7 @@ def _fill(model: ModelLike, graph: AttributionGraph, transcoders: TranscoderSet,
         for i, s in enumerate(sources):
             for l, p, vector in _source_writes(graph, transcoders, m, errors, s):
                 inject[l + 1, i * n_pos + p] += vector
-        rows = {(arch.embedding, -1): inject[0], **{(arch.ffn_term, l): inject[l + 1] for l in range(n_layer)}}
+        rows = {(arch.embedding, -1): inject[0], **{(out_name, l): inject[l + 1] for l in range(n_layer)}}
         frozen = Frozen(m.scales, m.weights, rows)
         got = engine.run_contexts([list(map(int, graph.input_tokens))] * b, capture, readout=frozen).captured
         for l in target_layers:
