@@ -216,20 +216,28 @@ def _fill(model: ModelLike, graph: AttributionGraph, transcoders: TranscoderSet,
     batch = max(1, min(engine.n_seq_max, DECODE_TOKENS // n_pos))
     by_layer = {l: np.nonzero(graph.features[:, 0] == l)[0] for l in range(n_layer)}
     target_layers = [l for l in range(n_layer) if len(by_layer[l])]
-    capture = [f"ffn_norm-{l}" for l in target_layers] + [FINAL_NORM[0]]
     first_logit = graph.n_node - graph.n_logit
     n_decodes = 0
     for start in range(0, n_sources, batch):
         sources = range(start, min(start + batch, n_sources))
         b = len(sources)
         inject = np.zeros((n_layer + 1, b * n_pos, d), np.float32)  # slot 0: the embedding, slot l + 1: layer l
+        first = n_layer
         for i, s in enumerate(sources):
             for l, p, vector in _source_writes(graph, transcoders, m, errors, s):
                 inject[l + 1, i * n_pos + p] += vector
+                first = min(first, l)
+        # nothing is written before layer `first`'s MLP output: the residual stream there is zero, and the layers
+        # before are not computed (but for the last layer's, whose attention reads llama.cpp's output rows)
         rows = {(arch.embedding, -1): inject[0], **{(out_name, l): inject[l + 1] for l in range(n_layer)}}
+        if 0 <= first < n_layer - 1:
+            rows = {(arch.resid_mid, first): np.zeros_like(inject[0]),
+                    **{(out_name, l): inject[l + 1] for l in range(first, n_layer)}}
+        reads = [l for l in target_layers if l > first]
         frozen = Frozen(m.scales, m.weights, rows)
-        got = engine.run_contexts([list(map(int, graph.input_tokens))] * b, capture, readout=frozen).captured
-        for l in target_layers:
+        got = engine.run_contexts([list(map(int, graph.input_tokens))] * b,
+                                  [f"ffn_norm-{l}" for l in reads] + [FINAL_NORM[0]], readout=frozen).captured
+        for l in reads:
             u = got["ffn_norm", l].reshape(b, n_pos, d)
             nodes = by_layer[l]
             for c in range(0, len(nodes), TARGET_CHUNK):

@@ -72,12 +72,13 @@ def corpus_options(command: Callable) -> Callable:
 
 
 class Meter:
-    """A progress line on stderr (a terminal only): tokens done, tokens per second and the time left. ``total``:
-    the tokens expected, else each update tells the share of the corpus read; ``first``: tokens done before this
-    run (a resumed one)."""
+    """A progress line on stderr (a terminal only): tokens (or another ``unit``) done, their rate and the time
+    left. ``total``: the tokens expected, else each update tells the share of the corpus read; ``first``: tokens
+    done before this run (a resumed one)."""
 
-    def __init__(self, label: str, total: int | None, first: int = 0) -> None:
-        self.label, self.total, self.first = label, total, first
+    def __init__(self, label: str, total: int | None, first: int = 0, unit: str = "tokens",
+                 rate_unit: str = "tok/s") -> None:
+        self.label, self.total, self.first, self.unit, self.rate_unit = label, total, first, unit, rate_unit
         self.start = time.monotonic()
         self.shown = sys.stderr.isatty()
         self.last = 0.0
@@ -95,7 +96,8 @@ class Meter:
         else:
             left, of = (elapsed * (1 - read) / read if read > 0 else None), f" ({100 * read:.0f}% of the corpus)"
         eta = "?" if left is None else time.strftime("%H:%M:%S", time.gmtime(max(left, 0)))
-        click.echo(f"\r{self.label}: {done:,}{of} tokens  {rate:,.0f} tok/s  ETA {eta}   ", err=True, nl=False)
+        click.echo(f"\r{self.label}: {done:,}{of} {self.unit}  {rate:,.0f} {self.rate_unit}  ETA {eta}   ", err=True,
+                   nl=False)
 
     def close(self) -> None:
         if self.shown:

@@ -19,6 +19,7 @@ import numpy as np
 from pyinterp.analysis.ablation import head_ablation
 from pyinterp.analysis.steering import ControlVector, combine, steered
 from pyinterp.cli.ablation import ablation_options
+from pyinterp.cli.circuit import circuit
 from pyinterp.cli.compare import compare
 from pyinterp.cli.corpus import corpus
 from pyinterp.cli.cvector import cvector
@@ -368,7 +369,7 @@ def drawing_path(draw: str | None, draw_path: str | None, draw_layers: LayerList
 
 def subcommands() -> dict[str, click.Command]:
     """Analyses with a command of their own: ``pyinterp NAME ...``; everything else is the main command."""
-    return {"compare": compare, "corpus": corpus, "cvector": cvector, "extract": extract, "features": features,
+    return {"circuit": circuit, "compare": compare, "corpus": corpus, "cvector": cvector, "extract": extract, "features": features,
             "fidelity": fidelity, "heads": heads, "probe": probe, "sae": sae, "spans": spans, "sweep": sweep}
 
 

@@ -26,6 +26,7 @@ class Arch:
     attn_term: str          # [n_tokens, n_embd], what a layer's attention adds to the residual stream
     ffn_term: str           # [n_tokens, n_embd], what a layer's FFN adds
     residual: str = "l_out" # [n_tokens, n_embd], the residual stream after a layer
+    resid_mid: str = "ffn_inp"  # [n_tokens, n_embd], the residual stream between attention and FFN
 
     @property
     def residual_terms(self) -> tuple[str, ...]:
@@ -36,7 +37,7 @@ class Arch:
     def tl_aliases(self) -> dict[str, str]:
         """TransformerLens hook names (within a block, or whole for ``hook_embed``) -> llama.cpp tensor names."""
         return {
-            "hook_embed": self.embedding, "hook_resid_mid": "ffn_inp", "hook_resid_post": self.residual,
+            "hook_embed": self.embedding, "hook_resid_mid": self.resid_mid, "hook_resid_post": self.residual,
             "hook_attn_out": self.attn_term, "hook_mlp_out": self.ffn_term,
             "attn.hook_q": "Qcur", "attn.hook_k": "Kcur", "attn.hook_v": "Vcur", "attn.hook_z": "kqv_heads",
             "attn.hook_attn_scores": "attn_logits", "attn.hook_pattern": "attn_scores",
@@ -47,7 +48,7 @@ class Arch:
 # pre-norm blocks: the attention and FFN outputs are added to the residual as they are
 _PRE_NORM = Arch(embedding="embd", attn_term="attn_out", ffn_term="ffn_out")
 # Gemma: the embedding is scaled by sqrt(n_embd), and each output goes through a norm before it is added
-_GEMMA = Arch(embedding="inp_scaled", attn_term="attn_post_norm", ffn_term="ffn_post_norm")
+_GEMMA = Arch(embedding="inp_scaled", attn_term="attn_post_norm", ffn_term="ffn_post_norm", resid_mid="sa_out")
 
 ARCHS: dict[str, Arch] = {
     "llama": _PRE_NORM,
