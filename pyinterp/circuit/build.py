@@ -218,9 +218,12 @@ def _fill(model: ModelLike, graph: AttributionGraph, transcoders: TranscoderSet,
     target_layers = [l for l in range(n_layer) if len(by_layer[l])]
     first_logit = graph.n_node - graph.n_logit
     n_decodes = 0
+    order = source_order(graph)
     for start in range(0, n_sources, batch):
-        sources = range(start, min(start + batch, n_sources))
-        b = len(sources)
+        # every decode holds `batch` sequences (the last padded with empty ones): a source's column is computed by
+        # the same kernels whatever sources share its decode, bit for bit
+        sources = order[start:start + batch]
+        b = batch
         inject = np.zeros((n_layer + 1, b * n_pos, d), np.float32)  # slot 0: the embedding, slot l + 1: layer l
         first = n_layer
         for i, s in enumerate(sources):
@@ -244,11 +247,19 @@ def _fill(model: ModelLike, graph: AttributionGraph, transcoders: TranscoderSet,
                 chunk = nodes[c:c + TARGET_CHUNK]
                 pos, feat = graph.features[chunk, 1], graph.features[chunk, 2]
                 enc = transcoders.layers[l].W_enc[:, feat]                     # [d, n_chunk]
-                graph.adjacency[chunk, start:start + b] = np.einsum("bjd,dj->jb", u[:, pos, :], enc)
+                edges = np.einsum("bjd,dj->jb", u[:, pos, :], enc)[:, :len(sources)]
+                graph.adjacency[chunk[:, None], sources[None, :]] = edges
         final = got[FINAL_NORM]
         final = final.reshape(b, n_pos, d)[:, -1] if len(final) == b * n_pos else final.reshape(b, d)
-        graph.adjacency[first_logit:, start:start + b] = logit_rows @ final.T
+        # einsum's own loop, not BLAS: a column's sums do not depend on its place in the matrix
+        graph.adjacency[first_logit:, sources] = np.einsum("jd,bd->jb", logit_rows, final)[:, :len(sources)]
         n_decodes += 1
         if progress is not None:
-            progress(start + b, n_sources)
+            progress(start + len(sources), n_sources)
     return n_decodes
+
+
+def source_order(graph: AttributionGraph) -> np.ndarray:
+    """The order the sources go through the frozen decodes: node order, so that a decode's sources are of about
+    the same layer and the layers before them are not computed."""
+    return np.arange(graph.n_feat + (graph.n_layer + 1) * graph.n_pos)
