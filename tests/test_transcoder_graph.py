@@ -30,13 +30,15 @@ def tiny(tiny_path):
 
 def make_set(model, kind: str = "jumprelu", d_tc: int = 64, seed: int = 0) -> TranscoderSet:
     """Random transcoders for the model, each layer's encoder scaled to its MLP input's rms so that about a tenth
-    of the features fire. kind: an activation, or "skip" / "clt" (JumpReLU)."""
+    of the features fire, encoder biases random. kind: an activation, or "skip" / "clt" (JumpReLU)."""
     x = model.run(PROMPT, capture=["ffn_norm"])
     activation = kind if kind in ("relu", "jumprelu", "topk") else "jumprelu"
     tcs = random_transcoders(model.n_layer, model.n_embd, d_tc, activation=activation, seed=seed, density=0.1,
                              cross_layer=kind == "clt", skip=kind == "skip", k=6)
-    layers = [dataclasses.replace(tc, W_enc=tc.W_enc / np.sqrt(np.mean(x["ffn_norm", l] ** 2)),
-                                  W_skip=None if tc.W_skip is None else tc.W_skip / np.sqrt(np.mean(x["ffn_norm", l] ** 2)))
+    rng = np.random.default_rng(seed)
+    rms = [np.sqrt(np.mean(x["ffn_norm", l] ** 2)) for l in range(model.n_layer)]
+    layers = [dataclasses.replace(tc, W_enc=tc.W_enc / rms[l], b_enc=tc.b_enc + rng.normal(0, 0.3, d_tc),
+                                  W_skip=None if tc.W_skip is None else tc.W_skip / rms[l])
               for l, tc in enumerate(tcs.layers)]
     return TranscoderSet(tuple(layers))
 
