@@ -7,6 +7,7 @@ logits do not change by a bit. Tiny llama F32 and Gemma 3 270M (F32 twin where c
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ import pytest
 import pyinterp
 from pyinterp.circuit.replace import reconstruction_report, run_replaced, transcoder_features
 from pyinterp.circuit.transcoder import TranscoderSet, random_transcoders
+from pyinterp.circuit.transcoder_io import load_transcoders, save_transcoders
+from pyinterp.cli import main
 from pyinterp.engine.arch import arch_of
 from pyinterp.errors import InputError
 
@@ -150,6 +153,22 @@ def test_edit_moves_the_output_by_delta_times_its_decoder_row(case, scale):
         assert np.array_equal(run.captured["l_out", layer - 1], plain["l_out", layer - 1])
 
 
+def test_gemma_set_writing_the_mlp_module_output(gemma3_f32):
+    """A set writing ffn_out (before Gemma's post-FFN norm), error dropped at one layer: the logits of a run whose
+    ffn_out there is patched to the numpy reconstruction of the captured MLP input."""
+    model, layer = gemma3_f32, 3
+    tcs = dataclasses.replace(make_set(model, "jumprelu", d_tc=256), writes="ffn_out")
+    x = model.run(PROMPT, capture=[f"ffn_norm-{layer}"])[f"ffn_norm-{layer}"]
+    tc = tcs.layers[layer]
+    y = tc.encode(x) @ tc.W_dec + tc.b_dec
+    patched = model.run(PROMPT, patch=[("ffn_out", layer, p, y[p]) for p in range(len(y))]).logits
+    replaced = run_replaced(model, PROMPT, tcs, layers=[layer], keep_error=False).logits
+    assert not ties(tc, x).any()
+    atol = 1e-3 * np.abs(patched).max()  # float32 rounding of y, grown through the later layers
+    assert np.abs(replaced - model.run(PROMPT).logits).max() > 10 * atol
+    np.testing.assert_allclose(replaced, patched, atol=atol)
+
+
 def next_token_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
     """KL(p || q) per row, written out here in float64."""
     p, q = (np.exp(a - a.max(1, keepdims=True)) for a in (p_logits.astype(np.float64), q_logits.astype(np.float64)))
@@ -173,7 +192,7 @@ def test_reconstruction_report(tiny):
     assert report.kl_all > 0 and np.all(report.kl > 0)
 
 
-def test_bad_input_one_line_errors(tiny):
+def test_bad_input_one_line_errors(request, tiny):
     tcs = make_set(tiny, "jumprelu")
     wrong_width = random_transcoders(tiny.n_layer, tiny.n_embd + 1, 16)
     wrong_layers = random_transcoders(tiny.n_layer - 1, tiny.n_embd, 16)
@@ -187,8 +206,47 @@ def test_bad_input_one_line_errors(tiny):
              (lambda: run_replaced(tiny, PROMPT, tcs, layers=[4]), "layer 4 out of range"),
              (lambda: transcoder_features(tiny, PROMPT, tcs, top_k=65), "top_k"),
              (lambda: transcoder_features(tiny, PROMPT, "tcs"), "TranscoderSet")]
+    # a cross-layer set too large for the graph (Gemma 3's 18 layers): refused, not aborted
+    gemma = request.getfixturevalue("gemma3")
+    clt = random_transcoders(gemma.n_layer, gemma.n_embd, 16, cross_layer=True)
+    cases.append((lambda: run_replaced(gemma, PROMPT, clt), "do not fit"))
     for call, words in cases:
         with pytest.raises(InputError) as e:
             call()
         assert words in str(e.value) and "\n" not in str(e.value)
     assert np.array_equal(run_replaced(tiny, PROMPT, tcs).logits, tiny.run(PROMPT).logits)  # nothing left behind
+
+
+# the command
+
+
+def run_cli(capsys, path, *args: str) -> tuple[int, str, str]:
+    code = main(["transcoders", "-m", str(path), "-c", "64", "-t", "1", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_report_json_and_markdown(capsys, tmp_path, tiny, tiny_path):
+    tcs = make_set(tiny, "jumprelu")
+    save_transcoders(tcs, tmp_path / "tc")
+    prompts = [PROMPT, "one two three"]
+    args = ["--transcoders", str(tmp_path / "tc"), "-p", prompts[0], "-p", prompts[1]]
+    code, out, err = run_cli(capsys, tiny_path("llama", f32=True), *args, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    want = reconstruction_report(tiny, prompts, load_transcoders(tmp_path / "tc")).to_dict()
+    assert data["n_tokens"] == want["n_tokens"] and data["layers"] == want["layers"]
+    assert data["kl_all"] == want["kl_all"]
+    code, out, err = run_cli(capsys, tiny_path("llama", f32=True), *args, "--md")
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.startswith("| ")][2:]  # after the header and the rule
+    assert [row.split(" | ")[1] for row in rows] == [f"{l['rel_error']:.4f}" for l in want["layers"]]
+
+
+def test_cli_bad_input(capsys, tmp_path, tiny, tiny_path):
+    save_transcoders(random_transcoders(tiny.n_layer, tiny.n_embd + 1, 8), tmp_path / "wide")
+    for args, words in ((["--transcoders", str(tmp_path / "wide"), "-p", PROMPT], "values per token"),
+                        (["--transcoders", str(tmp_path), "-p", PROMPT], "transcoder"),
+                        (["--transcoders", str(tmp_path / "wide"), "-p", PROMPT, "--md", "--json"], "choose one")):
+        code, out, err = run_cli(capsys, tiny_path("llama", f32=True), *args)
+        assert code == 2 and words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

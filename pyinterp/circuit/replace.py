@@ -33,6 +33,9 @@ from pyinterp.errors import InputError
 if TYPE_CHECKING:
     from pyinterp.engine.core import ModelLike
 
+# every layer m of a cross-layer set adds a product per earlier layer to the graph, whose size llama.cpp fixes from
+# the model's tensors: beyond this many layers it overflows (ggml aborts), so such sets are refused
+CLT_MAX_LAYERS = 8
 MLP_INPUT = "ffn_norm"  # llama.cpp's MLP input (after the pre-MLP norm, its weight included), every architecture
 
 
@@ -71,6 +74,9 @@ def check_transcoders(model: ModelLike, transcoders: object) -> TranscoderSet:
     if transcoders.d_model != model.n_embd:
         raise InputError(f"the transcoders read {transcoders.d_model} values per token, the model's MLP input has "
                          f"{model.n_embd}; are they this model's?")
+    if transcoders.cross_layer and transcoders.n_layer > CLT_MAX_LAYERS:
+        raise InputError(f"cross-layer transcoders of more than {CLT_MAX_LAYERS} layers do not fit llama.cpp's graph "
+                         f"in pyinterp yet (this set has {transcoders.n_layer}); per-layer transcoders do")
     if transcoders.reads == MLP_INPUT:
         return transcoders
     names = [f"blk.{il}.{MLP_INPUT}.weight" for il in range(model.n_layer)]
