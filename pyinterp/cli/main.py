@@ -36,6 +36,7 @@ from pyinterp.cli.report import lens_and_targets, print_report, write_pictures_a
 from pyinterp.cli.sae import sae
 from pyinterp.cli.sets import md_option, prompts_option
 from pyinterp.cli.spans import spans
+from pyinterp.cli.transcoders import transcoders
 from pyinterp.cli.sweep import sweep
 from pyinterp.engine.names import split_name
 from pyinterp.errors import InputError, PyinterpError
@@ -369,8 +370,9 @@ def drawing_path(draw: str | None, draw_path: str | None, draw_layers: LayerList
 
 def subcommands() -> dict[str, click.Command]:
     """Analyses with a command of their own: ``pyinterp NAME ...``; everything else is the main command."""
-    return {"circuit": circuit, "compare": compare, "corpus": corpus, "cvector": cvector, "extract": extract, "features": features,
-            "fidelity": fidelity, "heads": heads, "probe": probe, "sae": sae, "spans": spans, "sweep": sweep}
+    return {"circuit": circuit, "compare": compare, "corpus": corpus, "cvector": cvector, "extract": extract,
+            "features": features, "fidelity": fidelity, "heads": heads, "probe": probe, "sae": sae, "spans": spans,
+            "sweep": sweep, "transcoders": transcoders}
 
 
 cli.epilog = ("More commands, each with its own --help: "

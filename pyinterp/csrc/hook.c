@@ -17,6 +17,25 @@ struct ggml_tensor * pi_unembedding(struct ggml_tensor * out) {
     return out;
 }
 
+struct ggml_tensor * pi_sparse_activate(struct ggml_context * ctx, int32_t activation, struct ggml_tensor * pre,
+                                        struct ggml_tensor * threshold, int32_t k) {
+    const int64_t d = pre->ne[0];
+    const int64_t n = pre->ne[1];
+    switch (activation) {
+        case PI_SAE_JUMPRELU:
+            return ggml_mul(ctx, ggml_relu(ctx, pre), ggml_step(ctx, ggml_sub(ctx, pre, threshold)));
+        case PI_SAE_TOPK: {
+            // the k largest pre-activations, through the ReLU, scattered back into zeros
+            struct ggml_tensor * idx  = ggml_top_k(ctx, pre, k);                                     // [k, n]
+            struct ggml_tensor * vals = ggml_get_rows(ctx, ggml_reshape_3d(ctx, pre, 1, d, n), idx); // [1, k, n]
+            struct ggml_tensor * zero = ggml_reshape_3d(ctx, ggml_scale(ctx, pre, 0.0f), 1, d, n);
+            return ggml_reshape_2d(ctx, ggml_set_rows(ctx, zero, ggml_relu(ctx, vals), idx), d, n);
+        }
+        default:
+            return ggml_relu(ctx, pre);
+    }
+}
+
 // forget what the previous graph build did
 static void pi_build_begin(struct pi_state * st) {
     for (int32_t i = 0; i < pi_n_recipes; ++i) {

@@ -7,6 +7,7 @@
 //   freeze.c       the local replacement model: norms and attention frozen at given values
 //   ops.c          the op table: captures and interventions (mul, set, add, inject)
 //   sae.c          sparse autoencoders encoding (and editing) a tensor
+//   transcoder.c   transcoders encoding an MLP's input and replacing (or editing) its output
 //   lens.c         the logit lens, built at the unembedding
 //   attribution.c  direct logit attribution, built at the unembedding
 // A feature file includes this header only and calls no other feature's functions; it uses the services
@@ -137,6 +138,9 @@ bool pi_room(struct ggml_cgraph * gf, int n);
 // note that the graph output `out` reads the model's tensor `read` (a capture, an SAE): a truncated pass
 // computes what such outputs need and nothing after the latest tensor they read
 void pi_keep(struct pi_state * st, const struct ggml_tensor * read, struct ggml_tensor * out);
+// f = act(pre), pre [d, n]: enum pi_sae_activation (relu; jumprelu over threshold [d]; topk keeping k per column)
+struct ggml_tensor * pi_sparse_activate(struct ggml_context * ctx, int32_t activation, struct ggml_tensor * pre,
+                                        struct ggml_tensor * threshold, int32_t k);
 // the unembedding matrix product under result_output (after it may come soft-capping), or NULL
 struct ggml_tensor * pi_unembedding(struct ggml_tensor * out);
 

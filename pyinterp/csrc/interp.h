@@ -14,7 +14,7 @@
 struct pi_state;
 
 // model, context and the state of the hook (state.c); pi_plan_clear drops what every feature was asked to do
-// (the ops, the SAEs attached, the lens, the attribution, the record)
+// (the ops, the SAEs and transcoders attached, the lens, the attribution, the record)
 PI_API struct llama_model   * pi_model_load(const char * path, int32_t n_gpu_layers, const char * rpc_endpoint);
 PI_API bool                   pi_has_rpc(void);
 PI_API void                   pi_rpc_serve(const char * endpoint, int32_t n_threads);
@@ -97,6 +97,38 @@ PI_API int     pi_freeze_norm     (struct pi_state * st, const char * name, int3
 PI_API int     pi_freeze_attention(struct pi_state * st, int32_t il, const float * weights, int32_t n_head, int32_t n_pos);
 PI_API int     pi_freeze_rows     (struct pi_state * st, const char * name, int32_t il, const float * rows, int64_t width,
                                    int64_t n_rows, int32_t n_pos);
+
+// transcoders in the graph (transcoder.c): sparse replacements of an MLP. pi_tc_load keeps the weights of the
+// transcoder of layer il on that layer's device until pi_tc_free: w_enc_t [d_tc][d_model] (W_enc transposed),
+// b_enc [d_tc], w_dec_t [n_out][d_model][d_tc] (each decoder transposed; decoder j writes to layer il + j: a
+// cross-layer transcoder has n_out > 1), b_dec [d_model], threshold [d_tc] (JumpReLU, else NULL), w_skip_t
+// [d_model][d_model] (W_skip transposed, skip transcoders, else NULL). Activations: enum pi_sae_activation.
+// pi_tc_attach (until pi_plan_clear) encodes `in_name`-il in every decode, f = act(x W_enc + b_enc), and at
+// `out_name`-m (the MLP output, m = il .. il + n_out - 1) of each attached transcoder of layer m computes
+//   y = sum over the attached transcoders l <= m writing to m of f_l W_dec_l[m - l] + b_dec (+ x_m W_skip)
+// and per token |out - y|^2, |out|^2 and the number of active features of layer m. Edits: feature
+// edit_ids[i] of layer il becomes edit_values[i] (or is multiplied by it, edit_scale), a change d; the layer's
+// output then becomes, by mode: PI_TC_ENCODE out (unchanged, edits ignored), PI_TC_KEEP_ERROR out + sum d W_dec,
+// PI_TC_DROP_ERROR y + sum d W_dec. One transcoder per layer; pi_tc_read reads the top_k features of every token
+// and the statistics of the last decode.
+enum pi_tc_mode {
+    PI_TC_ENCODE     = 0,
+    PI_TC_KEEP_ERROR = 1,
+    PI_TC_DROP_ERROR = 2,
+};
+
+struct pi_transcoder;
+
+PI_API struct pi_transcoder * pi_tc_load(struct pi_state * st, int32_t il, int32_t d_model, int32_t d_tc, int32_t n_out,
+                                         const float * w_enc_t, const float * b_enc, const float * w_dec_t,
+                                         const float * b_dec, const float * threshold, const float * w_skip_t,
+                                         int32_t activation, int32_t k);
+PI_API void    pi_tc_free  (struct pi_transcoder * tc);
+PI_API int32_t pi_tc_attach(struct pi_state * st, struct pi_transcoder * tc, const char * in_name, const char * out_name,
+                            int32_t top_k, int32_t mode, const int32_t * edit_ids, const float * edit_values,
+                            int32_t n_edits, bool edit_scale);
+// ids and values [n_rows, top_k] (unordered), stats [n_rows, 3]: |out - y|^2, |out|^2, active features
+PI_API int     pi_tc_read  (struct pi_state * st, int32_t i, int32_t * ids, float * values, float * stats, int64_t n_rows);
 
 // the logit lens (lens.c), results of the last decode per layer
 // (only the rows asked for are unembedded)

@@ -1,7 +1,7 @@
 // pyinterp native layer: the recipe table. The hook applies the recipes in this order to every tensor: the
 // record sees the tensors as llama.cpp made them, the frozen norms and attention replace theirs (so captures see
-// the frozen ones), the ops and SAEs change them, the lens and the attribution read them as the interventions
-// left them.
+// the frozen ones), the ops, SAEs and transcoders change them, the lens and the attribution read them as the
+// interventions left them.
 
 #include "internal.h"
 
@@ -9,6 +9,7 @@ extern const struct pi_recipe pi_recipe_record;
 extern const struct pi_recipe pi_recipe_freeze;
 extern const struct pi_recipe pi_recipe_ops;
 extern const struct pi_recipe pi_recipe_sae;
+extern const struct pi_recipe pi_recipe_transcoder;
 extern const struct pi_recipe pi_recipe_lens;
 extern const struct pi_recipe pi_recipe_attribution;
 
@@ -17,6 +18,7 @@ const struct pi_recipe * const pi_recipes[] = {
     &pi_recipe_freeze,
     &pi_recipe_ops,
     &pi_recipe_sae,
+    &pi_recipe_transcoder,
     &pi_recipe_lens,
     &pi_recipe_attribution,
 };

@@ -148,25 +148,6 @@ int32_t pi_sae_attach(struct pi_state * st, struct pi_sae * sae, const char * na
     return self->n_uses - 1;
 }
 
-// f = act(pre) as [d_sae, n]
-static struct ggml_tensor * pi_sae_activate(struct ggml_context * ctx, const struct pi_sae * sae, struct ggml_tensor * pre) {
-    const int64_t d_sae = pre->ne[0];
-    const int64_t n     = pre->ne[1];
-    switch (sae->activation) {
-        case PI_SAE_JUMPRELU:
-            return ggml_mul(ctx, ggml_relu(ctx, pre), ggml_step(ctx, ggml_sub(ctx, pre, sae->threshold)));
-        case PI_SAE_TOPK: {
-            // the k largest pre-activations, through the ReLU, scattered back into zeros
-            struct ggml_tensor * idx  = ggml_top_k(ctx, pre, sae->k);                                     // [k, n]
-            struct ggml_tensor * vals = ggml_get_rows(ctx, ggml_reshape_3d(ctx, pre, 1, d_sae, n), idx); // [1, k, n]
-            struct ggml_tensor * zero = ggml_reshape_3d(ctx, ggml_scale(ctx, pre, 0.0f), 1, d_sae, n);
-            return ggml_reshape_2d(ctx, ggml_set_rows(ctx, zero, ggml_relu(ctx, vals), idx), d_sae, n);
-        }
-        default:
-            return ggml_relu(ctx, pre);
-    }
-}
-
 static void pi_sae_output(struct ggml_cgraph * gf, struct ggml_tensor * t, const char * what, const struct pi_sae_use * use) {
     ggml_format_name(t, "sae %s %s-%d", what, use->name, use->il);
     ggml_set_output(t);
@@ -186,7 +167,7 @@ static struct ggml_tensor * pi_sae_apply(struct pi_state * st, struct ggml_conte
     struct ggml_tensor * x = ggml_reshape_2d(ctx, ggml_is_contiguous(cur) ? cur : ggml_cont(ctx, cur), d_in, n);
     struct ggml_tensor * in  = sae->apply_b_dec ? ggml_sub(ctx, x, sae->b_dec) : x;
     struct ggml_tensor * pre = ggml_add(ctx, ggml_mul_mat(ctx, sae->w_enc_t, in), sae->b_enc); // [d_sae, n]
-    struct ggml_tensor * f   = pi_sae_activate(ctx, sae, pre);
+    struct ggml_tensor * f   = pi_sparse_activate(ctx, sae->activation, pre, sae->threshold, sae->k);
 
     use->ids    = ggml_top_k(ctx, f, use->top_k);
     use->values = ggml_get_rows(ctx, ggml_reshape_3d(ctx, f, 1, d_sae, n), use->ids);

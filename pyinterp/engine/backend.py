@@ -395,3 +395,53 @@ def sae_result(backend: Backend, i: int, n_rows: int, top_k: int) -> tuple[np.nd
                        ffi.from_buffer("float[]", stats), n_rows) != 0:
         raise backend.error("SAE")
     return ids, values, stats
+
+
+class NativeTranscoder:
+    """A transcoder's weights on the device of its layer (``pi_tc_load``), freed with this object. ``w_dec``:
+    ``[d_tc, d_model]``, or ``[n_out, d_tc, d_model]`` for one writing to layers ``layer..layer + n_out - 1``."""
+
+    ACTIVATIONS = {"relu": lib.PI_SAE_RELU, "jumprelu": lib.PI_SAE_JUMPRELU, "topk": lib.PI_SAE_TOPK}
+
+    def __init__(self, backend: Backend, layer: int, w_enc: np.ndarray, b_enc: np.ndarray, w_dec: np.ndarray,
+                 b_dec: np.ndarray, threshold: np.ndarray | None, w_skip: np.ndarray | None, activation: str,
+                 k: int | None) -> None:
+        d_model, d_tc = w_enc.shape
+        decoders = w_dec if w_dec.ndim == 3 else w_dec[None]
+        keep = [np.ascontiguousarray(a, dtype=np.float32) for a in (w_enc.T, b_enc, decoders.transpose(0, 2, 1), b_dec)]
+        optional = [ffi.NULL if a is None else ffi.from_buffer("float[]", np.ascontiguousarray(a, dtype=np.float32))
+                    for a in (threshold, None if w_skip is None else w_skip.T)]
+        handle = lib.pi_tc_load(backend._state, layer, d_model, d_tc, len(decoders),
+                                *(ffi.from_buffer("float[]", a) for a in keep), *optional,
+                                self.ACTIVATIONS[activation], k or 0)
+        if handle == ffi.NULL:
+            raise backend.error(f"transcoder of layer {layer}")
+        self.handle = ffi.gc(handle, lib.pi_tc_free)
+
+
+TC_MODES = {"encode": lib.PI_TC_ENCODE, "keep_error": lib.PI_TC_KEEP_ERROR, "drop_error": lib.PI_TC_DROP_ERROR}
+
+
+def attach_transcoder(backend: Backend, tc: NativeTranscoder, in_name: str, out_name: str, top_k: int, mode: str,
+                      edits: dict[int, float], scale: bool) -> int:
+    """Encode ``in_name`` of the transcoder's layer in the next decodes and, at ``out_name``, keep its statistics
+    and make the output as ``mode`` says (a key of :data:`TC_MODES`); ``edits``: feature -> value (or factor,
+    ``scale``). Returns the index :func:`transcoder_result` reads."""
+    ids, values = list(edits), [float(v) for v in edits.values()]
+    i = lib.pi_tc_attach(backend._state, tc.handle, in_name.encode(), out_name.encode(), top_k, TC_MODES[mode],
+                         ffi.new("int32_t[]", ids), ffi.new("float[]", values), len(ids), scale)
+    if i < 0:
+        raise backend.error("transcoder")
+    return i
+
+
+def transcoder_result(backend: Backend, i: int, n_rows: int, top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Transcoder ``i``'s last decode: feature ids and values ``[n_rows, top_k]`` (unordered) and per row
+    ``[n_rows, 3]``: |out - y|^2, |out|^2, active features."""
+    ids = np.empty((n_rows, top_k), dtype=np.int32)
+    values = np.empty((n_rows, top_k), dtype=np.float32)
+    stats = np.empty((n_rows, 3), dtype=np.float32)
+    if lib.pi_tc_read(backend._state, i, ffi.from_buffer("int32_t[]", ids), ffi.from_buffer("float[]", values),
+                      ffi.from_buffer("float[]", stats), n_rows) != 0:
+        raise backend.error("transcoder")
+    return ids, values, stats
