@@ -105,7 +105,7 @@ def scan(path: Path) -> list[TensorEntry]:
                 tensors.append(TensorEntry(name, gguf.GGMLQuantizationType(kind), int(np.prod(dims, dtype=np.int64)),
                                            tuple(dims), offset))
             start = -(-pos // alignment) * alignment  # the tensor data, after the header padded to the alignment
-            tensors = [t._replace(offset=start + t.offset) for t in tensors]
+            tensors = [TensorEntry(t.name, t.type, t.n_elements, t.dims, start + t.offset) for t in tensors]
         except (struct.error, ValueError, KeyError) as e:
             raise PyinterpError(f"cannot read {path} as GGUF: {e}") from None
     return tensors
