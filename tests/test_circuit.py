@@ -149,6 +149,23 @@ def test_check_real_change_matches_reference(tiny, tiny_path):
         assert abs(c.real - real) <= 1e-3 * max(abs(real), 1e-2), (c, real)
 
 
+def test_check_replacement_model(tiny):
+    """In the replacement model (MLPs replaced by the transcoders, the prompt's error terms frozen) a last-layer
+    feature's change reaches the logit as in the real model (no MLP after it); an earlier feature's differs (later
+    transcoder features respond instead of real MLPs); with the factor 1 nothing moves."""
+    ids = tiny.prompt_ids(PROMPT)
+    tcs = transcoders_for(tiny, ids)
+    g = attribution_graph(tiny, ids, tcs)
+    last = [int(i) for i in np.nonzero(g.features[:, 0] == tiny.n_layer - 1)[0][:3]]
+    first = [int(i) for i in np.nonzero((g.features[:, 0] == 0) & (g.features[:, 1] < g.n_pos - 1))[0][:3]]
+    checks = check_features(tiny, g, tcs, last + first, factor=0.0)
+    for c in checks[:len(last)]:
+        assert c.replaced == pytest.approx(c.real, rel=1e-3, abs=1e-5)
+    assert any(abs(c.replaced - c.real) > 1e-3 * abs(c.real) for c in checks[len(last):])
+    for c in check_features(tiny, g, tcs, last + first, factor=1.0):
+        assert c.real == pytest.approx(0, abs=1e-5) and c.replaced == pytest.approx(0, abs=1e-5) and c.predicted == 0
+
+
 def test_predicted_changes_by_hand():
     """Three features in a chain f0 -> f1 -> logit, plus f0 -> logit: ablating f0 moves the logit by its direct edge
     plus, through f1, (A[f1, f0] / a0) * (A[logit, f1] / a1) per unit of f0."""

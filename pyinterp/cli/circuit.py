@@ -14,6 +14,7 @@ import numpy as np
 from pyinterp.analysis.stats import markdown_table
 from pyinterp.circuit import (AttributionGraph, attribution_graph, check_features, graph_scores, load_transcoders,
                               prune_graph, write_graph_files, write_view)
+from pyinterp.circuit.build import for_model
 from pyinterp.circuit.check import FeatureCheck
 from pyinterp.circuit.gguf_weights import top_tokens, vectors
 from pyinterp.circuit.prune import logit_weights, node_influence
@@ -65,7 +66,8 @@ def summary(graph: AttributionGraph, node_mask: np.ndarray, influence: np.ndarra
                           "token": graph.input_strings[int(graph.features[i, 1])], "feature": int(graph.features[i, 2]),
                           "activation": float(graph.activations[i]), "influence": float(influence[i])} for i in listed],
         "check": [{"node": c.node, "layer": c.feature[0], "position": c.feature[1], "feature": c.feature[2],
-                   "activation": c.activation, "graph_direct": c.direct, "graph": c.predicted, "real": c.real}
+                   "activation": c.activation, "graph_direct": c.direct, "graph": c.predicted, "real": c.real,
+                   "replacement": c.replaced}
                   for c in checks],
         "info": graph.info,
     }
@@ -89,15 +91,21 @@ def print_summary(s: dict, as_md: bool, factor: float) -> None:
     click.echo(markdown_table(header, rows) if as_md else _plain(header, rows))
     if s["check"]:
         what = "ablated" if factor == 0 else f"times {factor:g}"
-        click.echo(f"\n--check: each feature {what} in the real model; change of the target logit "
-                   f"({s['targets'][0]['str']!r}, less the mean logit):")
-        header = ["layer", "pos", "feature", "graph (direct)", "graph", "real"]
+        click.echo(f"\n--check: each feature {what}; change of the target logit ({s['targets'][0]['str']!r}, less "
+                   f"the mean logit) predicted by the graph (its direct edge; through the graph's features) and "
+                   f"measured in the real model and in the replacement model (MLPs replaced by the transcoders, "
+                   f"error terms frozen):")
+        header = ["layer", "pos", "feature", "graph (direct)", "graph", "real", "replacement"]
         rows = [[str(c["layer"]), str(c["position"]), str(c["feature"]), f"{c['graph_direct']:+.4f}",
-                 f"{c['graph']:+.4f}", f"{c['real']:+.4f}"] for c in s["check"]]
+                 f"{c['graph']:+.4f}", f"{c['real']:+.4f}",
+                 "-" if c["replacement"] is None else f"{c['replacement']:+.4f}"] for c in s["check"]]
         click.echo(markdown_table(header, rows) if as_md else _plain(header, rows))
-        pred, real = np.array([c["graph"] for c in s["check"]]), np.array([c["real"] for c in s["check"]])
-        if len(pred) > 1 and pred.std() > 0 and real.std() > 0:
-            click.echo(f"correlation of graph and real changes: {np.corrcoef(pred, real)[0, 1]:.3f}")
+        pred = np.array([c["graph"] for c in s["check"]])
+        for key in ("real", "replacement"):
+            got = np.array([np.nan if c[key] is None else c[key] for c in s["check"]])
+            if len(pred) > 1 and pred.std() > 0 and np.all(np.isfinite(got)) and got.std() > 0:
+                click.echo(f"correlation of the graph's and the {key} model's changes: "
+                           f"{np.corrcoef(pred, got)[0, 1]:.3f}")
 
 
 def _plain(header: list[str], rows: list[list[str]]) -> str:
@@ -142,7 +150,7 @@ def circuit(model_opts, tc_path, prompt, targets, max_features, node_threshold, 
     if not SLUG.fullmatch(slug):
         raise click.BadParameter(f"letters, digits, '_', '.' and '-' only, got {slug!r}", param_hint="--slug")
     with model_opts.open() as model:
-        transcoders = load_transcoders(tc_path, n_layer=model.n_layer, d_model=model.n_embd)
+        transcoders = for_model(model, load_transcoders(tc_path, n_layer=model.n_layer, d_model=model.n_embd))
         target_ids = [parse_target(model, t)[0] for t in targets] or None
         meter = Meter("frozen passes", None, unit="sources", rate_unit="sources/s")
         graph = attribution_graph(model, prompt, transcoders, targets=target_ids, max_features=max_features,
