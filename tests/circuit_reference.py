@@ -209,14 +209,18 @@ def _unembedding(ref: Reference, tokens: np.ndarray) -> torch.Tensor:
 
 
 def _targets(run: _Run, transcoders: TranscoderSet, features: np.ndarray, readout: torch.Tensor) -> torch.Tensor:
-    """Every target's input [n_feat + n_logit]: features' ``x . W_enc[:, f]``, then the demeaned logits (pre-cap)."""
+    """The inputs [n_feat + n_logit] of targets ``features`` [n_feat, 3] (``x . W_enc[:, f]``), then of the logits
+    whose demeaned unembedding rows ``readout`` [n_logit, d] holds (before any final soft-capping)."""
     parts = []
     for l, tc in enumerate(transcoders.layers):
         rows = features[features[:, 0] == l]
         if len(rows):
             cols = torch.as_tensor(tc.W_enc[:, rows[:, 2]].T)  # [n, d]
-            parts.append((run.mlp_in[l][torch.as_tensor(rows[:, 1])] * cols).sum(-1))
-    parts.append(readout @ run.final[-1])
+            # rows picked by a one-hot product: vmap batches its backward (an index's backward it loops over)
+            pick = torch.nn.functional.one_hot(torch.as_tensor(rows[:, 1]), len(run.final)).float()  # [n, n_pos]
+            parts.append(((pick @ run.mlp_in[l]) * cols).sum(-1))
+    if len(readout):  # (an empty part would still send zeros back through the whole model)
+        parts.append(readout @ run.final[-1])
     return torch.cat(parts)
 
 
@@ -244,8 +248,9 @@ def reference_graph(ref: Reference, transcoders: TranscoderSet, ids: list[int], 
     error and token nodes); mlp_out and errors [n_layer, n_pos, d]; embeddings [n_pos, d]; logits [n_vocab] of the
     last position; frozen (the recorded patterns and scales, for ``replay_targets``).
 
-    Targets are batched ``batch`` at a time: one recorded forward, then ``torch.autograd.grad`` with
-    ``is_grads_batched`` (one-hot rows of the targets' vector as grad_outputs, the graph retained).
+    Targets are batched ``batch`` at a time, in node order: one recorded forward (graph retained), then per batch
+    its targets' values [B] from the recorded MLP inputs and final norm output, and one ``torch.autograd.grad``
+    with ``is_grads_batched`` (grad_outputs the identity [B, B]) for the gradients [B, ...] of every leaf.
     ``freeze_norms=False`` leaves 1/rms on the gradient path: a wrong graph, for showing the checks catch it."""
     if transcoders.n_layer != ref.n_layer or transcoders.d_model != ref.n_embd:
         raise ValueError(f"transcoders of {transcoders.n_layer} layers x {transcoders.d_model}, model "
@@ -265,7 +270,8 @@ def reference_graph(ref: Reference, transcoders: TranscoderSet, ids: list[int], 
         tokens = np.asarray(logit_tokens, dtype=np.int64)
         probs = _softmax(logits)[tokens].astype(np.float32)
     readout = _unembedding(ref, tokens)
-    targets = _targets(run, transcoders, features, readout)
+    with torch.no_grad():
+        pre_targets = _targets(run, transcoders, features, readout)
 
     mlp_out = torch.stack([leaf.detach() for leaf in run.mlp_out])  # [n_layer, n_pos, d]
     written = _written(transcoders, features, activations, n_layer)
@@ -273,17 +279,18 @@ def reference_graph(ref: Reference, transcoders: TranscoderSet, ids: list[int], 
     for m, (rows, vecs) in enumerate(written):
         errors[m].index_add_(0, torch.as_tensor(features[rows, 1]), -vecs)
     emb = run.embedding.detach()
-    n_feat, n_target = len(features), len(targets)
+    n_feat, n_target = len(features), len(pre_targets)
     n_node = n_feat + (n_layer + 1) * n_pos + len(tokens)
     adjacency = np.zeros((n_node, n_node), dtype=np.float32)
     target_rows = np.r_[np.arange(n_feat), n_node - len(tokens) + np.arange(len(tokens))]
     leaves = [run.embedding, *run.mlp_out]
     for start in range(0, n_target, batch):
         chunk = np.arange(start, min(start + batch, n_target))
-        onehot = torch.zeros(len(chunk), n_target)
-        onehot[torch.arange(len(chunk)), torch.as_tensor(chunk)] = 1.0
-        g_emb, *g_mlp = torch.autograd.grad(targets, leaves, onehot, retain_graph=True, is_grads_batched=True,
-                                           allow_unused=True, materialize_grads=True)
+        # only this chunk's targets: the backward then reaches no deeper than its deepest target
+        targets = _targets(run, transcoders, features[chunk[chunk < n_feat]], readout[chunk[chunk >= n_feat] - n_feat])
+        grads = torch.autograd.grad(targets, leaves, torch.eye(len(chunk)), retain_graph=True,
+                                    is_grads_batched=True, allow_unused=True)
+        g_emb, *g_mlp = [torch.zeros(len(chunk), *x.shape) if g is None else g for g, x in zip(grads, leaves)]
         g_mlp = torch.stack(g_mlp, 1)  # [B, n_layer, n_pos, d]
         row = np.zeros((len(chunk), n_node), dtype=np.float32)
         for m, (rows, vecs) in enumerate(written):
@@ -295,7 +302,7 @@ def reference_graph(ref: Reference, transcoders: TranscoderSet, ids: list[int], 
                                                                                          emb).numpy()
         adjacency[target_rows[chunk]] = row
     pre = np.zeros(n_node, dtype=np.float32)
-    pre[target_rows] = targets.detach().numpy()
+    pre[target_rows] = pre_targets.numpy()
     return {"features": features, "activations": activations, "logit_tokens": tokens, "logit_probabilities": probs,
             "adjacency": adjacency, "pre": pre, "mlp_out": mlp_out.numpy(), "errors": errors.numpy(),
             "embeddings": emb.numpy(), "logits": logits, "frozen": frozen}
