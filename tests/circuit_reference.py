@@ -237,6 +237,25 @@ def replay_targets(ref: Reference, graph: dict, transcoders: TranscoderSet, ids:
         return _targets(run, transcoders, graph["features"], readout).double().numpy()
 
 
+def _source_edges(g_emb: torch.Tensor | None, g_mlp: list[torch.Tensor | None], written: list, features: np.ndarray,
+                  errors: torch.Tensor, emb: torch.Tensor, n_node: int) -> np.ndarray:
+    """A batch of targets' rows [B, n_node] from their gradients [B, n_pos, d] with respect to the embedding and each
+    MLP output leaf (None: no path): each source's written value dotted with the gradient where it is written."""
+    n_feat, (n_layer, n_pos, _) = len(features), errors.shape
+    batch = next(g for g in (g_emb, *g_mlp) if g is not None).shape[0]
+    row = np.zeros((batch, n_node), dtype=np.float32)
+    for m, g in enumerate(g_mlp):
+        if g is None:
+            continue
+        rows, vecs = written[m]
+        if len(rows):
+            row[:, rows] += (g[:, torch.as_tensor(features[rows, 1])] * vecs).sum(-1).numpy()
+        row[:, n_feat + m * n_pos:n_feat + (m + 1) * n_pos] = torch.einsum("bpd,pd->bp", g, errors[m]).numpy()
+    if g_emb is not None:
+        row[:, n_feat + n_layer * n_pos:n_feat + (n_layer + 1) * n_pos] = torch.einsum("bpd,pd->bp", g_emb, emb).numpy()
+    return row
+
+
 def reference_graph(ref: Reference, transcoders: TranscoderSet, ids: list[int], logit_tokens: list[int] | None = None,
                     *, batch: int = 64, freeze_norms: bool = True) -> dict:
     """The attribution graph of ``ids`` (BOS included) by autograd through the frozen model; float32 numpy arrays:
@@ -290,16 +309,7 @@ def reference_graph(ref: Reference, transcoders: TranscoderSet, ids: list[int], 
         targets = _targets(run, transcoders, features[chunk[chunk < n_feat]], readout[chunk[chunk >= n_feat] - n_feat])
         grads = torch.autograd.grad(targets, leaves, torch.eye(len(chunk)), retain_graph=True,
                                     is_grads_batched=True, allow_unused=True)
-        g_emb, *g_mlp = [torch.zeros(len(chunk), *x.shape) if g is None else g for g, x in zip(grads, leaves)]
-        g_mlp = torch.stack(g_mlp, 1)  # [B, n_layer, n_pos, d]
-        row = np.zeros((len(chunk), n_node), dtype=np.float32)
-        for m, (rows, vecs) in enumerate(written):
-            if len(rows):
-                row[:, rows] += (g_mlp[:, m, torch.as_tensor(features[rows, 1])] * vecs).sum(-1).numpy()
-        row[:, n_feat:n_feat + n_layer * n_pos] = torch.einsum("blpd,lpd->blp", g_mlp, errors).reshape(
-            len(chunk), -1).numpy()
-        row[:, n_feat + n_layer * n_pos:n_feat + (n_layer + 1) * n_pos] = torch.einsum("bpd,pd->bp", g_emb,
-                                                                                         emb).numpy()
+        row = _source_edges(grads[0], grads[1:], written, features, errors, emb, n_node)
         adjacency[target_rows[chunk]] = row
     pre = np.zeros(n_node, dtype=np.float32)
     pre[target_rows] = pre_targets.numpy()

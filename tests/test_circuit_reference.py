@@ -57,10 +57,11 @@ def check_rows_add_up(g: dict, rtol: float = 1e-4) -> None:
 
 def check_columns(ref, tcs, ids, g, sources: list[int], rtol: float = 1e-4) -> None:
     """Removing a source's written value from a replay of the frozen model changes every target's input by that
-    source's column of the adjacency (the model is linear, so the difference is exact up to rounding)."""
+    source's column of the adjacency (the model is linear, so the difference is exact up to rounding). Tolerance:
+    ``rtol`` of the column's largest edge, plus the rounding of the targets' values."""
     n_feat, n_pos, rows = len(g["features"]), len(ids), target_rows(g)
     clean = replay_targets(ref, g, tcs, ids, g["embeddings"], g["mlp_out"])
-    scale = np.abs(g["adjacency"][rows]).max()
+    noise = 1e-6 * np.abs(clean).max()  # float32 rounding of the targets the differences cancel
     for s in sources:
         emb, mlp = g["embeddings"].copy(), g["mlp_out"].copy()
         if s < n_feat:
@@ -74,8 +75,8 @@ def check_columns(ref, tcs, ids, g, sources: list[int], rtol: float = 1e-4) -> N
             emb[s - n_feat - ref.n_layer * n_pos] = 0.0
         delta = clean - replay_targets(ref, g, tcs, ids, emb, mlp)
         column = g["adjacency"][rows, s]
-        assert np.abs(column).max() > 1e-3 * scale, f"source {s} has no edges to check"
-        np.testing.assert_allclose(delta, column, atol=rtol * scale, err_msg=f"source {s}")
+        assert np.abs(column).max() > 100 * noise, f"source {s} has no edges to check"
+        np.testing.assert_allclose(delta, column, atol=rtol * np.abs(column).max() + noise, err_msg=f"source {s}")
 
 
 def some_sources(ref, ids, g) -> list[int]:
@@ -152,19 +153,20 @@ def test_an_unfrozen_norm_is_caught(tiny_graph, arch):
 
 def test_given_logit_tokens(tiny_graph):
     ref, tcs, ids, g = tiny_graph("llama", "relu")
-    tokens = [int(g["logit_tokens"][1]), 7]
+    tokens = [7, int(g["logit_tokens"][0])]
     h = reference_graph(ref, tcs, ids, tokens)
     assert h["logit_tokens"].tolist() == tokens
-    assert np.isclose(h["logit_probabilities"][0], g["logit_probabilities"][1])
+    assert np.isclose(h["logit_probabilities"][1], g["logit_probabilities"][0])
     n = len(h["features"]) + (ref.n_layer + 1) * len(ids)
-    np.testing.assert_allclose(h["adjacency"][n], g["adjacency"][n + 1], atol=1e-6)
+    np.testing.assert_allclose(h["adjacency"][n + 1, :n], g["adjacency"][n, :n], atol=1e-6)
+    np.testing.assert_allclose(h["adjacency"][:n, :n], g["adjacency"][:n, :n], atol=1e-6)
     check_rows_add_up(h)
 
 
 def test_salient_logits():
-    logits = np.log(np.array([0.5, 0.05, 0.3, 0.14, 0.01]))
+    logits = np.log(np.array([0.6, 0.02, 0.3, 0.07, 0.01]))  # 0.6 + 0.3 < 0.95 <= 0.6 + 0.3 + 0.07
     tokens, probs = salient_logits(logits)
-    assert tokens.tolist() == [0, 2, 3] and np.allclose(probs, [0.5, 0.3, 0.14])
+    assert tokens.tolist() == [0, 2, 3] and np.allclose(probs, [0.6, 0.3, 0.07])
     tokens, _ = salient_logits(np.zeros(100))  # flat: the cap of 10
     assert len(tokens) == 10
 
