@@ -3,11 +3,13 @@ transcoders and on Gemma 3 270M: its edges add up, its frozen model is the real 
 frozen model's finite differences, and an unfrozen norm is caught."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from circuit_reference import reference_graph, reference_influence, replay_targets, salient_logits
-from pyinterp.circuit.transcoder import random_transcoders
+from pyinterp.circuit.transcoder import TranscoderSet, random_transcoders
 from reference import Reference
 
 VARIANTS = {  # name: random_transcoders keywords
@@ -80,11 +82,13 @@ def check_columns(ref, tcs, ids, g, sources: list[int], rtol: float = 1e-4) -> N
 
 
 def some_sources(ref, ids, g) -> list[int]:
-    """A feature of layer 0, one of the second-to-last layer, an error node of layer 0 and a token node."""
-    f = g["features"]
-    last = np.nonzero(f[:, 0] == ref.n_layer - 2)[0]
-    n_feat = len(f)
-    return [0, int(last[len(last) // 2]), n_feat + len(ids) // 2, n_feat + ref.n_layer * len(ids) + len(ids) - 2]
+    """The sources with the largest edges among: features of layer 0, features of the second-to-last layer, error
+    nodes of layer 0, token nodes."""
+    f, n_feat, n_pos = g["features"], len(g["features"]), len(ids)
+    biggest = np.abs(g["adjacency"]).max(0)
+    groups = [np.nonzero(f[:, 0] == 0)[0], np.nonzero(f[:, 0] == ref.n_layer - 2)[0], n_feat + np.arange(n_pos),
+              n_feat + ref.n_layer * n_pos + np.arange(n_pos)]
+    return [int(group[np.argmax(biggest[group])]) for group in groups]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -191,3 +195,27 @@ def test_influence_is_the_power_series(tiny_graph):
     assert not term.any()
     np.testing.assert_allclose(reference_influence(g["adjacency"], g["logit_probabilities"],
                                                    len(g["logit_tokens"])), total, rtol=1e-9, atol=1e-12)
+
+
+def test_gemma3_270m(ref_gemma3):
+    """Gemma 3 270M (the reference dequantizes its GGUF to F32) with a random 2048-wide JumpReLU transcoder whose
+    encoder is scaled per layer to the MLP inputs' rms (Gemma's grow and shrink over the layers)."""
+    ref = ref_gemma3
+    # "The Eiffel Tower is in the city of Paris, and the Colosseum is in the city of", tokenized by the GGUF's vocabulary
+    ids = [2, 818, 94648, 25822, 563, 528, 506, 3207, 529, 9079, 236764, 532, 506, 2111, 198592, 563, 528, 506, 3207,
+           529]
+    rms = []
+    hooks = [b.mlp.register_forward_pre_hook(lambda m, args: rms.append(float(args[0].pow(2).mean().sqrt())))
+             for b in ref.layers]
+    try:
+        want = ref.run(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    tcs = random_transcoders(ref.n_layer, ref.n_embd, 2048, density=0.0007, seed=5)
+    tcs = TranscoderSet(tuple(replace(tc, W_enc=tc.W_enc / r) for tc, r in zip(tcs.layers, rms)))
+    g = reference_graph(ref, tcs, ids)
+    assert 300 < len(g["features"]) < 3000 and set(g["features"][:, 0]) == set(range(ref.n_layer))
+    np.testing.assert_allclose(g["logits"], want.logits[-1], atol=1e-5 * np.abs(want.logits).max())
+    check_rows_add_up(g)
+    check_columns(ref, tcs, ids, g, some_sources(ref, ids, g))
