@@ -1,6 +1,6 @@
 """circuit-tracer's influence, pruning and graph scores (pyinterp.circuit.prune) on graphs small enough to work
-out by hand, against the closed form (I - N)^-1, and against circuit-tracer's own torch functions when its package
-is importable (``pip install --no-deps circuit-tracer==0.5.0``; otherwise that test is skipped, saying so)."""
+out by hand, against the closed form (I - N)^-1, and against circuit-tracer's own torch functions (its package
+(``pip install --no-deps circuit-tracer==0.5.0``, part of the test install)."""
 
 from __future__ import annotations
 
@@ -135,13 +135,10 @@ def test_bad_thresholds_and_shapes():
 
 
 def circuit_tracer_graph_module():
-    """circuit-tracer's ``graph`` module, or skip: its pure-torch prune_graph / compute_graph_scores."""
-    try:
-        import torch  # noqa: F401
-        from circuit_tracer import graph as ct_graph
-    except ImportError as error:
-        pytest.skip(f"circuit-tracer is not importable ({error}); install it with "
-                    "`pip install --no-deps circuit-tracer==0.5.0` to compare with its pruning")
+    """circuit-tracer's ``graph`` module (its pure-torch prune_graph / compute_graph_scores): a reference of the
+    test install (``pip install --no-deps circuit-tracer==0.5.0``), so an error when missing, never a skip."""
+    from circuit_tracer import graph as ct_graph
+
     return ct_graph
 
 

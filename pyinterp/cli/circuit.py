@@ -22,7 +22,6 @@ from pyinterp.cli.corpus import Meter
 from pyinterp.cli.lens import parse_target
 from pyinterp.cli.options import model_options
 from pyinterp.cli.sets import md_option
-from pyinterp.errors import InputError
 
 TOP_LOGITS = 5        # tokens shown per feature in the view
 LISTED = 15           # features listed in the table
