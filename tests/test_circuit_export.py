@@ -1,6 +1,6 @@
 """circuit-tracer's graph JSON of the pruned graph (pyinterp.circuit.export): the schema its viewer loads, our
-values read back, a hand-checked small graph, and circuit-tracer's own writer on the same graph (its package
-(``pip install --no-deps circuit-tracer==0.5.0``, part of the test install)."""
+values read back, a hand-checked small graph, and circuit-tracer's own writer on the same graph (its package,
+``pip install --no-deps circuit-tracer==0.5.0``, is part of the test install)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """circuit-tracer's influence, pruning and graph scores (pyinterp.circuit.prune) on graphs small enough to work
-out by hand, against the closed form (I - N)^-1, and against circuit-tracer's own torch functions (its package
-(``pip install --no-deps circuit-tracer==0.5.0``, part of the test install)."""
+out by hand, against the closed form (I - N)^-1, and against circuit-tracer's own torch functions (its package,
+``pip install --no-deps circuit-tracer==0.5.0``, is part of the test install)."""
 
 from __future__ import annotations
 
