@@ -140,7 +140,8 @@ def _run_frozen(ref: Reference, ids: list[int], frozen: Frozen, embedding: torch
         _active.append(frozen)
         final = model.model(input_ids=torch.tensor([list(ids)]), use_cache=False).last_hidden_state[0]
     finally:
-        _active.pop() if _active and _active[-1] is frozen else None
+        if _active and _active[-1] is frozen:
+            _active.pop()
         model.set_attn_implementation(previous)
         for p, g in grads:
             p.requires_grad_(g)

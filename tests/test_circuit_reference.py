@@ -201,7 +201,7 @@ def test_gemma3_270m(ref_gemma3):
     """Gemma 3 270M (the reference dequantizes its GGUF to F32) with a random 2048-wide JumpReLU transcoder whose
     encoder is scaled per layer to the MLP inputs' rms (Gemma's grow and shrink over the layers)."""
     ref = ref_gemma3
-    # "The Eiffel Tower is in the city of Paris, and the Colosseum is in the city of", tokenized by the GGUF's vocabulary
+    # "The Eiffel Tower is in the city of Paris, and the Colosseum is in the city of" in the GGUF's vocabulary
     ids = [2, 818, 94648, 25822, 563, 528, 506, 3207, 529, 9079, 236764, 532, 506, 2111, 198592, 563, 528, 506, 3207,
            529]
     rms = []
