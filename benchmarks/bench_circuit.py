@@ -5,7 +5,7 @@ model in fp32, eager, patterns and norm scales detached, one backward pass per b
 circuit-tracer runs), on the same prompt and the same random transcoders, each side in its own process; prints
 seconds, peak RSS and their ratios, measured in this one run.
 
-    python benchmarks/bench_circuit.py [--model gemma3] [--tokens 20] [--d-tc 16384] [--density 0.002]
+    python benchmarks/bench_circuit.py [--model gemma3] [--tokens 20] [--d-tc 16384] [--density 0.0009]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def transcoders(model, ids: list[int], args: argparse.Namespace):
     from pyinterp.circuit import random_transcoders
 
     t = model.run(ids, capture=["ffn_norm"])
-    rms = float(np.sqrt(np.mean([(t["ffn_norm", l] ** 2).mean() for l in range(model.n_layer)])))
+    rms = [float(np.sqrt((t["ffn_norm", l] ** 2).mean())) for l in range(model.n_layer)]  # each layer's MLP input
     return random_transcoders(model.n_layer, model.n_embd, args.d_tc, density=args.density, input_scale=rms, seed=7)
 
 
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--model", default="gemma3")
     parser.add_argument("--tokens", type=int, default=20)
     parser.add_argument("--d-tc", type=int, default=16384)
-    parser.add_argument("--density", type=float, default=0.002)
+    parser.add_argument("--density", type=float, default=0.0009)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--side", choices=["pyinterp", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

@@ -26,6 +26,7 @@ Files of other tools may read or write a neighbouring tensor; a set records whic
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from statistics import NormalDist
 
@@ -201,15 +202,17 @@ class TranscoderSet:
 
 def random_transcoders(n_layer: int, d_model: int, d_tc: int, *, activation: str = "jumprelu", seed: int = 0,
                        cross_layer: bool = False, skip: bool = False, k: int = 8, density: float = 0.05,
-                       input_scale: float = 1.0) -> TranscoderSet:
+                       input_scale: float | Sequence[float] = 1.0) -> TranscoderSet:
     """Random transcoders (for tests and examples): decoder rows of norm 1 (a CLT's split over the layers they
-    write), encoder columns ``N(0, 1/d_model)`` over ``input_scale``, and a bias (ReLU, TopK) or threshold
-    (JumpReLU) at which about ``density`` of the features fire on inputs of rms ``input_scale``."""
+    write), encoder columns ``N(0, 1/d_model)`` over ``input_scale`` (one for every layer, or one per layer), and a
+    bias (ReLU, TopK) or threshold (JumpReLU) at which about ``density`` of the features fire on inputs of rms
+    ``input_scale``."""
     rng = np.random.default_rng(seed)
     z = NormalDist().inv_cdf(1.0 - density)  # pre-activations are about N(0, 1) on such inputs
+    scales = np.broadcast_to(np.asarray(input_scale, dtype=np.float64), (n_layer,))
     layers = []
     for l in range(n_layer):
-        W_enc = rng.normal(0, 1 / np.sqrt(d_model), (d_model, d_tc)) / input_scale
+        W_enc = rng.normal(0, 1 / np.sqrt(d_model), (d_model, d_tc)) / scales[l]
         n_out = n_layer - l if cross_layer else 1
         W_dec = rng.normal(size=(n_out, d_tc, d_model))
         W_dec /= np.linalg.norm(W_dec, axis=2, keepdims=True) * np.sqrt(n_out)
