@@ -154,6 +154,10 @@ struct pi_pool {
 bool pi_pools_place(struct pi_pool * pools, struct ggml_tensor ** tensors, const ggml_backend_buffer_type_t * bufts,
                     int32_t n);
 void pi_pools_free(struct pi_pool * pools);
+// allocate the tensors of the no_alloc context ctx in one buffer of buft and copy data[i] into tensors[i] (either
+// NULL: nothing to copy); NULL when the buffer cannot be allocated
+ggml_backend_buffer_t pi_alloc_upload(struct ggml_context * ctx, ggml_backend_buffer_type_t buft,
+                                      struct ggml_tensor * const * tensors, const void * const * data, int n);
 
 // rows of a model matrix from the model file (rows.c)
 float * pi_read_rows(struct pi_state * st, const char * path, const char * name, const int32_t * ids, int32_t n_ids,

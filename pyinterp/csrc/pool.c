@@ -1,5 +1,5 @@
 // pyinterp native layer: device memory kept across runs, one buffer per buffer type (device), that a set of
-// tensors is placed in from offset 0 each time it changes.
+// tensors is placed in from offset 0 each time it changes; and one buffer of uploaded weights (SAEs, transcoders).
 
 #include "internal.h"
 
@@ -56,4 +56,18 @@ void pi_pools_free(struct pi_pool * pools) {
         pools[i].buf  = NULL;
         pools[i].buft = NULL;
     }
+}
+
+ggml_backend_buffer_t pi_alloc_upload(struct ggml_context * ctx, ggml_backend_buffer_type_t buft,
+                                      struct ggml_tensor * const * tensors, const void * const * data, int n) {
+    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft);
+    if (buf == NULL) {
+        return NULL;
+    }
+    for (int i = 0; i < n; ++i) {
+        if (tensors[i] != NULL && data[i] != NULL) {
+            ggml_backend_tensor_set(tensors[i], data[i], 0, ggml_nbytes(tensors[i]));
+        }
+    }
+    return buf;
 }

@@ -59,20 +59,14 @@ struct pi_sae * pi_sae_load(struct pi_state * st, int32_t il, int32_t d_in, int3
     sae->w_dec_t   = ggml_new_tensor_2d(sae->ctx, GGML_TYPE_F32, d_sae, d_in);
     sae->b_dec     = ggml_new_tensor_1d(sae->ctx, GGML_TYPE_F32, d_in);
     sae->threshold = ggml_new_tensor_1d(sae->ctx, GGML_TYPE_F32, d_sae);
-    sae->buf = ggml_backend_alloc_ctx_tensors_from_buft(sae->ctx, pi_layer_buft(st, il));
+    struct ggml_tensor * tensors[] = { sae->w_enc_t, sae->b_enc, sae->w_dec, sae->w_dec_t, sae->b_dec, sae->threshold };
+    const void * data[] = { w_enc_t, b_enc, w_dec, w_dec_t, b_dec, threshold };
+    sae->buf = pi_alloc_upload(sae->ctx, pi_layer_buft(st, il), tensors, data, 6);
     if (sae->buf == NULL) {
         ggml_free(sae->ctx);
         free(sae);
         pi_fail(st, "could not allocate device memory for the SAE");
         return NULL;
-    }
-    ggml_backend_tensor_set(sae->w_enc_t, w_enc_t, 0, ggml_nbytes(sae->w_enc_t));
-    ggml_backend_tensor_set(sae->b_enc, b_enc, 0, ggml_nbytes(sae->b_enc));
-    ggml_backend_tensor_set(sae->w_dec, w_dec, 0, ggml_nbytes(sae->w_dec));
-    ggml_backend_tensor_set(sae->w_dec_t, w_dec_t, 0, ggml_nbytes(sae->w_dec_t));
-    ggml_backend_tensor_set(sae->b_dec, b_dec, 0, ggml_nbytes(sae->b_dec));
-    if (threshold != NULL) {
-        ggml_backend_tensor_set(sae->threshold, threshold, 0, ggml_nbytes(sae->threshold));
     }
     sae->activation  = activation;
     sae->k           = k;

@@ -70,22 +70,14 @@ struct pi_transcoder * pi_tc_load(struct pi_state * st, int32_t il, int32_t d_mo
     tc->b_dec     = ggml_new_tensor_1d(tc->ctx, GGML_TYPE_F32, d_model);
     tc->threshold = ggml_new_tensor_1d(tc->ctx, GGML_TYPE_F32, d_tc);
     tc->w_skip_t  = w_skip_t != NULL ? ggml_new_tensor_2d(tc->ctx, GGML_TYPE_F32, d_model, d_model) : NULL;
-    tc->buf = ggml_backend_alloc_ctx_tensors_from_buft(tc->ctx, pi_layer_buft(st, il));
+    struct ggml_tensor * tensors[] = { tc->w_enc_t, tc->b_enc, tc->w_dec_t, tc->b_dec, tc->threshold, tc->w_skip_t };
+    const void * data[] = { w_enc_t, b_enc, w_dec_t, b_dec, threshold, w_skip_t };
+    tc->buf = pi_alloc_upload(tc->ctx, pi_layer_buft(st, il), tensors, data, 6);
     if (tc->buf == NULL) {
         ggml_free(tc->ctx);
         free(tc);
         pi_fail(st, "could not allocate device memory for the transcoder");
         return NULL;
-    }
-    ggml_backend_tensor_set(tc->w_enc_t, w_enc_t, 0, ggml_nbytes(tc->w_enc_t));
-    ggml_backend_tensor_set(tc->b_enc, b_enc, 0, ggml_nbytes(tc->b_enc));
-    ggml_backend_tensor_set(tc->w_dec_t, w_dec_t, 0, ggml_nbytes(tc->w_dec_t));
-    ggml_backend_tensor_set(tc->b_dec, b_dec, 0, ggml_nbytes(tc->b_dec));
-    if (threshold != NULL) {
-        ggml_backend_tensor_set(tc->threshold, threshold, 0, ggml_nbytes(tc->threshold));
-    }
-    if (w_skip_t != NULL) {
-        ggml_backend_tensor_set(tc->w_skip_t, w_skip_t, 0, ggml_nbytes(tc->w_skip_t));
     }
     tc->il         = il;
     tc->n_out      = n_out;
