@@ -108,8 +108,10 @@ def test_copy_of_every_kind_of_tensor(tmp_path, cache):
     assert F32Copy(tmp_path / "mixed.gguf").exists
 
     src, out = gguf.GGUFReader(tmp_path / "mixed.gguf"), gguf.GGUFReader(path)
-    for reader, file in ((src, tmp_path / "mixed.gguf"), (out, path)):  # the header scan reads what gguf reads
-        assert [tuple(e) for e in scan(file)] == [(t.name, t.tensor_type, t.n_elements) for t in reader.tensors]
+    for reader, file in ((src, tmp_path / "mixed.gguf"), (out, path)):  # the header scan reads what gguf reads:
+        # names, types, sizes, dims (ggml order) and where each tensor's data starts
+        assert [tuple(e) for e in scan(file)] == [(t.name, t.tensor_type, t.n_elements, tuple(int(d) for d in t.shape),
+                                                   int(t.data_offset)) for t in reader.tensors]
     assert list(out.fields) == list(src.fields)
     for name, field in src.fields.items():
         if name == "general.file_type":
