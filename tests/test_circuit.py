@@ -108,6 +108,18 @@ def test_max_features_moves_the_rest_into_errors(tiny):
     np.testing.assert_allclose(capped.adjacency[target_rows(capped)].sum(1), want, atol=1e-5 * np.abs(want).max())
 
 
+def test_drop_first(tiny):
+    """No feature at position 0; their writes join the error nodes there, so the edges still add up."""
+    ids = tiny.prompt_ids(PROMPT)
+    tcs = transcoders_for(tiny, ids)
+    full = attribution_graph(tiny, ids, tcs)
+    g = attribution_graph(tiny, ids, tcs, drop_first=True)
+    assert (full.features[:, 1] == 0).sum() > 0 and (g.features[:, 1] == 0).sum() == 0
+    assert g.n_feat == full.n_feat - (full.features[:, 1] == 0).sum()
+    want = inputs_of(tiny, g, tcs, ids)
+    np.testing.assert_allclose(g.adjacency[target_rows(g)].sum(1), want, atol=1e-5 * np.abs(want).max())
+
+
 def test_targets_given(tiny):
     ids = tiny.prompt_ids(PROMPT)
     g = attribution_graph(tiny, ids, transcoders_for(tiny, ids), targets=[5, 17])

@@ -83,13 +83,15 @@ def measure(model: ModelLike, ids: list[int], out_name: str) -> Measured:
         logits=done.logits[-1])
 
 
-def active_features(transcoders: TranscoderSet, mlp_in: np.ndarray,
-                    max_features: int | None) -> tuple[np.ndarray, np.ndarray]:
+def active_features(transcoders: TranscoderSet, mlp_in: np.ndarray, max_features: int | None,
+                    drop_first: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The active features ``[n, 3]`` (layer, position, feature; sorted) and their activations ``[n]``; with
-    ``max_features``, the ones writing the most (activation times decoder norm) among them."""
+    ``max_features``, the ones writing the most (activation times decoder norm) among them; ``drop_first``: none at
+    position 0."""
     found, acts = [], []
     for tc in transcoders.layers:
         f = tc.encode(mlp_in[tc.layer])
+        f[:int(drop_first)] = 0
         pos, feat = np.nonzero(f > 0)
         found.append(np.stack([np.full_like(pos, tc.layer), pos, feat], axis=1))
         acts.append(f[pos, feat])
@@ -144,18 +146,19 @@ def for_model(model: ModelLike, transcoders: TranscoderSet) -> TranscoderSet:
 
 def attribution_graph(model: ModelLike, tokens_or_text: str | Sequence[int], transcoders: TranscoderSet, *,
                       targets: Sequence[int] | None = None, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
-                      max_features: int | None = 8192,
+                      max_features: int | None = 8192, drop_first: bool = False,
                       progress: Callable[[int, int], None] | None = None) -> AttributionGraph:
     """The attribution graph of the prompt's last position (see the module docstring): its targets are ``targets``
-    (token ids) or the salient logits; ``max_features``: the most features kept as nodes (the others' writes go to
-    the error nodes); ``progress(done, total)`` after each frozen decode."""
+    (token ids) or the salient logits; ``drop_first``: no feature nodes at position 0 (circuit-tracer's convention: it
+    leaves out the first token, usually BOS, whose activations are outliers; here their writes go to the error
+    nodes); ``max_features``: the most features kept as nodes (the others' writes go to the error nodes); ``progress(done, total)`` after each frozen decode."""
     transcoders = for_model(model, transcoders)
     out_name = transcoders.output_tensor(arch_of(model.arch).ffn_term)
     started = time.perf_counter()
     ids = model.prompt_ids(tokens_or_text)
     n_pos = len(ids)
     m = measure(model, ids, out_name)
-    features, activations = active_features(transcoders, m.mlp_in, max_features)
+    features, activations = active_features(transcoders, m.mlp_in, max_features, drop_first)
     errors = m.mlp_out - writes(transcoders, features, activations, n_pos)
     if targets is None:
         logit_tokens, logit_p = salient_logits(m.logits, max_n_logits, desired_logit_prob)

@@ -123,6 +123,9 @@ def _plain(header: list[str], rows: list[list[str]]) -> str:
                    "holding 95%% of the probability, at most 10.")
 @click.option("--max-features", default=8192, show_default=True, type=click.IntRange(min=1),
               help="Feature nodes kept (the largest writes); the others' writes go to the error nodes.")
+@click.option("--drop-first", is_flag=True,
+              help="No feature nodes at position 0 (circuit-tracer leaves out the first token, usually BOS); their "
+                   "writes go to the error nodes.")
 @click.option("--node-threshold", default=0.8, show_default=True, type=click.FloatRange(0, 1),
               help="Pruning: keep the nodes holding this share of the influence on the targets.")
 @click.option("--edge-threshold", default=0.98, show_default=True, type=click.FloatRange(0, 1),
@@ -139,8 +142,8 @@ def _plain(header: list[str], rows: list[list[str]]) -> str:
               help="With --check: multiply each feature's activation by this (0 ablates it, 2 doubles it).")
 @md_option
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
-def circuit(model_opts, tc_path, prompt, targets, max_features, node_threshold, edge_threshold, out_dir, slug, html,
-            n_check, check_factor, as_md, as_json):
+def circuit(model_opts, tc_path, prompt, targets, max_features, drop_first, node_threshold, edge_threshold, out_dir,
+            slug, html, n_check, check_factor, as_md, as_json):
     """The attribution graph of a prompt's last position in the local replacement model: the MLPs replaced by
     the transcoders at --transcoders, attention patterns and norm scales frozen at their values on this prompt.
     Nodes are the active features, the error terms, the tokens and the target logits; each edge is a source's
@@ -153,6 +156,7 @@ def circuit(model_opts, tc_path, prompt, targets, max_features, node_threshold, 
         target_ids = [parse_target(model, t)[0] for t in targets] or None
         meter = Meter("frozen passes", None, unit="sources", rate_unit="sources/s")
         graph = attribution_graph(model, prompt, transcoders, targets=target_ids, max_features=max_features,
+                                  drop_first=drop_first,
                                   progress=lambda done, total: (setattr(meter, "total", total), meter.update(done)))
         meter.close()
         graph.transcoders = str(tc_path)
