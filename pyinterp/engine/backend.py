@@ -385,16 +385,23 @@ def attach_sae(backend: Backend, sae: NativeSAE, name: str, layer: int, top_k: i
     return i
 
 
+def _sparse_result(backend: Backend, read, what: str, i: int, n_rows: int, top_k: int,
+                   n_stats: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What ``read`` (``pi_sae_read``, ``pi_tc_read``) gives of readout ``i``'s last decode: ids and values
+    ``[n_rows, top_k]`` and statistics ``[n_rows, n_stats]``."""
+    ids = np.empty((n_rows, top_k), dtype=np.int32)
+    values = np.empty((n_rows, top_k), dtype=np.float32)
+    stats = np.empty((n_rows, n_stats), dtype=np.float32)
+    if read(backend._state, i, ffi.from_buffer("int32_t[]", ids), ffi.from_buffer("float[]", values),
+            ffi.from_buffer("float[]", stats), n_rows) != 0:
+        raise backend.error(what)
+    return ids, values, stats
+
+
 def sae_result(backend: Backend, i: int, n_rows: int, top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """SAE ``i``'s last decode: feature ids and values ``[n_rows, top_k]`` (unordered) and per row
     ``[n_rows, 5]``: |x - x_hat|^2, |x|^2, x.x_hat, |x_hat|^2, active features."""
-    ids = np.empty((n_rows, top_k), dtype=np.int32)
-    values = np.empty((n_rows, top_k), dtype=np.float32)
-    stats = np.empty((n_rows, 5), dtype=np.float32)
-    if lib.pi_sae_read(backend._state, i, ffi.from_buffer("int32_t[]", ids), ffi.from_buffer("float[]", values),
-                       ffi.from_buffer("float[]", stats), n_rows) != 0:
-        raise backend.error("SAE")
-    return ids, values, stats
+    return _sparse_result(backend, lib.pi_sae_read, "SAE", i, n_rows, top_k, 5)
 
 
 class NativeTranscoder:
@@ -438,10 +445,4 @@ def attach_transcoder(backend: Backend, tc: NativeTranscoder, in_name: str, out_
 def transcoder_result(backend: Backend, i: int, n_rows: int, top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Transcoder ``i``'s last decode: feature ids and values ``[n_rows, top_k]`` (unordered) and per row
     ``[n_rows, 3]``: |out - y|^2, |out|^2, active features."""
-    ids = np.empty((n_rows, top_k), dtype=np.int32)
-    values = np.empty((n_rows, top_k), dtype=np.float32)
-    stats = np.empty((n_rows, 3), dtype=np.float32)
-    if lib.pi_tc_read(backend._state, i, ffi.from_buffer("int32_t[]", ids), ffi.from_buffer("float[]", values),
-                      ffi.from_buffer("float[]", stats), n_rows) != 0:
-        raise backend.error("transcoder")
-    return ids, values, stats
+    return _sparse_result(backend, lib.pi_tc_read, "transcoder", i, n_rows, top_k, 3)
