@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from pyinterp.circuit.graph import AttributionGraph
-from pyinterp.circuit.prune import prune_graph
+from pyinterp.circuit.prune import Pruned, prune_graph
 from pyinterp.errors import InputError
 from pyinterp.io.atomic import atomic_write
 
@@ -100,12 +100,14 @@ def nodes_and_links(graph: AttributionGraph, node_mask: np.ndarray, edge_mask: n
 
 
 def graph_json(graph: AttributionGraph, slug: str, scan: str | None = None, node_threshold: float = 0.8,
-               edge_threshold: float = 0.98) -> dict:
-    """circuit-tracer's graph JSON (a dict) of ``graph`` pruned at the thresholds; ``scan`` names the
-    transcoders (default: ``graph.transcoders``)."""
+               edge_threshold: float = 0.98, pruned: Pruned | None = None) -> dict:
+    """circuit-tracer's graph JSON (a dict) of ``graph`` pruned at the thresholds (``pruned``: what
+    :func:`prune_graph` gave for them, when the caller has it already); ``scan`` names the transcoders (default:
+    ``graph.transcoders``)."""
     if not slug or any(c in slug for c in "/\\") or slug in (".", ".."):
         raise InputError(f"bad graph slug {slug!r}: it names a file, without slashes")
-    node_mask, edge_mask, cumulative = prune_graph(graph, node_threshold, edge_threshold)
+    node_mask, edge_mask, cumulative = pruned if pruned is not None else prune_graph(graph, node_threshold,
+                                                                                     edge_threshold)
     nodes, links, _ = nodes_and_links(graph, node_mask, edge_mask, cumulative)
     metadata = {"slug": slug, "scan": scan if scan is not None else (graph.transcoders or "pyinterp"),
                 "transcoder_list": [], "prompt_tokens": list(graph.input_strings), "prompt": graph.prompt,
@@ -122,11 +124,12 @@ def _dumps(value: dict) -> str:
 
 
 def write_graph_files(graph: AttributionGraph, slug: str, output_dir: str | os.PathLike, scan: str | None = None,
-                      node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Path:
+                      node_threshold: float = 0.8, edge_threshold: float = 0.98, pruned: Pruned | None = None) -> Path:
     """As circuit-tracer's ``create_graph_files``: write ``{slug}.json`` into ``output_dir`` (created if needed)
     and add its metadata to ``output_dir/graph-metadata.json`` (``{"graphs": [metadata, ...]}``, replacing an
-    entry of the same slug), the index circuit-tracer's local server lists. Returns the graph file's path."""
-    data = graph_json(graph, slug, scan, node_threshold, edge_threshold)
+    entry of the same slug), the index circuit-tracer's local server lists; ``pruned`` as :func:`graph_json`
+    takes it. Returns the graph file's path."""
+    data = graph_json(graph, slug, scan, node_threshold, edge_threshold, pruned)
     directory = Path(output_dir)
     if directory.exists() and not directory.is_dir():
         raise InputError(f"cannot write the graph files into {directory}: it is not a directory")

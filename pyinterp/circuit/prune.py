@@ -91,8 +91,11 @@ def _drop_dangling(node_mask: np.ndarray, edge_mask: np.ndarray, sources_end: in
     node_mask[:n_feat] &= edge_mask[:n_feat].any(axis=1)
 
 
-def prune_graph(graph: AttributionGraph, node_threshold: float = 0.8,
-                edge_threshold: float = 0.98) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+# what prune_graph gives: node_mask [n] bool, edge_mask [n, n] bool, cumulative_scores [n] float64
+Pruned = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def prune_graph(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Pruned:
     """circuit-tracer's pruning (``graph.prune_graph``): ``(node_mask [n] bool, edge_mask [n, n] bool,
     cumulative_scores [n] float64)``, ``edge_mask[t, s]`` for the edge from ``s`` into ``t``.
 

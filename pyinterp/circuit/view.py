@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pyinterp.circuit.export import nodes_and_links
 from pyinterp.circuit.graph import AttributionGraph
-from pyinterp.circuit.prune import graph_scores, logit_weights, node_influence, prune_graph
+from pyinterp.circuit.prune import Pruned, graph_scores, logit_weights, node_influence, prune_graph
 from pyinterp.errors import InputError
 from pyinterp.io.atomic import atomic_write
 from pyinterp.viz.dashboard import embed_json
@@ -65,11 +65,14 @@ def _view_node(graph: AttributionGraph, index: int, influence: float, cumulative
     return node
 
 
-def view_data(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> dict:
+def view_data(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98,
+              pruned: Pruned | None = None) -> dict:
     """The data the page draws: the graph pruned at the thresholds (the nodes and links of its circuit-tracer
-    JSON), each node's influence (share of the probability-weighted logits through it) and cumulative score, the
-    links as ``[source, target, weight]`` with indices into ``nodes``, and the unpruned graph's scores."""
-    node_mask, edge_mask, cumulative = prune_graph(graph, node_threshold, edge_threshold)
+    JSON; ``pruned``: what :func:`prune_graph` gave for them, when the caller has it already), each node's influence
+    (share of the probability-weighted logits through it) and cumulative score, the links as ``[source, target,
+    weight]`` with indices into ``nodes``, and the unpruned graph's scores."""
+    node_mask, edge_mask, cumulative = pruned if pruned is not None else prune_graph(graph, node_threshold,
+                                                                                     edge_threshold)
     json_nodes, json_links, order = nodes_and_links(graph, node_mask, edge_mask, cumulative)
     influence = node_influence(graph.adjacency, logit_weights(graph))
     top = _top_logits(graph)
@@ -85,9 +88,11 @@ def view_data(graph: AttributionGraph, node_threshold: float = 0.8, edge_thresho
             "n_feat_total": graph.n_feat, "nodes": nodes, "links": links}
 
 
-def render_view(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> str:
-    """The HTML page of ``graph`` pruned at the thresholds (see the module docstring)."""
-    data = view_data(graph, node_threshold, edge_threshold)
+def render_view(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98,
+                pruned: Pruned | None = None) -> str:
+    """The HTML page of ``graph`` pruned at the thresholds (see the module docstring; ``pruned`` as
+    :func:`view_data` takes it)."""
+    data = view_data(graph, node_threshold, edge_threshold, pruned)
     template = resources.files("pyinterp.circuit").joinpath("view.html").read_text(encoding="utf-8")
     before, placeholder, after = template.partition(_PLACEHOLDER)
     assert placeholder, "view.html has lost its data placeholder"
@@ -95,9 +100,10 @@ def render_view(graph: AttributionGraph, node_threshold: float = 0.8, edge_thres
 
 
 def write_view(graph: AttributionGraph, path: str | os.PathLike, node_threshold: float = 0.8,
-               edge_threshold: float = 0.98) -> None:
-    """Write the view of ``graph`` to ``path``: one self-contained HTML file, written whole or not at all."""
-    html = render_view(graph, node_threshold, edge_threshold)
+               edge_threshold: float = 0.98, pruned: Pruned | None = None) -> None:
+    """Write the view of ``graph`` to ``path``: one self-contained HTML file, written whole or not at all
+    (``pruned`` as :func:`view_data` takes it)."""
+    html = render_view(graph, node_threshold, edge_threshold, pruned)
     path = Path(path)
     if not path.parent.is_dir():
         raise InputError(f"cannot write the graph view to {path}: {path.parent} is not a directory")

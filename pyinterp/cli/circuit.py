@@ -160,7 +160,8 @@ def circuit(model_opts, tc_path, prompt, targets, max_features, drop_first, node
                                   progress=lambda done, total: (setattr(meter, "total", total), meter.update(done)))
         meter.close()
         graph.transcoders = str(tc_path)
-        node_mask, _, _ = prune_graph(graph, node_threshold, edge_threshold)
+        pruned = prune_graph(graph, node_threshold, edge_threshold)  # once: the JSON and the view take it too
+        node_mask = pruned[0]
         influence = node_influence(graph.adjacency.astype(np.float64), logit_weights(graph))
         kept = [int(i) for i in np.nonzero(node_mask[:graph.n_feat])[0]]
         if html is not None:
@@ -173,9 +174,9 @@ def circuit(model_opts, tc_path, prompt, targets, max_features, drop_first, node
     files = []
     if out_dir is not None:
         files.append(str(write_graph_files(graph, slug, out_dir, node_threshold=node_threshold,
-                                           edge_threshold=edge_threshold)))
+                                           edge_threshold=edge_threshold, pruned=pruned)))
     if html is not None:
-        write_view(graph, html, node_threshold, edge_threshold)
+        write_view(graph, html, node_threshold, edge_threshold, pruned)
         files.append(str(Path(html)))
     graph.info.pop("feature_top_logits", None)
     result = summary(graph, node_mask, influence, scores, checks)
