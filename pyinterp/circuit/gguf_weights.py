@@ -16,16 +16,16 @@ from pyinterp.io.dequant import TensorEntry, scan
 ROWS_PER_CHUNK = 8192
 
 
-def _matrix(path: str | os.PathLike, name: str | tuple[str, ...]) -> tuple[np.ndarray, TensorEntry]:
-    """The raw rows ``[n_rows, row_bytes]`` (memory-mapped) of the first of the matrices ``name`` the file has."""
-    tensors = {t.name: t for t in scan(Path(path))}
-    names = (name,) if isinstance(name, str) else name
-    matrix = next((tensors[n] for n in names if n in tensors), None)
-    if matrix is None or len(matrix.dims) != 2:
-        raise InputError(f"{path}: no {' or '.join(names)} matrix")
-    n_cols, n_rows = matrix.dims
-    block, size = gguf.GGML_QUANT_SIZES[matrix.type]
-    return np.memmap(path, dtype=np.uint8, mode="r", offset=matrix.offset, shape=(n_rows, n_cols // block * size)), matrix
+def _raw(path: str | os.PathLike, tensors: dict[str, TensorEntry], names: tuple[str, ...],
+         n_dims: int) -> tuple[np.ndarray, TensorEntry]:
+    """The raw rows ``[n_rows, row_bytes]`` (memory-mapped; a vector is one row) of the first tensor of ``names``
+    the file has (``tensors``: its header, :func:`_header`), which must have ``n_dims`` dimensions."""
+    tensor = next((tensors[n] for n in names if n in tensors), None)
+    if tensor is None or len(tensor.dims) != n_dims:
+        raise InputError(f"{path}: no {' or '.join(names)} {'matrix' if n_dims == 2 else 'vector'}")
+    n_cols, n_rows = tensor.dims[0], (tensor.dims[1] if n_dims == 2 else 1)
+    block, size = gguf.GGML_QUANT_SIZES[tensor.type]
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=tensor.offset, shape=(n_rows, n_cols // block * size)), tensor
 
 
 UNEMBEDDING = ("output.weight", "token_embd.weight")  # llama.cpp's: the token embedding when the model ties them
@@ -34,7 +34,7 @@ UNEMBEDDING = ("output.weight", "token_embd.weight")  # llama.cpp's: the token e
 def unembedding(path: str | os.PathLike, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """``(rows [len(tokens), n_embd], mean [n_embd])`` of the model's output matrix, float32; the mean is over the
     whole vocabulary."""
-    raw, matrix = _matrix(path, UNEMBEDDING)
+    raw, matrix = _raw(path, _header(path), UNEMBEDDING, 2)
     total = np.zeros(matrix.dims[0], np.float64)
     for start in range(0, len(raw), ROWS_PER_CHUNK):
         total += _rows(raw[start:start + ROWS_PER_CHUNK], matrix).sum(axis=0, dtype=np.float64)
@@ -45,7 +45,7 @@ def unembedding(path: str | os.PathLike, tokens: list[int]) -> tuple[np.ndarray,
 def top_tokens(path: str | os.PathLike, directions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` tokens each direction ``[n, n_embd]`` (already times the final norm's weight) promotes most through
     the unembedding, and its logits for them: ``(ids [n, k], values [n, k])``, best first."""
-    raw, matrix = _matrix(path, UNEMBEDDING)
+    raw, matrix = _raw(path, _header(path), UNEMBEDDING, 2)
     directions = np.asarray(directions, dtype=np.float32)
     best_ids = np.zeros((len(directions), 0), np.int64)
     best = np.zeros((len(directions), 0), np.float32)
@@ -60,16 +60,13 @@ def top_tokens(path: str | os.PathLike, directions: np.ndarray, k: int) -> tuple
 
 def vectors(path: str | os.PathLike, names: list[str]) -> list[np.ndarray]:
     """1-D weights (norm weights) ``[n]`` float32 by name."""
-    tensors = {t.name: t for t in scan(Path(path))}
-    out = []
-    for name in names:
-        t = tensors.get(name)
-        if t is None or len(t.dims) != 1:
-            raise InputError(f"{path}: no vector {name}")
-        block, size = gguf.GGML_QUANT_SIZES[t.type]
-        raw = np.memmap(path, dtype=np.uint8, mode="r", offset=t.offset, shape=(1, t.dims[0] // block * size))
-        out.append(_rows(raw, t)[0])
-    return out
+    tensors = _header(path)
+    return [_rows(*_raw(path, tensors, (name,), 1))[0] for name in names]
+
+
+def _header(path: str | os.PathLike) -> dict[str, TensorEntry]:
+    """The file's tensors by name."""
+    return {t.name: t for t in scan(Path(path))}
 
 
 def _rows(raw: np.ndarray, matrix: TensorEntry) -> np.ndarray:
