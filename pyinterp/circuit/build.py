@@ -16,9 +16,9 @@
    attention scores (their outputs are replaced).
 
 Forward passes of injected sources (one per source, batched as sequences) rather than backward passes (one per
-target, as circuit-tracer does with autograd): llama.cpp has no autograd on quantized weights, and a forward pass
-gives a source's edges to every target at once, the whole column, in exactly the computation (the same kernels,
-on every backend) the model runs.
+target, as circuit-tracer does with autograd): llama.cpp builds inference graphs only, and a backward graph would
+need a gradient for every op of every architecture on every backend; a forward pass gives a source's edges to every
+target at once, the whole column, in exactly the computation (the same kernels, on every backend) the model runs.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from pyinterp.circuit.gguf_weights import unembedding
 from pyinterp.circuit.graph import AttributionGraph
+from pyinterp.circuit.replace import reading_mlp_input
 from pyinterp.circuit.transcoder import TranscoderSet
-from pyinterp.circuit.gguf_weights import unembedding, vectors
 from pyinterp.engine.arch import arch_of
 from pyinterp.engine.readouts import Frozen, NormScales
 from pyinterp.errors import InputError
@@ -127,8 +128,7 @@ def salient_logits(logits: np.ndarray, max_n_logits: int = 10, desired_prob: flo
 
 
 def for_model(model: ModelLike, transcoders: TranscoderSet) -> TranscoderSet:
-    """The transcoders checked against the model, reading its MLP input: a set that reads it before the norm's
-    weight gets the model's ``ffn_norm`` weights folded in (:meth:`TranscoderSet.fold_norm`)."""
+    """The transcoders checked against the model, reading its MLP input (:func:`reading_mlp_input`)."""
     engine = model.engine
     engine.check_live()
     if model.arch not in LINEAR_ARCHS:
@@ -139,9 +139,7 @@ def for_model(model: ModelLike, transcoders: TranscoderSet) -> TranscoderSet:
     if transcoders.n_layer != model.n_layer or transcoders.d_model != model.n_embd:
         raise InputError(f"circuit: the transcoders are for {transcoders.n_layer} layers of width {transcoders.d_model}; "
                          f"the model has {model.n_layer} layers of width {model.n_embd}")
-    if transcoders.reads == "ffn_norm":
-        return transcoders
-    return transcoders.fold_norm(vectors(model.path, [f"blk.{il}.ffn_norm.weight" for il in range(model.n_layer)]))
+    return reading_mlp_input(model, transcoders)
 
 
 def attribution_graph(model: ModelLike, tokens_or_text: str | Sequence[int], transcoders: TranscoderSet, *,

@@ -77,6 +77,12 @@ def check_transcoders(model: ModelLike, transcoders: object) -> TranscoderSet:
     if transcoders.cross_layer and transcoders.n_layer > CLT_MAX_LAYERS:
         raise InputError(f"cross-layer transcoders of more than {CLT_MAX_LAYERS} layers do not fit llama.cpp's graph "
                          f"in pyinterp yet (this set has {transcoders.n_layer}); per-layer transcoders do")
+    return reading_mlp_input(model, transcoders)
+
+
+def reading_mlp_input(model: ModelLike, transcoders: TranscoderSet) -> TranscoderSet:
+    """``transcoders`` reading the MLP input with its norm's weight: a set that reads it before the weight gets the
+    model's ``ffn_norm`` weights folded in (:meth:`TranscoderSet.fold_norm`), once per set and model."""
     if transcoders.reads == MLP_INPUT:
         return transcoders
     names = [f"blk.{il}.{MLP_INPUT}.weight" for il in range(model.n_layer)]
